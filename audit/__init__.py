@@ -1,0 +1,1 @@
+"""Tamper-evident audit trail: :func:`audit.chain.record` is the one entry point."""

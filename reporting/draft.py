@@ -100,5 +100,5 @@ class Draft(_Frozen):
     sections: dict[Language, Sections]
     key_images: tuple[KeyImageRef, ...]
     model: ModelProvenance
-    created_at: datetime = Field(description="When drafting finished (UTC, naive).")
+    created_at: datetime = Field(description="When drafting finished (aware UTC).")
     pipeline_config_sha256: str = ""

@@ -29,8 +29,13 @@ MODEL_MODULES = (
 
 
 def utcnow() -> datetime:
-    """Naive UTC now: the form every timestamp column stores (SQLite keeps no zone)."""
-    return datetime.now(UTC).replace(tzinfo=None)
+    """Aware UTC now: every timestamp Taqrir stores is an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """The same instant as an aware UTC datetime (naive values are taken to be UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def import_models() -> type[SQLModel]:
@@ -57,12 +62,20 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Take transactions into our hands: pysqlite's deferred BEGIN lets two processes read
+            # the same audit chain head and then race; BEGIN IMMEDIATE serialises writers (SQLite
+            # has one writer at a time anyway) while WAL keeps readers unblocked.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
