@@ -1,0 +1,1 @@
+"""Versioned prompt templates (data files; a package so that wheels ship them)."""

@@ -1,0 +1,282 @@
+"""In-process backend: a local LLaVA checkpoint in transformers layout, batched generation.
+
+Offline only: ``HF_HUB_OFFLINE`` is set and every load passes ``local_files_only``. Images are
+padded to a square with the CLIP mean colour before the processor (BiMediX2's training
+preprocessing). bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU. Requests are grouped by
+sampling parameters and constraint kind and generated in left-padded batches. Structured output
+and script restriction use :mod:`inference.constraints` (field-by-field generation inside a JSON
+skeleton, per-row token masks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import checkpoint_revision
+from .constraints import (
+    FieldStop,
+    RowMaskProcessor,
+    TokenTable,
+    build_token_table,
+    cut_value,
+    unescape_value,
+)
+from .errors import BackendUnavailable
+from .images import decode_image, pad_to_square
+from .prompt_format import END_OF_TEXT, EOT, IMAGE_TOKEN, render_chat
+from .scripts import class_from_pattern, script_class
+from .sections import string_fields
+from .types import GenerationRequest, GenerationResult, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TransformersBackend:
+    """Generates with ``LlavaForConditionalGeneration`` in this process."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        model_name: str | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").is_file():
+            raise BackendUnavailable(
+                f"no checkpoint at {self.model_path}; run `taqrir model tiny {self.model_path}` "
+                "or `taqrir model prepare SRC DST` and set inference.model_path"
+            )
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        config = json.loads((self.model_path / "config.json").read_text())
+        self.tiny = bool(config.get("taqrir_tiny"))
+        # The tiny random model never borrows a real model's name in provenance.
+        self.model_name = self.model_path.name if self.tiny else (model_name or self.model_path.name)
+        self.revision = checkpoint_revision(self.model_path)
+        self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            str(self.model_path), local_files_only=True
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = EOT
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            str(self.model_path), local_files_only=True, dtype=self.dtype
+        ).to(self.device)  # type: ignore[arg-type]
+        self.model.eval()
+        self.image_token_id = int(self.model.config.image_token_index)
+        if self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
+            raise BackendUnavailable(f"{self.model_path}: tokenizer's <image> id differs from image_token_index")
+        self.end_ids = [
+            i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in (EOT, END_OF_TEXT))
+            if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id
+        ]
+        vocab_rows = int(self.model.get_output_embeddings().weight.shape[0])
+        self._table: TokenTable = build_token_table(self.tokenizer, vocab_rows, self.end_ids, [self.image_token_id])
+        self._lock = threading.Lock()
+        log.info("transformers backend ready: device=%s dtype=%s tiny=%s", self.device, self.dtype, self.tiny)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def ready(self) -> None:
+        """Loaded in the constructor; nothing can go away afterwards."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model_name": self.model_name,
+            "model_revision": self.revision,
+            "model_path": str(self.model_path),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tiny": self.tiny,
+        }
+
+    def close(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The exact token ids of ``request``'s prompt, image placeholders expanded."""
+        prompt = render_chat(request.messages)
+        images = [pad_to_square(decode_image(b)) for b in request.images] or None
+        enc = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
+        return [int(i) for i in enc["input_ids"][0]]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            fields = [n for n, _ in string_fields(request.json_schema)] if request.json_schema is not None else None
+            key = json.dumps([request.sampling.as_dict(), fields], sort_keys=True)
+            groups.setdefault(key, []).append(index)
+        with self._lock, torch.inference_mode():
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    for index, result in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                        results[index] = result
+        return [r for r in results if r is not None]
+
+    # -- internals --------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
+        # The rendered prompt already starts with <|begin_of_text|>; Llama-3's tokenizer would add a second.
+        enc = self.processor(
+            text=prompts, images=images or None, padding=True, add_special_tokens=False, return_tensors="pt"
+        )
+        out = {k: v.to(self.device) for k, v in enc.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    def _run(
+        self,
+        prompts: list[str],
+        images: list[Any],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        masks: torch.Tensor | None,
+        *,
+        field: bool,
+        seed_offset: int = 0,
+    ) -> tuple[list[list[int]], list[int]]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        enc = self._encode(prompts, images)
+        prompt_len = int(enc["input_ids"].shape[1])
+        processors = LogitsProcessorList()
+        if masks is not None or field:
+            row_masks = masks if masks is not None else torch.ones(len(prompts), self._table.vocab_rows, dtype=torch.bool)
+            processors.append(
+                RowMaskProcessor(row_masks, prompt_len=prompt_len, first_ban=self._table.first_token_ban() if field else None)
+            )
+        stopping = StoppingCriteriaList([FieldStop(self.tokenizer, prompt_len)]) if field else None
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed + seed_offset)
+        kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=processors,
+            stopping_criteria=stopping,
+            **kwargs,
+        )
+        prompt_counts = [int(n) for n in enc["attention_mask"].sum(dim=1)]
+        generated: list[list[int]] = []
+        for row in out[:, prompt_len:].tolist():
+            ids: list[int] = []
+            for token in row:
+                if token in self.end_ids or token == self.tokenizer.pad_token_id:
+                    break
+                ids.append(int(token))
+            generated.append(ids)
+        return generated, prompt_counts
+
+    def _row_masks(self, classes: list[str | None], *, quote_ends: bool) -> torch.Tensor | None:
+        if all(c is None for c in classes) and not quote_ends:
+            return None
+        return torch.stack([self._table.mask(c, quote_ends=quote_ends) for c in classes])
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        started = time.perf_counter()
+        sampling = batch[0].sampling
+        prompts = [render_chat(r.messages) for r in batch]
+        images = [pad_to_square(decode_image(b)) for r in batch for b in r.images]
+        completion = [0] * len(batch)
+        if batch[0].json_schema is None:
+            classes = [script_class(r.allowed_script) if r.allowed_script else None for r in batch]
+            generated, prompt_counts = self._run(
+                prompts, images, sampling, sampling.max_new_tokens, self._row_masks(classes, quote_ends=False), field=False
+            )
+            texts = [self._finish_text(ids, sampling) for ids in generated]
+            completion = [len(ids) for ids in generated]
+        else:
+            field_sets = [string_fields(r.json_schema or {}) for r in batch]
+            names = [name for name, _ in field_sets[0]]
+            if any([n for n, _ in fs] != names for fs in field_sets):
+                raise ValueError("requests batched together must share the JSON schema's fields")
+            per_field = max(1, sampling.max_new_tokens // len(names))
+            values: list[dict[str, str]] = [{} for _ in batch]
+            prompt_counts = [0] * len(batch)
+            for position, name in enumerate(names):
+                skeletons = [_skeleton(v, name) for v in values]
+                classes = []
+                for fields, request in zip(field_sets, batch):
+                    pattern = fields[position][1].get("pattern")
+                    cls = class_from_pattern(pattern) if isinstance(pattern, str) else None
+                    if cls is None and request.allowed_script:
+                        cls = script_class(request.allowed_script)
+                    classes.append(cls)
+                generated, counts = self._run(
+                    [p + s for p, s in zip(prompts, skeletons)], images, sampling, per_field,
+                    self._row_masks(classes, quote_ends=True), field=True, seed_offset=position,
+                )
+                if position == 0:
+                    prompt_counts = counts
+                for row, ids in enumerate(generated):
+                    raw, _ = cut_value(self.tokenizer.decode(ids, skip_special_tokens=True))
+                    values[row][name] = unescape_value(raw)
+                    completion[row] += len(ids)
+            texts = [json.dumps(v, ensure_ascii=False) for v in values]
+        latency = time.perf_counter() - started
+        return [
+            GenerationResult(
+                text=text, prompt_tokens=prompt_counts[i], completion_tokens=completion[i],
+                latency_s=latency, model_id=self.model_name, model_revision=self.revision,
+            )
+            for i, text in enumerate(texts)
+        ]
+
+    def _finish_text(self, ids: list[int], sampling: SamplingParams) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in sampling.stop:
+            if stop and stop in text:
+                text = text.split(stop, 1)[0]
+        return str(text).strip()
+
+
+def _skeleton(done: dict[str, str], field: str) -> str:
+    """The JSON text before ``field``'s value: the finished fields, then the open string."""
+    body = "".join(f"{json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}, " for k, v in done.items())
+    return "{" + body + json.dumps(field) + ': "'
