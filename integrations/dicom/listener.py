@@ -1,0 +1,276 @@
+"""The DICOM Storage SCP (``taqrir listen``): a thin pynetdicom adapter over :mod:`.ingest`.
+
+Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABILITY-NOTES):
+
+- Chunked receive (``STORE_RECV_CHUNKED_DATASET``): pynetdicom writes each dataset straight to a
+  temporary file in our storage's ``.incoming`` folder (same filesystem, so committing is an atomic
+  rename), never whole in memory: whole-slide images can be gigabytes.
+- Unrestricted storage negotiation: every storage SOP class (and private ones) is accepted with the
+  first transfer syntax the sender proposes, stored as sent. Listing ~170 SOP classes x ~45 syntaxes
+  cost ~57 ms of CPU per association; this costs ~nothing.
+- TCP_NODELAY on every accepted socket and a 128 KiB maximum PDU by default.
+- Deliberate network/ACSE/DIMSE timeouts and an association limit, so that misbehaving peers free
+  their slot; a free-space floor below which associations are refused with A-ASSOCIATE-RJ
+  (transient, local limit exceeded) and C-STORE answers 0xA700.
+- Handlers return DIMSE statuses and never raise into pynetdicom's threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import shutil
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom.config
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.engine import Engine
+
+from audit.chain import record
+from taqrir.db import session_scope
+from taqrir.settings import ListenerSettings, StudySettings
+
+from .errors import STATUS_PROCESSING_FAILURE, STATUS_SUCCESS, DicomInputError, OutOfResources, StorageFailure
+from .ingest import IngestResult, ingest_file, record_rejection
+from .stability import Handoff, log_handoff, sweep_stable
+from .storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+def _configure_pynetdicom(storage: LocalStorage) -> None:
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pynetdicom creates its temporary files with NamedTemporaryFile() in the default temporary
+    # directory; pointing its factory (not the process-wide tempfile.tempdir) at storage/.incoming
+    # keeps the final rename on one filesystem. One storage per process: a second listener with
+    # another storage falls back to copying (see Listener._staged_in_storage).
+    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+        tempfile.NamedTemporaryFile, dir=str(storage.tmp_dir)
+    )
+    # Headers of real-world files violate VR rules often; read them, don't warn per element.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _GuardedAE(AE):
+    """An AE that refuses new associations while storage is below its free-space floor."""
+
+    def __init__(self, *args: Any, refuse: Callable[[], bool], **kwargs: Any) -> None:
+        self._refuse = refuse
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        # pynetdicom rejects (transient, local-limit-exceeded) when active > maximum: 0 refuses all.
+        return 0 if self._refuse() else self._maximum_associations
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(int(value), 1)
+
+
+class _Server(ThreadedAssociationServer):
+    """Association server with a host allow-list and TCP_NODELAY on accepted sockets."""
+
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    on_refused_host: Callable[[str], None] = staticmethod(lambda host: None)  # type: ignore[assignment]
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed:
+            return True
+        try:
+            ip = ipaddress.ip_address(client_address[0])
+        except ValueError:
+            return False
+        if any(ip in net for net in self.allowed):
+            return True
+        self.on_refused_host(str(ip))
+        return False
+
+
+class Listener:
+    """A running Storage SCP plus its stability sweeper."""
+
+    def __init__(
+        self,
+        *,
+        settings: ListenerSettings,
+        study_settings: StudySettings,
+        engine: Engine,
+        storage: LocalStorage,
+        handoff: Handoff = log_handoff,
+        on_stored: Callable[[IngestResult], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.study_settings = study_settings
+        self.engine = engine
+        self.storage = storage
+        self.handoff = handoff
+        self.on_stored = on_stored
+        self._server: _Server | None = None
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    # -- pure-ish decisions -------------------------------------------------------------------
+    def storage_low(self) -> bool:
+        try:
+            return self.storage.free_bytes() < self.settings.min_free_bytes
+        except OSError:
+            return True
+
+    # -- handlers (return DIMSE statuses, never raise) -----------------------------------------
+    def _handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _handle_store(self, event: evt.Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        staged: Path | None = None
+        try:
+            staged = self._staged_in_storage(event.dataset_path)
+            result = ingest_file(
+                engine=self.engine,
+                storage=self.storage,
+                staged=staged,
+                calling_ae=calling_ae,
+                announced_sop_instance_uid=sop_uid or None,
+                announced_sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+                min_free_bytes=self.settings.min_free_bytes,
+            )
+        except (DicomInputError, OutOfResources, StorageFailure) as err:
+            log.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, err.status, err)
+            record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_uid, err=err, status=err.status)
+            return err.status
+        except Exception as err:  # noqa: BLE001 - answer the sender, keep serving
+            log.exception("C-STORE from %s failed unexpectedly", calling_ae)
+            record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_uid, err=err,
+                             status=STATUS_PROCESSING_FAILURE)
+            return STATUS_PROCESSING_FAILURE
+        finally:
+            if staged is not None and staged != event.dataset_path:
+                staged.unlink(missing_ok=True)
+        if self.on_stored is not None:
+            try:
+                self.on_stored(result)
+            except Exception:  # noqa: BLE001
+                log.exception("on_stored callback failed")
+        return STATUS_SUCCESS
+
+    def _staged_in_storage(self, path: Path) -> Path:
+        """The received file, in our storage's staging folder (copied there only when another
+        listener in this process redirected pynetdicom's temporary files elsewhere)."""
+        if path.parent == self.storage.tmp_dir:
+            return path
+        dst = self.storage.tmp_dir / path.name
+        shutil.copyfile(path, dst)
+        return dst
+
+    def _audit_assoc(self, event: evt.Event, action: str, outcome: str = "success") -> None:
+        try:
+            requestor = event.assoc.requestor
+            with session_scope(self.engine) as session:
+                record(session, action=action, actor=requestor.ae_title or "", entity_type="Association",
+                       entity_id=f"{requestor.address}:{requestor.port}", outcome=outcome,
+                       details={"address": requestor.address, "called_ae": self.settings.ae_title})
+        except Exception:  # noqa: BLE001
+            log.exception("could not audit %s", action)
+
+    def _audit_refused_host(self, host: str) -> None:
+        try:
+            with session_scope(self.engine) as session:
+                record(session, action="association.refused", actor="", entity_type="Association",
+                       entity_id=host, outcome="failure", details={"address": host, "reason": "host not allowed"})
+        except Exception:  # noqa: BLE001
+            log.exception("could not audit a refused host")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _make_ae(self) -> _GuardedAE:
+        s = self.settings
+        ae = _GuardedAE(ae_title=s.ae_title, refuse=self.storage_low)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.network_timeout = s.network_timeout
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.require_calling_aet = list(s.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key) if s.tls_key else None)
+        if s.tls_ca:
+            ctx.load_verify_locations(str(s.tls_ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def start(self) -> int:
+        """Start serving in background threads; returns the bound port."""
+        _configure_pynetdicom(self.storage)
+        discarded = self.storage.discard_staged()
+        if discarded:
+            log.info("discarded %d partial transfers left by an earlier run", discarded)
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_ACCEPTED, lambda e: self._audit_assoc(e, "association.accepted")),
+            (evt.EVT_REJECTED, lambda e: self._audit_assoc(e, "association.refused", "failure")),
+        ]
+        _Server.allowed = [ipaddress.ip_network(h, strict=False) for h in self.settings.allowed_hosts]
+        server = ae.make_server((self.settings.host, self.settings.port), ssl_context=self._ssl_context(),
+                                evt_handlers=handlers, server_class=_Server)
+        server.on_refused_host = self._audit_refused_host  # type: ignore[method-assign]
+        ae._servers.append(server)
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="stability-sweep", daemon=True)
+        self._sweeper.start()
+        port = int(server.server_address[1])
+        log.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host, port)
+        return port
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.study_settings.sweep_interval):
+            try:
+                sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the sweeper
+                log.exception("stability sweep failed; retrying next interval")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` (or Ctrl-C)."""
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            self.stop()

@@ -1,0 +1,62 @@
+"""Study stability: a study is *stable* when nothing has arrived for ``stable_after`` seconds.
+
+Derived only from timestamps in the database, so it survives a listener restart and works with
+several listener processes: each transition is a compare-and-set that exactly one sweeper wins.
+Stable studies are handed to drafting through one callable (the pipeline connects it to Celery).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from audit.chain import record
+from taqrir.db import session_scope, utcnow
+
+from .index import Study, StudyState
+
+log = logging.getLogger(__name__)
+
+#: Receives (study_instance_uid, version) for each study that just became stable.
+Handoff = Callable[[str, int], None]
+
+
+def sweep_stable(engine: Engine, *, stable_after: float, handoff: Handoff, now: datetime | None = None) -> list[tuple[str, int]]:
+    """Mark every quiet ``receiving`` study ``stable`` (audited) and hand each to drafting."""
+    cutoff = (now or utcnow()) - timedelta(seconds=stable_after)
+    became: list[tuple[str, int]] = []
+    with session_scope(engine) as session:
+        candidates = session.exec(
+            select(Study.id, Study.study_instance_uid, Study.version).where(
+                Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff  # type: ignore[arg-type]
+            )
+        ).all()
+    for pk, uid, version in candidates:
+        with session_scope(engine) as session:
+            res = session.exec(  # type: ignore[call-overload]
+                update(Study)
+                .where(Study.id == pk, Study.version == version,  # type: ignore[arg-type]
+                       Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)  # type: ignore[arg-type]
+                .values(state=StudyState.stable.value, state_changed_at=utcnow())
+            )
+            if not res.rowcount:
+                continue
+            record(session, action="study.stable", actor="taqrir", entity_type="Study",
+                   entity_id=uid, details={"version": version, "stable_after_s": stable_after})
+        became.append((uid, version))
+    for uid, version in became:
+        try:
+            handoff(uid, version)
+        except Exception:  # noqa: BLE001 - the pipeline's sweep re-enqueues stable studies
+            log.exception("hand-off of study %s v%d failed; the pipeline sweep will retry", uid, version)
+    return became
+
+
+def log_handoff(study_uid: str, version: int) -> None:
+    """The hand-off used when no pipeline is connected: just say so."""
+    log.info("study %s version %d is stable (no drafting pipeline connected)", study_uid, version)

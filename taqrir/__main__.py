@@ -1,0 +1,3 @@
+from taqrir.cli import main
+
+main()

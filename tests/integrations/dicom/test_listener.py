@@ -1,0 +1,278 @@
+"""The listener against real peers (DCMTK storescu/echoscu, raw pynetdicom) over real databases."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from audit.chain import AuditRecord, verify
+from integrations.dicom.index import Instance, Patient, Series, Study
+from integrations.dicom.listener import Listener
+from taqrir.db import session_scope
+from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
+
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
+
+#: Files no real sender can transmit (no meta to name their transfer syntax or SOP class, or not
+#: parseable by any sender): these never reach a listener, so they are not sent.
+UNSENDABLE = {
+    "malformed/pydicom_meta_missing_tsyntax.dcm": "file meta lacks Transfer Syntax UID",
+    "malformed/fodicom_GH177_CT1_IVRLE_BigEndian_undefined_length.dcm": "unparseable by senders",
+    "malformed/pydicom_ExplVR_BigEndNoMeta.dcm": "no file meta",
+    "malformed/pydicom_ExplVR_LitEndNoMeta.dcm": "no file meta",
+    "malformed/pydicom_no_meta_CT.dcm": "no file meta",
+    "malformed/dcm4che_no_preamble_dicm_in_data": "no file meta",
+    "cr_dx/fodicom_CR-MONO1-10-chest.dcm": "ACR-NEMA file without meta",
+    "other/dicomdir_pcir/DICOMDIR": "a DICOMDIR is a media directory, not a storage instance",
+    "charset/pydicom_chrSQEncoding.dcm": "no SOP class in meta",
+    "charset/pydicom_chrSQEncoding1.dcm": "no SOP class in meta",
+    "other/pydicom-data_HTJ2KLossless_08_RGB.dcm": "no SOP Instance UID in meta",
+    "malformed/pydicom-data_explicit_VR-UN_CT.dcm": "no SOP class in meta",
+}
+
+#: Files DCMTK will not send (a transfer syntax it does not know); streamed as is by pynetdicom.
+DCMTK_CANNOT_SEND = {
+    "malformed/dcm4che_will-jxl.dcm",  # JPEG XL
+    "malformed/pydicom-data_liver_deflate_SEG.dcm",  # Deflated Image Frame Compression
+    "malformed/pynetdicom_CTImageStorage_bad_meta.dcm",  # meta lacks the SOP class
+    "xa_nm_pt/dcm4che_NM-MONO2-16-13x-heart.dcm",  # meta lacks the SOP class
+    "us/fodicom_DIRW0007_echo_cine.dcm",  # DCMTK's parser rejects an item delimiter pydicom accepts
+}
+
+#: Sent, and refused by the listener with this status: explicitly listed so a change is noticed.
+REFUSED = {
+    "malformed/pydicom_MR_truncated.dcm": 0xC210,  # Pixel Data shorter than declared
+    "malformed/pydicom-data_emri_small_jpeg_2k_lossless_too_short.dcm": 0xC210,  # fragments cut
+    "malformed/pydicom_UN_sequence.dcm": 0xA900,  # no Study Instance UID
+    "malformed/pydicom-data_bad_sequence_CT.dcm": 0xA900,  # SOP Instance UID is not a UID
+}
+
+#: Refused when streamed raw: the file meta announces a SOP Instance UID that the dataset does
+#: not carry (0xA900). DCMTK announces the dataset's own UID, so its sends of these succeed.
+META_MISMATCH = {
+    "charset/pydicom_chrJapMulti.dcm": 0xA900,
+    "charset/pydicom_chrJapMultiExplicitIR6.dcm": 0xA900,
+    "cr_dx/fodicom_CR-ModalitySequenceLUT.dcm": 0xA900,
+    "malformed/pydicom_badVR_rtdose.dcm": 0xA900,
+}
+
+
+def corpus_files() -> list[Path]:
+    return sorted(p for p in CORPUS.rglob("*") if p.is_file() and not p.name.endswith(".md"))
+
+
+def rel(p: Path) -> str:
+    return p.relative_to(CORPUS).as_posix()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the file meta: what travels in a C-STORE."""
+    raw = path.read_bytes()
+    if raw[128:132] != b"DICM":
+        return raw
+    # (0002,0000) UL File Meta Information Group Length, explicit VR little endian (PS3.10 7.1)
+    meta_len = struct.unpack("<L", raw[140:144])[0]
+    return raw[144 + meta_len:]
+
+
+def instances(engine: Engine) -> dict[str, Instance]:
+    with session_scope(engine) as s:
+        return {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+
+
+def test_echo(start_listener: Callable[..., Listener]) -> None:
+    listener = start_listener()
+    res = echoscu(listener.port)  # type: ignore[attr-defined]
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_sendable_file_is_stored_byte_identical_or_refused(
+    start_listener: Callable[..., Listener], engine: Engine
+) -> None:
+    """A raw sender streams each file's dataset exactly as it is on disk, so what we store can be
+    compared byte for byte with the source."""
+    listener = start_listener()
+    port = listener.port  # type: ignore[attr-defined]
+    sent: dict[str, Path] = {}  # SOP Instance UID -> last file sent with it
+    refused_seen: dict[str, int | None] = {}
+    for path in corpus_files():
+        r = rel(path)
+        if r in UNSENDABLE:
+            continue
+        status = send_raw(port, path)
+        if r in REFUSED or r in META_MISMATCH:
+            refused_seen[r] = status
+            continue
+        assert status == 0x0000, f"{r}: 0x{status or 0:04X}"
+        sop = str(dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+        sent[sop] = path
+    assert refused_seen == {**REFUSED, **META_MISMATCH}
+    # the listener kept serving through the refusals
+    assert echoscu(port).returncode == 0
+
+    stored = instances(engine)
+    assert set(stored) == set(sent)
+    for sop, path in sent.items():
+        row = stored[sop]
+        file = listener.storage.path(row.storage_key)
+        assert hashlib.sha256(file.read_bytes()).hexdigest() == row.sha256
+        assert dataset_bytes(file) == dataset_bytes(path), f"{rel(path)} not stored as sent"
+        assert row.calling_ae == "RAWSCU"
+    # Nothing half-stored: no staged leftovers, and every stored file has its row.
+    assert not any(listener.storage.tmp_dir.iterdir())
+    keys = {i.storage_key for i in stored.values()}
+    on_disk = {p.relative_to(listener.storage.root).as_posix() for p in listener.storage.root.rglob("*.dcm")}
+    assert on_disk == keys
+    with session_scope(engine) as s:
+        assert verify(s).ok
+        actions = {a.action for a in s.exec(select(AuditRecord)).all()}
+        assert {"association.accepted", "instance.new", "instance.replaced", "instance.rejected"} <= actions
+
+
+def test_dcmtk_sends_the_corpus(start_listener: Callable[..., Listener], engine: Engine) -> None:
+    """DCMTK's dcmsend (each file's own transfer syntax) and storescu (uncompressed) as the PACS."""
+    listener = start_listener()
+    port = listener.port  # type: ignore[attr-defined]
+    files = [p for p in corpus_files() if rel(p) not in set(UNSENDABLE) | DCMTK_CANNOT_SEND | set(REFUSED)]
+    run = dcmsend(port, files)
+    assert run.statuses() == ["Success"] * len(files), run.output[-2000:]
+    uncompressed = sorted((CORPUS / "mr" / "series_dcm4che_wrist").iterdir())
+    assert storescu(port, uncompressed).statuses() == ["Success"] * len(uncompressed)
+    stored = instances(engine)
+    expected = {str(dcmread(p, stop_before_pixels=True, force=True).SOPInstanceUID) for p in files + uncompressed}
+    assert set(stored) == expected
+    for row in stored.values():
+        file = listener.storage.path(row.storage_key)
+        assert hashlib.sha256(file.read_bytes()).hexdigest() == row.sha256
+
+
+def test_text_decoded_by_specific_character_set(start_listener: Callable[..., Listener], engine: Engine) -> None:
+    listener = start_listener()
+    files = [CORPUS / "charset" / n for n in ("pydicom_chrArab.dcm", "pydicom_chrX1.dcm", "pydicom_chrGreek.dcm")]
+    assert dcmsend(listener.port, files).statuses() == ["Success"] * 3  # type: ignore[attr-defined]
+    with session_scope(engine) as s:
+        names = {p.patient_id: p.name for p in s.exec(select(Patient)).all()}
+    assert names["SCSARAB"] == "قباني^لنزار"
+    assert names["X1EXAMPLE"] == "Wang^XiaoDong=王^小東"
+    assert names["SCSGREEK"] == "Διονυσιος"
+
+
+def test_index_holds_what_drafting_needs(start_listener: Callable[..., Listener], engine: Engine) -> None:
+    listener = start_listener()
+    series_dir = CORPUS / "mr" / "series_dcm4che_wrist"
+    run = storescu(listener.port, sorted(series_dir.iterdir()))  # type: ignore[attr-defined]
+    assert run.statuses() == ["Success"] * 16
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+        series = s.exec(select(Series)).one()
+        rows = s.exec(select(Instance)).all()
+    assert study.state == "receiving" and study.version == 1
+    assert series.modality == "MR"
+    assert len(rows) == 16 and all(r.image_position_patient and r.image_orientation_patient for r in rows)
+    assert all(r.size > 0 and len(r.sha256) == 64 for r in rows)
+
+
+def test_duplicate_and_replacement(start_listener: Callable[..., Listener], engine: Engine, tmp_path: Path) -> None:
+    listener = start_listener()
+    port = listener.port  # type: ignore[attr-defined]
+    src = CORPUS / "ct" / "pydicom_CT_small.dcm"
+    assert storescu(port, [src]).statuses() == ["Success"]
+    assert storescu(port, [src]).statuses() == ["Success"]
+    first = instances(engine)
+    assert len(first) == 1
+    # same SOP Instance UID, different bytes
+    ds = dcmread(src)
+    ds.StudyDescription = "changed by the modality"
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    assert storescu(port, [changed]).statuses() == ["Success"]
+    after = instances(engine)
+    (sop,) = after
+    assert after[sop].sha256 != first[sop].sha256
+    assert not listener.storage.path(first[sop].storage_key).exists()
+    assert listener.storage.path(after[sop].storage_key).exists()
+    with session_scope(engine) as s:
+        actions = [a.action for a in s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()]
+    assert actions.count("instance.new") == 1
+    assert actions.count("instance.duplicate") == 1
+    assert actions.count("instance.replaced") == 1
+
+
+def test_four_concurrent_associations(start_listener: Callable[..., Listener], engine: Engine) -> None:
+    listener = start_listener()
+    files = sorted((CORPUS / "mr" / "series_dcm4che_wrist").iterdir())
+    chunks = [files[i::4] for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda c: storescu(listener.port, c), chunks))  # type: ignore[attr-defined]
+    assert [len(r.statuses()) for r in runs] == [len(c) for c in chunks]
+    assert all(set(r.statuses()) == {"Success"} for r in runs)
+    assert len(instances(engine)) == 16
+
+
+def test_allow_lists(start_listener: Callable[..., Listener]) -> None:
+    listener = start_listener(allowed_calling_aes=["GOODPACS"])
+    assert echoscu(listener.port, calling="GOODPACS").returncode == 0  # type: ignore[attr-defined]
+    assert echoscu(listener.port, calling="STRANGER").returncode != 0  # type: ignore[attr-defined]
+    hosts = start_listener(allowed_hosts=["10.99.0.0/16"])
+    assert echoscu(hosts.port).returncode != 0  # type: ignore[attr-defined]
+
+
+def test_low_disk_refuses_associations_and_stores(start_listener: Callable[..., Listener], engine: Engine) -> None:
+    refusing = start_listener(min_free_bytes=1 << 62)
+    assert echoscu(refusing.port).returncode != 0  # type: ignore[attr-defined]
+    # enough space to associate, not enough for this instance on top of the floor
+    probe = start_listener()
+    free = probe.storage.free_bytes()
+    tight = start_listener(min_free_bytes=max(free - 100_000, 1))
+    big = CORPUS / "ct" / "wg04_CT1" / "CT1_UNC.dcm"
+    status = send_raw(tight.port, big)  # type: ignore[attr-defined]
+    assert status == 0xA700
+    assert instances(engine) == {}
+    assert not any(tight.storage.tmp_dir.iterdir())
+
+
+def test_hostile_traffic_does_not_lock_out_senders(start_listener: Callable[..., Listener]) -> None:
+    listener = start_listener(max_associations=2, acse_timeout=2, network_timeout=2)
+    port = listener.port  # type: ignore[attr-defined]
+    junk = []
+    for payload in (b"\x00" * 7, b"GET / HTTP/1.0\r\n\r\n", b"\x01\x00\x00\x00\xff\xff\xff\xff" + b"A" * 64):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(payload)
+        junk.append(s)
+    half_open = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 15:
+        if echoscu(port).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("a normal C-ECHO never succeeded after junk connections")
+    assert time.monotonic() - t0 < 10
+    assert storescu(port, [CORPUS / "ct" / "pydicom_CT_small.dcm"]).statuses() == ["Success"]
+    for s in junk + half_open:
+        s.close()
+
+
+def test_pynetdicom_peer_with_odd_but_legal_request(start_listener: Callable[..., Listener]) -> None:
+    """A tiny maximum PDU and an unusual context list must still work (reliability notes)."""
+    listener = start_listener()
+    ae = AE(ae_title="ODDPEER")
+    ae.maximum_pdu_size = 1024
+    ds = dcmread(CORPUS / "ct" / "pydicom_CT_small.dcm")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="TAQRIR")  # type: ignore[attr-defined]
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
