@@ -92,6 +92,11 @@ class _Server(ThreadedAssociationServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        # An accepted socket does not inherit the listening socket's timeout: without one, a peer
+        # that sends half a PDU and goes quiet pins an association slot forever (pynetdicom reads
+        # the rest of a PDU with a blocking recv). Reads happen only once data is ready, so this
+        # bounds stalls inside a PDU, not idle time between messages.
+        sock.settimeout(self.ae.network_timeout)
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
