@@ -65,7 +65,9 @@ def _hashed_fields(rec: AuditRecord) -> dict[str, Any]:
     }
 
 
-def _lock_chain(session: Session) -> None:
+def lock_chain(session: Session) -> None:
+    """Serialise this transaction with every other writer of the chain (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE already does). Taking it first also serialises the caller's own upserts."""
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=_PG_LOCK_KEY))  # type: ignore[call-overload]
@@ -85,7 +87,7 @@ def record(
 
     ``details`` must hold no PHI beyond identifiers: it is exported to researchers.
     """
-    _lock_chain(session)
+    lock_chain(session)
     head = session.exec(select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)).first()  # type: ignore[attr-defined]
     prev_hash = head.hash if head else GENESIS
     rec = AuditRecord(

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.chain import record
+from audit.chain import lock_chain, record
 from taqrir.db import session_scope
 
 from .errors import DicomInputError, OutOfResources
@@ -76,6 +76,9 @@ def ingest_file(
     stored = StoredFile(key=key, size=size, sha256=sha)
 
     with session_scope(engine) as session:
+        # Serialise index writers first: two associations filing the first instances of one
+        # patient or study would otherwise race to insert the same rows.
+        lock_chain(session)
         existing = session.exec(
             select(Instance.sha256).where(Instance.sop_instance_uid == headers.sop_instance_uid)
         ).first()
