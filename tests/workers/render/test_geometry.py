@@ -165,3 +165,15 @@ def test_mixed_orientations_use_the_main_group(corpus: Path) -> None:
     ordering = order_instances([*instances, odd])
     assert "share the main orientation" in ordering.method
     assert "9.9" not in [s.instance.sop_instance_uid for s in ordering.slices]
+
+
+def test_images_at_one_location_are_spread_over_acquisition_order(corpus: Path) -> None:
+    paths = sorted((corpus / "mr/series_dcm4che_wrist").glob("*.dcm"))[:4]
+    instances = instances_from_files(paths)
+    same_place = [
+        dataclasses.replace(i, image_position_patient=instances[0].image_position_patient)
+        for i in instances
+    ]
+    rendered = render_study(same_place, RenderSettings(slices_per_volume=3))
+    assert len(rendered.key_images) == 3
+    assert len({k.sop_instance_uids for k in rendered.key_images}) == 3

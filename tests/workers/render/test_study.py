@@ -191,3 +191,23 @@ def test_ct_windows_follow_the_study_region(tmp_path: Path) -> None:
     assert [k.window for k in rendered.key_images] == [
         f"C{float(ds.WindowCenter):g}/W{float(ds.WindowWidth):g} header"
     ]
+
+
+def test_only_the_chosen_slices_are_decoded(tmp_path: Path) -> None:
+    """Slices that are not chosen may have broken pixels: selection and ordering read headers only."""
+    from pydicom import dcmread
+
+    originals = sorted((DICOM_DIR / "mr/series_dcm4che_wrist").glob("*.dcm"))
+    reference = render_study(instances_from_files(originals), RenderSettings())
+    chosen = {uid for k in reference.key_images for uid in k.sop_instance_uids}
+    copies = []
+    for src in originals:
+        ds = dcmread(src)
+        if ds.SOPInstanceUID not in chosen:
+            ds.PixelData = b"\x00\x00"  # undecodable: 2 bytes for a 256 x 256 image
+        path = tmp_path / src.name
+        ds.save_as(path)
+        copies.append(path)
+    rendered = render_study(instances_from_files(copies), RenderSettings())
+    assert [k.sha256 for k in rendered.key_images] == [k.sha256 for k in reference.key_images]
+    assert len(chosen) == 5 < len(copies)

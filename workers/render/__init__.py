@@ -1,0 +1,31 @@
+"""Key-image rendering: a stable study becomes a small, ordered set of PNG key images.
+
+Pure functions over index rows and files (no Celery, no database)::
+
+    instances = instances_from_files(paths)          # or InstanceInputs built from index rows
+    rendered = render_study(instances, RenderSettings())
+    write_render_output(rendered, out_dir)
+"""
+
+from .errors import NothingRenderable, RulesError, SeriesRenderError
+from .headers import instance_from_dataset, instances_from_files
+from .model import InstanceInput, InstanceList, KeyImage, RenderedStudy, SeriesDecision
+from .output import write_render_output
+from .rules import load_rules
+from .study import render_study
+
+__all__ = [
+    "InstanceInput",
+    "InstanceList",
+    "KeyImage",
+    "NothingRenderable",
+    "RenderedStudy",
+    "RulesError",
+    "SeriesDecision",
+    "SeriesRenderError",
+    "instance_from_dataset",
+    "instances_from_files",
+    "load_rules",
+    "render_study",
+    "write_render_output",
+]
