@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from sqlalchemy import Column, Text, text
+from sqlalchemy import insert as sa_insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Field, Session, SQLModel, select
 
 from taqrir.db import as_utc, utcnow
@@ -88,7 +90,10 @@ def record(
     ``details`` must hold no PHI beyond identifiers: it is exported to researchers.
     """
     lock_chain(session)
-    head = session.exec(select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)).first()  # type: ignore[attr-defined]
+    # Core statements: this runs for every stored instance, and ORM round trips showed up there.
+    head = session.connection().execute(
+        sa_select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)  # type: ignore[attr-defined]
+    ).first()
     prev_hash = head.hash if head else GENESIS
     rec = AuditRecord(
         seq=(head.seq + 1) if head else 1,
@@ -103,8 +108,7 @@ def record(
         hash="",
     )
     rec.hash = chain_hash(prev_hash, _hashed_fields(rec))
-    session.add(rec)
-    session.flush()
+    session.connection().execute(sa_insert(AuditRecord).values(**rec.model_dump()))
     return rec
 
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
-from sqlalchemy import Column, Index, String, Text, UniqueConstraint, update
+from sqlalchemy import Column, Index, String, Text, UniqueConstraint, insert, update
 from sqlmodel import Field, Session, SQLModel, select
 
 from taqrir.db import utcnow
@@ -175,41 +175,75 @@ def _upsert_series(session: Session, h: InstanceHeaders, study: Study) -> Series
     return series
 
 
-def _touch_study(study: Study, now: datetime) -> bool:
-    """A new or changed instance arrived: re-arm stability; start a new version if drafting began."""
-    new_version = StudyState(study.state) in _DRAFTING_OR_DONE
-    if new_version:
-        study.version += 1
-        study.attempts = 0
-        study.failure_reason = None
-    if study.state != StudyState.receiving.value:
-        study.state = StudyState.receiving.value
-        study.state_changed_at = now
-    study.last_received_at = now
-    return new_version
+def next_study_state(state: str, version: int) -> tuple[str, int, bool]:
+    """A new or changed instance arrived: stability re-arms (back to ``receiving``); if drafting
+    already began, a new version starts. Returns (state, version, new_version)."""
+    if StudyState(state) in _DRAFTING_OR_DONE:
+        return StudyState.receiving.value, version + 1, True
+    return StudyState.receiving.value, version, False
+
+
+@dataclass(frozen=True)
+class ExistingInstance:
+    id: int
+    sha256: str
+    storage_key: str
+    study_pk: int
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> ExistingInstance | None:
+    """The indexed instance with this SOP Instance UID, if any (one cheap Core query)."""
+    row = session.connection().execute(
+        select(Instance.id, Instance.sha256, Instance.storage_key, Instance.study_pk)  # type: ignore[call-overload]
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return ExistingInstance(row.id, row.sha256, row.storage_key, row.study_pk) if row else None
 
 
 def index_instance(
-    session: Session, *, headers: InstanceHeaders, stored: StoredFile, calling_ae: str
+    session: Session,
+    *,
+    headers: InstanceHeaders,
+    stored: StoredFile,
+    calling_ae: str,
+    existing: ExistingInstance | None,
 ) -> IndexResult:
     """File one received instance. Same SOP Instance UID with identical bytes: nothing changes
-    (a duplicate); with different bytes: the row points at the new file and the study changes."""
-    now = utcnow()
-    existing = session.exec(
-        select(Instance).where(Instance.sop_instance_uid == headers.sop_instance_uid)
-    ).first()
-    if existing is not None and existing.sha256 == stored.sha256:
-        study = session.get(Study, existing.study_pk)
-        assert study is not None
-        return IndexResult(StoreOutcome.duplicate, existing.study_pk, study.version, False)
+    (a duplicate); with different bytes: the row points at the new file and the study changes.
 
-    patient = _upsert_patient(session, headers)
-    study = _upsert_study(session, headers, patient)
-    series = _upsert_series(session, headers, study)
-    new_version = _touch_study(study, now)
-    values = dict(
-        series_pk=series.id,
-        study_pk=study.id,
+    The first instance of a series goes through the ORM upserts of patient, study and series;
+    every later one (the hot path: hundreds per study) costs three Core statements.
+    """
+    conn = session.connection()
+    if existing is not None and existing.sha256 == stored.sha256:
+        version = conn.execute(select(Study.version).where(Study.id == existing.study_pk)).scalar_one()  # type: ignore[call-overload]
+        return IndexResult(StoreOutcome.duplicate, existing.study_pk, version, False)
+
+    now = utcnow()
+    known = conn.execute(
+        select(Study.id, Study.version, Study.state, Series.id.label("series_pk"))  # type: ignore[call-overload, union-attr]
+        .join(Series, Series.study_pk == Study.id)
+        .where(Study.study_instance_uid == headers.study_instance_uid,
+               Series.series_instance_uid == headers.series_instance_uid)
+    ).first()
+    if known is None:
+        patient = _upsert_patient(session, headers)
+        study = _upsert_study(session, headers, patient)
+        series = _upsert_series(session, headers, study)
+        study_pk, series_pk, version, state = study.id or 0, series.id or 0, study.version, study.state
+        session.flush()
+    else:
+        study_pk, series_pk, version, state = known.id, known.series_pk, known.version, known.state
+    new_state, new_version_no, new_version = next_study_state(state, version)
+    values = {"last_received_at": now, "state": new_state, "version": new_version_no}
+    if new_state != state:
+        values["state_changed_at"] = now
+    if new_version:
+        values.update(attempts=0, failure_reason=None)
+    conn.execute(update(Study).where(Study.id == study_pk).values(**values))  # type: ignore[arg-type]
+    row = dict(
+        series_pk=series_pk,
+        study_pk=study_pk,
         sop_class_uid=headers.sop_class_uid,
         transfer_syntax_uid=headers.transfer_syntax_uid,
         instance_number=headers.instance_number,
@@ -228,17 +262,13 @@ def index_instance(
     )
     obsolete = None
     if existing is None:
-        session.add(Instance(sop_instance_uid=headers.sop_instance_uid, **values))
+        conn.execute(insert(Instance).values(sop_instance_uid=headers.sop_instance_uid, **row))
         outcome = StoreOutcome.new
     else:
         obsolete = existing.storage_key if existing.storage_key != stored.key else None
-        for k, v in values.items():
-            setattr(existing, k, v)
-        session.add(existing)
+        conn.execute(update(Instance).where(Instance.id == existing.id).values(**row))  # type: ignore[arg-type]
         outcome = StoreOutcome.replaced
-    session.add(study)
-    session.flush()
-    return IndexResult(outcome, study.id or 0, study.version, new_version, obsolete)
+    return IndexResult(outcome, study_pk, new_version_no, new_version, obsolete)
 
 
 def set_state(

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
 
 from audit.chain import lock_chain, record
 from taqrir.db import session_scope
 
 from .errors import DicomInputError, OutOfResources
 from .headers import InstanceHeaders, read_headers
-from .index import Instance, IndexResult, StoreOutcome, index_instance
+from .index import IndexResult, StoreOutcome, find_instance, index_instance
 from .storage import LocalStorage, StoredFile, file_digest, instance_key
 
 log = logging.getLogger(__name__)
@@ -79,12 +78,12 @@ def ingest_file(
         # Serialise index writers first: two associations filing the first instances of one
         # patient or study would otherwise race to insert the same rows.
         lock_chain(session)
-        existing = session.exec(
-            select(Instance.sha256).where(Instance.sop_instance_uid == headers.sop_instance_uid)
-        ).first()
-        if existing != sha:
+        existing = find_instance(session, headers.sop_instance_uid)
+        if existing is None or existing.sha256 != sha:
             storage.commit(staged, key)
-        result: IndexResult = index_instance(session, headers=headers, stored=stored, calling_ae=calling_ae)
+        result: IndexResult = index_instance(
+            session, headers=headers, stored=stored, calling_ae=calling_ae, existing=existing
+        )
         record(
             session,
             action=f"instance.{result.outcome.value}",
