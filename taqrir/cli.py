@@ -70,27 +70,122 @@ def listen(
         settings.listener.port = port
     if ae_title is not None:
         settings.listener.ae_title = ae_title
+    from workers.pipeline import Dispatcher, Sweeper
+    from workers.service import PipelineContext
+
+    engine = _engine()
+    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
     listener = Listener(
         settings=settings.listener,
         study_settings=settings.study,
-        engine=_engine(),
+        engine=engine,
         storage=LocalStorage.from_url(settings.storage_url),
-        handoff=_handoff(settings),
+        handoff=dispatcher.study_stable,
     )
     bound = listener.start()
+    sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
+    sweeper.start()
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
     listener.wait()
+    sweeper.stop()
+    dispatcher.close()
 
 
-def _handoff(settings: Settings):  # type: ignore[no-untyped-def]
-    """The function that receives stable studies: the drafting pipeline when it is importable."""
-    from integrations.dicom.stability import log_handoff
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: render, infer, publish.")] = "render,infer,publish",
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Run a Celery worker for the drafting pipeline (needs a real broker, e.g. Redis)."""
+    from workers.celery_app import QUEUES, configure, is_embedded
 
+    settings = get_settings()
+    unknown = set(queues.split(",")) - set(QUEUES)
+    if unknown:
+        raise typer.BadParameter(f"unknown queues {sorted(unknown)}; choose from {QUEUES}")
+    if is_embedded(settings):
+        raise typer.BadParameter("queue.broker_url is memory:// (embedded): set TAQRIR_QUEUE__BROKER_URL=redis://...")
+    app_ = configure(settings)
+    app_.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
+                      "--loglevel", settings.log_level.upper(), "-n", f"taqrir-{queues.replace(',', '-')}@%h"])
+
+
+@app.command()
+def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see `taqrir studies`).")]) -> None:
+    """Replay drafting of a study's current version (after a failure, or to publish again)."""
+    from workers.pipeline import Dispatcher
+    from workers.service import PipelineContext, StudyGone, reset_for_redraft
+
+    settings = get_settings()
+    engine = _engine()
     try:
-        from workers.pipeline import make_handoff
-    except ImportError:
-        return log_handoff
-    return make_handoff(settings)
+        version, moved = reset_for_redraft(engine, study_uid)
+    except StudyGone as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    if not moved:
+        typer.echo(f"study {study_uid} is still receiving or already queued; nothing to replay")
+        return
+    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    dispatcher.study_stable(study_uid, version)
+    dispatcher.wait_idle()
+    dispatcher.close()
+    typer.echo(f"study {study_uid} version {version} sent for drafting again")
+
+
+@app.command()
+def render(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID in the index.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the key images and provenance.json.")],
+) -> None:
+    """Render a received study's key images to a folder, to look at what the model sees."""
+    from integrations.dicom.index import study_by_uid
+    from workers.render import render_study, write_render_output
+    from workers.service import PipelineContext, instance_inputs
+
+    from .db import session_scope
+
+    settings = get_settings()
+    engine = _engine()
+    ctx = PipelineContext.from_settings(settings, engine)
+    with session_scope(engine) as session:
+        study = study_by_uid(session, study_uid)
+        if study is None:
+            typer.echo(f"study {study_uid} is not in the index; see `taqrir studies`", err=True)
+            raise typer.Exit(2)
+        inputs = instance_inputs(ctx, session, study)
+    path = write_render_output(render_study(inputs, settings.render), out_dir)
+    typer.echo(f"key images and provenance written to {path.parent}")
+
+
+@app.command()
+def metrics() -> None:
+    """Print the pipeline metrics in Prometheus text format."""
+    from workers.metrics import render_metrics
+
+    typer.echo(render_metrics(_engine()).decode(), nl=False)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database, storage and drafts.")] = Path("taqrir-demo"),
+    keep: Annotated[bool, typer.Option(help="Keep what an earlier demo left in data_dir.")] = False,
+) -> None:
+    """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(data_dir=data_dir, keep=keep))
+
+
+def _mount_rooms() -> None:
+    from inference.cli import model_app
+    from integrations.fhir.cli import register
+
+    app.add_typer(model_app, name="model", help="Checkpoints: prepare a released BiMediX2, make a tiny one, serve one.")
+    register(app, get_settings)
+
+
+_mount_rooms()
 
 
 @app.command()

@@ -1,0 +1,51 @@
+"""Pipeline state that is not the study's own: stored drafts and key-image sets.
+
+The study row (``integrations.dicom.index.Study``) holds the state machine; this module holds what
+the stages produce. ``draft_id`` is derived from (study UID, version, pipeline configuration), and
+unique, so a retried or duplicated task can never create a second draft of the same thing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from taqrir.db import utcnow
+
+
+class KeyImageSet(SQLModel, table=True):
+    """The rendered key images of one study version (files in storage; this row says where)."""
+
+    __tablename__ = "key_image_set"
+    __table_args__ = (UniqueConstraint("study_pk", "version", "config_sha256", name="uq_keyimages_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_pk: int = Field(foreign_key="study.id", index=True)
+    version: int
+    config_sha256: str = Field(max_length=64)
+    folder_key: str = Field(max_length=512, description="Storage key of the folder with PNGs + provenance.json.")
+    manifest: str = Field(sa_column=Column(Text, nullable=False), description="JSON: key images, decisions, failures.")
+    render_s: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DraftRecord(SQLModel, table=True):
+    """A stored machine draft: the :class:`reporting.draft.Draft` JSON plus pipeline bookkeeping."""
+
+    __tablename__ = "draft"
+
+    id: int | None = Field(default=None, primary_key=True)
+    draft_id: str = Field(max_length=64, unique=True)
+    study_pk: int = Field(foreign_key="study.id", index=True)
+    study_instance_uid: str = Field(max_length=64, index=True)
+    version: int
+    config_sha256: str = Field(max_length=64)
+    superseded: bool = Field(default=False, description="A newer study version exists.")
+    draft_json: str = Field(sa_column=Column(Text, nullable=False))
+    stage_times: str = Field(default="{}", sa_column=Column(Text, nullable=False),
+                             description="JSON seconds per stage: queue, render, infer, persist, publish.")
+    created_at: datetime = Field(default_factory=utcnow)
+    published_at: datetime | None = None
+    fhir_report_id: str | None = Field(default=None, max_length=64)

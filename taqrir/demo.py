@@ -1,0 +1,232 @@
+"""``taqrir demo``: the main job end to end on embedded defaults, on one machine, no services.
+
+Real DICOM studies (from the repository's public test corpus) travel over the network (DICOM
+C-STORE on loopback) to the listener; studies become stable, key images are rendered, the local
+tiny model drafts English and Arabic sections, drafts become FHIR resources served by the API and
+written as JSON files. The tiny model has random weights: its text is meaningless by design.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, _config
+
+from .settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "tests" / "data" / "dicom"
+
+
+@dataclass(frozen=True)
+class DemoStudy:
+    title: str
+    paths: tuple[str, ...]
+
+
+DEMO_STUDIES = (
+    DemoStudy("CT chest, 3 axial slices", ("ct/series_dcmqi_ct3slice",)),
+    DemoStudy("MR wrist, 16 coronal slices", ("mr/series_dcm4che_wrist",)),
+    DemoStudy("CR chest PA (JPEG 2000, MONOCHROME1)", ("cr_dx/wg04_RG1_chest_PA/RG1_J2KI.dcm",)),
+    DemoStudy("US echo cine, palette colour", ("us/dcm4che_US-PAL-8-10x-echo.dcm",)),
+    DemoStudy("Whole-slide microscopy, 12-level pyramid", ("sm/cmu1_small_region_pyramid",)),
+    DemoStudy("Endoscopy photo (RLE)", ("vl_pathology/wg04_VL1_RLE.dcm",)),
+    DemoStudy("JPEG XL image no decoder can read (fails on purpose)", ("malformed/dcm4che_will-jxl.dcm",)),
+)
+
+
+def _files(study: DemoStudy) -> list[Path]:
+    out: list[Path] = []
+    for rel in study.paths:
+        p = CORPUS / rel
+        out.extend(sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p])
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send_files(port: int, files: Sequence[Path], *, called: str = "TAQRIR", calling: str = "DEMO-PACS") -> list[int]:
+    """C-STORE files as they are stored (each with its own transfer syntax) in one association."""
+    metas = [dcmread(f, stop_before_pixels=True) for f in files]
+    ae = AE(ae_title=calling)
+    for pair in sorted({(str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(pair[0], [pair[1]])
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        raise RuntimeError(f"the listener on port {port} refused the association")
+    statuses = []
+    try:
+        for f in files:
+            rsp = assoc.send_c_store(f)
+            statuses.append(int(rsp.Status) if rsp and "Status" in rsp else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def _start_api(settings: Settings, engine: object) -> tuple[object, threading.Thread] | None:
+    import uvicorn
+
+    from integrations.fhir.app import create_app
+
+    app = create_app(settings, engine)  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api.port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, name="demo-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server, thread
+
+
+def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) -> int:
+    from integrations.dicom.index import list_studies
+    from integrations.dicom.listener import Listener
+    from integrations.dicom.storage import LocalStorage
+    from integrations.fhir.cli import token
+    from workers.pipeline import Dispatcher
+    from workers.service import PipelineContext
+
+    from .db import make_engine, session_scope, upgrade
+
+    t_start = time.monotonic()
+    if data_dir.exists() and not keep:
+        shutil.rmtree(data_dir)
+    api_port = _free_port()
+    settings = load_settings(
+        data_dir=data_dir,
+        log_level="WARNING",
+        listener={"host": "127.0.0.1", "port": 0, "min_free_bytes": 0, "ae_title": "TAQRIR"},
+        study={"stable_after": 2.0, "sweep_interval": 0.5},
+        queue={"broker_url": "memory://"},
+        api={"host": "127.0.0.1", "port": api_port, "base_url": f"http://127.0.0.1:{api_port}/fhir"},
+    )
+    logging.getLogger().setLevel(logging.WARNING)
+    say = print
+    say("Taqrir demo: research drafts only, never a clinical report.")
+    say(f"  data: {settings.data_dir.resolve()}  (SQLite, local storage, in-process queue, tiny local model)")
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    ctx = PipelineContext.from_settings(settings, engine)
+    say("  preparing the tiny model (random weights; first run builds it)...")
+    t0 = time.monotonic()
+    ctx.backend()
+    say(f"  model ready in {time.monotonic() - t0:.1f}s")
+    dispatcher = Dispatcher(settings, ctx)
+    listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
+                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+    port = listener.start()
+    api = _start_api(settings, engine)
+    say(f"  DICOM listener: AE TAQRIR on 127.0.0.1:{port}; FHIR API: {settings.api.base_url}")
+    say("")
+    sent: dict[str, str] = {}
+    for study in DEMO_STUDIES:
+        files = _files(study)
+        statuses = send_files(port, files)
+        uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        sent[uid] = study.title
+        ok = sum(1 for s in statuses if s == 0)
+        say(f"  sent {study.title}: {ok}/{len(files)} instances stored")
+    say("")
+    say("Drafting (a study is drafted once no instance has arrived for 2 s)...")
+    last: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        with session_scope(engine) as s:
+            rows = [r for r in list_studies(s, limit=100) if r[0].study_instance_uid in sent]
+        for study, _patient, _n, _mods in rows:
+            if last.get(study.study_instance_uid) != study.state:
+                last[study.study_instance_uid] = study.state
+                say(f"  [{time.monotonic() - t_start:5.1f}s] {sent[study.study_instance_uid][:44]:<44} {study.state}")
+        if rows and len(rows) == len(sent) and all(r[0].state in ("drafted", "failed") for r in rows):
+            break
+        time.sleep(0.3)
+    dispatcher.wait_idle()
+    _print_results(settings, engine, sent, say)
+    bearer = token(settings, "demo-reader", ["user/*.rs"], name="Demo Reader")
+    say("")
+    say("Fetch the drafts through the FHIR API while this demo runs (it stops below), or start it again")
+    say("later with `taqrir api` and a token from `taqrir token`:")
+    say(f"  curl -H 'Authorization: Bearer {bearer}' '{settings.api.base_url}/DiagnosticReport?_count=5'")
+    _show_api(settings.api.base_url, bearer, say)
+    say("")
+    say("About the text: the tiny model has random weights, so its findings are meaningless words (English")
+    say("and Arabic script). For real drafts point Taqrir at BiMediX2: TAQRIR_INFERENCE__BACKEND=sglang with")
+    say("TAQRIR_INFERENCE__SERVER_URL=http://gpu-host:30000 (see deploy/sglang/), or a local checkpoint")
+    say("prepared with `taqrir model prepare` and TAQRIR_INFERENCE__MODEL_PATH=/path/to/BiMediX2-8B-Bi-hf.")
+    say(f"Demo finished in {time.monotonic() - t_start:.0f}s.")
+    listener.stop()
+    dispatcher.close()
+    if api is not None:
+        api[0].should_exit = True  # type: ignore[attr-defined]
+        api[1].join(timeout=5)  # type: ignore[attr-defined]
+    with session_scope(engine) as s:
+        states = [r[0].state for r in list_studies(s, limit=100) if r[0].study_instance_uid in sent]
+    expected_fail = 1
+    return 0 if states.count("drafted") == len(sent) - expected_fail and states.count("failed") == expected_fail else 1
+
+
+def _print_results(settings: Settings, engine: object, sent: dict[str, str], say: object) -> None:
+    from sqlmodel import select
+
+    from integrations.dicom.index import study_by_uid
+    from reporting.draft import Draft
+    from workers.service import export_dir
+    from workers.state import DraftRecord
+
+    from .db import session_scope
+
+    say("")  # type: ignore[operator]
+    say("Results:")  # type: ignore[operator]
+    first: Draft | None = None
+    with session_scope(engine) as s:  # type: ignore[arg-type]
+        for uid, title in sent.items():
+            study = study_by_uid(s, uid)
+            if study is None:
+                say(f"  {title}: not received")  # type: ignore[operator]
+                continue
+            rec = s.exec(select(DraftRecord).where(DraftRecord.study_instance_uid == uid)
+                         .order_by(DraftRecord.version.desc())).first()  # type: ignore[attr-defined]
+            if study.state == "drafted" and rec is not None:
+                draft = Draft.model_validate_json(rec.draft_json)
+                first = first or draft
+                times = json.loads(rec.stage_times)
+                say(f"  {title}: drafted from {len(draft.key_images)} key images "  # type: ignore[operator]
+                    f"(render {times.get('render_s', 0):.2f}s, model {times.get('infer_s', 0):.2f}s)")
+                say(f"      {export_dir(settings, draft)}/  draft.json, DiagnosticReport.json, Patient.json")  # type: ignore[operator]
+            else:
+                say(f"  {title}: {study.state}: {(study.failure_reason or '')[:160]}")  # type: ignore[operator]
+    if first is not None:
+        say("")  # type: ignore[operator]
+        say("One draft, as stored (FHIR status 'partial', labelled AI-asserted and research-only):")  # type: ignore[operator]
+        say(f"  EN impression: {first.sections['en'].impression[:150]}")  # type: ignore[operator]
+        say(f"  AR impression: {first.sections['ar'].impression[:150]}")  # type: ignore[operator]
+
+
+def _show_api(base_url: str, bearer: str, say: object) -> None:
+    import httpx
+
+    try:
+        r = httpx.get(f"{base_url}/DiagnosticReport", params={"_count": "3"},
+                      headers={"Authorization": f"Bearer {bearer}"}, timeout=10)
+        bundle = r.json()
+        say(f"  -> HTTP {r.status_code}: a searchset Bundle with total={bundle.get('total')}; first report status="  # type: ignore[operator]
+            f"{bundle['entry'][0]['resource']['status'] if bundle.get('entry') else '-'}")
+    except (httpx.HTTPError, KeyError, ValueError) as err:
+        say(f"  (the API did not answer: {err})")  # type: ignore[operator]

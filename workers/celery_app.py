@@ -1,0 +1,55 @@
+"""The Celery application. Created unconfigured at import (no connection, no settings);
+:func:`configure` applies the settings in each entry point.
+
+Queues let hosts specialise: ``render`` (CPU), ``infer`` (GPU hosts or hosts near the SGLang
+server), ``publish`` (I/O). Reliability choices: tasks acknowledge late and are rejected (so
+redelivered) when their worker dies; a worker prefetches one message at a time. The database,
+not the broker, is the source of truth: a sweep re-enqueues work whose message was lost
+(:func:`workers.service.stale_work`). ``memory://`` runs the same tasks eagerly in-process, for
+the embedded demo that needs no server.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from taqrir.settings import Settings
+
+QUEUES = ("render", "infer", "publish")
+
+celery_app = Celery("taqrir", include=["workers.tasks"])
+
+
+def is_embedded(settings: Settings) -> bool:
+    return settings.queue.broker_url.startswith("memory://")
+
+
+def configure(settings: Settings) -> Celery:
+    """Apply settings to the app (idempotent)."""
+    eager = is_embedded(settings)
+    celery_app.conf.update(
+        broker_url=settings.queue.broker_url,
+        result_backend=settings.queue.result_backend,
+        task_ignore_result=settings.queue.result_backend is None,
+        task_always_eager=eager,
+        task_eager_propagates=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="render",
+        task_routes={
+            "taqrir.render": {"queue": "render"},
+            "taqrir.infer": {"queue": "infer"},
+            "taqrir.publish": {"queue": "publish"},
+        },
+        # Unacked messages come back after this on Redis; the DB sweep usually acts first.
+        broker_transport_options={"visibility_timeout": max(int(settings.queue.requeue_after) * 2, 60)},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return celery_app

@@ -1,0 +1,410 @@
+"""The drafting pipeline's service functions: what each stage does, free of Celery.
+
+Tasks (``workers.tasks``) are thin shells over these. Every function takes the study by its
+Instance UID and version, checks that this version is still the one to work on, does its work
+idempotently (a redelivered or duplicated message finds the work done and moves on), and moves
+the study's state with a compare-and-set, audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select, update
+
+from audit.chain import record
+from inference.backend import InferenceBackend, make_backend
+from inference.drafting import draft_report
+from inference.types import BilingualReport, StudyContext
+from integrations.dicom.index import Instance, Patient, Series, Study, StudyState, set_state, study_by_uid, study_contents
+from integrations.dicom.storage import LocalStorage
+from reporting.draft import Draft, KeyImageRef, ModelProvenance, PatientRef, Sections, SeriesRef, StudyRef
+from taqrir.db import as_utc, session_scope, utcnow
+from taqrir.errors import PermanentError
+from taqrir.settings import Settings
+from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
+from workers.render.output import provenance
+from workers.state import DraftRecord, KeyImageSet
+
+log = logging.getLogger(__name__)
+
+ACTOR = "taqrir-pipeline"
+
+
+class StudyGone(PermanentError):
+    """The study or version a message names no longer needs work (deleted, or superseded)."""
+
+
+@dataclass
+class PipelineContext:
+    """Everything the stages need, built once per process by the entry point."""
+
+    settings: Settings
+    engine: Engine
+    storage: LocalStorage
+    backend_factory: Callable[[], InferenceBackend] | None = None
+    _backend: InferenceBackend | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine) -> "PipelineContext":
+        return cls(settings=settings, engine=engine, storage=LocalStorage.from_url(settings.storage_url))
+
+    def backend(self) -> InferenceBackend:
+        """The inference backend, made on first use (a model loads once per worker process)."""
+        with self._lock:
+            if self._backend is None:
+                factory = self.backend_factory or (
+                    lambda: make_backend(self.settings.inference, data_dir=self.settings.data_dir)
+                )
+                self._backend = factory()
+            return self._backend
+
+    @property
+    def config_sha256(self) -> str:
+        """Identity of the pipeline configuration: a draft is unique per study version and this."""
+        payload = {
+            "render": self.settings.render.model_dump(mode="json"),
+            "inference": self.settings.inference.model_dump(
+                mode="json", exclude={"server_url", "timeout_s", "retries", "concurrency"}
+            ),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def draft_id_for(study_uid: str, version: int, config_sha256: str) -> str:
+    return hashlib.sha256(f"{study_uid}|{version}|{config_sha256}".encode()).hexdigest()[:32]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _current(session: Session, study_uid: str, version: int) -> Study:
+    study = study_by_uid(session, study_uid)
+    if study is None:
+        raise StudyGone(f"study {study_uid} is not in the index")
+    if study.version != version:
+        raise StudyGone(f"study {study_uid} version {version} was superseded by version {study.version}")
+    return study
+
+
+def _move(session: Session, study: Study, new: StudyState, expect: tuple[StudyState, ...], **details: Any) -> bool:
+    moved = set_state(session, study_pk=study.id or 0, version=study.version, new_state=new, expect=expect,
+                      reason=details.get("reason"))
+    if moved:
+        record(session, action=f"study.{new.value}", actor=ACTOR, entity_type="Study",
+               entity_id=study.study_instance_uid, details={"version": study.version, **details})
+    return moved
+
+
+def enqueue_state(engine: Engine, study_uid: str, version: int) -> bool:
+    """stable -> queued (audited). False when the study moved on meanwhile."""
+    with session_scope(engine) as s:
+        try:
+            study = _current(s, study_uid, version)
+        except StudyGone:
+            return False
+        return _move(s, study, StudyState.queued, (StudyState.stable, StudyState.queued, StudyState.failed))
+
+
+def fail(engine: Engine, study_uid: str, version: int, reason: str) -> None:
+    """End this version in ``failed`` with its reason (shown by ``taqrir studies``)."""
+    with session_scope(engine) as s:
+        try:
+            study = _current(s, study_uid, version)
+        except StudyGone:
+            return
+        _move(s, study, StudyState.failed,
+              (StudyState.stable, StudyState.queued, StudyState.rendering, StudyState.inferring),
+              reason=reason[:2000])
+    log.warning("study %s v%d failed: %s", study_uid, version, reason[:300])
+
+
+def instance_inputs(ctx: PipelineContext, session: Session, study: Study) -> list[InstanceInput]:
+    """Index rows -> the renderer's input, without reading a single header from disk."""
+    out = []
+    for series, rows in study_contents(session, study.id or 0):
+        for r in rows:
+            out.append(InstanceInput(
+                path=ctx.storage.path(r.storage_key),
+                sop_instance_uid=r.sop_instance_uid,
+                sop_class_uid=r.sop_class_uid,
+                series_instance_uid=series.series_instance_uid,
+                modality=series.modality or "",
+                body_part=series.body_part or "",
+                series_description=series.description or "",
+                series_number=series.number,
+                image_type=tuple(v for v in r.image_type.split("\\") if v),
+                instance_number=r.instance_number,
+                number_of_frames=r.number_of_frames,
+                rows=r.rows,
+                columns=r.columns,
+                image_position_patient=tuple(json.loads(r.image_position_patient)) if r.image_position_patient else None,  # type: ignore[arg-type]
+                image_orientation_patient=tuple(json.loads(r.image_orientation_patient)) if r.image_orientation_patient else None,  # type: ignore[arg-type]
+            ))
+    return out
+
+
+# -- stage 1: render -------------------------------------------------------------------------
+
+def render_stage(ctx: PipelineContext, study_uid: str, version: int) -> bool:
+    """Render key images for this version (once). True when inference should follow."""
+    cfg = ctx.config_sha256
+    with session_scope(ctx.engine) as s:
+        study = _current(s, study_uid, version)
+        done = s.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id, KeyImageSet.version == version,
+                                                KeyImageSet.config_sha256 == cfg)).first()
+        if done is None:
+            _move(s, study, StudyState.rendering, (StudyState.stable, StudyState.queued, StudyState.rendering))
+            inputs = instance_inputs(ctx, s, study)
+            study_pk = study.id or 0
+    if done is not None:
+        return True
+    t0 = time.perf_counter()
+    rendered: RenderedStudy = render_study(inputs, ctx.settings.render)  # NothingRenderable is permanent
+    folder = f"keyimages/{study_uid}/v{version}-{cfg[:8]}"
+    write_render_output(rendered, ctx.storage.path(folder))
+    render_s = time.perf_counter() - t0
+    manifest = provenance(rendered, [p.name for p in sorted(ctx.storage.path(folder).glob("*.png"))])
+    with session_scope(ctx.engine) as s:
+        try:
+            with s.begin_nested():
+                s.add(KeyImageSet(study_pk=study_pk, version=version, config_sha256=cfg, folder_key=folder,
+                                  manifest=json.dumps(manifest, ensure_ascii=False), render_s=render_s))
+        except IntegrityError:
+            log.info("key images of %s v%d were rendered by another delivery", study_uid, version)
+        record(s, action="study.rendered", actor=ACTOR, entity_type="Study", entity_id=study_uid,
+               details={"version": version, "key_images": len(rendered.key_images), "render_s": round(render_s, 4),
+                        "decisions": manifest["decisions"], "failures": manifest["failures"]})
+    return True
+
+
+# -- stage 2: infer and persist --------------------------------------------------------------
+
+def _study_ref(session: Session, study: Study) -> StudyRef:
+    patient = session.get(Patient, study.patient_pk)
+    assert patient is not None
+    series = []
+    for s, rows in study_contents(session, study.id or 0):
+        series.append(SeriesRef(series_instance_uid=s.series_instance_uid, modality=s.modality, body_part=s.body_part,
+                                description=s.description, number=s.number, instance_count=len(rows),
+                                sop_class_uids=tuple(sorted({r.sop_class_uid for r in rows}))))
+    started = datetime.combine(study.study_date, study.study_time) if study.study_date and study.study_time else (
+        datetime.combine(study.study_date, datetime.min.time()) if study.study_date else None)
+    return StudyRef(
+        study_instance_uid=study.study_instance_uid, version=study.version, accession_number=study.accession_number,
+        started=started, description=study.description,
+        modalities=tuple(sorted({s.modality for s in series if s.modality})),
+        patient=PatientRef(patient_id=patient.patient_id, issuer=patient.issuer or None, name=patient.name,
+                           sex=patient.sex if patient.sex in ("M", "F", "O") else None,  # type: ignore[arg-type]
+                           birth_date=patient.birth_date, age=study.patient_age),
+        series=tuple(series),
+    )
+
+
+def _context(ref: StudyRef, manifest: dict[str, Any]) -> StudyContext:
+    chosen = {d["series_instance_uid"] for d in manifest["decisions"] if d["chosen"]}
+    chosen_series = [s for s in ref.series if s.series_instance_uid in chosen] or list(ref.series)
+    primary = chosen_series[0]
+    return StudyContext(
+        modality=primary.modality or (ref.modalities[0] if ref.modalities else "OT"),
+        body_part=primary.body_part,
+        study_description=ref.description,
+        series_descriptions=[s.description for s in chosen_series if s.description],
+        patient_age=ref.patient.age,
+        patient_sex=ref.patient.sex,
+        image_labels=[ki["label"] for ki in manifest["key_images"]],
+    )
+
+
+def build_draft(draft_id: str, ref: StudyRef, report: BilingualReport, manifest: dict[str, Any], cfg: str) -> Draft:
+    """The Draft domain object from the index, the key images and the model's answer (pure)."""
+    p = report.provenance
+    return Draft(
+        draft_id=draft_id,
+        study=ref,
+        sections={
+            "en": Sections(findings=report.english.findings, impression=report.english.impression),
+            "ar": Sections(findings=report.arabic.findings, impression=report.arabic.impression),
+        },
+        key_images=tuple(
+            KeyImageRef(series_instance_uid=ki["series_instance_uid"], sop_instance_uids=tuple(ki["sop_instance_uids"]),
+                        sop_class_uid=ki["sop_class_uid"], frames=tuple(ki["frames"]), label=ki["label"],
+                        sha256=ki["sha256"], window=ki["window"])
+            for ki in manifest["key_images"]
+        ),
+        model=ModelProvenance(
+            backend=p.backend, model_name=p.model_name, model_revision=p.model_revision,
+            prompt_template_id=p.prompt_template_id, prompt_template_sha256=p.prompt_template_sha256,
+            sampling={k: v for k, v in p.sampling.items() if isinstance(v, (int, float, str)) or v is None},
+            image_sha256=tuple(p.image_sha256), prompt_tokens=p.prompt_tokens,
+            completion_tokens=p.completion_tokens, latency_s=p.latency_s,
+        ),
+        created_at=utcnow(),
+        pipeline_config_sha256=cfg,
+    )
+
+
+def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
+    """Ask the model for this version's draft and store it (once). Returns the draft id."""
+    cfg = ctx.config_sha256
+    draft_id = draft_id_for(study_uid, version, cfg)
+    with session_scope(ctx.engine) as s:
+        study = _current(s, study_uid, version)
+        if s.exec(select(DraftRecord.id).where(DraftRecord.draft_id == draft_id)).first() is not None:
+            _move(s, study, StudyState.drafted, (StudyState.rendering, StudyState.inferring, StudyState.queued))
+            return draft_id
+        kis = s.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id, KeyImageSet.version == version,
+                                               KeyImageSet.config_sha256 == cfg)).first()
+        if kis is None:
+            raise StudyGone(f"no key images for {study_uid} v{version}: render first")
+        _move(s, study, StudyState.inferring, (StudyState.rendering, StudyState.inferring, StudyState.queued))
+        ref = _study_ref(s, study)
+        queued_at = study.state_changed_at
+        manifest = json.loads(kis.manifest)
+        folder = kis.folder_key
+        render_s = kis.render_s
+    images = [ctx.storage.path(folder, ).joinpath(ki["file"]).read_bytes() for ki in manifest["key_images"]]
+    t0 = time.perf_counter()
+    report = draft_report(ctx.backend(), images, _context(ref, manifest), ctx.settings.inference)
+    infer_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    draft = build_draft(draft_id, ref, report, manifest, cfg)
+    with session_scope(ctx.engine) as s:
+        study = _current(s, study_uid, version)
+        try:
+            with s.begin_nested():
+                s.add(DraftRecord(draft_id=draft_id, study_pk=study.id or 0, study_instance_uid=study_uid,
+                                  version=version, config_sha256=cfg, draft_json=draft.model_dump_json(),
+                                  stage_times=json.dumps({"render_s": render_s, "infer_s": infer_s,
+                                                          "model_latency_s": report.provenance.latency_s})))
+        except IntegrityError:
+            log.info("draft %s already stored by another delivery", draft_id)
+            return draft_id
+        s.exec(update(DraftRecord).where(DraftRecord.study_pk == study.id, DraftRecord.version < version)  # type: ignore[call-overload]
+               .values(superseded=True))
+        record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
+               details={"study": study_uid, "version": version, "model": draft.model.model_name,
+                        "model_revision": draft.model.model_revision, "backend": draft.model.backend,
+                        "prompt_template": draft.model.prompt_template_id,
+                        "prompt_sha256": draft.model.prompt_template_sha256,
+                        "images": list(draft.model.image_sha256), "sampling": draft.model.sampling,
+                        "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens]})
+        _move(s, study, StudyState.drafted, (StudyState.inferring,), draft_id=draft_id)
+    _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1,
+                    queue_s=max((as_utc(utcnow()) - as_utc(queued_at)).total_seconds() - infer_s - render_s, 0.0))
+    return draft_id
+
+
+def _add_stage_time(engine: Engine, draft_id: str, **times: float) -> None:
+    with session_scope(engine) as s:
+        rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).one()
+        merged = {**json.loads(rec.stage_times), **times}
+        rec.stage_times = json.dumps(merged)
+        s.add(rec)
+
+
+# -- stage 3: publish ------------------------------------------------------------------------
+
+def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
+    """Make the draft available as FHIR resources and JSON files (once). Returns the report id."""
+    from integrations.fhir.store import fetch_current, publish_draft
+
+    t0 = time.perf_counter()
+    with session_scope(ctx.engine) as s:
+        rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).first()
+        if rec is None:
+            raise StudyGone(f"draft {draft_id} does not exist")
+        if rec.published_at is not None:
+            return rec.fhir_report_id
+        draft = Draft.model_validate_json(rec.draft_json)
+        report_id = publish_draft(s, draft, actor=ACTOR)
+        rec.published_at = utcnow()
+        rec.fhir_report_id = report_id
+        s.add(rec)
+        resources = {rt: fetch_current(s, rt, rid) for rt, rid in _published_ids(draft, report_id)}
+    out = export_dir(ctx.settings, draft)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "draft.json").write_text(draft.model_dump_json(indent=2), "utf-8")
+    for rt, row in resources.items():
+        (out / f"{rt}.json").write_text(json.dumps(json.loads(row.json_text), indent=2, ensure_ascii=False), "utf-8")
+    _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)
+    return report_id
+
+
+def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
+    from reporting.fhir.ids import patient_id
+
+    return [("DiagnosticReport", report_id), ("Patient", patient_id(draft.study.patient))]
+
+
+def export_dir(settings: Settings, draft: Draft) -> Path:
+    """Where a draft's JSON files are written for people to open."""
+    return settings.data_dir / "drafts" / draft.study.study_instance_uid / f"v{draft.study.version}"
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+STAGE_OF = {
+    StudyState.stable.value: "render",
+    StudyState.queued.value: "render",
+    StudyState.rendering.value: "render",
+    StudyState.inferring.value: "infer",
+}
+
+
+def stale_work(engine: Engine, *, older_than_s: float) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """Studies whose stage has not moved for ``older_than_s`` (their message was probably lost:
+    Redis restarted, a worker host vanished), and drafts never published. Touches each study's
+    state timestamp so that concurrent sweepers do not all re-enqueue it."""
+    cutoff = utcnow().timestamp() - older_than_s
+    studies: list[tuple[str, int, str]] = []
+    with session_scope(engine) as s:
+        rows = s.exec(select(Study).where(Study.state.in_(list(STAGE_OF)))).all()  # type: ignore[attr-defined]
+        for st in rows:
+            if as_utc(st.state_changed_at).timestamp() > cutoff:
+                continue
+            res = s.exec(update(Study).where(Study.id == st.id, Study.state == st.state,  # type: ignore[call-overload]
+                                             Study.state_changed_at == st.state_changed_at)
+                         .values(state_changed_at=utcnow()))
+            if res.rowcount:
+                studies.append((st.study_instance_uid, st.version, STAGE_OF[st.state]))
+        drafts = [d for d in s.exec(select(DraftRecord).where(DraftRecord.published_at.is_(None))).all()  # type: ignore[union-attr]
+                  if as_utc(d.created_at).timestamp() <= cutoff]
+        for d in drafts:
+            d.created_at = utcnow()
+            s.add(d)
+        unpublished = [d.draft_id for d in drafts]
+    return studies, unpublished
+
+
+def reset_for_redraft(engine: Engine, study_uid: str) -> tuple[int, bool]:
+    """``taqrir redraft``: a failed (or drafted) study goes back to ``stable`` for its current
+    version. A drafted version keeps its draft (idempotent); a failed one gets another try."""
+    with session_scope(engine) as s:
+        study = study_by_uid(s, study_uid)
+        if study is None:
+            raise StudyGone(f"study {study_uid} is not in the index; see `taqrir studies`")
+        moved = _move(s, study, StudyState.stable, (StudyState.failed, StudyState.drafted, StudyState.queued,
+                                                     StudyState.rendering, StudyState.inferring), redraft=True)
+        if moved:
+            s.exec(update(Study).where(Study.id == study.id).values(attempts=0))  # type: ignore[call-overload]
+        return study.version, moved
+
+
+def instance_count(session: Session, study_pk: int) -> int:
+    return len(session.exec(select(Instance.id).where(Instance.study_pk == study_pk)).all())
+
+
+__all__ = ["PipelineContext", "StudyGone", "render_stage", "infer_stage", "publish_stage", "fail",
+           "enqueue_state", "stale_work", "reset_for_redraft", "draft_id_for", "export_dir", "Series"]

@@ -1,0 +1,72 @@
+"""Celery tasks: a few lines each around :mod:`workers.service`. Payloads are identifiers.
+
+Known errors map to retry or failure here, in one place (:func:`_run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Task
+from sqlalchemy.exc import OperationalError
+
+from taqrir.errors import PermanentError, TransientError
+
+from . import service
+from .celery_app import celery_app
+from .context import get_context
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _run(task: Task, study_uid: str, version: int, fn: Callable[[], T]) -> T | None:
+    ctx = get_context()
+    try:
+        return fn()
+    except service.StudyGone as err:
+        log.info("dropping %s for %s v%d: %s", task.name, study_uid, version, err)
+        return None
+    except PermanentError as err:
+        service.fail(ctx.engine, study_uid, version, f"{type(err).__name__}: {err}")
+        return None
+    except (TransientError, OperationalError) as err:
+        retries = task.request.retries
+        if retries >= ctx.settings.queue.max_retries:
+            service.fail(ctx.engine, study_uid, version,
+                         f"gave up after {retries + 1} attempts: {type(err).__name__}: {err}")
+            return None
+        countdown = ctx.settings.queue.retry_backoff * (2 ** retries)
+        log.warning("%s for %s v%d failed (%s); retry %d in %.1fs", task.name, study_uid, version,
+                    type(err).__name__, retries + 1, countdown)
+        if task.request.is_eager:
+            time.sleep(countdown)  # eager retries run at once; keep the backoff anyway
+        raise task.retry(exc=err, countdown=countdown, max_retries=ctx.settings.queue.max_retries + 1)
+
+
+@celery_app.task(bind=True, name="taqrir.render", acks_late=True, reject_on_worker_lost=True)
+def render_task(self: Task, study_uid: str, version: int) -> None:
+    if _run(self, study_uid, version, lambda: service.render_stage(get_context(), study_uid, version)):
+        infer_task.delay(study_uid, version)
+
+
+@celery_app.task(bind=True, name="taqrir.infer", acks_late=True, reject_on_worker_lost=True)
+def infer_task(self: Task, study_uid: str, version: int) -> None:
+    draft_id = _run(self, study_uid, version, lambda: service.infer_stage(get_context(), study_uid, version))
+    if draft_id:
+        publish_task.delay(draft_id)
+
+
+@celery_app.task(bind=True, name="taqrir.publish", acks_late=True, reject_on_worker_lost=True)
+def publish_task(self: Task, draft_id: str) -> Any:
+    try:
+        return service.publish_stage(get_context(), draft_id)
+    except service.StudyGone as err:
+        log.info("publish %s dropped: %s", draft_id, err)
+        return None
+    except (TransientError, OperationalError) as err:
+        raise self.retry(exc=err, countdown=get_context().settings.queue.retry_backoff * 2 ** self.request.retries,
+                         max_retries=get_context().settings.queue.max_retries)
