@@ -27,6 +27,11 @@ def is_embedded(settings: Settings) -> bool:
 def configure(settings: Settings) -> Celery:
     """Apply settings to the app (idempotent)."""
     eager = is_embedded(settings)
+    if celery_app.conf.broker_url not in (None, settings.queue.broker_url):
+        # Connections and producers are pooled per broker: drop those of the old one.
+        celery_app.close()
+        celery_app.amqp._producer_pool = None
+        celery_app._pool = None
     celery_app.conf.update(
         broker_url=settings.queue.broker_url,
         result_backend=settings.queue.result_backend,
