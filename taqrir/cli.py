@@ -111,6 +111,62 @@ def worker(
 
 
 @app.command()
+def serve(
+    workers: Annotated[int, typer.Option(help="Worker processes to start (all queues).")] = 2,
+) -> None:
+    """Listener, workers and FHIR API together: a single-host install with real Redis."""
+    import subprocess
+    import sys
+    import threading
+
+    import uvicorn
+    from fastapi import Response
+
+    from integrations.dicom.listener import Listener
+    from integrations.dicom.storage import LocalStorage
+    from integrations.fhir.app import create_app
+    from workers.celery_app import is_embedded
+    from workers.metrics import render_metrics
+    from workers.pipeline import Dispatcher, Sweeper
+    from workers.service import PipelineContext
+
+    settings = get_settings()
+    if is_embedded(settings):
+        raise typer.BadParameter("serve needs a real broker: set TAQRIR_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0 "
+                                 "(or run `taqrir demo` for the embedded single-process version)")
+    engine = _engine()
+    procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"])
+             for _ in range(workers)]
+    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
+                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+    port = listener.start()
+    sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
+    sweeper.start()
+    api = create_app(settings, engine)
+
+    @api.get("/metrics", include_in_schema=False)
+    def _metrics() -> Response:
+        return Response(render_metrics(engine), media_type="text/plain; version=0.0.4")
+
+    server = uvicorn.Server(uvicorn.Config(api, host=settings.api.host, port=settings.api.port,
+                                           log_level=settings.log_level.lower(), access_log=False))
+    threading.Thread(target=server.run, name="api", daemon=True).start()
+    typer.echo(f"Taqrir serving: DICOM {settings.listener.ae_title}@{port}, FHIR {settings.api.base_url}, "
+               f"{workers} worker(s), metrics at /metrics (Ctrl-C to stop)")
+    try:
+        listener.wait()
+    finally:
+        sweeper.stop()
+        listener.stop()
+        server.should_exit = True
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@app.command()
 def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see `taqrir studies`).")]) -> None:
     """Replay drafting of a study's current version (after a failure, or to publish again)."""
     from workers.pipeline import Dispatcher

@@ -58,6 +58,16 @@ class ListenerSettings(BaseModel):
     max_sequence_depth: int = Field(
         64, ge=1, description="Datasets nesting sequences deeper are refused as unparseable."
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Receiving processes sharing the listening socket (pre-forked, Linux/Unix only). One "
+            "process is bound by the GIL to about one core; more let parallel associations use "
+            "more cores. max_associations applies per process."
+        ),
+    )
 
 
 class StudySettings(BaseModel):

@@ -1,11 +1,55 @@
-"""Schema migrations. Placeholder path until the Alembic tree lands: create_all on the metadata."""
+"""Schema migrations (Alembic). ``taqrir db upgrade`` and :func:`taqrir.db.upgrade` apply them.
+
+The script folder is this package; revisions live in ``versions/``. Make a new one after changing
+a table with ``.venv/bin/python -m taqrir.migrations revision -m "what changed"`` (autogenerate
+against a scratch SQLite database), then review it by hand.
+"""
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
 from sqlalchemy.engine import Engine
 
+HERE = Path(__file__).resolve().parent
 
-def upgrade(engine: Engine) -> None:
-    from taqrir.db import import_models
 
-    import_models().metadata.create_all(engine)
+def alembic_config(engine: Engine | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE))
+    cfg.set_main_option("path_separator", "os")
+    if engine is not None:
+        cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply every revision up to ``revision`` on ``engine``'s database."""
+    command.upgrade(alembic_config(engine), revision)
+
+
+def current(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _revision(message: str) -> None:
+    from taqrir.db import make_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/scratch.db")
+        upgrade(engine)
+        command.revision(alembic_config(engine), message=message, autogenerate=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "revision" and sys.argv[2] == "-m":
+        _revision(sys.argv[3])
+    else:
+        print('usage: python -m taqrir.migrations revision -m "message"')
