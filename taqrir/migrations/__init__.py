@@ -7,7 +7,6 @@ against a scratch SQLite database), then review it by hand.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -44,12 +43,6 @@ def _revision(message: str) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(f"sqlite:///{tmp}/scratch.db")
-        upgrade(engine)
+        if any(HERE.joinpath("versions").glob("*_*.py")):
+            upgrade(engine)
         command.revision(alembic_config(engine), message=message, autogenerate=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "revision" and sys.argv[2] == "-m":
-        _revision(sys.argv[3])
-    else:
-        print('usage: python -m taqrir.migrations revision -m "message"')
