@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
 
 
 class ApiSettings(BaseModel):
@@ -11,3 +14,32 @@ class ApiSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port.")
     base_url: str = Field("http://127.0.0.1:8080/fhir", description="Public base URL used in links.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes.")
+    jwt_algorithm: Literal["HS256", "RS256"] = Field(
+        "HS256", description="HS256 with a shared key (embedded default) or RS256 with a JWKS."
+    )
+    jwt_key_file: Path | None = Field(
+        None, description="HS256 key file; None means data_dir/api-key, created on first use (0600)."
+    )
+    jwks_url: str | None = Field(None, description="RS256: URL of the issuer's JWKS (fetched and cached).")
+    jwks_file: Path | None = Field(None, description="RS256: a local JWKS file (instead of jwks_url).")
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim; None accepts any issuer.")
+    jwt_audience: str | None = Field(None, description="Required `aud` claim; None accepts tokens without one.")
+    token_ttl_s: int = Field(3600, ge=60, description="Lifetime of tokens issued by `taqrir token`.")
+    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated on exp/nbf/iat.")
+    study_timezone: str = Field(
+        "UTC", description="IANA zone in which naive DICOM Study Date/Time values are read (FHIR needs an offset)."
+    )
+    response_mode: Literal["model", "raw"] = Field(
+        "raw",
+        description="raw: stored JSON, validated by the fhir.resources models when it was built, is sent "
+        "as stored; model: it is parsed into the models again on every response (about 2 ms per "
+        "DiagnosticReport; bench/fhir_api.py measures both).",
+    )
+    page_max: int = Field(500, ge=1, le=500, description="Largest _count honoured.")
+
+    @model_validator(mode="after")
+    def _rs256_needs_keys(self) -> ApiSettings:
+        if self.jwt_algorithm == "RS256" and not (self.jwks_url or self.jwks_file):
+            raise ValueError("api.jwt_algorithm RS256 needs api.jwks_url or api.jwks_file")
+        return self

@@ -1,0 +1,362 @@
+"""Versioned FHIR resources in the database: current rows, history rows and search indexes.
+
+``fhir_resource`` holds the current version of each resource with its search columns;
+``fhir_resource_history`` every version ever written (read by vread and ``_history``);
+``fhir_search_token`` the token parameters (identifier, category, code) of current versions;
+``fhir_draft`` the published drafts (the input a review rebuilds the report from).
+
+Writes go through :func:`put_resource`, which bumps the version only when the content changed and
+re-applies the research labels (:mod:`reporting.labels`) to every version, so no path can drop them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Index, Text, delete, text
+from sqlalchemy.engine import Connection
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from audit.chain import record
+from reporting.draft import Draft
+from reporting.fhir import Review, build_resources, build_review_provenance, build_reviewed_report
+from reporting.fhir.ids import report_id
+from reporting.fhir.timing import instant
+from reporting.labels import with_labels
+from taqrir.db import as_utc, utcnow
+
+from .errors import Conflict, NotFound, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+RESOURCE_TYPES = ("DiagnosticReport", "Patient", "ImagingStudy", "Device", "Provenance")
+
+Reader = Session | Connection
+"""What the read functions take: an ORM session, or a plain connection (the API's hot path)."""
+
+
+class FhirResource(SQLModel, table=True):
+    """Current version of a resource, with its search columns."""
+
+    __tablename__ = "fhir_resource"
+    __table_args__ = (
+        Index("ix_fhir_resource_type_patient", "resource_type", "patient_ref"),
+        Index("ix_fhir_resource_type_study", "resource_type", "study_uid"),
+        Index("ix_fhir_resource_type_target", "resource_type", "target_ref"),
+        Index("ix_fhir_resource_type_updated", "resource_type", "last_updated"),
+        Index("ix_fhir_resource_type_effective", "resource_type", "effective"),
+        Index("ix_fhir_resource_type_issued", "resource_type", "issued"),
+    )
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    version_id: int
+    last_updated: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    content_hash: str = Field(max_length=64, description="SHA-256 of the JSON without meta.versionId/lastUpdated.")
+    json_text: str = Field(sa_column=Column("json", Text, nullable=False))
+    draft_id: str | None = Field(default=None, max_length=128, index=True)
+    patient_ref: str | None = Field(default=None, max_length=128)
+    study_uid: str | None = Field(default=None, max_length=128)
+    status: str | None = Field(default=None, max_length=32)
+    effective: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    issued: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    target_ref: str | None = Field(default=None, max_length=160)
+
+
+class FhirResourceVersion(SQLModel, table=True):
+    """Every version of every resource, never updated."""
+
+    __tablename__ = "fhir_resource_history"
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    version_id: int = Field(primary_key=True)
+    last_updated: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    json_text: str = Field(sa_column=Column("json", Text, nullable=False))
+
+
+class FhirSearchToken(SQLModel, table=True):
+    """One token search value (system|code) of a current resource."""
+
+    __tablename__ = "fhir_search_token"
+    __table_args__ = (Index("ix_fhir_token_lookup", "resource_type", "name", "code"),)
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    resource_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=32)
+    system: str = Field(primary_key=True, max_length=256)
+    code: str = Field(primary_key=True, max_length=256)
+
+
+class FhirDraft(SQLModel, table=True):
+    """A published draft (immutable), with the report it became."""
+
+    __tablename__ = "fhir_draft"
+
+    draft_id: str = Field(primary_key=True, max_length=128)
+    report_id: str = Field(max_length=64, index=True)
+    study_uid: str = Field(max_length=128)
+    published_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    draft_json: str = Field(sa_column=Column(Text, nullable=False))
+
+
+@dataclass
+class Indexed:
+    """What search needs from one resource."""
+
+    patient_ref: str | None = None
+    study_uid: str | None = None
+    status: str | None = None
+    effective: datetime | None = None
+    issued: datetime | None = None
+    target_ref: str | None = None
+    tokens: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def parse_instant(value: str) -> datetime:
+    """A FHIR dateTime/instant with offset as aware UTC (date-only values: midnight UTC)."""
+    dt = datetime.fromisoformat(value) if "T" in value else datetime.fromisoformat(value + "T00:00:00+00:00")
+    return as_utc(dt)
+
+
+def _identifier_tokens(items: list[dict[str, Any]] | None) -> list[tuple[str, str, str]]:
+    return [("identifier", i.get("system", ""), i["value"]) for i in items or [] if i.get("value")]
+
+
+def _coding_tokens(name: str, concepts: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(name, c.get("system", ""), c["code"]) for cc in concepts for c in cc.get("coding", []) if c.get("code")]
+
+
+def index_of(data: dict[str, Any]) -> Indexed:
+    """Search columns and tokens of a resource's JSON (R4 search parameters of each type)."""
+    rtype = data["resourceType"]
+    ix = Indexed(tokens=_identifier_tokens(data.get("identifier")))
+    if rtype == "DiagnosticReport":
+        ix.patient_ref = (data.get("subject") or {}).get("reference")
+        ix.status = data.get("status")
+        ix.effective = parse_instant(data["effectiveDateTime"]) if data.get("effectiveDateTime") else None
+        ix.issued = parse_instant(data["issued"]) if data.get("issued") else None
+        for ident in data.get("identifier", []):
+            if ident.get("system") == "urn:dicom:uid":
+                ix.study_uid = ident["value"].removeprefix("urn:oid:")
+        ix.tokens += _coding_tokens("category", data.get("category", []))
+        ix.tokens += _coding_tokens("code", [data["code"]])
+    elif rtype == "ImagingStudy":
+        ix.patient_ref = (data.get("subject") or {}).get("reference")
+        ix.status = data.get("status")
+        ix.effective = parse_instant(data["started"]) if data.get("started") else None
+        for ident in data.get("identifier", []):
+            if ident.get("system") == "urn:dicom:uid":
+                ix.study_uid = ident["value"].removeprefix("urn:oid:")
+    elif rtype == "Patient":
+        ix.patient_ref = f"Patient/{data['id']}"
+    elif rtype == "Provenance":
+        targets = [t.get("reference", "") for t in data.get("target", [])]
+        ix.target_ref = targets[0].split("/_history/")[0] if targets else None
+    ix.tokens = list(dict.fromkeys(ix.tokens))
+    return ix
+
+
+def _content_hash(data: dict[str, Any]) -> str:
+    meta = {k: v for k, v in (data.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    body = {**data, "meta": meta}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """The stored JSON form: compact, UTF-8 text."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def put_resource(session: Session, data: dict[str, Any], *, now: datetime | None = None,
+                 draft_id: str | None = None, force: bool = False) -> tuple[int, bool]:
+    """Store ``data`` as the current version of its resource. Returns ``(version, changed)``:
+    unchanged content keeps the current version unless ``force``."""
+    rtype, rid = data["resourceType"], data["id"]
+    data = {**data, "meta": with_labels(data.get("meta"))}
+    chash = _content_hash(data)
+    current = session.get(FhirResource, (rtype, rid))
+    if current is not None and current.content_hash == chash and not force:
+        return current.version_id, False
+    version = (current.version_id + 1) if current else 1
+    stamp = as_utc(now or utcnow())
+    meta = dict(data["meta"])
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = instant(stamp)
+    data["meta"] = {"versionId": meta.pop("versionId"), "lastUpdated": meta.pop("lastUpdated"), **meta}
+    body = dumps(data)
+    ix = index_of(data)
+    if current is None:
+        current = FhirResource(resource_type=rtype, id=rid, version_id=version, last_updated=stamp,
+                               content_hash=chash, json_text=body)
+    current.version_id, current.last_updated, current.content_hash, current.json_text = version, stamp, chash, body
+    current.draft_id = draft_id or current.draft_id
+    current.patient_ref, current.study_uid, current.status = ix.patient_ref, ix.study_uid, ix.status
+    current.effective, current.issued, current.target_ref = ix.effective, ix.issued, ix.target_ref
+    session.add(current)
+    session.add(FhirResourceVersion(resource_type=rtype, id=rid, version_id=version, last_updated=stamp, json_text=body))
+    session.exec(delete(FhirSearchToken).where(FhirSearchToken.resource_type == rtype, FhirSearchToken.resource_id == rid))
+    for name, system, code in ix.tokens:
+        session.add(FhirSearchToken(resource_type=rtype, resource_id=rid, name=name, system=system, code=code))
+    session.flush()
+    return version, True
+
+
+def _json(resource: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(resource.model_dump_json())
+    return out
+
+
+_PG_PUBLISH_LOCK = 0x7A71_F41E  # arbitrary constant naming "FHIR publishing"
+
+
+def _lock_publishing(session: Session) -> None:
+    """Serialise publishers (drafts of one patient or study share Patient/ImagingStudy rows).
+    PostgreSQL: a transaction advisory lock; SQLite: BEGIN IMMEDIATE already serialises writers."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=_PG_PUBLISH_LOCK))
+
+
+def publish_draft(session: Session, draft: Draft, *, study_timezone: tzinfo = UTC, actor: str = "pipeline") -> str:
+    """Store every resource of ``draft`` and return the DiagnosticReport id.
+
+    Idempotent per ``draft.draft_id``: publishing a draft again creates nothing. Patient,
+    ImagingStudy and Device get a new version only when their content changed. Audited as
+    ``fhir.publish`` in the caller's transaction.
+    """
+    _lock_publishing(session)
+    existing = session.get(FhirDraft, draft.draft_id)
+    if existing is not None:
+        return existing.report_id
+    res = build_resources(draft, study_timezone=study_timezone)
+    now = utcnow()
+    versions: dict[str, int] = {}
+    for resource in (res.patient, res.imaging_study, res.device):
+        data = _json(resource)
+        versions[data["resourceType"]], _ = put_resource(session, data, now=now)
+    rid = report_id(draft)
+    versions["DiagnosticReport"], _ = put_resource(session, _json(res.report), now=now, draft_id=draft.draft_id)
+    versions["Provenance"], _ = put_resource(session, _json(res.provenance), now=now, draft_id=draft.draft_id)
+    session.add(FhirDraft(draft_id=draft.draft_id, report_id=rid, study_uid=draft.study.study_instance_uid,
+                          published_at=now, draft_json=draft.model_dump_json()))
+    record(session, action="fhir.publish", actor=actor, entity_type="DiagnosticReport", entity_id=rid,
+           details={"draft_id": draft.draft_id, "study_uid": draft.study.study_instance_uid,
+                    "study_version": draft.study.version, "versions": versions})
+    session.flush()
+    log.info("published draft %s as DiagnosticReport/%s", draft.draft_id, rid)
+    return rid
+
+
+def get_current(session: Session, resource_type: str, resource_id: str) -> FhirResource:
+    """The current row, or :class:`NotFound`."""
+    row = session.get(FhirResource, (resource_type, resource_id))
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    return row
+
+
+@dataclass(frozen=True)
+class CurrentRow:
+    """The columns a read needs, fetched without the ORM identity map (the hot path)."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
+    json_text: str
+    patient_ref: str | None
+
+
+def fetch_current(conn: Reader, resource_type: str, resource_id: str) -> CurrentRow:
+    """The current version's JSON and headers, or :class:`NotFound`."""
+    row = conn.execute(
+        select(FhirResource.version_id, FhirResource.last_updated, FhirResource.json_text, FhirResource.patient_ref)
+        .where(FhirResource.resource_type == resource_type, FhirResource.id == resource_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known")
+    return CurrentRow(resource_type, resource_id, row[0], row[1], row[2], row[3])
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One stored version."""
+
+    version_id: int
+    last_updated: datetime
+    json_text: str
+
+
+_VERSION_COLS = (FhirResourceVersion.version_id, FhirResourceVersion.last_updated, FhirResourceVersion.json_text)
+
+
+def get_version(conn: Reader, resource_type: str, resource_id: str, version: int) -> VersionRow:
+    """One historical version, or :class:`NotFound`."""
+    row = conn.execute(select(*_VERSION_COLS).where(
+        FhirResourceVersion.resource_type == resource_type, FhirResourceVersion.id == resource_id,
+        FhirResourceVersion.version_id == version)).first()
+    if row is None:
+        fetch_current(conn, resource_type, resource_id)
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
+    return VersionRow(row[0], row[1], row[2])
+
+
+def history(conn: Reader, resource_type: str, resource_id: str, *, count: int, offset: int) -> tuple[int, list[VersionRow]]:
+    """Versions of one resource, newest first (R4 http.html#history): ``(total, page)``."""
+    current = fetch_current(conn, resource_type, resource_id)
+    rows = conn.execute(
+        select(*_VERSION_COLS)
+        .where(FhirResourceVersion.resource_type == resource_type, FhirResourceVersion.id == resource_id)
+        .order_by(col(FhirResourceVersion.version_id).desc())
+        .offset(offset).limit(count)
+    ).all()
+    return current.version_id, [VersionRow(r[0], r[1], r[2]) for r in rows]
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    """What a review stored."""
+
+    report_json: str
+    version: int
+    provenance_id: str
+
+
+def review_report(session: Session, rid: str, review: Review, *, if_match: int | None,
+                  study_timezone: tzinfo = UTC) -> ReviewOutcome:
+    """Record a clinician's review of report ``rid`` as its next version (see
+    :mod:`reporting.fhir.review` for the status rules). Only a ``partial`` report can be reviewed
+    (otherwise :class:`Conflict`); ``if_match`` must name the current version
+    (otherwise :class:`PreconditionFailed`)."""
+    current = get_current(session, "DiagnosticReport", rid)
+    if if_match is not None and if_match != current.version_id:
+        raise PreconditionFailed(
+            f"DiagnosticReport/{rid} is at version {current.version_id}, not {if_match}; read it again")
+    if current.status != "partial" or current.draft_id is None:
+        raise Conflict(f"DiagnosticReport/{rid} is {current.status}: only a partial (unreviewed) draft can be reviewed")
+    drow = session.get(FhirDraft, current.draft_id)
+    if drow is None:
+        raise Conflict(f"DiagnosticReport/{rid} has no stored draft to review")
+    draft = Draft.model_validate_json(drow.draft_json)
+    previous, previous_status = current.version_id, current.status  # put_resource updates ``current`` in place
+    report = build_reviewed_report(draft, review, study_timezone=study_timezone)
+    version, _ = put_resource(session, _json(report), now=review.reviewed_at, draft_id=draft.draft_id, force=True)
+    prov = build_review_provenance(draft, review, previous_version=previous, new_version=version)
+    put_resource(session, _json(prov), now=review.reviewed_at)
+    record(session, action=f"fhir.review.{review.action}", actor=review.reviewer_id, entity_type="DiagnosticReport",
+           entity_id=rid, details={"from_version": previous, "to_version": version,
+                                   "status": previous_status, "new_status": report.status,
+                                   "changed": review.changed_sections(draft) if review.action == "edit" else [],
+                                   "provenance": prov.id})
+    return ReviewOutcome(report_json=get_current(session, "DiagnosticReport", rid).json_text, version=version,
+                         provenance_id=str(prov.id))
+
+
+def utc(value: datetime) -> datetime:
+    """Stored timestamps back as aware UTC (SQLite returns them naive)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pydicom
 
-from reporting.draft import Draft, KeyImageRef, ModelProvenance, PatientRef, SeriesRef, Sections, StudyRef
+from reporting.draft import (
+    Draft,
+    KeyImageRef,
+    ModelProvenance,
+    PatientRef,
+    Sections,
+    SeriesRef,
+    StudyRef,
+)
 
 DICOM = Path(__file__).resolve().parent.parent / "data" / "dicom"
 

@@ -16,8 +16,22 @@ from reporting.draft import Draft, Sections
 from reporting.fhir import Review, build_resources, build_review_provenance, build_reviewed_report
 from reporting.fhir.diagnostic_report import TRANSLATION_URL
 from reporting.fhir.ids import patient_id, report_id
-from reporting.labels import AI_ASSERTED, DISCLAIMER, RESEARCH_ONLY_TAG, RESEARCH_PURPOSE, has_labels
-from tests.factories.drafts import ARABIC_NAME, CT_3SLICE, CT_SMALL, MAMMO, MR_SMALL, SECTIONS, draft_from_dicom
+from reporting.labels import (
+    AI_ASSERTED,
+    DISCLAIMER,
+    RESEARCH_ONLY_TAG,
+    RESEARCH_PURPOSE,
+    has_labels,
+)
+from tests.factories.drafts import (
+    ARABIC_NAME,
+    CT_3SLICE,
+    CT_SMALL,
+    MAMMO,
+    MR_SMALL,
+    SECTIONS,
+    draft_from_dicom,
+)
 from tests.fhir_validator.validator import assert_valid_r4
 
 
@@ -77,7 +91,7 @@ def test_presented_forms_per_language_with_hash_size_and_rtl(draft: Draft) -> No
     for f in forms:
         data = base64.b64decode(f["data"])
         assert f["size"] == len(data)
-        assert f["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()  # noqa: S324
+        assert f["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()
         text = data.decode("utf-8")
         assert DISCLAIMER[f["language"]] in text.replace("&#x27;", "'")
         assert f["title"]

@@ -20,7 +20,14 @@ from reporting.draft import Draft
 from taqrir.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import free_port
-from tests.factories.drafts import ARABIC_NAME, CT_3SLICE, CT_SMALL, MR_SMALL, draft_from_dicom, draft_variant
+from tests.factories.drafts import (
+    ARABIC_NAME,
+    CT_3SLICE,
+    CT_SMALL,
+    MR_SMALL,
+    draft_from_dicom,
+    draft_variant,
+)
 
 READER_SCOPES = ["user/*.rs"]
 REVIEWER_SCOPES = ["user/*.rs", "user/DiagnosticReport.u"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from pathlib import Path
 
 from integrations.fhir.auth import Principal, TokenVerifier, parse_scopes
 from integrations.fhir.config import ApiSettings

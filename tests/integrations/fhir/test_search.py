@@ -125,3 +125,18 @@ def test_bad_requests_are_operation_outcomes(fhir_server: Server) -> None:
             assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["severity"] == "error", body
         r = httpx.delete(f"{fhir_server.base}/DiagnosticReport/{fhir_server.report_ids[0]}", headers=fhir_server.headers())
         assert r.status_code == 405 and r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_nothing_is_served_unaudited(fhir_server: Server) -> None:
+    from sqlalchemy import text
+
+    with fhir_server.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_event RENAME TO audit_event_away"))
+    try:
+        with fhir_server.client() as c:
+            r = c.get(f"/DiagnosticReport/{fhir_server.report_ids[0]}")
+            assert r.status_code == 503 and r.json()["resourceType"] == "OperationOutcome"
+            assert "DiagnosticReport" not in r.text.replace("OperationOutcome", "")
+    finally:
+        with fhir_server.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE audit_event_away RENAME TO audit_event"))

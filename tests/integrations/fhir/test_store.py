@@ -60,3 +60,29 @@ def test_store_puts_labels_back_on_every_version(engine: Engine) -> None:
         assert (version, changed) == (2, True)
         stored = json.loads(s.get(FhirResourceVersion, ("DiagnosticReport", rid, 2)).json_text)  # type: ignore[union-attr]
         assert has_labels(stored["meta"]) and stored["meta"]["versionId"] == "2"
+
+
+def test_concurrent_publishers_of_one_patient_do_not_collide(engine: Engine) -> None:
+    import threading
+
+    base = draft_from_dicom(CT_3SLICE)
+    drafts = [draft_variant(base, n, patients=1) for n in range(1, 9)]
+    errors: list[BaseException] = []
+
+    def publish(d: object) -> None:
+        try:
+            with session_scope(engine) as s:
+                publish_draft(s, d)  # type: ignore[arg-type]
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=publish, args=(d,)) for d in drafts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with session_scope(engine) as s:
+        types = s.exec(select(FhirResource.resource_type)).all()
+        assert types.count("DiagnosticReport") == 8 and types.count("Patient") == 1
+        assert verify(s).ok

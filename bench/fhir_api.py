@@ -1,0 +1,330 @@
+"""Benchmark of the FHIR API: N drafts in PostgreSQL, 50 concurrent clients searching by patient
+and reading reports against a real uvicorn server on loopback, time-bounded.
+
+Two server modes in the same run, on the same database: ``model`` (every stored resource is parsed
+into fhir.resources models and the Bundle serialised from models) and ``raw`` (the same stored
+JSON spliced into the response without FHIR model objects: the baseline). Both authenticate the
+bearer token, run the same SQL and write an audit record per request.
+
+    .venv/bin/python bench/fhir_api.py                     # 100,000 drafts, 20 s per mode
+    .venv/bin/python bench/fhir_api.py --drafts 20000 --seconds 10
+
+Drafts are made by the real builders once (a study of the corpus) and then varied per draft at
+the JSON level (ids, identifiers, subject, dates), indexed with the store's own ``index_of`` and
+bulk-loaded with COPY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import psycopg
+from sqlalchemy import text
+
+from integrations.fhir.auth import issue_token
+from integrations.fhir.store import _content_hash, dumps, index_of
+from reporting.fhir import build_resources
+from reporting.fhir.ids import device_id, patient_id
+from reporting.fhir.patient import build_patient
+from reporting.fhir.timing import instant
+from reporting.labels import with_labels
+from taqrir.db import make_engine, upgrade
+from taqrir.settings import load_settings
+from tests.factories.drafts import CT_3SLICE, draft_from_dicom
+
+ADMIN_URL = os.environ.get("TAQRIR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def make_app() -> Any:
+    """uvicorn factory for the server processes (settings from TAQRIR_* variables)."""
+    from integrations.fhir.app import create_app
+
+    settings = load_settings()
+    return create_app(settings, make_engine(settings.database_url, pool_size=20, max_overflow=20))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _stamp(value: dict[str, Any], version: int, at: datetime) -> str:
+    value["meta"] = {"versionId": str(version), "lastUpdated": instant(at), **with_labels(value.get("meta"))}
+    return dumps(value)
+
+
+def _copy_rows(data: dict[str, Any], at: datetime, out: dict[str, io.StringIO], draft_id: str | None) -> None:
+    txt = _stamp(data, 1, at)
+    ix = index_of(data)
+    chash = _content_hash(data)
+
+    def c(v: Any) -> str:
+        if v is None:
+            return "\\N"
+        if isinstance(v, datetime):
+            return v.isoformat()
+        return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+    rt, rid = data["resourceType"], data["id"]
+    out["fhir_resource"].write("\t".join(c(v) for v in (
+        rt, rid, 1, at, chash, txt, draft_id, ix.patient_ref, ix.study_uid, ix.status, ix.effective, ix.issued,
+        ix.target_ref)) + "\n")
+    out["fhir_resource_history"].write("\t".join(c(v) for v in (rt, rid, 1, at, txt)) + "\n")
+    for name, system, code in ix.tokens:
+        out["fhir_search_token"].write("\t".join(c(v) for v in (rt, rid, name, system, code)) + "\n")
+
+
+COLUMNS = {
+    "fhir_resource": "(resource_type, id, version_id, last_updated, content_hash, json, draft_id, patient_ref, "
+                     "study_uid, status, effective, issued, target_ref)",
+    "fhir_resource_history": "(resource_type, id, version_id, last_updated, json)",
+    "fhir_search_token": "(resource_type, resource_id, name, system, code)",
+}
+
+
+def load(pg_url: str, n: int, patients: int, batch: int = 5000) -> tuple[list[str], list[str], float]:
+    """Insert ``n`` drafts over ``patients`` patients; returns (patient ids, report ids, seconds)."""
+    base = draft_from_dicom(CT_3SLICE)
+    res = build_resources(base)
+    tmpl = {k: json.loads(getattr(res, k).model_dump_json()) for k in ("report", "provenance", "imaging_study", "device")}
+    tmpl_text = {k: json.dumps(v) for k, v in tmpl.items()}
+    at = datetime.now(UTC)
+    t0 = time.perf_counter()
+    raw = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    pids: list[str] = []
+    rids: list[str] = []
+    with psycopg.connect(raw, autocommit=False) as conn:
+        def flush(buf: dict[str, io.StringIO]) -> None:
+            with conn.cursor() as cur:
+                for table, cols in COLUMNS.items():
+                    with cur.copy(f"COPY {table} {cols} FROM STDIN") as cp:
+                        cp.write(buf[table].getvalue())
+            conn.commit()
+
+        def fresh() -> dict[str, io.StringIO]:
+            return {t: io.StringIO() for t in COLUMNS}
+
+        buf = fresh()
+        _copy_rows(json.loads(tmpl_text["device"]), at, buf, None)
+        for p in range(patients):
+            pat = base.study.patient.model_copy(update={"patient_id": f"BENCH{p:06d}"})
+            pids.append(patient_id(pat))
+            _copy_rows(json.loads(build_patient(pat).model_dump_json()), at, buf, None)
+        flush(buf)
+        buf = fresh()
+        started0 = datetime(2024, 1, 1, 9, 0, tzinfo=UTC)
+        for i in range(n):
+            uid = f"{base.study.study_instance_uid}.{i}"
+            pid = pids[i % patients]
+            rid = f"dr-bench-{i:07d}"
+            sid = f"is-bench-{i:07d}"
+            started = instant(started0 - timedelta(hours=i))
+            issued = instant(at - timedelta(seconds=n - i))
+            dr = json.loads(tmpl_text["report"])
+            dr["id"] = rid
+            dr["identifier"] = [
+                {"use": "usual", "system": "urn:taqrir:draft", "value": f"bench-{i}"},
+                {"use": "secondary", "system": "urn:dicom:uid", "value": f"urn:oid:{uid}"},
+                {"use": "secondary", "system": "urn:taqrir:study-version", "value": f"{uid}#1"},
+                {**dr["identifier"][-1], "value": f"ACC{i:08d}"},
+            ]
+            dr["subject"] = {"reference": f"Patient/{pid}"}
+            dr["imagingStudy"] = [{"reference": f"ImagingStudy/{sid}"}]
+            dr["effectiveDateTime"] = started
+            dr["issued"] = issued
+            _copy_rows(dr, at, buf, f"bench-{i}")
+            st = json.loads(tmpl_text["imaging_study"])
+            st["id"], st["subject"], st["started"] = sid, {"reference": f"Patient/{pid}"}, started
+            st["identifier"][0]["value"] = f"urn:oid:{uid}"
+            _copy_rows(st, at, buf, None)
+            pv = json.loads(tmpl_text["provenance"])
+            pv["id"] = f"prov-bench-{i:07d}"
+            pv["target"] = [{"reference": f"DiagnosticReport/{rid}/_history/1"}]
+            pv["entity"][0]["what"]["reference"] = f"ImagingStudy/{sid}"
+            pv["recorded"] = pv["occurredDateTime"] = issued
+            _copy_rows(pv, at, buf, f"bench-{i}")
+            rids.append(rid)
+            if (i + 1) % batch == 0:
+                flush(buf)
+                buf = fresh()
+        flush(buf)
+        conn.autocommit = True
+        conn.execute("ANALYZE")
+    assert device_id(base.model) == tmpl["device"]["id"]
+    return pids, rids, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+async def _client(port: int, token: str, pids: list[str], rids: list[str], until: float, warm_until: float,
+                  lat: dict[str, list[float]], errors: list[str], seed: int, interval: float) -> None:
+    """One client on one keep-alive connection. With ``interval`` > 0 it sends on a fixed schedule
+    and latency counts from the scheduled time (no coordinated omission); with 0 it sends back to back."""
+    rng = random.Random(seed)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {token}\r\n"
+    next_at = time.perf_counter() + rng.random() * interval
+    try:
+        k = 0
+        while time.perf_counter() < until:
+            if interval:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if k % 2 == 0:
+                kind, path = "search", f"/fhir/DiagnosticReport?patient={rng.choice(pids)}&_count=10"
+            else:
+                kind, path = "read", f"/fhir/DiagnosticReport/{rng.choice(rids)}"
+            k += 1
+            t = next_at if interval else time.perf_counter()
+            next_at += interval
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Accept: application/fhir+json\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            end = time.perf_counter()
+            if status != 200:
+                errors.append(f"{kind} {status}")
+            if end >= warm_until:
+                lat[kind].append(end - t)
+    finally:
+        writer.close()
+
+
+async def _drive(port: int, token: str, pids: list[str], rids: list[str], clients: int, warmup: float,
+                 seconds: float, rate: float) -> tuple[dict[str, list[float]], list[str], float]:
+    lat: dict[str, list[float]] = {"search": [], "read": []}
+    errors: list[str] = []
+    start = time.perf_counter()
+    warm_until, until = start + warmup, start + warmup + seconds
+    interval = clients / rate if rate else 0.0
+    await asyncio.gather(*(_client(port, token, pids, rids, until, warm_until, lat, errors, s, interval)
+                           for s in range(clients)))
+    return lat, errors, seconds
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list[str],
+             args: argparse.Namespace) -> list[dict[str, Any]]:
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "TAQRIR_DATABASE_URL": db_url, "TAQRIR_DATA_DIR": str(data_dir),
+           "TAQRIR_API__RESPONSE_MODE": mode, "TAQRIR_API__PORT": str(port),
+           "TAQRIR_API__BASE_URL": f"http://127.0.0.1:{port}/fhir", "TAQRIR_LOG_LEVEL": "WARNING"}
+    settings = load_settings(data_dir=data_dir, database_url=db_url)
+    token = issue_token(settings.api, data_dir, "bench", ["user/DiagnosticReport.rs"], ttl_s=3600)
+    cmd = [sys.executable, "-m", "uvicorn", "fhir_api:make_app", "--factory", "--app-dir", str(REPO / "bench"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers), "--no-access-log",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/fhir/metadata", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("server did not start") from None
+                time.sleep(0.2)
+        out = []
+        for rate in [float(r) for r in args.rates.split(",")] + [0.0]:
+            lat, errors, seconds = asyncio.run(_drive(port, token, pids, rids, args.clients, args.warmup, args.seconds, rate))
+            out.append(_summary(mode, rate, lat, errors, seconds))
+            print(json.dumps(out[-1]), flush=True)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _summary(mode: str, rate: float, lat: dict[str, list[float]], errors: list[str], seconds: float) -> dict[str, Any]:
+    every = lat["search"] + lat["read"]
+    return {
+        "mode": mode,
+        "load": f"paced {rate:.0f}/s" if rate else "saturation",
+        "requests": len(every),
+        "rps": len(every) / seconds,
+        "errors": len(errors),
+        "p50_ms": pct(every, 0.50), "p95_ms": pct(every, 0.95), "p99_ms": pct(every, 0.99),
+        "search_p50_ms": pct(lat["search"], 0.5), "search_p99_ms": pct(lat["search"], 0.99),
+        "read_p50_ms": pct(lat["read"], 0.5), "read_p99_ms": pct(lat["read"], 0.99),
+        "mean_ms": statistics.fmean(every) * 1000 if every else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drafts", type=int, default=100_000)
+    parser.add_argument("--patients", type=int, default=10_000, help="drafts are spread over this many patients")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (one per core)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--rates", default="100,250,500",
+                        help="offered loads of the paced runs (req/s over all clients); a saturation run follows")
+    parser.add_argument("--modes", default="model,raw")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    args = parser.parse_args()
+
+    name = f"taqrir_bench_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    db_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        engine = make_engine(db_url, pool_size=1)
+        upgrade(engine)
+        engine.dispose()
+        pids, rids, secs = load(db_url, args.drafts, min(args.patients, args.drafts))
+        print(f"loaded {args.drafts} drafts ({len(pids)} patients) in {secs:.1f} s "
+              f"({args.drafts / secs:.0f} drafts/s)", flush=True)
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode in args.modes.split(","):
+                results += run_mode(mode, db_url, Path(tmp), pids, rids, args)
+        print(f"\n{'mode':6} {'load':>12} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'search p99':>11} {'read p99':>9} {'errors':>7}")
+        for r in results:
+            print(f"{r['mode']:6} {r['load']:>12} {r['rps']:8.0f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
+                  f"{r['search_p99_ms']:11.1f} {r['read_p99_ms']:9.1f} {r['errors']:7d}")
+        print(f"\n{args.clients} clients, {args.workers} uvicorn workers, {os.cpu_count()} CPUs shared by "
+              "server, PostgreSQL and the load generator; targets: p99 < 50 ms, >= 500 req/s")
+    finally:
+        if not args.keep:
+            with admin.connect() as conn:
+                conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+if __name__ == "__main__":
+    main()

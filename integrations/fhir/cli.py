@@ -1,0 +1,57 @@
+"""``taqrir api`` and ``taqrir token``: wired into the main CLI by :func:`register`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from taqrir.db import make_engine
+from taqrir.settings import Settings
+
+from .app import create_app
+from .auth import issue_token
+
+__all__ = ["api", "create_app", "register", "token"]
+
+log = logging.getLogger(__name__)
+
+
+def api(settings: Settings) -> None:
+    """Serve the FHIR API with uvicorn on ``api.host:api.port``."""
+    import uvicorn
+
+    engine = make_engine(settings.database_url)
+    app = create_app(settings, engine)
+    log.info("FHIR API on %s:%d (base %s)", settings.api.host, settings.api.port, settings.api.base_url)
+    uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level=settings.log_level.lower(),
+                access_log=False)
+
+
+def token(settings: Settings, user: str, scopes: list[str], *, patient: str | None = None,
+          ttl_s: int | None = None, name: str | None = None) -> str:
+    """A bearer token for ``user`` signed with the local key (data_dir/api-key)."""
+    return issue_token(settings.api, settings.data_dir, user, scopes, patient=patient, ttl_s=ttl_s, name=name)
+
+
+def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
+    """Add the ``api`` and ``token`` commands to ``app``."""
+
+    @app.command("api")
+    def api_command() -> None:
+        """Serve the FHIR R4 API (research drafts)."""
+        api(get_settings())
+
+    @app.command("token")
+    def token_command(
+        user: Annotated[str, typer.Argument(help="Subject of the token (the reviewer's user name).")],
+        scope: Annotated[list[str], typer.Option("--scope", "-s", help="SMART scope, e.g. user/DiagnosticReport.rs (repeatable).")],
+        patient: Annotated[str | None, typer.Option(help="Patient id for patient/ scopes.")] = None,
+        ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds (default api.token_ttl_s).")] = None,
+        name: Annotated[str | None, typer.Option(help="Display name of the user (shown as reviewer).")] = None,
+    ) -> None:
+        """Print a bearer token signed with the local HS256 key."""
+        scopes = [s for item in scope for s in item.split()]
+        typer.echo(token(get_settings(), user, scopes, patient=patient, ttl_s=ttl, name=name))

@@ -1,0 +1,99 @@
+"""FHIR JSON responses: resources, Bundles and OperationOutcomes.
+
+Two modes (``api.response_mode``): ``model`` parses each stored resource into its fhir.resources
+class and serialises the Bundle from models (every response is checked against the R4B models);
+``raw`` splices the stored JSON, which was validated by the models when it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.provenance import Provenance
+from fhir.resources.R4B.resource import Resource
+from starlette.responses import Response
+
+from reporting.fhir.timing import instant
+from taqrir.db import utcnow
+
+FHIR_JSON: Final = "application/fhir+json"
+MODELS: Final[dict[str, type[Resource]]] = {
+    "DiagnosticReport": DiagnosticReport,
+    "Patient": Patient,
+    "ImagingStudy": ImagingStudy,
+    "Device": Device,
+    "Provenance": Provenance,
+}
+
+
+def fhir_response(body: str | bytes, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A response with the FHIR JSON media type (R4 http.html#mime-type)."""
+    return Response(content=body, status_code=status_code, media_type=FHIR_JSON, headers=dict(headers or {}))
+
+
+def operation_outcome(status_code: int, code: str, message: str, severity: str = "error") -> Response:
+    """An OperationOutcome with one issue (R4 operationoutcome.html)."""
+    oo = OperationOutcome.model_validate({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": message}],
+    })
+    return fhir_response(oo.model_dump_json(), status_code)
+
+
+def resource_body(resource_type: str, json_text: str, mode: str) -> str:
+    """One stored resource as the response body."""
+    if mode == "raw":
+        return json_text
+    return MODELS[resource_type].model_validate_json(json_text).model_dump_json()
+
+
+def bundle_body(
+    *,
+    bundle_type: str,
+    base_url: str,
+    total: int | None,
+    links: Iterable[tuple[str, str]],
+    entries: Iterable[tuple[str, str, str, str | None]],
+    mode: str,
+) -> str:
+    """A Bundle; ``entries`` are ``(type, id, stored JSON, search mode or None)``; history entries
+    get their versioned fullUrl from the stored meta."""
+    head: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": uuid.uuid4().hex,
+        "meta": {"lastUpdated": instant(utcnow())},
+        "type": bundle_type,
+    }
+    if total is not None:
+        head["total"] = total
+    link_list = [{"relation": rel, "url": url} for rel, url in links]
+    if link_list:
+        head["link"] = link_list
+    if mode == "raw":
+        parts = []
+        for rtype, rid, text, search_mode in entries:
+            extra = f',"search":{{"mode":"{search_mode}"}}' if search_mode else ""
+            parts.append(f'{{"fullUrl":{json.dumps(f"{base_url}/{rtype}/{rid}")},"resource":{text}{extra}}}')
+        head_text = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        if not parts:
+            return head_text
+        return head_text[:-1] + ',"entry":[' + ",".join(parts) + "]}"
+    entry_list = []
+    for rtype, rid, text, search_mode in entries:
+        entry: dict[str, Any] = {"fullUrl": f"{base_url}/{rtype}/{rid}",
+                                 "resource": MODELS[rtype].model_validate_json(text)}
+        if search_mode:
+            entry["search"] = {"mode": search_mode}
+        entry_list.append(entry)
+    if entry_list:
+        head["entry"] = entry_list
+    return str(Bundle.model_validate(head).model_dump_json())
