@@ -116,7 +116,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
         queue={"broker_url": "memory://"},
         api={"host": "127.0.0.1", "port": api_port, "base_url": f"http://127.0.0.1:{api_port}/fhir"},
     )
-    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.ERROR)  # the demo reports failures itself
     say = print
     say("Taqrir demo: research drafts only, never a clinical report.")
     say(f"  data: {settings.data_dir.resolve()}  (SQLite, local storage, in-process queue, tiny local model)")
@@ -161,10 +161,10 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
     _print_results(settings, engine, sent, say)
     bearer = token(settings, "demo-reader", ["user/*.rs"], name="Demo Reader")
     say("")
-    say("Fetch the drafts through the FHIR API while this demo runs (it stops below), or start it again")
-    say("later with `taqrir api` and a token from `taqrir token`:")
-    say(f"  curl -H 'Authorization: Bearer {bearer}' '{settings.api.base_url}/DiagnosticReport?_count=5'")
+    say("Read the drafts through the FHIR API (the demo's own API answered this query just now):")
     _show_api(settings.api.base_url, bearer, say)
+    say(f"  TAQRIR_DATA_DIR={data_dir} .venv/bin/taqrir api &")
+    say(f"  curl -H 'Authorization: Bearer {bearer}' 'http://127.0.0.1:8080/fhir/DiagnosticReport?_count=5'")
     say("")
     say("About the text: the tiny model has random weights, so its findings are meaningless words (English")
     say("and Arabic script). For real drafts point Taqrir at BiMediX2: TAQRIR_INFERENCE__BACKEND=sglang with")
@@ -226,7 +226,7 @@ def _show_api(base_url: str, bearer: str, say: object) -> None:
         r = httpx.get(f"{base_url}/DiagnosticReport", params={"_count": "3"},
                       headers={"Authorization": f"Bearer {bearer}"}, timeout=10)
         bundle = r.json()
-        say(f"  -> HTTP {r.status_code}: a searchset Bundle with total={bundle.get('total')}; first report status="  # type: ignore[operator]
+        say(f"  GET DiagnosticReport -> HTTP {r.status_code}: searchset Bundle, total={bundle.get('total')}, first status="  # type: ignore[operator]
             f"{bundle['entry'][0]['resource']['status'] if bundle.get('entry') else '-'}")
     except (httpx.HTTPError, KeyError, ValueError) as err:
         say(f"  (the API did not answer: {err})")  # type: ignore[operator]

@@ -13,6 +13,7 @@ again once stable; drafts of older versions are then ``superseded``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -128,13 +129,25 @@ class IndexResult:
     obsolete_key: str | None = None
 
 
+def patient_key(h: InstanceHeaders) -> tuple[str, str]:
+    """(Patient ID, issuer) that files this instance. Patient ID is Type 2 (may be empty, PS3.3
+    C.7.1.1): instances without one must not all merge into one "patient", so an empty ID is
+    kept per study under a synthetic issuer."""
+    if h.patient_id:
+        return h.patient_id, h.issuer_of_patient_id or ""
+    return "", UNIDENTIFIED_PREFIX + hashlib.sha1(h.study_instance_uid.encode()).hexdigest()
+
+
+UNIDENTIFIED_PREFIX = "unidentified:"
+
+
 def _upsert_patient(session: Session, h: InstanceHeaders) -> Patient:
-    issuer = h.issuer_of_patient_id or ""
+    pid, issuer = patient_key(h)
     patient = session.exec(
-        select(Patient).where(Patient.patient_id == h.patient_id, Patient.issuer == issuer)
+        select(Patient).where(Patient.patient_id == pid, Patient.issuer == issuer)
     ).first()
     if patient is None:
-        patient = Patient(patient_id=h.patient_id, issuer=issuer)
+        patient = Patient(patient_id=pid, issuer=issuer)
     patient.name = h.patient_name or patient.name
     patient.sex = h.patient_sex or patient.sex
     patient.birth_date = h.patient_birth_date or patient.birth_date

@@ -35,21 +35,23 @@ def human_name(pn: str) -> dict[str, Any]:
 
 
 def build_patient(patient: PatientRef) -> Patient:
-    """The Patient: identifier (Patient ID + issuer), name, sex, birth date."""
+    """The Patient: identifier (Patient ID + issuer), name, sex, birth date. A study sent without
+    a Patient ID (Type 2, may be empty) gets a Patient of its own with no identifier."""
     identifier: dict[str, Any] = {
         "use": "usual",
         "type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]},
         "system": issuer_system(patient.issuer, PATIENT_ISSUER_PREFIX),
         "value": patient.patient_id,
     }
-    if patient.issuer:
+    if patient.issuer and patient.patient_id:
         identifier["assigner"] = {"display": patient.issuer}
     data: dict[str, Any] = {
         "resourceType": "Patient",
         "id": patient_id(patient),
         "meta": {"security": security_labels(), "tag": tags()},
-        "identifier": [identifier],
     }
+    if patient.patient_id:
+        data["identifier"] = [identifier]
     if patient.name and patient.name.split("=", 1)[0].strip("^ "):
         data["name"] = [human_name(patient.name)]
     if patient.sex:
