@@ -4,12 +4,12 @@ the room that owns the work."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from .logs import configure_logging
 from .settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -26,10 +26,7 @@ def _main(config: ConfigOpt = None) -> None:
     """Taqrir: research drafts of bilingual imaging reports. Never a signed clinical report."""
     settings = load_settings(config)
     _state["settings"] = settings
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def get_settings() -> Settings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file in data_dir.")
     storage_url: str = Field("", description="Where instances are stored; empty means data_dir/storage.")
     log_level: str = Field("INFO", description="Python logging level name.")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
     listener: ListenerSettings = Field(default_factory=ListenerSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
