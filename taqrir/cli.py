@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,7 @@ app.add_typer(db_app, name="db")
 
 _state: dict[str, Settings] = {}
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
 
 
 @app.callback()
@@ -55,8 +55,8 @@ def db_upgrade() -> None:
 
 @app.command()
 def listen(
-    port: Annotated[Optional[int], typer.Option(help="Override listener.port.")] = None,
-    ae_title: Annotated[Optional[str], typer.Option(help="Override listener.ae_title.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override listener.port.")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Override listener.ae_title.")] = None,
 ) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) until interrupted."""
     from integrations.dicom.listener import Listener

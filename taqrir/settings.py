@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
-    def _fill_paths(self) -> "Settings":
+    def _fill_paths(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'taqrir.db').resolve()}"

@@ -39,7 +39,7 @@ class Dispatcher:
         def run() -> None:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - one study's error must not stop the thread
+            except Exception:
                 log.exception("embedded pipeline run failed")
 
         self._pool.submit(run)
@@ -100,7 +100,7 @@ class Sweeper(threading.Thread):
         while not self._stop_event.wait(self.interval):
             try:
                 self.dispatcher.sweep()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("re-enqueue sweep failed; retrying next interval")
 
     def stop(self) -> None:

@@ -27,9 +27,24 @@ from audit.chain import record
 from inference.backend import InferenceBackend, make_backend
 from inference.drafting import draft_report
 from inference.types import BilingualReport, StudyContext
-from integrations.dicom.index import Instance, Patient, Series, Study, StudyState, set_state, study_by_uid, study_contents
+from integrations.dicom.index import (
+    Patient,
+    Study,
+    StudyState,
+    set_state,
+    study_by_uid,
+    study_contents,
+)
 from integrations.dicom.storage import LocalStorage
-from reporting.draft import Draft, KeyImageRef, ModelProvenance, PatientRef, Sections, SeriesRef, StudyRef
+from reporting.draft import (
+    Draft,
+    KeyImageRef,
+    ModelProvenance,
+    PatientRef,
+    Sections,
+    SeriesRef,
+    StudyRef,
+)
 from taqrir.db import as_utc, session_scope, utcnow
 from taqrir.errors import PermanentError
 from taqrir.settings import Settings
@@ -58,7 +73,7 @@ class PipelineContext:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine: Engine) -> "PipelineContext":
+    def from_settings(cls, settings: Settings, engine: Engine) -> PipelineContext:
         return cls(settings=settings, engine=engine, storage=LocalStorage.from_url(settings.storage_url))
 
     def backend(self) -> InferenceBackend:
@@ -274,7 +289,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
         manifest = json.loads(kis.manifest)
         folder = kis.folder_key
         render_s = kis.render_s
-    images = [ctx.storage.path(folder, ).joinpath(ki["file"]).read_bytes() for ki in manifest["key_images"]]
+    images = [ctx.storage.path(folder).joinpath(ki["file"]).read_bytes() for ki in manifest["key_images"]]
     t0 = time.perf_counter()
     report = draft_report(ctx.backend(), images, _context(ref, manifest), ctx.settings.inference)
     infer_s = time.perf_counter() - t0
@@ -400,11 +415,3 @@ def reset_for_redraft(engine: Engine, study_uid: str) -> tuple[int, bool]:
         if moved:
             s.exec(update(Study).where(Study.id == study.id).values(attempts=0))  # type: ignore[call-overload]
         return study.version, moved
-
-
-def instance_count(session: Session, study_pk: int) -> int:
-    return len(session.exec(select(Instance.id).where(Instance.study_pk == study_pk)).all())
-
-
-__all__ = ["PipelineContext", "StudyGone", "render_stage", "infer_stage", "publish_stage", "fail",
-           "enqueue_state", "stale_work", "reset_for_redraft", "draft_id_for", "export_dir", "Series"]

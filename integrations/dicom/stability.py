@@ -52,7 +52,7 @@ def sweep_stable(engine: Engine, *, stable_after: float, handoff: Handoff, now: 
     for uid, version in became:
         try:
             handoff(uid, version)
-        except Exception:  # noqa: BLE001 - the pipeline's sweep re-enqueues stable studies
+        except Exception:
             log.exception("hand-off of study %s v%d failed; the pipeline sweep will retry", uid, version)
     return became
 

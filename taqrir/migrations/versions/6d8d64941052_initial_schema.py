@@ -11,7 +11,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 revision = '6d8d64941052'
 down_revision = None
 branch_labels = None
