@@ -20,6 +20,7 @@ from audit.chain import AuditRecord, verify
 from integrations.dicom.index import Instance, Patient, Series, Study
 from integrations.dicom.listener import Listener
 from taqrir.db import session_scope
+from tests.factories.studies import make_ct_series
 from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
@@ -228,14 +229,16 @@ def test_allow_lists(start_listener: Callable[..., Listener]) -> None:
     assert echoscu(hosts.port).returncode != 0  # type: ignore[attr-defined]
 
 
-def test_low_disk_refuses_associations_and_stores(start_listener: Callable[..., Listener], engine: Engine) -> None:
+def test_low_disk_refuses_associations_and_stores(start_listener: Callable[..., Listener], engine: Engine,
+                                                  tmp_path: Path) -> None:
     refusing = start_listener(min_free_bytes=1 << 62)
     assert echoscu(refusing.port).returncode != 0  # type: ignore[attr-defined]
-    # enough space to associate, not enough for this instance on top of the floor
+    # enough space to associate, not enough for this 18 MB instance on top of the floor (a 10 MB
+    # margin keeps the test steady while other files come and go on the disk)
+    (big,) = make_ct_series(tmp_path / "big", 1, rows=3000, cols=3000)
     probe = start_listener()
     free = probe.storage.free_bytes()
-    tight = start_listener(min_free_bytes=max(free - 100_000, 1))
-    big = CORPUS / "ct" / "wg04_CT1" / "CT1_UNC.dcm"
+    tight = start_listener(min_free_bytes=max(free - 10_000_000, 1))
     status = send_raw(tight.port, big)  # type: ignore[attr-defined]
     assert status == 0xA700
     assert instances(engine) == {}
