@@ -4,6 +4,14 @@ This is the service function behind the C-STORE handler; it knows nothing of pyn
 order is what makes an acknowledgement mean something: the file is durable and renamed into place
 before the index row and its audit record commit, and only then does the caller answer Success.
 A crash before the commit leaves at most an unindexed file that the sender will send again.
+
+Where the time goes (300-slice CT, 0.5 MB per instance, one association, SQLite, this 2-core VM):
+of ~12 ms per instance about 5 ms is pynetdicom receiving (PDU reads in 4 KiB recv calls, copies,
+its 1 ms polling) and ~7 ms is here: the index and audit statements through SQLAlchemy and the
+commit (~3.5 ms, one WAL fsync with ``synchronous=FULL``, kept: in WAL mode NORMAL may lose the
+last commits on power loss, i.e. acknowledged instances would vanish from the index), the file and
+directory fsyncs (~1-2 ms), the header parse (~1 ms). Hashing happens while receiving (see
+:meth:`LocalStorage.staging_file`).
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ from audit.chain import lock_chain, record
 from taqrir.db import session_scope
 
 from .errors import DicomInputError, OutOfResources
-from .headers import InstanceHeaders, read_headers
+from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
 from .index import IndexResult, StoreOutcome, find_instance, index_instance
-from .storage import LocalStorage, StoredFile, file_digest, instance_key
+from .storage import LocalStorage, StoredFile, instance_key
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ def ingest_file(
     announced_sop_instance_uid: str | None = None,
     announced_sop_class_uid: str | None = None,
     min_free_bytes: int = 0,
+    max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
 ) -> IngestResult:
     """Store and index ``staged`` (a complete DICOM file in ``storage``'s filesystem).
 
@@ -50,13 +59,13 @@ def ingest_file(
     :class:`OutOfResources`/:class:`StorageFailure` when we cannot store safely. On any error the
     staged file is left for the caller to discard and nothing is indexed.
     """
-    size, sha = file_digest(staged)
+    size, sha = storage.staged_digest(staged)
     if min_free_bytes and storage.free_bytes() - size < min_free_bytes:
         raise OutOfResources(
             f"only {storage.free_bytes() // (1 << 20)} MiB free in {storage.root}, below the "
             f"{min_free_bytes // (1 << 20)} MiB threshold; free space or raise listener.min_free_bytes"
         )
-    headers = read_headers(staged)
+    headers = read_headers(staged, max_sequence_depth=max_sequence_depth)
     if announced_sop_instance_uid and headers.sop_instance_uid != announced_sop_instance_uid:
         from .errors import IdentifiersMissing
 
@@ -73,6 +82,10 @@ def ingest_file(
         )
     key = instance_key(headers.study_instance_uid, headers.series_instance_uid, headers.sop_instance_uid, sha)
     stored = StoredFile(key=key, size=size, sha256=sha)
+    # The file's fsync (the slowest step) happens before the index lock, so that concurrent
+    # associations overlap it; deciding whether to rename it into place, the rename and the
+    # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
+    storage.sync_staged(staged)
 
     with session_scope(engine) as session:
         # Serialise index writers first: two associations filing the first instances of one
@@ -80,7 +93,7 @@ def ingest_file(
         lock_chain(session)
         existing = find_instance(session, headers.sop_instance_uid)
         if existing is None or existing.sha256 != sha:
-            storage.commit(staged, key)
+            storage.commit(staged, key, synced=True)
         result: IndexResult = index_instance(
             session, headers=headers, stored=stored, calling_ae=calling_ae, existing=existing
         )

@@ -4,7 +4,14 @@ The layer has four verbs (stage a temporary file, commit it under a key, open a 
 so that a shared filesystem or an object store can back it later without touching the listener.
 Durability (PS3.4 B.2.2 "the SCP ... shall store"): a staged file is fsynced, renamed atomically
 into place and its directory fsynced before :meth:`LocalStorage.commit` returns, so an
-acknowledged instance survives a crash and a reader never sees a half-written file.
+acknowledged instance survives a crash and a reader never sees a half-written file. Both fsyncs
+stay on every commit: the file's makes its bytes durable, the directory's makes the rename durable
+(POSIX promises neither from the other). Measured on this VM's ext4 they cost ~0.7-1 ms together
+per 0.5 MB instance; renaming before the file fsync saved only ~0.1 ms and was not worth a
+visible-but-not-yet-durable file under its final name.
+
+Staged files are hashed while they are written (:meth:`LocalStorage.staging_file`), so committing
+a received instance does not read it back just to hash it (~0.4 ms per 0.5 MB instance).
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 from taqrir.errors import ConfigError
@@ -45,6 +56,39 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+class DigestingFile:
+    """A staged file open for writing that hashes what is written through it.
+
+    It stands in for the ``NamedTemporaryFile`` a writer (pynetdicom's chunked receive) creates:
+    ``name``, ``file``, ``write`` and ``close`` behave the same; anything else is delegated.
+    :meth:`digest` is only trusted while every byte went through :meth:`write` (no seeks), which
+    :meth:`LocalStorage.staged_digest` checks against the file's size on disk.
+    """
+
+    def __init__(self, tmp: Any) -> None:
+        self._tmp = tmp
+        self.name: str = tmp.name
+        self.file: IO[bytes] = tmp.file
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        written = self._tmp.write(data)
+        self._sha.update(data)
+        self._size += len(data)
+        return int(written)
+
+    def close(self) -> None:
+        self._tmp.close()
+
+    def digest(self) -> tuple[int, str]:
+        """Size and SHA-256 of what was written so far."""
+        return self._size, self._sha.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tmp, name)
+
+
 def _component(uid: str) -> str:
     """A path component for a UID: itself when safe, else a hash (no traversal, no odd bytes)."""
     return uid if _SAFE.match(uid) and uid not in (".", "..") else hashlib.sha1(uid.encode()).hexdigest()
@@ -63,9 +107,13 @@ class LocalStorage:
         self.root = root
         self.tmp_dir = root / TMP_DIR_NAME
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Staged files still being written or handled, by path; an abandoned transfer's writer
+        # drops out when its owner lets go of it.
+        self._writing: weakref.WeakValueDictionary[str, DigestingFile] = weakref.WeakValueDictionary()
+        self._writing_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> "LocalStorage":
+    def from_url(cls, url: str) -> LocalStorage:
         parsed = urlparse(url)
         if parsed.scheme not in ("file", ""):
             raise ConfigError(
@@ -83,6 +131,31 @@ class LocalStorage:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    def staging_file(self, **kwargs: Any) -> DigestingFile:
+        """A new temporary file in the staging folder (``tempfile.NamedTemporaryFile`` arguments,
+        ``dir`` excepted), hashed as it is written; see :meth:`staged_digest`."""
+        kwargs.pop("dir", None)
+        # Not a context manager: the writer owns the file and closes it when the transfer ends.
+        writer = DigestingFile(tempfile.NamedTemporaryFile(dir=str(self.tmp_dir), **kwargs))  # noqa: SIM115
+        with self._writing_lock:
+            self._writing[writer.name] = writer
+        return writer
+
+    def staged_digest(self, path: Path) -> tuple[int, str]:
+        """Size and SHA-256 of a staged file: from its writer when it was written through
+        :meth:`staging_file` and nothing else changed its size, else read back from disk."""
+        with self._writing_lock:
+            writer = self._writing.pop(str(path), None)
+        if writer is not None:
+            size, sha = writer.digest()
+            try:
+                writer.file.flush()
+                if os.stat(path).st_size == size:
+                    return size, sha
+            except (OSError, ValueError):  # ValueError: the writer was already closed
+                pass
+        return file_digest(path)
+
     def discard_staged(self) -> int:
         """Remove temporary files left by a crash (never acknowledged). Returns how many."""
         n = 0
@@ -92,15 +165,26 @@ class LocalStorage:
                 n += 1
         return n
 
-    def commit(self, staged: Path, key: str) -> None:
-        """Make a staged file durable and visible under ``key`` (fsync, rename, fsync dir)."""
-        dst = self.path(key)
+    def sync_staged(self, staged: Path) -> None:
+        """Make a staged file's bytes durable (fsync) without making it visible. The caller may
+        do this before taking the index lock, so that concurrent writers overlap their slowest
+        step; :meth:`commit` with ``synced=True`` then only renames and fsyncs the directory."""
         try:
             fd = os.open(staged, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as err:
+            raise StorageFailure(f"could not store {staged.name}: {err.strerror or err}; check {self.root}") from err
+
+    def commit(self, staged: Path, key: str, *, synced: bool = False) -> None:
+        """Make a staged file durable and visible under ``key`` (fsync unless ``synced`` said
+        :meth:`sync_staged` already did, rename, fsync dir)."""
+        dst = self.path(key)
+        if not synced:
+            self.sync_staged(staged)
+        try:
             new_dirs = not dst.parent.exists()
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, dst)

@@ -279,3 +279,33 @@ def test_pynetdicom_peer_with_odd_but_legal_request(start_listener: Callable[...
     status = assoc.send_c_store(ds)
     assoc.release()
     assert status.Status == 0x0000
+
+
+@pytest.mark.parametrize("levels", [100, 1200])
+def test_deeply_nested_sequences_are_refused_and_serving_goes_on(
+    start_listener: Callable[..., Listener], tmp_path: Path, levels: int
+) -> None:
+    """DCMTK's storescp overflowed its stack on thousands of nested levels (RELIABILITY-NOTES)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    listener = start_listener()
+    ds = dcmread(CORPUS / "ct" / "pydicom_CT_small.dcm")
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for _ in range(levels):
+        outer = Dataset()
+        outer.ReferencedImageSequence = Sequence([inner])
+        inner = outer
+    ds.ReferencedImageSequence = inner.ReferencedImageSequence
+    path = tmp_path / "nested.dcm"
+    import sys
+
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, levels * 20))
+    try:
+        ds.save_as(path)
+    finally:
+        sys.setrecursionlimit(old)
+    assert send_raw(listener.port, path) == 0xC210  # type: ignore[attr-defined]
+    assert storescu(listener.port, [CORPUS / "ct" / "pydicom_CT_small.dcm"]).statuses() == ["Success"]  # type: ignore[attr-defined]
