@@ -155,7 +155,9 @@ class SGLangBackend:
             raise _Retryable(f"HTTP {response.status_code}")
         if response.status_code >= 400:
             raise PermanentError(
-                f"model server refused the request: HTTP {response.status_code} {response.text[:200]}"
+                # only the status: an error body may echo the request (study context), and this
+                # message travels into failure reasons, logs and the audit trail
+                f"model server refused the request: HTTP {response.status_code}"
             )
         try:
             data: dict[str, Any] = response.json()

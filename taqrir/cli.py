@@ -4,6 +4,7 @@ the room that owns the work."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML set
 @app.callback()
 def _main(config: ConfigOpt = None) -> None:
     """Taqrir: research drafts of bilingual imaging reports. Never a signed clinical report."""
+    if config is not None:
+        # Processes this one starts (Celery worker children, `serve`'s workers) read it too.
+        os.environ["TAQRIR_CONFIG"] = str(config.resolve())
     settings = load_settings(config)
     _state["settings"] = settings
     configure_logging(settings.log_level, settings.log_format)
@@ -165,7 +169,7 @@ def serve(
 
 @app.command()
 def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see `taqrir studies`).")]) -> None:
-    """Replay drafting of a study's current version (after a failure, or to publish again)."""
+    """Replay drafting of a failed (or drafted) study's current version; retries a failed publish."""
     from workers.pipeline import Dispatcher
     from workers.service import PipelineContext, StudyGone, reset_for_redraft
 
@@ -177,10 +181,10 @@ def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (s
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from err
     if not moved:
-        typer.echo(f"study {study_uid} is still receiving or already queued; nothing to replay")
+        typer.echo(f"study {study_uid} is receiving, or drafting is under way; nothing to replay now")
         return
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    dispatcher.study_stable(study_uid, version)
+    dispatcher.resend(study_uid, version, "render")
     dispatcher.wait_idle()
     dispatcher.close()
     typer.echo(f"study {study_uid} version {version} sent for drafting again")

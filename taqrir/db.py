@@ -63,8 +63,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # Take transactions into our hands: pysqlite's deferred BEGIN lets two processes read
-            # the same audit chain head and then race; BEGIN IMMEDIATE serialises writers (SQLite
-            # has one writer at a time anyway) while WAL keeps readers unblocked.
+            # the same audit chain head and then race; BEGIN IMMEDIATE serialises every
+            # transaction, read-only ones included (a long read such as `audit-export` makes
+            # writers wait up to the busy timeout). Acceptable for the embedded single-host
+            # default; PostgreSQL, the production database, has no such limit.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")

@@ -1,7 +1,7 @@
 """Pipeline metrics in Prometheus format, read from the database at scrape time.
 
 The database is the source of truth across hosts, so counts come from it rather than from
-per-process counters: studies by state (queue depth is ``queued``+``rendering``+``inferring``),
+per-process counters: studies by state (queue depth is ``stable``+``queued``+``rendering``+``inferring``),
 drafts made, and time spent per stage (from the stage times each draft records).
 """
 
@@ -38,7 +38,7 @@ class PipelineCollector(Collector):
         for state in StudyState:
             studies.add_metric([state.value], by_state.get(state.value, 0))
         yield studies
-        yield GaugeMetricFamily("taqrir_queue_depth", "Studies waiting for or inside drafting",
+        yield GaugeMetricFamily("taqrir_queue_depth", "Studies stable, queued or inside drafting",
                                 value=sum(by_state.get(k, 0) for k in ("stable", "queued", "rendering", "inferring")))
         yield CounterMetricFamily("taqrir_instances_received", "Instances in the index", value=instances)
         yield CounterMetricFamily("taqrir_drafts", "Drafts made", value=len(drafts))

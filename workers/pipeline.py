@@ -1,7 +1,7 @@
 """Connects the listener to drafting: the hand-off of stable studies, and the recovery sweep.
 
-``make_handoff`` gives the listener the one function it calls for each study that became stable.
-With Redis it sends the first task; embedded (``memory://``) it runs the same tasks eagerly on one
+:meth:`Dispatcher.study_stable` is the one function the listener calls for each study that
+became stable. With Redis it sends the first task; embedded (``memory://``) it runs the same tasks eagerly on one
 background thread, so the listener never waits for a model.
 """
 
@@ -80,11 +80,6 @@ class Dispatcher:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=False)
-
-
-def make_handoff(settings: Settings) -> Callable[[str, int], None]:
-    """What ``taqrir listen`` hands stable studies to."""
-    return Dispatcher(settings).study_stable
 
 
 class Sweeper(threading.Thread):

@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select, update
 
-from audit.chain import record
+from audit.chain import lock_chain, record
 from inference.backend import InferenceBackend, make_backend
 from inference.drafting import draft_report
 from inference.types import BilingualReport, StudyContext
@@ -88,14 +92,30 @@ class PipelineContext:
 
     @property
     def config_sha256(self) -> str:
-        """Identity of the pipeline configuration: a draft is unique per study version and this."""
+        """Identity of the pipeline configuration: a draft is unique per study version and this.
+
+        Only settings that change what a draft says take part (rendering, which model, prompts,
+        sampling, guards), so render hosts and inference hosts agree although their operational
+        settings (devices, timeouts, credentials, URLs) differ.
+        """
         payload = {
-            "render": self.settings.render.model_dump(mode="json"),
-            "inference": self.settings.inference.model_dump(
-                mode="json", exclude={"server_url", "timeout_s", "retries", "concurrency"}
-            ),
+            "render": self.settings.render.model_dump(mode="json", exclude={"rules_file"}),
+            "rules": _file_sha256(self.settings.render.rules_file),
+            "inference": self.settings.inference.model_dump(mode="json", include=DRAFT_AFFECTING_INFERENCE),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+#: Inference settings that change a draft's content (see PipelineContext.config_sha256).
+DRAFT_AFFECTING_INFERENCE = {
+    "backend", "model_name", "structured_output", "temperature", "top_p", "max_new_tokens", "seed",
+    "arabic_mode", "english_script", "arabic_min_ratio", "max_section_chars", "prompt_version",
+    "tiny_max_new_tokens",
+}
+
+
+def _file_sha256(path: Path | None) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.exists() else None
 
 
 def draft_id_for(study_uid: str, version: int, config_sha256: str) -> str:
@@ -114,6 +134,9 @@ def _current(session: Session, study_uid: str, version: int) -> Study:
 
 
 def _move(session: Session, study: Study, new: StudyState, expect: tuple[StudyState, ...], **details: Any) -> bool:
+    # Take the audit lock before touching the study row, in the order ingest takes them (lock,
+    # then study): the other order deadlocks against a C-STORE on PostgreSQL.
+    lock_chain(session)
     moved = set_state(session, study_pk=study.id or 0, version=study.version, new_state=new, expect=expect,
                       reason=details.get("reason"))
     if moved:
@@ -172,32 +195,65 @@ def instance_inputs(ctx: PipelineContext, session: Session, study: Study) -> lis
 
 # -- stage 1: render -------------------------------------------------------------------------
 
+ACTIVE = (StudyState.stable, StudyState.queued, StudyState.rendering, StudyState.inferring)
+
+
+def _count_attempt(session: Session, study: Study, cap: int) -> None:
+    """Every stage start counts; a version that keeps being started without finishing (a worker
+    that dies on it each time, a poison message) fails instead of looping forever."""
+    study.attempts += 1
+    session.add(study)
+    if study.attempts > cap:
+        raise PermanentError(
+            f"gave up after {study.attempts - 1} stage starts without a draft (a worker died or the "
+            "message kept coming back); see the workers' logs, then `taqrir redraft`"
+        )
+
+
+def _attempt_cap(ctx: PipelineContext) -> int:
+    return 3 * (ctx.settings.queue.max_retries + 2)
+
+
 def render_stage(ctx: PipelineContext, study_uid: str, version: int) -> bool:
     """Render key images for this version (once). True when inference should follow."""
     cfg = ctx.config_sha256
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
-        done = s.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id, KeyImageSet.version == version,
-                                                KeyImageSet.config_sha256 == cfg)).first()
-        if done is None:
-            _move(s, study, StudyState.rendering, (StudyState.stable, StudyState.queued, StudyState.rendering))
-            inputs = instance_inputs(ctx, s, study)
-            study_pk = study.id or 0
-    if done is not None:
-        return True
+        if StudyState(study.state) not in ACTIVE:
+            raise StudyGone(f"study {study_uid} v{version} is {study.state}: nothing to render")
+        done = s.exec(select(KeyImageSet.id).where(KeyImageSet.study_pk == study.id, KeyImageSet.version == version,
+                                                   KeyImageSet.config_sha256 == cfg)).first()
+        if done is not None:
+            return True
+        _count_attempt(s, study, _attempt_cap(ctx))
+        queue_s = max((utcnow() - as_utc(study.state_changed_at)).total_seconds(), 0.0) \
+            if study.state == StudyState.queued.value else 0.0
+        _move(s, study, StudyState.rendering, (StudyState.stable, StudyState.queued, StudyState.rendering))
+        inputs = instance_inputs(ctx, s, study)
+        study_pk = study.id or 0
     t0 = time.perf_counter()
     rendered: RenderedStudy = render_study(inputs, ctx.settings.render)  # NothingRenderable is permanent
     folder = f"keyimages/{study_uid}/v{version}-{cfg[:8]}"
-    write_render_output(rendered, ctx.storage.path(folder))
+    final = ctx.storage.path(folder)
+    # Write into a private folder and rename it into place: a concurrent delivery never sees
+    # half-written PNGs, and the first complete set wins.
+    staging = ctx.storage.path(f"{folder}.tmp-{uuid.uuid4().hex[:8]}")
+    write_render_output(rendered, staging)
+    try:
+        os.replace(staging, final) if not final.exists() else shutil.rmtree(staging)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     render_s = time.perf_counter() - t0
-    manifest = provenance(rendered, [p.name for p in sorted(ctx.storage.path(folder).glob("*.png"))])
+    manifest = provenance(rendered, [p.name for p in sorted(final.glob("*.png"))])
     with session_scope(ctx.engine) as s:
         try:
             with s.begin_nested():
                 s.add(KeyImageSet(study_pk=study_pk, version=version, config_sha256=cfg, folder_key=folder,
-                                  manifest=json.dumps(manifest, ensure_ascii=False), render_s=render_s))
+                                  manifest=json.dumps(manifest, ensure_ascii=False), render_s=render_s,
+                                  queue_s=queue_s))
         except IntegrityError:
             log.info("key images of %s v%d were rendered by another delivery", study_uid, version)
+            return True
         record(s, action="study.rendered", actor=ACTOR, entity_type="Study", entity_id=study_uid,
                details={"version": version, "key_images": len(rendered.key_images), "render_s": round(render_s, 4),
                         "decisions": manifest["decisions"], "failures": manifest["failures"]})
@@ -270,6 +326,31 @@ def build_draft(draft_id: str, ref: StudyRef, report: BilingualReport, manifest:
     )
 
 
+@contextmanager
+def _heartbeat(engine: Engine, study_pk: int, version: int, every_s: float) -> Iterator[None]:
+    """While a long stage runs, keep its state timestamp fresh so the recovery sweep does not
+    mistake it for lost work (and start a duplicate inference on busy GPUs)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                with session_scope(engine) as s:
+                    s.exec(update(Study).where(Study.id == study_pk, Study.version == version,  # type: ignore[call-overload]
+                                               Study.state == StudyState.inferring.value)
+                           .values(state_changed_at=utcnow()))
+            except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate, never a loss
+                log.warning("heartbeat for study %d v%d failed", study_pk, version)
+
+    thread = threading.Thread(target=beat, name="taqrir-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
     """Ask the model for this version's draft and store it (once). Returns the draft id."""
     cfg = ctx.config_sha256
@@ -277,37 +358,48 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
         if s.exec(select(DraftRecord.id).where(DraftRecord.draft_id == draft_id)).first() is not None:
-            _move(s, study, StudyState.drafted, (StudyState.rendering, StudyState.inferring, StudyState.queued))
+            _move(s, study, StudyState.drafted, ACTIVE)
             return draft_id
+        if StudyState(study.state) not in ACTIVE:
+            raise StudyGone(f"study {study_uid} v{version} is {study.state}: nothing to infer")
         kis = s.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id, KeyImageSet.version == version,
                                                KeyImageSet.config_sha256 == cfg)).first()
         if kis is None:
-            raise StudyGone(f"no key images for {study_uid} v{version}: render first")
-        _move(s, study, StudyState.inferring, (StudyState.rendering, StudyState.inferring, StudyState.queued))
+            raise PermanentError(
+                f"no key images for {study_uid} v{version} with pipeline configuration {cfg[:12]}: render "
+                "and inference hosts must share storage and draft-affecting settings"
+            )
+        _count_attempt(s, study, _attempt_cap(ctx))
+        _move(s, study, StudyState.inferring, ACTIVE)
         ref = _study_ref(s, study)
-        queued_at = study.state_changed_at
+        study_pk = study.id or 0
         manifest = json.loads(kis.manifest)
-        folder = kis.folder_key
-        render_s = kis.render_s
+        folder, render_s, queue_s = kis.folder_key, kis.render_s, kis.queue_s
     images = [ctx.storage.path(folder).joinpath(ki["file"]).read_bytes() for ki in manifest["key_images"]]
     t0 = time.perf_counter()
-    report = draft_report(ctx.backend(), images, _context(ref, manifest), ctx.settings.inference)
+    with _heartbeat(ctx.engine, study_pk, version, max(ctx.settings.queue.requeue_after / 3, 1.0)):
+        report = draft_report(ctx.backend(), images, _context(ref, manifest), ctx.settings.inference)
     infer_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     draft = build_draft(draft_id, ref, report, manifest, cfg)
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
+        if not _move(s, study, StudyState.drafted, (StudyState.inferring,), draft_id=draft_id):
+            # another delivery finished (or failed) this version meanwhile: store nothing
+            raise StudyGone(f"study {study_uid} v{version} is {study.state}; this delivery's draft is dropped")
         try:
             with s.begin_nested():
-                s.add(DraftRecord(draft_id=draft_id, study_pk=study.id or 0, study_instance_uid=study_uid,
+                s.add(DraftRecord(draft_id=draft_id, study_pk=study_pk, study_instance_uid=study_uid,
                                   version=version, config_sha256=cfg, draft_json=draft.model_dump_json(),
-                                  stage_times=json.dumps({"render_s": render_s, "infer_s": infer_s,
+                                  stage_times=json.dumps({"queue_s": queue_s, "render_s": render_s,
+                                                          "infer_s": infer_s,
                                                           "model_latency_s": report.provenance.latency_s})))
         except IntegrityError:
             log.info("draft %s already stored by another delivery", draft_id)
             return draft_id
-        s.exec(update(DraftRecord).where(DraftRecord.study_pk == study.id, DraftRecord.version < version)  # type: ignore[call-overload]
+        s.exec(update(DraftRecord).where(DraftRecord.study_pk == study_pk, DraftRecord.version < version)  # type: ignore[call-overload]
                .values(superseded=True))
+        s.exec(update(Study).where(Study.id == study_pk).values(attempts=0))  # type: ignore[call-overload]
         record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                details={"study": study_uid, "version": version, "model": draft.model.model_name,
                         "model_revision": draft.model.model_revision, "backend": draft.model.backend,
@@ -315,10 +407,25 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                         "prompt_sha256": draft.model.prompt_template_sha256,
                         "images": list(draft.model.image_sha256), "sampling": draft.model.sampling,
                         "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens]})
-        _move(s, study, StudyState.drafted, (StudyState.inferring,), draft_id=draft_id)
-    _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1,
-                    queue_s=max((as_utc(utcnow()) - as_utc(queued_at)).total_seconds() - infer_s - render_s, 0.0))
+    _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1)
     return draft_id
+
+
+def record_rejected_output(ctx: PipelineContext, study_uid: str, version: int, reason: str,
+                           raw_outputs: Sequence[str]) -> str:
+    """Keep what the model said when its output was rejected (for researchers), as a file in
+    storage referenced from the audit trail. Returns the storage key."""
+    key = f"rejected/{study_uid}/v{version}-{uuid.uuid4().hex[:8]}.json"
+    path = ctx.storage.path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"study": study_uid, "version": version, "reason": reason, "raw_outputs": list(raw_outputs)},
+                      ensure_ascii=False, indent=2).encode()
+    path.write_bytes(body)
+    with session_scope(ctx.engine) as s:
+        record(s, action="draft.rejected", actor=ACTOR, entity_type="Study", entity_id=study_uid,
+               outcome="failure", details={"version": version, "reason": reason[:500], "outputs_key": key,
+                                           "outputs_sha256": hashlib.sha256(body).hexdigest()})
+    return key
 
 
 def _add_stage_time(engine: Engine, draft_id: str, **times: float) -> None:
@@ -332,7 +439,11 @@ def _add_stage_time(engine: Engine, draft_id: str, **times: float) -> None:
 # -- stage 3: publish ------------------------------------------------------------------------
 
 def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
-    """Make the draft available as FHIR resources and JSON files (once). Returns the report id."""
+    """Make the draft available as FHIR resources and JSON files (once). Returns the report id.
+
+    Order: resources (idempotent), then the files (atomically), then ``published_at``; a crash
+    anywhere leaves the draft unpublished, and the sweep publishes it again.
+    """
     from integrations.fhir.store import fetch_current, publish_draft
 
     t0 = time.perf_counter()
@@ -342,19 +453,35 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
             raise StudyGone(f"draft {draft_id} does not exist")
         if rec.published_at is not None:
             return rec.fhir_report_id
+        if rec.superseded:
+            raise StudyGone(f"draft {draft_id} was superseded by a newer study version; not published")
         draft = Draft.model_validate_json(rec.draft_json)
         report_id = publish_draft(s, draft, actor=ACTOR)
-        rec.published_at = utcnow()
-        rec.fhir_report_id = report_id
-        s.add(rec)
-        resources = {rt: fetch_current(s, rt, rid) for rt, rid in _published_ids(draft, report_id)}
+        resources = {rt: fetch_current(s, rt, rid).json_text for rt, rid in _published_ids(draft, report_id)}
     out = export_dir(ctx.settings, draft)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "draft.json").write_text(draft.model_dump_json(indent=2), "utf-8")
-    for rt, row in resources.items():
-        (out / f"{rt}.json").write_text(json.dumps(json.loads(row.json_text), indent=2, ensure_ascii=False), "utf-8")
+    files = {"draft.json": draft.model_dump_json(indent=2)}
+    files.update({f"{rt}.json": json.dumps(json.loads(text), indent=2, ensure_ascii=False) for rt, text in resources.items()})
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, "utf-8")
+        os.replace(tmp, out / name)
+    with session_scope(ctx.engine) as s:
+        s.exec(update(DraftRecord).where(DraftRecord.draft_id == draft_id)  # type: ignore[call-overload]
+               .values(published_at=utcnow(), fhir_report_id=report_id, publish_error=None))
     _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)
     return report_id
+
+
+def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:
+    """A publish that cannot succeed as is: recorded on the draft (the sweep stops resending it;
+    ``taqrir redraft`` tries again)."""
+    with session_scope(engine) as s:
+        s.exec(update(DraftRecord).where(DraftRecord.draft_id == draft_id)  # type: ignore[call-overload]
+               .values(publish_error=reason[:2000]))
+        record(s, action="draft.publish_failed", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
+               outcome="failure", details={"reason": reason[:500]})
+    log.error("publishing draft %s failed: %s", draft_id, reason[:300])
 
 
 def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
@@ -380,11 +507,13 @@ STAGE_OF = {
 
 def stale_work(engine: Engine, *, older_than_s: float) -> tuple[list[tuple[str, int, str]], list[str]]:
     """Studies whose stage has not moved for ``older_than_s`` (their message was probably lost:
-    Redis restarted, a worker host vanished), and drafts never published. Touches each study's
-    state timestamp so that concurrent sweepers do not all re-enqueue it."""
+    Redis restarted, a worker host vanished), and drafts never published. Running stages keep
+    their timestamp fresh (heartbeat), so they are not taken for lost. Touches what it returns so
+    that concurrent sweepers do not all re-enqueue it."""
     cutoff = utcnow().timestamp() - older_than_s
     studies: list[tuple[str, int, str]] = []
     with session_scope(engine) as s:
+        lock_chain(s)
         rows = s.exec(select(Study).where(Study.state.in_(list(STAGE_OF)))).all()  # type: ignore[attr-defined]
         for st in rows:
             if as_utc(st.state_changed_at).timestamp() > cutoff:
@@ -394,24 +523,31 @@ def stale_work(engine: Engine, *, older_than_s: float) -> tuple[list[tuple[str, 
                          .values(state_changed_at=utcnow()))
             if res.rowcount:
                 studies.append((st.study_instance_uid, st.version, STAGE_OF[st.state]))
-        drafts = [d for d in s.exec(select(DraftRecord).where(DraftRecord.published_at.is_(None))).all()  # type: ignore[union-attr]
-                  if as_utc(d.created_at).timestamp() <= cutoff]
-        for d in drafts:
-            d.created_at = utcnow()
-            s.add(d)
-        unpublished = [d.draft_id for d in drafts]
+        pending = s.exec(
+            select(DraftRecord).where(DraftRecord.published_at.is_(None), DraftRecord.publish_error.is_(None),  # type: ignore[union-attr]
+                                      DraftRecord.superseded.is_(False))  # type: ignore[attr-defined]
+        ).all()
+        unpublished = []
+        for d in pending:
+            last = as_utc(d.publish_attempted_at or d.created_at).timestamp()
+            if last <= cutoff:
+                d.publish_attempted_at = utcnow()
+                s.add(d)
+                unpublished.append(d.draft_id)
     return studies, unpublished
 
 
 def reset_for_redraft(engine: Engine, study_uid: str) -> tuple[int, bool]:
-    """``taqrir redraft``: a failed (or drafted) study goes back to ``stable`` for its current
-    version. A drafted version keeps its draft (idempotent); a failed one gets another try."""
+    """``taqrir redraft``: a failed or drafted study's current version goes back to ``queued``.
+    A drafted version keeps its draft (drafting is idempotent; an unpublished or failed publish is
+    tried again); a failed one gets another try. Work in flight is left alone (returns False)."""
     with session_scope(engine) as s:
         study = study_by_uid(s, study_uid)
         if study is None:
             raise StudyGone(f"study {study_uid} is not in the index; see `taqrir studies`")
-        moved = _move(s, study, StudyState.stable, (StudyState.failed, StudyState.drafted, StudyState.queued,
-                                                     StudyState.rendering, StudyState.inferring), redraft=True)
+        moved = _move(s, study, StudyState.queued, (StudyState.failed, StudyState.drafted), redraft=True)
         if moved:
             s.exec(update(Study).where(Study.id == study.id).values(attempts=0))  # type: ignore[call-overload]
+            s.exec(update(DraftRecord).where(DraftRecord.study_pk == study.id, DraftRecord.version == study.version)  # type: ignore[call-overload]
+                   .values(publish_error=None))
         return study.version, moved

@@ -28,6 +28,7 @@ class KeyImageSet(SQLModel, table=True):
     folder_key: str = Field(max_length=512, description="Storage key of the folder with PNGs + provenance.json.")
     manifest: str = Field(sa_column=Column(Text, nullable=False), description="JSON: key images, decisions, failures.")
     render_s: float = 0.0
+    queue_s: float = Field(default=0.0, description="Seconds between the hand-off and the start of rendering.")
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -48,4 +49,6 @@ class DraftRecord(SQLModel, table=True):
                              description="JSON seconds per stage: queue, render, infer, persist, publish.")
     created_at: datetime = Field(default_factory=utcnow)
     published_at: datetime | None = None
+    publish_attempted_at: datetime | None = Field(default=None, description="Last (re)publish sent; the sweep's timer.")
+    publish_error: str | None = Field(default=None, sa_column=Column(Text), description="Why publishing failed for good.")
     fhir_report_id: str | None = Field(default=None, max_length=64)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
+from inference.errors import OutputRejected
 from taqrir.errors import PermanentError, TransientError
 
 from . import service
@@ -30,6 +31,10 @@ def _run(task: Task, study_uid: str, version: int, fn: Callable[[], T]) -> T | N
     except service.StudyGone as err:
         log.info("dropping %s for %s v%d: %s", task.name, study_uid, version, err)
         return None
+    except OutputRejected as err:
+        key = service.record_rejected_output(ctx, study_uid, version, str(err), err.raw_outputs)
+        service.fail(ctx.engine, study_uid, version, f"OutputRejected: {err} (model outputs kept at {key})")
+        return None
     except PermanentError as err:
         service.fail(ctx.engine, study_uid, version, f"{type(err).__name__}: {err}")
         return None
@@ -45,6 +50,10 @@ def _run(task: Task, study_uid: str, version: int, fn: Callable[[], T]) -> T | N
         if task.request.is_eager:
             time.sleep(countdown)  # eager retries run at once; keep the backoff anyway
         raise task.retry(exc=err, countdown=countdown, max_retries=ctx.settings.queue.max_retries + 1)
+    except Exception as err:  # noqa: BLE001 - an unforeseen error fails the version visibly
+        log.exception("%s for %s v%d failed unexpectedly", task.name, study_uid, version)
+        service.fail(ctx.engine, study_uid, version, f"unexpected {type(err).__name__}: {err}")
+        return None
 
 
 @celery_app.task(bind=True, name="taqrir.render", acks_late=True, reject_on_worker_lost=True)
@@ -68,5 +77,12 @@ def publish_task(self: Task, draft_id: str) -> Any:
         log.info("publish %s dropped: %s", draft_id, err)
         return None
     except (TransientError, OperationalError) as err:
-        raise self.retry(exc=err, countdown=get_context().settings.queue.retry_backoff * 2 ** self.request.retries,
-                         max_retries=get_context().settings.queue.max_retries)
+        settings = get_context().settings
+        if self.request.retries >= settings.queue.max_retries:
+            return None  # left unpublished: the recovery sweep sends it again later
+        raise self.retry(exc=err, countdown=settings.queue.retry_backoff * 2 ** self.request.retries,
+                         max_retries=settings.queue.max_retries)
+    except Exception as err:  # noqa: BLE001 - e.g. a resource the builders reject: stop resending
+        log.exception("publish of %s failed", draft_id)
+        service.publish_failed(get_context().engine, draft_id, f"{type(err).__name__}: {err}")
+        return None

@@ -21,6 +21,7 @@ from datetime import date, datetime, time
 from sqlalchemy import Column, Index, String, Text, UniqueConstraint, insert, update
 from sqlmodel import Field, Session, SQLModel, select
 
+from audit.chain import lock_chain
 from taqrir.db import utcnow
 
 from .headers import InstanceHeaders
@@ -295,6 +296,7 @@ def set_state(
 ) -> bool:
     """Compare-and-set a study's state for one version. False when the study moved on (a newer
     version arrived, or another worker already advanced it): the caller then does nothing."""
+    lock_chain(session)  # same lock order as ingest (lock, then study row): no deadlock
     stmt = update(Study).where(Study.id == study_pk, Study.version == version)  # type: ignore[arg-type]
     if expect:
         stmt = stmt.where(Study.state.in_([s.value for s in expect]))  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.chain import record
+from audit.chain import lock_chain, record
 from taqrir.db import session_scope, utcnow
 
 from .index import Study, StudyState
@@ -38,6 +38,7 @@ def sweep_stable(engine: Engine, *, stable_after: float, handoff: Handoff, now: 
         ).all()
     for pk, uid, version in candidates:
         with session_scope(engine) as session:
+            lock_chain(session)  # before the study row, as ingest does (PostgreSQL deadlock otherwise)
             res = session.exec(  # type: ignore[call-overload]
                 update(Study)
                 .where(Study.id == pk, Study.version == version,  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.chain import verify
+from audit.chain import AuditRecord, verify
 from inference.tiny import write_tiny
 from integrations.dicom.index import Study
 from integrations.dicom.listener import Listener
@@ -129,6 +130,13 @@ class Pipeline:
             time.sleep(0.2)
         raise AssertionError(f"{uid} never reached {states}; now {self.states().get(uid)}")
 
+    def drafts_created(self, uid: str) -> int:
+        """draft.created audit records for this study (the unique index alone would hide a
+        second successful inference; the audit trail does not)."""
+        with session_scope(self.engine) as s:
+            rows = s.exec(select(AuditRecord).where(AuditRecord.action == "draft.created")).all()
+        return sum(1 for r in rows if json.loads(r.details).get("study") == uid)
+
     def drafts(self, uid: str) -> list[DraftRecord]:
         with session_scope(self.engine) as s:
             return list(s.exec(select(DraftRecord).where(DraftRecord.study_instance_uid == uid)).all())
@@ -222,37 +230,50 @@ def test_worker_killed_during_inference_drafts_exactly_once(make_pipeline: Calla
     assert p.wait_state(MR_UID, {"drafted"}, timeout=180)[0] == "drafted"
     time.sleep(2)
     assert len(p.drafts(MR_UID)) == 1
+    assert p.drafts_created(MR_UID) == 1
 
 
 @POSTGRES_ONLY
 def test_redis_restart_loses_nothing(make_pipeline: Callable[..., Pipeline], redis_server: RedisServer) -> None:
-    p = make_pipeline()
+    # 1. the broker is gone when a study becomes stable: its first message is never sent
+    p = make_pipeline(TAQRIR_INFERENCE__TINY_MAX_NEW_TOKENS="300")
     p.start_worker()
-    redis_server.stop()  # the broker is gone when the study becomes stable: the message is lost
+    redis_server.stop()
     assert storescu(p.port, CT3).statuses() == ["Success"] * 3
     p.wait_state(CT_UID, {"queued"}, timeout=60)
     time.sleep(1)
     redis_server.start()  # empty: Redis kept nothing
-    assert p.wait_state(CT_UID, {"drafted"}, timeout=120)[0] == "drafted"
-    assert len(p.drafts(CT_UID)) == 1
+    # 2. the broker restarts while the worker is inferring: the unacknowledged message and the
+    #    publish message that would follow are lost with it
+    p.wait_state(CT_UID, {"inferring"}, timeout=120)
+    redis_server.stop()
+    time.sleep(1)
+    redis_server.start()
+    assert p.wait_state(CT_UID, {"drafted"}, timeout=180)[0] == "drafted"
+    deadline = time.monotonic() + 60
+    while not p.drafts(CT_UID)[0].published_at and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert p.drafts(CT_UID)[0].published_at is not None
+    assert p.drafts_created(CT_UID) == 1
 
 
 @POSTGRES_ONLY
 def test_duplicated_messages_make_one_draft(make_pipeline: Callable[..., Pipeline]) -> None:
-    from workers.tasks import infer_task, publish_task, render_task
+    from workers.tasks import infer_task, render_task
 
-    p = make_pipeline()
-    p.start_worker()
+    p = make_pipeline(TAQRIR_INFERENCE__TINY_MAX_NEW_TOKENS="200")
+    p.start_worker(TAQRIR_QUEUE__REQUEUE_AFTER="600")
+    p.start_worker(TAQRIR_QUEUE__REQUEUE_AFTER="600")  # a second worker takes the duplicates at once
     assert storescu(p.port, CT3).statuses() == ["Success"] * 3
-    _, version, _ = p.wait_state(CT_UID, {"drafted"})
-    (d,) = p.drafts(CT_UID)
-    for _ in range(2):
+    _, version, _ = p.wait_state(CT_UID, {"inferring"})
+    for _ in range(2):  # duplicates while the first delivery is still inferring
         render_task.delay(CT_UID, version)
         infer_task.delay(CT_UID, version)
-        publish_task.delay(d.draft_id)
-    time.sleep(6)
-    assert len(p.drafts(CT_UID)) == 1
+    p.wait_state(CT_UID, {"drafted"}, timeout=180)
+    time.sleep(8)  # let every duplicate run to its end
     assert p.states()[CT_UID][0] == "drafted"
+    assert len(p.drafts(CT_UID)) == 1
+    assert p.drafts_created(CT_UID) == 1
 
 
 @POSTGRES_ONLY

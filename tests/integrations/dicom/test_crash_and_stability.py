@@ -78,10 +78,12 @@ def test_sigkill_during_transfer_loses_no_acknowledged_instance(db_url: str, eng
         assert sop in rows, f"acknowledged {sop} missing after SIGKILL"
         row = rows[sop]
         assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
-    # Outside the staging folder every file is complete and indexed.
+    # Outside the staging folder every file is complete: its content hash is the one in its
+    # (content-addressed) name, and its headers and Pixel Data extent check out.
     visible = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
     for p in visible:
-        read_headers(p)  # parses fully, pixel data complete
+        assert hashlib.sha256(p.read_bytes()).hexdigest()[:16] == p.name.split(".")[-2]
+        read_headers(p)
     # A restart discards partial transfers and serves again.
     proc = _start_listener_process(data_dir, db_url, port)
     try:
@@ -101,9 +103,10 @@ def test_stability_rearm_and_new_version(start_listener: Callable[..., Listener]
                               handoff=lambda uid, v: handed.append((uid, v)))
     series = sorted((CORPUS / "mr" / "series_dcm4che_wrist").iterdir())
     assert storescu(listener.port, series[:8]).statuses() == ["Success"] * 8  # type: ignore[attr-defined]
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert storescu(listener.port, series[8:12]).statuses() == ["Success"] * 4  # type: ignore[attr-defined]
-    assert handed == []  # the late instances re-armed the timer
+    time.sleep(0.5)  # 1.3 s after the first batch: stable by now, had the late ones not re-armed it
+    assert handed == []
     deadline = time.monotonic() + 10
     while not handed and time.monotonic() < deadline:
         time.sleep(0.1)

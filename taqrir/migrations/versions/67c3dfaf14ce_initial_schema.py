@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 6d8d64941052
+Revision ID: 67c3dfaf14ce
 Revises: 
-Create Date: 2026-11-27 20:18:35.398798
+Create Date: 2026-11-27 20:35:23.973164
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision = '6d8d64941052'
+
+revision = '67c3dfaf14ce'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -143,6 +144,8 @@ def upgrade() -> None:
     sa.Column('stage_times', sa.Text(), nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('published_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('publish_attempted_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('publish_error', sa.Text(), nullable=True),
     sa.Column('fhir_report_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
     sa.ForeignKeyConstraint(['study_pk'], ['study.id'], ),
     sa.PrimaryKeyConstraint('id'),
@@ -160,6 +163,7 @@ def upgrade() -> None:
     sa.Column('folder_key', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
     sa.Column('manifest', sa.Text(), nullable=False),
     sa.Column('render_s', sa.Float(), nullable=False),
+    sa.Column('queue_s', sa.Float(), nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['study_pk'], ['study.id'], ),
     sa.PrimaryKeyConstraint('id'),
