@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
 from sqlalchemy import Column, Text, text
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from taqrir.db import as_utc, utcnow
 
@@ -110,6 +110,56 @@ def record(
     rec.hash = chain_hash(prev_hash, _hashed_fields(rec))
     session.connection().execute(sa_insert(AuditRecord).values(**rec.model_dump()))
     return rec
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One event for :func:`record_many` (the keyword arguments of :func:`record`)."""
+
+    action: str
+    actor: str
+    entity_type: str = ""
+    entity_id: str = ""
+    outcome: str = "success"
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def record_many(session: Session, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+    """Append ``events`` to the chain, in order, inside the caller's transaction.
+
+    The records are exactly those that calling :func:`record` once per event would write (same
+    fields, same hashes), but the chain lock is taken once, the head is read once and the rows go
+    in one INSERT: the group-commit writer of the API's access log appends whole batches this way.
+    """
+    if not events:
+        return []
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":  # lock_chain's lock, taken on the connection (no ORM round trip)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    head = conn.execute(
+        sa_select(col(AuditRecord.seq), col(AuditRecord.hash)).order_by(col(AuditRecord.seq).desc()).limit(1)
+    ).first()
+    prev_hash = head.hash if head else GENESIS
+    seq = head.seq if head else 0
+    out: list[AuditRecord] = []
+    for event in events:
+        seq += 1
+        rec = AuditRecord(
+            seq=seq,
+            at=utcnow(),
+            action=event.action,
+            actor=event.actor,
+            entity_type=event.entity_type,
+            entity_id=event.entity_id,
+            outcome=event.outcome,
+            details=json.dumps(dict(event.details), sort_keys=True, ensure_ascii=False, default=str),
+            prev_hash=prev_hash,
+            hash="",
+        )
+        rec.hash = prev_hash = chain_hash(prev_hash, _hashed_fields(rec))
+        out.append(rec)
+    conn.execute(sa_insert(AuditRecord.__table__), [r.model_dump() for r in out])  # type: ignore[attr-defined]
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,13 @@ bearer token, run the same SQL and write an audit record per request.
 
     .venv/bin/python bench/fhir_api.py                     # 100,000 drafts, 20 s per mode
     .venv/bin/python bench/fhir_api.py --drafts 20000 --seconds 10
+    .venv/bin/python bench/fhir_api.py --keep              # keep the loaded database (name printed)
+    .venv/bin/python bench/fhir_api.py --db taqrir_bench_xxxxxxxx --modes raw --rates 250,500
+
+Besides latency and throughput it reports the CPU milliseconds per request of the server
+processes, the PostgreSQL backends and the load generator itself (this process), and the share of
+the whole machine each took, plus what everything else on the machine used meanwhile ("other"):
+the load generator shares the cores with the server.
 
 Drafts are made by the real builders once (a study of the corpus) and then varied per draft at
 the JSON level (ids, identifiers, subject, dates), indexed with the store's own ``index_of`` and
@@ -22,6 +29,7 @@ import io
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import psutil
 import psycopg
 from sqlalchemy import text
 
@@ -170,6 +179,16 @@ def load(pg_url: str, n: int, patients: int, batch: int = 5000) -> tuple[list[st
     return pids, rids, time.perf_counter() - t0
 
 
+def existing(db_url: str) -> tuple[list[str], list[str]]:
+    """Patient and report ids of a database loaded by :func:`load`."""
+    raw = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(raw) as conn:
+        rids = [r[0] for r in conn.execute("SELECT id FROM fhir_resource WHERE resource_type = 'DiagnosticReport' "
+                                           "AND id LIKE 'dr-bench-%' ORDER BY id")]
+        pids = [r[0] for r in conn.execute("SELECT id FROM fhir_resource WHERE resource_type = 'Patient' ORDER BY id")]
+    return pids, rids
+
+
 # ---------------------------------------------------------------------------------------------
 # load
 
@@ -213,16 +232,70 @@ async def _client(port: int, token: str, pids: list[str], rids: list[str], until
         writer.close()
 
 
+class CpuMeter:
+    """CPU seconds used by the server processes, the PostgreSQL backends of the benchmark database
+    and this process (the load generator) between :meth:`mark` calls; the rest of the machine is
+    whatever else runs on it."""
+
+    def __init__(self, servers: list[psutil.Process], db_name: str) -> None:
+        self._servers = servers
+        self._db_name = db_name
+
+    def _tracked(self) -> list[tuple[str, psutil.Process]]:
+        out = [("server", s) for s in self._servers]
+        out += [("server", c) for s in self._servers for c in s.children(recursive=True)]
+        for p in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["name"] == "postgres" and (self._db_name in cmd or "walwriter" in cmd or "checkpointer" in cmd):
+                out.append(("postgres", p))
+        return out
+
+    def snapshot(self) -> tuple[dict[int, tuple[str, float]], float, float, float]:
+        """Per-process CPU seconds, this process's CPU seconds, machine busy CPU seconds, wall time."""
+        per: dict[int, tuple[str, float]] = {}
+        for role, p in self._tracked():
+            try:
+                t = p.cpu_times()
+                per[p.pid] = (role, t.user + t.system)
+            except psutil.Error:
+                continue
+        me = time.process_time()
+        sys_t = psutil.cpu_times()
+        busy = sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)
+        return per, me, busy, time.perf_counter()
+
+    @staticmethod
+    def usage(a: tuple[dict[int, tuple[str, float]], float, float, float],
+              b: tuple[dict[int, tuple[str, float]], float, float, float]) -> dict[str, float]:
+        """CPU seconds per role between two snapshots, with wall seconds and the machine's busy CPU."""
+        roles = {"server": 0.0, "postgres": 0.0}
+        for pid, (role, after) in b[0].items():
+            before = a[0].get(pid, (role, 0.0))[1]
+            roles[role] += after - before
+        return {**roles, "loadgen": b[1] - a[1], "machine_busy": b[2] - a[2], "wall": b[3] - a[3]}
+
+
 async def _drive(port: int, token: str, pids: list[str], rids: list[str], clients: int, warmup: float,
-                 seconds: float, rate: float) -> tuple[dict[str, list[float]], list[str], float]:
+                 seconds: float, rate: float, meter: CpuMeter | None = None
+                 ) -> tuple[dict[str, list[float]], list[str], float, dict[str, float]]:
     lat: dict[str, list[float]] = {"search": [], "read": []}
     errors: list[str] = []
     start = time.perf_counter()
     warm_until, until = start + warmup, start + warmup + seconds
     interval = clients / rate if rate else 0.0
-    await asyncio.gather(*(_client(port, token, pids, rids, until, warm_until, lat, errors, s, interval)
-                           for s in range(clients)))
-    return lat, errors, seconds
+    cpu: dict[str, float] = {}
+
+    async def measure() -> None:
+        if meter is None:
+            return
+        await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
+        a = meter.snapshot()
+        await asyncio.sleep(max(0.0, until - time.perf_counter()))
+        cpu.update(CpuMeter.usage(a, meter.snapshot()))
+
+    await asyncio.gather(measure(), *(_client(port, token, pids, rids, until, warm_until, lat, errors, s, interval)
+                                      for s in range(clients)))
+    return lat, errors, seconds, cpu
 
 
 def pct(values: list[float], q: float) -> float:
@@ -232,6 +305,7 @@ def pct(values: list[float], q: float) -> float:
 
 def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list[str],
              args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start a server in ``mode`` and run the paced loads, then saturation, against it."""
     from tests.conftest import free_port
 
     port = free_port()
@@ -240,10 +314,27 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
            "TAQRIR_API__BASE_URL": f"http://127.0.0.1:{port}/fhir", "TAQRIR_LOG_LEVEL": "WARNING"}
     settings = load_settings(data_dir=data_dir, database_url=db_url)
     token = issue_token(settings.api, data_dir, "bench", ["user/DiagnosticReport.rs"], ttl_s=3600)
-    cmd = [sys.executable, "-m", "uvicorn", "fhir_api:make_app", "--factory", "--app-dir", str(REPO / "bench"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    base_cmd = [sys.executable, "-m", "uvicorn", "fhir_api:make_app", "--factory", "--app-dir", str(REPO / "bench"),
+                "--no-access-log", "--log-level", "warning"]
+    run_env = {**env, "PYTHONPATH": str(REPO)}
+    procs: list[subprocess.Popen[bytes]] = []
+    socks: list[socket.socket] = []
+    if args.listen == "shared":
+        # uvicorn --workers: one listening socket shared by the workers; whichever wakes first accepts
+        procs.append(subprocess.Popen(base_cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers",
+                                                  str(args.workers)], env=run_env, cwd=REPO))
+    else:
+        # one single-process uvicorn per worker, each on its own SO_REUSEPORT socket: the kernel
+        # spreads the connections over them (as gunicorn --reuse-port or nginx reuseport do)
+        for _ in range(args.workers):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(2048)
+            socks.append(sock)
+            procs.append(subprocess.Popen(base_cmd + ["--fd", str(sock.fileno())], env=run_env, cwd=REPO,
+                                          pass_fds=[sock.fileno()]))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -253,22 +344,34 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/fhir/metadata", timeout=2).read()
                 break
             except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.2)
+        if socks:
+            time.sleep(2)  # every worker is up (the probe reached one of them)
+        meter = CpuMeter([psutil.Process(p.pid) for p in procs], db_url.rsplit("/", 1)[1])
         out = []
-        for rate in [float(r) for r in args.rates.split(",")] + [0.0]:
-            lat, errors, seconds = asyncio.run(_drive(port, token, pids, rids, args.clients, args.warmup, args.seconds, rate))
-            out.append(_summary(mode, rate, lat, errors, seconds))
+        for rate in [float(r) for r in args.rates.split(",") if r] + [0.0]:
+            lat, errors, seconds, cpu = asyncio.run(_drive(port, token, pids, rids, args.clients, args.warmup,
+                                                           args.seconds, rate, meter))
+            out.append(_summary(mode, rate, lat, errors, seconds, cpu))
             print(json.dumps(out[-1]), flush=True)
         return out
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        for sock in socks:
+            sock.close()
 
 
-def _summary(mode: str, rate: float, lat: dict[str, list[float]], errors: list[str], seconds: float) -> dict[str, Any]:
+def _summary(mode: str, rate: float, lat: dict[str, list[float]], errors: list[str], seconds: float,
+             cpu: dict[str, float]) -> dict[str, Any]:
     every = lat["search"] + lat["read"]
+    n = max(1, len(every))
+    ncpu = os.cpu_count() or 1
+    wall = cpu.get("wall") or seconds
     return {
         "mode": mode,
         "load": f"paced {rate:.0f}/s" if rate else "saturation",
@@ -279,6 +382,15 @@ def _summary(mode: str, rate: float, lat: dict[str, list[float]], errors: list[s
         "search_p50_ms": pct(lat["search"], 0.5), "search_p99_ms": pct(lat["search"], 0.99),
         "read_p50_ms": pct(lat["read"], 0.5), "read_p99_ms": pct(lat["read"], 0.99),
         "mean_ms": statistics.fmean(every) * 1000 if every else float("nan"),
+        # CPU milliseconds per request of each part, and the share of the machine (all cores) it took
+        "server_cpu_ms": cpu.get("server", 0.0) * 1000 / n,
+        "postgres_cpu_ms": cpu.get("postgres", 0.0) * 1000 / n,
+        "loadgen_cpu_ms": cpu.get("loadgen", 0.0) * 1000 / n,
+        "server_share": cpu.get("server", 0.0) / (wall * ncpu),
+        "postgres_share": cpu.get("postgres", 0.0) / (wall * ncpu),
+        "loadgen_share": cpu.get("loadgen", 0.0) / (wall * ncpu),
+        "other_share": max(0.0, cpu.get("machine_busy", 0.0) - cpu.get("server", 0.0) - cpu.get("postgres", 0.0)
+                           - cpu.get("loadgen", 0.0)) / (wall * ncpu),
     }
 
 
@@ -288,26 +400,35 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=10_000, help="drafts are spread over this many patients")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (one per core)")
+    parser.add_argument("--listen", choices=("shared", "reuseport"), default="shared",
+                        help="shared: uvicorn --workers on one socket; reuseport: one uvicorn per worker, "
+                             "each on its own SO_REUSEPORT socket (the kernel balances the connections)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rates", default="100,250,500",
                         help="offered loads of the paced runs (req/s over all clients); a saturation run follows")
     parser.add_argument("--modes", default="model,raw")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    parser.add_argument("--db", help="reuse this database (kept by an earlier --keep run) instead of loading one")
     args = parser.parse_args()
 
-    name = f"taqrir_bench_{uuid.uuid4().hex[:8]}"
     admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    name = args.db or f"taqrir_bench_{uuid.uuid4().hex[:8]}"
     db_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    if not args.db:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        engine = make_engine(db_url, pool_size=1)
-        upgrade(engine)
-        engine.dispose()
-        pids, rids, secs = load(db_url, args.drafts, min(args.patients, args.drafts))
-        print(f"loaded {args.drafts} drafts ({len(pids)} patients) in {secs:.1f} s "
-              f"({args.drafts / secs:.0f} drafts/s)", flush=True)
+        if args.db:
+            pids, rids = existing(db_url)
+            print(f"reusing {name}: {len(rids)} drafts ({len(pids)} patients)", flush=True)
+        else:
+            engine = make_engine(db_url, pool_size=1)
+            upgrade(engine)
+            engine.dispose()
+            pids, rids, secs = load(db_url, args.drafts, min(args.patients, args.drafts))
+            print(f"loaded {args.drafts} drafts ({len(pids)} patients) into {name} in {secs:.1f} s "
+                  f"({args.drafts / secs:.0f} drafts/s)", flush=True)
         results = []
         with tempfile.TemporaryDirectory() as tmp:
             for mode in args.modes.split(","):
@@ -316,10 +437,15 @@ def main() -> None:
         for r in results:
             print(f"{r['mode']:6} {r['load']:>12} {r['rps']:8.0f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
                   f"{r['search_p99_ms']:11.1f} {r['read_p99_ms']:9.1f} {r['errors']:7d}")
-        print(f"\n{args.clients} clients, {args.workers} uvicorn workers, {os.cpu_count()} CPUs shared by "
+        print(f"\nCPU ms per request and share of the whole machine ({os.cpu_count()} CPUs):")
+        print(f"{'mode':6} {'load':>12} {'server':>8} {'postgres':>9} {'loadgen':>8} | {'server':>7} {'pg':>5} {'loadgen':>7} {'other':>6}")
+        for r in results:
+            print(f"{r['mode']:6} {r['load']:>12} {r['server_cpu_ms']:8.2f} {r['postgres_cpu_ms']:9.2f} {r['loadgen_cpu_ms']:8.2f} | "
+                  f"{r['server_share']:7.0%} {r['postgres_share']:5.0%} {r['loadgen_share']:7.0%} {r['other_share']:6.0%}")
+        print(f"\n{args.clients} clients, {args.workers} uvicorn workers ({args.listen} socket), {os.cpu_count()} CPUs shared by "
               "server, PostgreSQL and the load generator; targets: p99 < 50 ms, >= 500 req/s")
     finally:
-        if not args.keep:
+        if not args.keep and not args.db:
             with admin.connect() as conn:
                 conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))

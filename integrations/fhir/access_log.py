@@ -12,24 +12,29 @@ one chain record: ``actor`` = the caller, ``action`` = ``fhir.read`` / ``fhir.vr
 ``fhir.history`` / ``fhir.search``, ``entity_type`` the resource type (``*`` when mixed),
 ``entity_id`` the id when the record holds one event, and ``details.events`` every event (what was
 returned, which versions, when). At low load that is one record per request; under load a busy
-caller's concurrent requests share a record. State changes (publish, review) do not come here:
-they record in their own transaction.
+caller's concurrent requests share a record. A batch is appended with
+:func:`audit.chain.record_many` (one chain lock, one head read, one INSERT, one commit).
+
+Requests wait on the event loop (:meth:`AccessAuditor.record` is a coroutine): no thread is held
+while a batch commits, and the writer thread wakes each loop once per batch. State changes
+(publish, review) do not come here: they record in their own transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
-from audit.chain import record
+from audit.chain import AuditEvent, record_many
 from reporting.fhir.timing import instant
-from taqrir.db import session_scope, utcnow
+from taqrir.db import make_engine, session_scope, utcnow
 
 from .errors import AuditUnavailable
 
@@ -39,17 +44,39 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Event:
     fields: dict[str, Any]
-    done: Future[None] = field(default_factory=Future)
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.done = self.loop.create_future()
+
+
+def _settle(futures: list[asyncio.Future[None]], err: BaseException | None) -> None:
+    """Runs on the waiters' loop: wake every waiter of a batch (a waiter that gave up is skipped)."""
+    for fut in futures:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
 
 
 class AccessAuditor:
     """Group-commit writer of access events for one engine (one per API process)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 500, timeout_s: float = 30.0) -> None:
+        # PostgreSQL: the one writer thread keeps one connection of its own, not pinged before each
+        # batch (a ping is a round trip per batch); a batch that finds it dead is written again on a
+        # fresh one (_write). SQLite: the engine as given (its BEGIN IMMEDIATE hook serialises writers).
         self._engine = engine
+        self._own_engine = engine.dialect.name == "postgresql"
+        if self._own_engine:
+            self._engine = make_engine(engine.url.render_as_string(hide_password=False), pool_size=1,
+                                       max_overflow=0, pool_pre_ping=False)
         self._max_batch = max_batch
         self._timeout_s = timeout_s
-        self._queue: queue.Queue[_Event | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -67,16 +94,19 @@ class AccessAuditor:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout=self._timeout_s)
+        if self._own_engine:
+            self._engine.dispose()
 
-    def record(self, *, action: str, actor: str, entity_type: str, entity_id: str = "",
-               details: dict[str, Any] | None = None) -> None:
+    async def record(self, *, action: str, actor: str, entity_type: str, entity_id: str = "",
+                     details: dict[str, Any] | None = None) -> None:
         """Record one access and return once it is committed (raises :class:`AuditUnavailable`)."""
-        self.start()
+        if self._thread is None or not self._thread.is_alive():
+            self.start()
         event = _Event({"action": action, "actor": actor, "entity_type": entity_type, "entity_id": entity_id,
-                        "details": details or {}, "at": instant(utcnow())})
+                        "details": details or {}, "at": instant(utcnow())}, asyncio.get_running_loop())
         self._queue.put(event)
         try:
-            event.done.result(timeout=self._timeout_s)
+            await asyncio.wait_for(event.done, self._timeout_s)
         except Exception as err:
             raise AuditUnavailable("the access could not be recorded in the audit trail; try again") from err
 
@@ -103,25 +133,40 @@ class AccessAuditor:
         for event in batch:
             f = event.fields
             groups.setdefault((f["actor"], f["action"]), []).append(f)
+        events = []
+        for (actor, action), items in groups.items():
+            types = {i["entity_type"] for i in items}
+            events.append(AuditEvent(
+                action=action,
+                actor=actor,
+                entity_type=types.pop() if len(types) == 1 else "*",
+                entity_id=items[0]["entity_id"] if len(items) == 1 else "",
+                details={"events": [
+                    {"at": i["at"], "entity_type": i["entity_type"], "entity_id": i["entity_id"], **i["details"]}
+                    for i in items
+                ]},
+            ))
+        failure: BaseException | None = None
         try:
-            with session_scope(self._engine) as session:
-                for (actor, action), items in groups.items():
-                    types = {i["entity_type"] for i in items}
-                    record(
-                        session,
-                        action=action,
-                        actor=actor,
-                        entity_type=types.pop() if len(types) == 1 else "*",
-                        entity_id=items[0]["entity_id"] if len(items) == 1 else "",
-                        details={"events": [
-                            {"at": i["at"], "entity_type": i["entity_type"], "entity_id": i["entity_id"], **i["details"]}
-                            for i in items
-                        ]},
-                    )
+            try:
+                with session_scope(self._engine) as session:
+                    record_many(session, events)
+            except DBAPIError as err:
+                if not err.connection_invalidated:
+                    raise
+                # The connection had died (a database restart) and has been dropped: write the batch
+                # on a fresh one. Should the commit itself have got through, the accesses are
+                # recorded twice, never lost.
+                with session_scope(self._engine) as session:
+                    record_many(session, events)
         except Exception as err:  # noqa: BLE001 - every waiter must hear about any failure
             log.error("could not write %d access audit records: %s", len(batch), type(err).__name__)
-            for event in batch:
-                event.done.set_exception(err)
-            return
+            failure = err
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for event in batch:
-            event.done.set_result(None)
+            by_loop.setdefault(event.loop, []).append(event.done)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, futures, failure)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                continue

@@ -6,26 +6,33 @@ DiagnosticReport, Patient, ImagingStudy, Device and Provenance; search (see
 OperationOutcome (handlers below are the one place errors become HTTP statuses). Every read and
 search is committed to the audit trail with the caller's identity before its response is sent
 (:mod:`integrations.fhir.access_log`); a review records in its own transaction.
+
+Reads, vreads, histories and searches are coroutines: parsing, scope checks and the response run on
+the event loop, the SQL runs in a worker thread (:meth:`FhirApi.query`, one hop per request) and
+the wait for the audit commit holds no thread. The review stays a plain (threadpool) route.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from enum import Enum
 from importlib import metadata
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import anyio.to_thread
 from fastapi import Body, Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fhir.resources.R4B.parameters import Parameters
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import QueuePool
 from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -33,7 +40,7 @@ from starlette.responses import Response
 from reporting.draft import Draft, Language, Sections
 from reporting.fhir import Review
 from reporting.fhir.timing import instant
-from taqrir.db import session_scope, utcnow
+from taqrir.db import make_engine, session_scope, utcnow
 from taqrir.settings import Settings
 
 from .access_log import AccessAuditor
@@ -47,6 +54,7 @@ from .store import (
     CurrentRow,
     FhirDraft,
     FhirResource,
+    VersionRow,
     fetch_current,
     get_current,
     get_version,
@@ -58,6 +66,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 _ETAG = re.compile(r'^(W/)?"(\d+)"$')
+T = TypeVar("T")
 
 
 class ResourceType(str, Enum):
@@ -84,10 +93,16 @@ class FhirApi:
             self.study_timezone = ZoneInfo(settings.api.study_timezone)
         except (ZoneInfoNotFoundError, ValueError) as err:
             raise ValueError(f"api.study_timezone {settings.api.study_timezone!r} is not an IANA zone") from err
-        # Reads run in autocommit on PostgreSQL: no BEGIN/COMMIT round trips for a single SELECT.
-        # SQLite keeps its transactions (the engine's BEGIN IMMEDIATE hook owns them).
-        self._read_engine = (engine.execution_options(isolation_level="AUTOCOMMIT")
-                             if engine.dialect.name == "postgresql" else None)
+        # Reads on PostgreSQL run in autocommit (no BEGIN/COMMIT round trips for a single SELECT) on
+        # a pool of their own without pre-ping (a ping is one more round trip per request): a
+        # connection that died meanwhile fails its query, is dropped by the pool, and the read is
+        # run again once (:meth:`_query_sync`). SQLite keeps its transactions (the engine's BEGIN
+        # IMMEDIATE hook owns them).
+        self._read_engine: Engine | None = None
+        if engine.dialect.name == "postgresql":
+            size = engine.pool.size() if isinstance(engine.pool, QueuePool) else 10
+            self._read_engine = make_engine(engine.url.render_as_string(hide_password=False), pool_pre_ping=False,
+                                            isolation_level="AUTOCOMMIT", pool_size=size, max_overflow=size)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -98,6 +113,27 @@ class FhirApi:
         else:
             with self._read_engine.connect() as conn:
                 yield conn
+
+    def close(self) -> None:
+        """Close the read pool (the engine passed in belongs to the caller)."""
+        if self._read_engine is not None:
+            self._read_engine.dispose()
+
+    def _query_sync(self, work: Callable[[Connection], T]) -> T:
+        try:
+            with self.reading() as conn:
+                return work(conn)
+        except DBAPIError as err:
+            if not err.connection_invalidated:
+                raise
+        # A pooled connection had died (a database restart); the pool has dropped it. Reads are
+        # idempotent: run it again on a fresh connection.
+        with self.reading() as conn:
+            return work(conn)
+
+    async def query(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` on a read connection in a worker thread (the event loop never blocks on SQL)."""
+        return await anyio.to_thread.run_sync(self._query_sync, work)
 
 
 def _api(request: Request) -> FhirApi:
@@ -213,6 +249,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         api.auditor.start()
         yield
         api.auditor.stop()
+        api.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -260,7 +297,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @app.get("/fhir/{resource_type}", tags=["search"], response_class=Response,
              responses={200: {"content": {"application/fhir+json": {}}}},
              openapi_extra={"parameters": _SEARCH_OPENAPI})
-    def search(resource_type: ResourceType, request: Request, principal: PrincipalDep) -> Response:
+    async def search(resource_type: ResourceType, request: Request, principal: PrincipalDep) -> Response:
         """Search (R4 http.html#search): Bundle searchset with total and next/previous links."""
         rtype = resource_type.value
         principal.require(rtype, "s")
@@ -276,8 +313,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             principal.require("Patient" if inc.endswith(("subject", "patient")) else "ImagingStudy", "r")
         for _ in q.revinclude:
             principal.require("Provenance", "r")
-        with api.reading() as session:
-            result = run_search(session, q)
+        result = await api.query(lambda conn: run_search(conn, q))
         links = [("self", _page_url(api.base_url, rtype, pairs, q.offset))]
         if not q.summary_count:
             if q.offset + q.count < result.total and q.count > 0:
@@ -286,7 +322,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                 links.append(("previous", _page_url(api.base_url, rtype, pairs, max(0, q.offset - q.count))))
         entries = [(m.resource_type, m.id, m.json_text, "match") for m in result.matches]
         entries += [(i.resource_type, i.id, i.json_text, "include") for i in result.included]
-        api.auditor.record(action="fhir.search", actor=principal.subject, entity_type=rtype,
+        await api.auditor.record(action="fhir.search", actor=principal.subject, entity_type=rtype,
                            details={"params": sorted({k for k, _ in pairs}), "total": result.total,
                                     "returned": [f"{m.resource_type}/{m.id}/_history/{m.version_id}" for m in result.matches],
                                     "included": [f"{i.resource_type}/{i.id}" for i in result.included]})
@@ -296,21 +332,20 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/fhir/{resource_type}/{resource_id}", tags=["read"], response_class=Response,
              responses={200: {"content": {"application/fhir+json": {}}}})
-    def read(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep) -> Response:
+    async def read(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep) -> Response:
         """Read the current version."""
         rtype = resource_type.value
         principal.require(rtype, "r")
-        with api.reading() as session:
-            row = fetch_current(session, rtype, resource_id)
+        row = await api.query(lambda conn: fetch_current(conn, rtype, resource_id))
         _check_compartment(principal, row, "r")
-        api.auditor.record(action="fhir.read", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
+        await api.auditor.record(action="fhir.read", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
                            details={"version": row.version_id})
         return fhir_response(resource_body(rtype, row.json_text, api.mode), headers=_headers(row.version_id, row.last_updated))
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history", tags=["history"], response_class=Response,
              responses={200: {"content": {"application/fhir+json": {}}}})
-    def instance_history(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep,
-                         request: Request) -> Response:
+    async def instance_history(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep,
+                               request: Request) -> Response:
         """Every version, newest first (Bundle history)."""
         rtype = resource_type.value
         principal.require(rtype, "r")
@@ -320,10 +355,13 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             if k not in ("_count", "_offset") or not v.isdigit():
                 raise InvalidRequest(f"_history takes _count and _offset (non-negative integers), not {k}={v!r}")
             count, offset = (min(int(v), 500), offset) if k == "_count" else (count, int(v))
-        with api.reading() as session:
-            _check_compartment(principal, fetch_current(session, rtype, resource_id), "r")
-            total, rows = history(session, rtype, resource_id, count=count, offset=offset)
-        api.auditor.record(action="fhir.history", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
+
+        def page(conn: Connection) -> tuple[int, list[VersionRow]]:
+            _check_compartment(principal, fetch_current(conn, rtype, resource_id), "r")
+            return history(conn, rtype, resource_id, count=count, offset=offset)
+
+        total, rows = await api.query(page)
+        await api.auditor.record(action="fhir.history", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
                            details={"versions": [r.version_id for r in rows]})
         links = [("self", f"{api.base_url}/{rtype}/{resource_id}/_history?" + urlencode({"_count": count, "_offset": offset}))]
         if offset + count < total:
@@ -335,15 +373,18 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history/{version_id}", tags=["read"], response_class=Response,
              responses={200: {"content": {"application/fhir+json": {}}}})
-    def vread(resource_type: ResourceType, resource_id: IdPath, version_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
-              principal: PrincipalDep) -> Response:
+    async def vread(resource_type: ResourceType, resource_id: IdPath,
+                    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], principal: PrincipalDep) -> Response:
         """Read one version."""
         rtype = resource_type.value
         principal.require(rtype, "r")
-        with api.reading() as session:
-            _check_compartment(principal, fetch_current(session, rtype, resource_id), "r")
-            row = get_version(session, rtype, resource_id, version_id)
-        api.auditor.record(action="fhir.vread", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
+
+        def version(conn: Connection) -> VersionRow:
+            _check_compartment(principal, fetch_current(conn, rtype, resource_id), "r")
+            return get_version(conn, rtype, resource_id, version_id)
+
+        row = await api.query(version)
+        await api.auditor.record(action="fhir.vread", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
                            details={"version": version_id})
         return fhir_response(resource_body(rtype, row.json_text, api.mode), headers=_headers(row.version_id, row.last_updated))
 

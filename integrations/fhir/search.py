@@ -59,17 +59,23 @@ def _token_clause(resource_type: str, name: str, tokens: tuple[Any, ...]) -> Col
     return or_(*alts)
 
 
+def _one_of(column: Any, values: tuple[str, ...]) -> ColumnElement[bool]:
+    # ``=`` for one value: an IN list is rendered again on every execution (expanding parameter),
+    # an equality is a plain bind of the cached statement.
+    return column == values[0] if len(values) == 1 else column.in_(values)  # type: ignore[no-any-return]
+
+
 def where_clauses(q: SearchQuery) -> list[ColumnElement[bool]]:
     """The SQL conditions of a query (AND of parameters, OR within a parameter)."""
     out: list[ColumnElement[bool]] = [col(FhirResource.resource_type) == q.resource_type]
     for ids in q.ids:
-        out.append(col(FhirResource.id).in_(ids))
+        out.append(_one_of(col(FhirResource.id), ids))
     for refs in q.patients:
-        out.append(col(FhirResource.patient_ref).in_(refs))
+        out.append(_one_of(col(FhirResource.patient_ref), refs))
     for statuses in q.statuses:
-        out.append(col(FhirResource.status).in_(statuses))
+        out.append(_one_of(col(FhirResource.status), statuses))
     for targets in q.targets:
-        out.append(col(FhirResource.target_ref).in_(targets))
+        out.append(_one_of(col(FhirResource.target_ref), targets))
     for column_name, r in q.dates:
         column = getattr(FhirResource, column_name)
         clause = _date_clause(column, r)
