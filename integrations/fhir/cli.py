@@ -23,11 +23,16 @@ def api(settings: Settings) -> None:
     """Serve the FHIR API with uvicorn on ``api.host:api.port``."""
     import uvicorn
 
+    log.info("FHIR API on %s:%d (base %s), %d worker(s)", settings.api.host, settings.api.port,
+             settings.api.base_url, settings.api.workers)
+    common = {"host": settings.api.host, "port": settings.api.port,
+              "log_level": settings.log_level.lower(), "access_log": False}
+    if settings.api.workers > 1:
+        # worker processes rebuild settings from the environment (TAQRIR_CONFIG included)
+        uvicorn.run("integrations.fhir.asgi:create", factory=True, workers=settings.api.workers, **common)
+        return
     engine = make_engine(settings.database_url)
-    app = create_app(settings, engine)
-    log.info("FHIR API on %s:%d (base %s)", settings.api.host, settings.api.port, settings.api.base_url)
-    uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level=settings.log_level.lower(),
-                access_log=False)
+    uvicorn.run(create_app(settings, engine), **common)
 
 
 def token(settings: Settings, user: str, scopes: list[str], *, patient: str | None = None,
