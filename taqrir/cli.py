@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .logs import configure_logging
 from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -39,7 +42,7 @@ def get_settings() -> Settings:
     return _state["settings"]
 
 
-def _engine():  # type: ignore[no-untyped-def]
+def _engine() -> Engine:
     from .db import make_engine, upgrade
 
     engine = make_engine(get_settings().database_url)

@@ -14,14 +14,19 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
 from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import uvicorn
+    from sqlalchemy.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "data" / "dicom"
@@ -78,12 +83,12 @@ def send_files(port: int, files: Sequence[Path], *, called: str = "TAQRIR", call
     return statuses
 
 
-def _start_api(settings: Settings, engine: object) -> tuple[object, threading.Thread] | None:
+def _start_api(settings: Settings, engine: Engine) -> tuple[uvicorn.Server, threading.Thread] | None:
     import uvicorn
 
     from integrations.fhir.app import create_app
 
-    app = create_app(settings, engine)  # type: ignore[arg-type]
+    app = create_app(settings, engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api.port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, name="demo-api", daemon=True)
@@ -95,7 +100,7 @@ def _start_api(settings: Settings, engine: object) -> tuple[object, threading.Th
 
 
 def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) -> int:
-    from integrations.dicom.index import list_studies
+    from integrations.dicom.index import Patient, Study, list_studies
     from integrations.dicom.listener import Listener
     from integrations.dicom.storage import LocalStorage
     from integrations.fhir.cli import token
@@ -135,18 +140,18 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
     say(f"  DICOM listener: AE TAQRIR on 127.0.0.1:{port}; FHIR API: {settings.api.base_url}")
     say("")
     sent: dict[str, str] = {}
-    for study in DEMO_STUDIES:
-        files = _files(study)
+    for demo_study in DEMO_STUDIES:
+        files = _files(demo_study)
         statuses = send_files(port, files)
         uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        sent[uid] = study.title
+        sent[uid] = demo_study.title
         ok = sum(1 for s in statuses if s == 0)
-        say(f"  sent {study.title}: {ok}/{len(files)} instances stored")
+        say(f"  sent {demo_study.title}: {ok}/{len(files)} instances stored")
     say("")
     say("Drafting (a study is drafted once no instance has arrived for 2 s)...")
     last: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
-    rows: list = []
+    rows: list[tuple[Study, Patient, int, list[str]]] = []
     while time.monotonic() < deadline:
         with session_scope(engine) as s:
             rows = [r for r in list_studies(s, limit=100) if r[0].study_instance_uid in sent]
@@ -174,16 +179,16 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
     listener.stop()
     dispatcher.close()
     if api is not None:
-        api[0].should_exit = True  # type: ignore[attr-defined]
-        api[1].join(timeout=5)  # type: ignore[attr-defined]
+        api[0].should_exit = True
+        api[1].join(timeout=5)
     with session_scope(engine) as s:
         states = [r[0].state for r in list_studies(s, limit=100) if r[0].study_instance_uid in sent]
     expected_fail = 1
     return 0 if states.count("drafted") == len(sent) - expected_fail and states.count("failed") == expected_fail else 1
 
 
-def _print_results(settings: Settings, engine: object, sent: dict[str, str], say: object) -> None:
-    from sqlmodel import select
+def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say: Callable[[str], None]) -> None:
+    from sqlmodel import col, select
 
     from integrations.dicom.index import study_by_uid
     from reporting.draft import Draft
@@ -192,41 +197,41 @@ def _print_results(settings: Settings, engine: object, sent: dict[str, str], say
 
     from .db import session_scope
 
-    say("")  # type: ignore[operator]
-    say("Results:")  # type: ignore[operator]
+    say("")
+    say("Results:")
     first: Draft | None = None
-    with session_scope(engine) as s:  # type: ignore[arg-type]
+    with session_scope(engine) as s:
         for uid, title in sent.items():
             study = study_by_uid(s, uid)
             if study is None:
-                say(f"  {title}: not received")  # type: ignore[operator]
+                say(f"  {title}: not received")
                 continue
-            rec = s.exec(select(DraftRecord).where(DraftRecord.study_instance_uid == uid)
-                         .order_by(DraftRecord.version.desc())).first()  # type: ignore[attr-defined]
+            rec = s.exec(select(DraftRecord).where(col(DraftRecord.study_instance_uid) == uid)
+                         .order_by(col(DraftRecord.version).desc())).first()
             if study.state == "drafted" and rec is not None:
                 draft = Draft.model_validate_json(rec.draft_json)
                 first = first or draft
                 times = json.loads(rec.stage_times)
-                say(f"  {title}: drafted from {len(draft.key_images)} key images "  # type: ignore[operator]
+                say(f"  {title}: drafted from {len(draft.key_images)} key images "
                     f"(render {times.get('render_s', 0):.2f}s, model {times.get('infer_s', 0):.2f}s)")
-                say(f"      {export_dir(settings, draft)}/  draft.json, DiagnosticReport.json, Patient.json")  # type: ignore[operator]
+                say(f"      {export_dir(settings, draft)}/  draft.json, DiagnosticReport.json, Patient.json")
             else:
-                say(f"  {title}: {study.state}: {(study.failure_reason or '')[:160]}")  # type: ignore[operator]
+                say(f"  {title}: {study.state}: {(study.failure_reason or '')[:160]}")
     if first is not None:
-        say("")  # type: ignore[operator]
-        say("One draft, as stored (FHIR status 'partial', labelled AI-asserted and research-only):")  # type: ignore[operator]
-        say(f"  EN impression: {first.sections['en'].impression[:150]}")  # type: ignore[operator]
-        say(f"  AR impression: {first.sections['ar'].impression[:150]}")  # type: ignore[operator]
+        say("")
+        say("One draft, as stored (FHIR status 'partial', labelled AI-asserted and research-only):")
+        say(f"  EN impression: {first.sections['en'].impression[:150]}")
+        say(f"  AR impression: {first.sections['ar'].impression[:150]}")
 
 
-def _show_api(base_url: str, bearer: str, say: object) -> None:
+def _show_api(base_url: str, bearer: str, say: Callable[[str], None]) -> None:
     import httpx
 
     try:
         r = httpx.get(f"{base_url}/DiagnosticReport", params={"_count": "3"},
                       headers={"Authorization": f"Bearer {bearer}"}, timeout=10)
         bundle = r.json()
-        say(f"  GET DiagnosticReport -> HTTP {r.status_code}: searchset Bundle, total={bundle.get('total')}, first status="  # type: ignore[operator]
+        say(f"  GET DiagnosticReport -> HTTP {r.status_code}: searchset Bundle, total={bundle.get('total')}, first status="
             f"{bundle['entry'][0]['resource']['status'] if bundle.get('entry') else '-'}")
     except (httpx.HTTPError, KeyError, ValueError) as err:
-        say(f"  (the API did not answer: {err})")  # type: ignore[operator]
+        say(f"  (the API did not answer: {err})")

@@ -103,12 +103,14 @@ class Settings(BaseSettings):
     storage_url: str = Field("", description="Where instances are stored; empty means data_dir/storage.")
     log_level: str = Field("INFO", description="Python logging level name.")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
-    listener: ListenerSettings = Field(default_factory=ListenerSettings)
-    study: StudySettings = Field(default_factory=StudySettings)
-    queue: QueueSettings = Field(default_factory=QueueSettings)
-    render: RenderSettings = Field(default_factory=RenderSettings)
-    inference: InferenceSettings = Field(default_factory=InferenceSettings)
-    api: ApiSettings = Field(default_factory=ApiSettings)
+    # Without the pydantic mypy plugin, mypy reads Field(<positional default>) as a required
+    # field, so these models look uncallable with no arguments: hence the ignores below.
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)  # type: ignore[arg-type]
+    study: StudySettings = Field(default_factory=StudySettings)  # type: ignore[arg-type]
+    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
+    render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
+    api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

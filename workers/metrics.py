@@ -31,7 +31,7 @@ class PipelineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | SummaryMetricFamily]:
         with session_scope(self.engine) as s:
-            by_state = dict(s.exec(select(Study.state, func.count()).group_by(Study.state)).all())  # type: ignore[arg-type]
+            by_state = dict(s.exec(select(Study.state, func.count()).group_by(Study.state)).all())
             instances = s.exec(select(func.count()).select_from(Instance)).one()
             drafts = s.exec(select(DraftRecord.stage_times)).all()
         studies = GaugeMetricFamily("taqrir_studies", "Studies by pipeline state", labels=["state"])

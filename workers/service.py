@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select, update
+from sqlmodel import Session, col, select, update
 
 from audit.chain import lock_chain, record
 from inference.backend import InferenceBackend, make_backend
@@ -187,8 +187,8 @@ def instance_inputs(ctx: PipelineContext, session: Session, study: Study) -> lis
                 number_of_frames=r.number_of_frames,
                 rows=r.rows,
                 columns=r.columns,
-                image_position_patient=tuple(json.loads(r.image_position_patient)) if r.image_position_patient else None,  # type: ignore[arg-type]
-                image_orientation_patient=tuple(json.loads(r.image_orientation_patient)) if r.image_orientation_patient else None,  # type: ignore[arg-type]
+                image_position_patient=tuple(json.loads(r.image_position_patient)) if r.image_position_patient else None,
+                image_orientation_patient=tuple(json.loads(r.image_orientation_patient)) if r.image_orientation_patient else None,
             ))
     return out
 
@@ -336,8 +336,8 @@ def _heartbeat(engine: Engine, study_pk: int, version: int, every_s: float) -> I
         while not stop.wait(every_s):
             try:
                 with session_scope(engine) as s:
-                    s.exec(update(Study).where(Study.id == study_pk, Study.version == version,  # type: ignore[call-overload]
-                                               Study.state == StudyState.inferring.value)
+                    s.exec(update(Study).where(col(Study.id) == study_pk, col(Study.version) == version,
+                                               col(Study.state) == StudyState.inferring.value)
                            .values(state_changed_at=utcnow()))
             except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate, never a loss
                 log.warning("heartbeat for study %d v%d failed", study_pk, version)
@@ -397,9 +397,9 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
         except IntegrityError:
             log.info("draft %s already stored by another delivery", draft_id)
             return draft_id
-        s.exec(update(DraftRecord).where(DraftRecord.study_pk == study_pk, DraftRecord.version < version)  # type: ignore[call-overload]
+        s.exec(update(DraftRecord).where(col(DraftRecord.study_pk) == study_pk, col(DraftRecord.version) < version)
                .values(superseded=True))
-        s.exec(update(Study).where(Study.id == study_pk).values(attempts=0))  # type: ignore[call-overload]
+        s.exec(update(Study).where(col(Study.id) == study_pk).values(attempts=0))
         record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                details={"study": study_uid, "version": version, "model": draft.model.model_name,
                         "model_revision": draft.model.model_revision, "backend": draft.model.backend,
@@ -467,7 +467,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         tmp.write_text(text, "utf-8")
         os.replace(tmp, out / name)
     with session_scope(ctx.engine) as s:
-        s.exec(update(DraftRecord).where(DraftRecord.draft_id == draft_id)  # type: ignore[call-overload]
+        s.exec(update(DraftRecord).where(col(DraftRecord.draft_id) == draft_id)
                .values(published_at=utcnow(), fhir_report_id=report_id, publish_error=None))
     _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)
     return report_id
@@ -477,7 +477,7 @@ def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:
     """A publish that cannot succeed as is: recorded on the draft (the sweep stops resending it;
     ``taqrir redraft`` tries again)."""
     with session_scope(engine) as s:
-        s.exec(update(DraftRecord).where(DraftRecord.draft_id == draft_id)  # type: ignore[call-overload]
+        s.exec(update(DraftRecord).where(col(DraftRecord.draft_id) == draft_id)
                .values(publish_error=reason[:2000]))
         record(s, action="draft.publish_failed", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                outcome="failure", details={"reason": reason[:500]})
@@ -514,18 +514,18 @@ def stale_work(engine: Engine, *, older_than_s: float) -> tuple[list[tuple[str, 
     studies: list[tuple[str, int, str]] = []
     with session_scope(engine) as s:
         lock_chain(s)
-        rows = s.exec(select(Study).where(Study.state.in_(list(STAGE_OF)))).all()  # type: ignore[attr-defined]
+        rows = s.exec(select(Study).where(col(Study.state).in_(list(STAGE_OF)))).all()
         for st in rows:
             if as_utc(st.state_changed_at).timestamp() > cutoff:
                 continue
-            res = s.exec(update(Study).where(Study.id == st.id, Study.state == st.state,  # type: ignore[call-overload]
-                                             Study.state_changed_at == st.state_changed_at)
+            res = s.exec(update(Study).where(col(Study.id) == st.id, col(Study.state) == st.state,
+                                             col(Study.state_changed_at) == st.state_changed_at)
                          .values(state_changed_at=utcnow()))
             if res.rowcount:
                 studies.append((st.study_instance_uid, st.version, STAGE_OF[st.state]))
         pending = s.exec(
-            select(DraftRecord).where(DraftRecord.published_at.is_(None), DraftRecord.publish_error.is_(None),  # type: ignore[union-attr]
-                                      DraftRecord.superseded.is_(False))  # type: ignore[attr-defined]
+            select(DraftRecord).where(col(DraftRecord.published_at).is_(None), col(DraftRecord.publish_error).is_(None),
+                                      col(DraftRecord.superseded).is_(False))
         ).all()
         unpublished = []
         for d in pending:
@@ -547,7 +547,7 @@ def reset_for_redraft(engine: Engine, study_uid: str) -> tuple[int, bool]:
             raise StudyGone(f"study {study_uid} is not in the index; see `taqrir studies`")
         moved = _move(s, study, StudyState.queued, (StudyState.failed, StudyState.drafted), redraft=True)
         if moved:
-            s.exec(update(Study).where(Study.id == study.id).values(attempts=0))  # type: ignore[call-overload]
-            s.exec(update(DraftRecord).where(DraftRecord.study_pk == study.id, DraftRecord.version == study.version)  # type: ignore[call-overload]
+            s.exec(update(Study).where(col(Study.id) == study.id).values(attempts=0))
+            s.exec(update(DraftRecord).where(col(DraftRecord.study_pk) == study.id, col(DraftRecord.version) == study.version)
                    .values(publish_error=None))
         return study.version, moved

@@ -56,20 +56,20 @@ def _run(task: Task, study_uid: str, version: int, fn: Callable[[], T]) -> T | N
         return None
 
 
-@celery_app.task(bind=True, name="taqrir.render", acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(bind=True, name="taqrir.render", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # Celery is untyped
 def render_task(self: Task, study_uid: str, version: int) -> None:
     if _run(self, study_uid, version, lambda: service.render_stage(get_context(), study_uid, version)):
         infer_task.delay(study_uid, version)
 
 
-@celery_app.task(bind=True, name="taqrir.infer", acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(bind=True, name="taqrir.infer", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # Celery is untyped
 def infer_task(self: Task, study_uid: str, version: int) -> None:
     draft_id = _run(self, study_uid, version, lambda: service.infer_stage(get_context(), study_uid, version))
     if draft_id:
         publish_task.delay(draft_id)
 
 
-@celery_app.task(bind=True, name="taqrir.publish", acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(bind=True, name="taqrir.publish", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # Celery is untyped
 def publish_task(self: Task, draft_id: str) -> Any:
     try:
         return service.publish_stage(get_context(), draft_id)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time
 
 from sqlalchemy import Column, Index, String, Text, UniqueConstraint, insert, update
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import lock_chain
 from taqrir.db import utcnow
@@ -208,8 +208,8 @@ class ExistingInstance:
 def find_instance(session: Session, sop_instance_uid: str) -> ExistingInstance | None:
     """The indexed instance with this SOP Instance UID, if any (one cheap Core query)."""
     row = session.connection().execute(
-        select(Instance.id, Instance.sha256, Instance.storage_key, Instance.study_pk)  # type: ignore[call-overload]
-        .where(Instance.sop_instance_uid == sop_instance_uid)
+        select(Instance.id, Instance.sha256, Instance.storage_key, Instance.study_pk)
+        .where(col(Instance.sop_instance_uid) == sop_instance_uid)
     ).first()
     return ExistingInstance(row.id, row.sha256, row.storage_key, row.study_pk) if row else None
 
@@ -230,15 +230,15 @@ def index_instance(
     """
     conn = session.connection()
     if existing is not None and existing.sha256 == stored.sha256:
-        version = conn.execute(select(Study.version).where(Study.id == existing.study_pk)).scalar_one()  # type: ignore[call-overload]
+        version = conn.execute(select(Study.version).where(col(Study.id) == existing.study_pk)).scalar_one()
         return IndexResult(StoreOutcome.duplicate, existing.study_pk, version, False)
 
     now = utcnow()
     known = conn.execute(
-        select(Study.id, Study.version, Study.state, Series.id.label("series_pk"))  # type: ignore[call-overload, union-attr]
-        .join(Series, Series.study_pk == Study.id)
-        .where(Study.study_instance_uid == headers.study_instance_uid,
-               Series.series_instance_uid == headers.series_instance_uid)
+        select(Study.id, Study.version, Study.state, col(Series.id).label("series_pk"))
+        .join(Series, col(Series.study_pk) == Study.id)
+        .where(col(Study.study_instance_uid) == headers.study_instance_uid,
+               col(Series.series_instance_uid) == headers.series_instance_uid)
     ).first()
     if known is None:
         patient = _upsert_patient(session, headers)
@@ -254,7 +254,7 @@ def index_instance(
         values["state_changed_at"] = now
     if new_version:
         values.update(attempts=0, failure_reason=None)
-    conn.execute(update(Study).where(Study.id == study_pk).values(**values))  # type: ignore[arg-type]
+    conn.execute(update(Study).where(col(Study.id) == study_pk).values(**values))
     row = dict(
         series_pk=series_pk,
         study_pk=study_pk,
@@ -280,7 +280,7 @@ def index_instance(
         outcome = StoreOutcome.new
     else:
         obsolete = existing.storage_key if existing.storage_key != stored.key else None
-        conn.execute(update(Instance).where(Instance.id == existing.id).values(**row))  # type: ignore[arg-type]
+        conn.execute(update(Instance).where(col(Instance.id) == existing.id).values(**row))
         outcome = StoreOutcome.replaced
     return IndexResult(outcome, study_pk, new_version_no, new_version, obsolete)
 
@@ -297,15 +297,15 @@ def set_state(
     """Compare-and-set a study's state for one version. False when the study moved on (a newer
     version arrived, or another worker already advanced it): the caller then does nothing."""
     lock_chain(session)  # same lock order as ingest (lock, then study row): no deadlock
-    stmt = update(Study).where(Study.id == study_pk, Study.version == version)  # type: ignore[arg-type]
+    stmt = update(Study).where(col(Study.id) == study_pk, col(Study.version) == version)
     if expect:
-        stmt = stmt.where(Study.state.in_([s.value for s in expect]))  # type: ignore[attr-defined]
+        stmt = stmt.where(col(Study.state).in_([s.value for s in expect]))
     values: dict[str, object] = {"state": new_state.value, "state_changed_at": utcnow()}
     if new_state == StudyState.failed:
         values["failure_reason"] = reason
     elif reason is None:
         values["failure_reason"] = None
-    result = session.exec(stmt.values(**values))  # type: ignore[call-overload]
+    result = session.exec(stmt.values(**values))
     return bool(result.rowcount)
 
 
@@ -316,22 +316,22 @@ def study_by_uid(session: Session, study_uid: str) -> Study | None:
 def list_studies(session: Session, *, limit: int = 100) -> list[tuple[Study, Patient, int, list[str]]]:
     """Studies, newest first, with patient, instance count and modalities (for ``taqrir studies``)."""
     studies = session.exec(
-        select(Study, Patient).join(Patient, Patient.id == Study.patient_pk)  # type: ignore[arg-type]
-        .order_by(Study.last_received_at.desc()).limit(limit)  # type: ignore[attr-defined]
+        select(Study, Patient).join(Patient, col(Patient.id) == Study.patient_pk)
+        .order_by(col(Study.last_received_at).desc()).limit(limit)
     ).all()
     out = []
     for study, patient in studies:
-        count = len(session.exec(select(Instance.id).where(Instance.study_pk == study.id)).all())
-        mods = sorted({m for m in session.exec(select(Series.modality).where(Series.study_pk == study.id)).all() if m})
+        count = len(session.exec(select(Instance.id).where(col(Instance.study_pk) == study.id)).all())
+        mods = sorted({m for m in session.exec(select(Series.modality).where(col(Series.study_pk) == study.id)).all() if m})
         out.append((study, patient, count, mods))
     return out
 
 
 def study_contents(session: Session, study_pk: int) -> list[tuple[Series, list[Instance]]]:
     """Series of a study with their instances (for rendering and resource building)."""
-    series = session.exec(select(Series).where(Series.study_pk == study_pk).order_by(Series.number, Series.id)).all()  # type: ignore[arg-type]
+    series = session.exec(select(Series).where(col(Series.study_pk) == study_pk).order_by(col(Series.number), col(Series.id))).all()
     out = []
     for s in series:
-        inst = session.exec(select(Instance).where(Instance.series_pk == s.id).order_by(Instance.instance_number, Instance.id)).all()  # type: ignore[arg-type]
+        inst = session.exec(select(Instance).where(col(Instance.series_pk) == s.id).order_by(col(Instance.instance_number), col(Instance.id))).all()
         out.append((s, list(inst)))
     return out

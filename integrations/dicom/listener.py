@@ -74,7 +74,7 @@ def _configure_pynetdicom(storage: LocalStorage) -> None:
     # written, so the handler does not read the file back to hash it. One storage per process: a
     # second listener with another storage falls back to copying (see
     # Listener._staged_in_storage) and to hashing the copy.
-    dimse_messages.NamedTemporaryFile = storage.staging_file  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = storage.staging_file  # type: ignore[attr-defined,assignment]  # deliberate monkeypatch
     # Headers of real-world files violate VR rules often; read them, don't warn per element.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -87,7 +87,7 @@ class _GuardedAE(AE):
         self._refuse = refuse
         super().__init__(*args, **kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def maximum_associations(self) -> int:
         # pynetdicom rejects (transient, local-limit-exceeded) when active > maximum: 0 refuses all.
         return 0 if self._refuse() else self._maximum_associations
@@ -101,7 +101,7 @@ class _Server(ThreadedAssociationServer):
     """Association server with a host allow-list and TCP_NODELAY on accepted sockets."""
 
     allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    on_refused_host: Callable[[str], None] = staticmethod(lambda host: None)  # type: ignore[assignment]
+    on_refused_host: Callable[[str], None] = staticmethod(lambda host: None)
     daemon_threads = True
 
     def server_bind(self) -> None:
@@ -283,7 +283,7 @@ class Listener:
         server = cast(_Server, ae.make_server((self.settings.host, self.settings.port),
                                               ssl_context=self._ssl_context(), evt_handlers=handlers,
                                               server_class=_Server))
-        server.on_refused_host = self._audit_refused_host  # type: ignore[method-assign]
+        server.on_refused_host = self._audit_refused_host
         ae._servers.append(server)
         self._server = server
         if self.settings.processes > 1:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from audit.chain import lock_chain, record
 from taqrir.db import session_scope, utcnow
@@ -33,16 +33,16 @@ def sweep_stable(engine: Engine, *, stable_after: float, handoff: Handoff, now: 
     with session_scope(engine) as session:
         candidates = session.exec(
             select(Study.id, Study.study_instance_uid, Study.version).where(
-                Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff  # type: ignore[arg-type]
+                col(Study.state) == StudyState.receiving.value, col(Study.last_received_at) <= cutoff
             )
         ).all()
     for pk, uid, version in candidates:
         with session_scope(engine) as session:
             lock_chain(session)  # before the study row, as ingest does (PostgreSQL deadlock otherwise)
-            res = session.exec(  # type: ignore[call-overload]
+            res = session.exec(
                 update(Study)
-                .where(Study.id == pk, Study.version == version,  # type: ignore[arg-type]
-                       Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)  # type: ignore[arg-type]
+                .where(col(Study.id) == pk, col(Study.version) == version,
+                       col(Study.state) == StudyState.receiving.value, col(Study.last_received_at) <= cutoff)
                 .values(state=StudyState.stable.value, state_changed_at=utcnow())
             )
             if not res.rowcount:
