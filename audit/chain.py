@@ -92,7 +92,7 @@ def record(
     lock_chain(session)
     # Core statements: this runs for every stored instance, and ORM round trips showed up there.
     head = session.connection().execute(
-        sa_select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)  # type: ignore[attr-defined]
+        sa_select(col(AuditRecord.seq), col(AuditRecord.hash)).order_by(col(AuditRecord.seq).desc()).limit(1)
     ).first()
     prev_hash = head.hash if head else GENESIS
     rec = AuditRecord(

@@ -25,14 +25,14 @@ def api(settings: Settings) -> None:
 
     log.info("FHIR API on %s:%d (base %s), %d worker(s)", settings.api.host, settings.api.port,
              settings.api.base_url, settings.api.workers)
-    common = {"host": settings.api.host, "port": settings.api.port,
-              "log_level": settings.log_level.lower(), "access_log": False}
+    host, port, level = settings.api.host, settings.api.port, settings.log_level.lower()
     if settings.api.workers > 1:
         # worker processes rebuild settings from the environment (TAQRIR_CONFIG included)
-        uvicorn.run("integrations.fhir.asgi:create", factory=True, workers=settings.api.workers, **common)
+        uvicorn.run("integrations.fhir.asgi:create", factory=True, workers=settings.api.workers,
+                    host=host, port=port, log_level=level, access_log=False)
         return
     engine = make_engine(settings.database_url)
-    uvicorn.run(create_app(settings, engine), **common)
+    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=level, access_log=False)
 
 
 def token(settings: Settings, user: str, scopes: list[str], *, patient: str | None = None,
