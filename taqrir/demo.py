@@ -122,6 +122,11 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
         api={"host": "127.0.0.1", "port": api_port, "base_url": f"http://127.0.0.1:{api_port}/fhir"},
     )
     logging.getLogger().setLevel(logging.ERROR)  # the demo reports failures itself
+    for noisy in ("pydicom", "transformers"):  # libraries that configure their own handlers
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
     say = print
     say("Taqrir demo: research drafts only, never a clinical report.")
     say(f"  data: {settings.data_dir.resolve()}  (SQLite, local storage, in-process queue, tiny local model)")
