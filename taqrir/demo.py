@@ -126,7 +126,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers is untyped here
     say = print
     say("Taqrir demo: research drafts only, never a clinical report.")
     say(f"  data: {settings.data_dir.resolve()}  (SQLite, local storage, in-process queue, tiny local model)")
