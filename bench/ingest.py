@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.factories.db import reset_postgres_schema
 from tests.factories.studies import make_ct_series
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -118,18 +119,6 @@ def check_indexed(url: str, expected: int) -> None:
         raise RuntimeError(f"taqrir indexed {n} of {expected} instances")
 
 
-def reset_pg(url: str) -> None:
-    from sqlalchemy import text
-
-    from taqrir.db import make_engine
-
-    eng = make_engine(url, pool_size=1)
-    with eng.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    eng.dispose()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
@@ -160,7 +149,7 @@ def main() -> None:
             for i in range(args.runs):
                 for n, (name, run) in enumerate(receivers.items()):
                     if args.database_url and n:
-                        reset_pg(args.database_url)
+                        reset_postgres_schema(args.database_url)
                     out = work / f"r{n}-{parallel}-{i}"
                     times[name].append(run(files, out, parallel))
                     shutil.rmtree(out, ignore_errors=True)

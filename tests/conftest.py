@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from taqrir.db import make_engine, upgrade
+from tests.factories.db import reset_postgres_schema
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -41,7 +42,7 @@ def pg_server_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as err:  # pragma: no cover - environment problem, say so plainly
+    except Exception as err:  # noqa: BLE001 - any failure here is the environment: say so plainly
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({err}); start it (see .ci/run)")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
@@ -51,14 +52,6 @@ def pg_server_url() -> Iterator[str]:
     admin.dispose()
 
 
-def _reset_pg(url: str) -> None:
-    eng = make_engine(url, pool_size=1)
-    with eng.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    eng.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database URL: once as a SQLite file, once as PostgreSQL."""
@@ -66,7 +59,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"sqlite:///{tmp_path / 'taqrir.db'}"
     else:
         url = request.getfixturevalue("pg_server_url")
-        _reset_pg(url)
+        reset_postgres_schema(url)
     eng = make_engine(url)
     upgrade(eng)
     eng.dispose()
