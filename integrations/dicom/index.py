@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
-from sqlalchemy import Column, Index, String, Text, UniqueConstraint, insert, update
+from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func, insert, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import lock_chain
@@ -321,7 +321,7 @@ def list_studies(session: Session, *, limit: int = 100) -> list[tuple[Study, Pat
     ).all()
     out = []
     for study, patient in studies:
-        count = len(session.exec(select(Instance.id).where(col(Instance.study_pk) == study.id)).all())
+        count = session.exec(select(func.count()).select_from(Instance).where(col(Instance.study_pk) == study.id)).one()
         mods = sorted({m for m in session.exec(select(Series.modality).where(col(Series.study_pk) == study.id)).all() if m})
         out.append((study, patient, count, mods))
     return out

@@ -18,7 +18,7 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   about one core (four associations in one process were no faster than one); each process runs its
   own associations, handlers and database connections, and the index and audit chain serialise
   writers across processes as they do across threads. The parent also serves and alone runs the
-  stability sweeper; ``on_stored`` runs in the process that stored the instance. A child that is
+  stability sweeper. A child that is
   killed loses at most unacknowledged transfers, as any crash does; children leave when the
   parent does. Measured on the shared 2-core VM (300-slice CT, 4 associations, SQLite) two
   processes were no faster than one (74 vs 72 instances/s): the senders and other load already
@@ -58,7 +58,7 @@ from .errors import (
     OutOfResources,
     StorageFailure,
 )
-from .ingest import IngestResult, ingest_file, record_rejection
+from .ingest import ingest_file, record_rejection
 from .stability import Handoff, log_handoff, sweep_stable
 from .storage import LocalStorage
 
@@ -154,14 +154,12 @@ class Listener:
         engine: Engine,
         storage: LocalStorage,
         handoff: Handoff = log_handoff,
-        on_stored: Callable[[IngestResult], None] | None = None,
     ) -> None:
         self.settings = settings
         self.study_settings = study_settings
         self.engine = engine
         self.storage = storage
         self.handoff = handoff
-        self.on_stored = on_stored
         self._server: _Server | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -185,7 +183,7 @@ class Listener:
         staged: Path | None = None
         try:
             staged = self._staged_in_storage(event.dataset_path)
-            result = ingest_file(
+            ingest_file(
                 engine=self.engine,
                 storage=self.storage,
                 staged=staged,
@@ -207,11 +205,6 @@ class Listener:
         finally:
             if staged is not None and staged != event.dataset_path:
                 staged.unlink(missing_ok=True)
-        if self.on_stored is not None:
-            try:
-                self.on_stored(result)
-            except Exception:  # noqa: BLE001
-                log.exception("on_stored callback failed")
         return STATUS_SUCCESS
 
     def _staged_in_storage(self, path: Path) -> Path:
