@@ -1,0 +1,303 @@
+"""The Storage SCP's own wire code: DIMSE command sets and file meta against pydicom/pynetdicom,
+and the Upper Layer protocol against raw peers that do what real senders rarely do."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import build_context
+
+from integrations.dicom import dimse
+from integrations.dicom.listener import Listener
+from tests.factories.dcmtk import echoscu, storescu
+
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
+CT = CORPUS / "ct" / "pydicom_CT_small.dcm"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+
+
+# ---------------------------------------------------------------------------------------------
+# pure codecs
+
+
+def test_response_command_set_is_what_pydicom_decodes() -> None:
+    raw = dimse.encode_response(dimse.C_STORE_RSP, 7, 0xC210, sop_class_uid=CT_STORAGE,
+                                sop_instance_uid="1.2.3.4.5", error_comment="cannot understand")
+    ds = decode(io.BytesIO(raw), True, True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status) == (0x8001, 7, 0xC210)
+    assert ds.CommandDataSetType == 0x0101
+    assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID) == (CT_STORAGE, "1.2.3.4.5")
+    assert ds.ErrorComment == "cannot understand"
+    tags = [int(e.tag) for e in ds]
+    assert tags == sorted(tags)
+
+
+def test_request_command_set_from_pydicom_is_decoded() -> None:
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = CT_STORAGE
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 42
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = "1.2.3.4.5.6"
+    cmd.MoveOriginatorApplicationEntityTitle = "MOVER"
+    body = encode(cmd, True, True)
+    assert body is not None
+    raw = struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+    got = dimse.decode_command(raw)
+    assert got == dimse.Command(0x0001, 42, True, CT_STORAGE, "1.2.3.4.5.6", "MOVER")
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"\x00\x00\x00\x01", "ends inside an element header"),
+    (struct.pack("<HHL", 8, 0x18, 2) + b"ab", "outside group 0000"),
+    (struct.pack("<HHL", 0, 0x100, 200) + b"ab", "longer than the command set"),
+    (struct.pack("<HHL", 0, 0x100, 2) + b"\x01\x00", "(0000,0110) is missing"),
+])
+def test_bad_command_sets_are_refused(raw: bytes, problem: str) -> None:
+    with pytest.raises(dimse.CommandError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        dimse.decode_command(raw)
+
+
+def test_file_meta_reads_back_with_pydicom() -> None:
+    dataset = CT.read_bytes()
+    start = 132 + 12 + struct.unpack("<L", dataset[140:144])[0]
+    meta = dimse.file_meta(sop_class_uid=CT_STORAGE, sop_instance_uid="1.2.3.45", transfer_syntax_uid=EXPLICIT_LE,
+                           implementation_class_uid="2.25.1", implementation_version="TAQRIR_1", source_ae="CT01")
+    ds = dcmread(io.BytesIO(meta + dataset[start:]))
+    fm = ds.file_meta
+    assert (fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID, fm.TransferSyntaxUID) == (
+        CT_STORAGE, "1.2.3.45", EXPLICIT_LE)
+    assert (fm.ImplementationClassUID, fm.ImplementationVersionName, fm.SourceApplicationEntityTitle) == (
+        "2.25.1", "TAQRIR_1", "CT01")
+    assert fm.FileMetaInformationGroupLength == len(meta) - 132 - 12
+    assert ds.Rows == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# raw peers
+
+
+def _associate_rq(*, contexts: list[tuple[int, str, str]], max_pdu: int = 0, app_context: str = "1.2.840.10008.3.1.1.1",
+                  roles: list[tuple[str, bool, bool]] = ()) -> bytes:  # type: ignore[assignment]
+    p = A_ASSOCIATE()
+    p.application_context_name = UID(app_context)
+    p.calling_ae_title = "RAWPEER"
+    p.called_ae_title = "TAQRIR"
+    cxs = []
+    for cid, abstract, ts in contexts:
+        cx = build_context(abstract, [ts])
+        cx.context_id = cid
+        cxs.append(cx)
+    p.presentation_context_definition_list = cxs
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = UID("1.2.3.4")
+    items: list[object] = [ml, impl]
+    for uid, scu, scp in roles:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = UID(uid)
+        role.scu_role, role.scp_role = scu, scp
+        items.append(role)
+    p.user_information = items
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(p)
+    return bytes(pdu.encode())
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    head = _exact(sock, 6)
+    pdu_type, _, length = struct.unpack(">BBL", head)
+    return pdu_type, head + _exact(sock, length)
+
+
+def _exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += chunk
+    return out
+
+
+def _p_data(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">BBLLBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
+def _command(field: int, message_id: int, *, has_dataset: bool, sop_class: str = CT_STORAGE,
+             sop_instance: str = "1.2.3.4.5") -> bytes:
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class
+    cmd.CommandField = field
+    cmd.MessageID = message_id
+    if field != 0x0030:
+        cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000 if has_dataset else 0x0101
+    if field == 0x0001:
+        cmd.AffectedSOPInstanceUID = sop_instance
+    body = encode(cmd, True, True)
+    assert body is not None
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+@pytest.fixture
+def peer(start_listener: Callable[..., Listener]) -> Callable[..., tuple[socket.socket, A_ASSOCIATE_AC | int, Listener]]:
+    def _open(rq: bytes | None = None, **listener_overrides: object) -> tuple[socket.socket, A_ASSOCIATE_AC | int, Listener]:
+        listener = start_listener(**listener_overrides)
+        sock = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
+        sock.sendall(rq or _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)]))
+        pdu_type, raw = _read_pdu(sock)
+        if pdu_type != 0x02:
+            return sock, pdu_type, listener
+        ac = A_ASSOCIATE_AC()
+        ac.decode(raw)
+        return sock, ac, listener
+    return _open
+
+
+def _still_serving(listener: Listener) -> None:
+    assert echoscu(listener.port).returncode == 0  # type: ignore[attr-defined]
+
+
+def test_negotiation_accepts_storage_rejects_other_services_and_replies_roles(peer: Callable[..., tuple]) -> None:
+    rq = _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)],
+                       roles=[(CT_STORAGE, True, False)])
+    sock, ac, listener = peer(rq)
+    prim = ac.to_primitive()
+    results = {cx.context_id: cx.result for cx in prim.presentation_context_definition_results_list}
+    assert results == {1: 0x00, 3: 0x03}  # FIND: abstract syntax not supported
+    roles = [i for i in prim.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
+    assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in roles] == [(CT_STORAGE, True, False)]
+    sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\0\0\0\0")
+    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+    sock.close()
+    _still_serving(listener)
+
+
+def test_wrong_application_context_is_rejected(peer: Callable[..., tuple]) -> None:
+    sock, result, listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], app_context="1.2.3"))
+    assert result == 0x03  # A-ASSOCIATE-RJ
+    sock.close()
+    _still_serving(listener)
+
+
+def test_association_limit_rejects_transiently(peer: Callable[..., tuple]) -> None:
+    sock, ac, listener = peer(max_associations=1)
+    assert isinstance(ac, A_ASSOCIATE_AC)
+    second = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
+    second.sendall(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
+    pdu_type, raw = _read_pdu(second)
+    assert (pdu_type, raw[7:10]) == (0x03, bytes((0x02, 0x03, 0x02)))  # transient, local limit exceeded
+    second.close()
+    sock.close()
+
+
+def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple]) -> None:
+    sock, ac, listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], max_pdu=32))
+    data = CT.read_bytes()
+    dataset = data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
+    sop = dcmread(CT, stop_before_pixels=True).SOPInstanceUID
+    sock.sendall(_p_data(1, 0x03, _command(0x0001, 5, has_dataset=True, sop_instance=sop)))
+    for start in range(0, len(dataset), 4000):
+        last = start + 4000 >= len(dataset)
+        sock.sendall(_p_data(1, 0x02 if last else 0x00, dataset[start:start + 4000]))
+    command, pdus = b"", 0
+    while True:
+        pdu_type, raw = _read_pdu(sock)
+        assert pdu_type == 0x04 and len(raw) - 6 <= 32
+        pdus += 1
+        command += raw[12:]
+        if raw[11] & 0x02:
+            break
+    assert pdus > 1
+    rsp = decode(io.BytesIO(command), True, True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 5, 0x0000)
+    assert rsp.AffectedSOPInstanceUID == sop
+    sock.close()
+
+
+def test_unsupported_operation_gets_a_status_not_a_hangup(peer: Callable[..., tuple]) -> None:
+    sock, ac, listener = peer()
+    sock.sendall(_p_data(1, 0x03, _command(0x0020, 9, has_dataset=True)))  # C-FIND-RQ on a storage context
+    sock.sendall(_p_data(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
+    pdu_type, raw = _read_pdu(sock)
+    rsp = decode(io.BytesIO(raw[12:]), True, True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8020, 9, 0x0211)
+    sock.sendall(_p_data(1, 0x03, _command(0x0030, 10, has_dataset=False, sop_class="1.2.840.10008.1.1")))
+    pdu_type, raw = _read_pdu(sock)
+    rsp = decode(io.BytesIO(raw[12:]), True, True)
+    assert (rsp.CommandField, rsp.Status) == (0x8030, 0x0000)  # C-ECHO on any accepted context
+    sock.close()
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (_p_data(7, 0x03, b"\0" * 8), 0x06),  # a context that was never accepted
+    (_p_data(1, 0x02, b"dataset without command"), 0x02),
+    (struct.pack(">BBL", 0x04, 0, 20) + struct.pack(">LBB", 400, 1, 3) + b"\0" * 14, 0x06),  # PDV longer than PDU
+    (struct.pack(">BBL", 0x09, 0, 4) + b"\0" * 4, 0x01),  # unknown PDU type
+    (struct.pack(">BBL", 0x01, 0, 4) + b"\0" * 4, 0x02),  # A-ASSOCIATE-RQ again
+    (_p_data(1, 0x03, struct.pack("<HHL", 0, 0x100, 2) + b"\x01"), 0x06),  # undecodable command
+])
+def test_protocol_violations_abort_and_serving_goes_on(peer: Callable[..., tuple], bad: bytes, reason: int) -> None:
+    sock, ac, listener = peer()
+    sock.sendall(bad)
+    pdu_type, raw = _read_pdu(sock)
+    assert pdu_type == 0x07 and raw[9] == reason
+    sock.close()
+    _still_serving(listener)
+    assert not any(listener.storage.tmp_dir.iterdir())
+
+
+def test_oversized_command_set_aborts(peer: Callable[..., tuple]) -> None:
+    sock, ac, listener = peer()
+    for _ in range(3):
+        sock.sendall(_p_data(1, 0x01, b"\0" * 30_000))
+    pdu_type, raw = _read_pdu(sock)
+    assert pdu_type == 0x07
+    sock.close()
+    _still_serving(listener)
+
+
+def test_abrupt_close_mid_dataset_leaves_no_staged_file(peer: Callable[..., tuple]) -> None:
+    sock, ac, listener = peer()
+    sock.sendall(_p_data(1, 0x03, _command(0x0001, 1, has_dataset=True)))
+    sock.sendall(_p_data(1, 0x00, b"\x08\x00" * 5000))
+    sock.close()
+    storescu_ok = storescu(listener.port, [CT]).statuses()  # type: ignore[attr-defined]
+    assert storescu_ok == ["Success"]
+    assert not any(listener.storage.tmp_dir.iterdir())
+
+
+def test_pynetdicom_release_and_abort(start_listener: Callable[..., Listener]) -> None:
+    listener = start_listener()
+    ae = AE(ae_title="PYNET")
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="TAQRIR")  # type: ignore[attr-defined]
+    assert assoc.is_established
+    assoc.release()
+    assert assoc.is_released
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="TAQRIR")  # type: ignore[attr-defined]
+    assoc.abort()
+    _still_serving(listener)
