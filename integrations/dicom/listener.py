@@ -53,7 +53,7 @@ from .errors import (
 from .ingest import ingest_file, record_rejection
 from .scp import ScpConfig, StorageScp
 from .stability import Handoff, log_handoff, sweep_stable
-from .storage import DigestingFile, LocalStorage
+from .storage import LocalStorage, StagingFile
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Listener:
     def refuse_associations(self) -> bool:
         return self.storage_low()
 
-    def staging_file(self) -> DigestingFile:
+    def staging_file(self) -> StagingFile:
         return self.storage.staging_file(delete=False, suffix=".dcm")
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:

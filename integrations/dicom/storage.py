@@ -10,8 +10,10 @@ stay on every commit: the file's makes its bytes durable, the directory's makes 
 per 0.5 MB instance; renaming before the file fsync saved only ~0.1 ms and was not worth a
 visible-but-not-yet-durable file under its final name.
 
-Staged files are hashed while they are written (:meth:`LocalStorage.staging_file`), so committing
-a received instance does not read it back just to hash it (~0.4 ms per 0.5 MB instance).
+A staged file's fsync starts as soon as its writer hands it over (:meth:`LocalStorage.staged_digest`)
+and runs in a helper thread while the file is hashed from the page cache: SHA-256 of 0.5 MB takes
+~0.6 ms here and the fsync ~0.65 ms, and both release the GIL, so they overlap instead of adding
+up (hashing while receiving put the whole hash on the path of every acknowledgement).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import tempfile
 import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,38 +59,28 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-class DigestingFile:
-    """A staged file open for writing that hashes what is written through it.
-
-    It stands in for the ``NamedTemporaryFile`` a writer (the SCP's streaming receive) creates:
-    ``name``, ``file``, ``write`` and ``close`` behave the same; anything else is delegated.
-    :meth:`digest` is only trusted while every byte went through :meth:`write` (no seeks), which
-    :meth:`LocalStorage.staged_digest` checks against the file's size on disk.
-    """
+class StagingFile:
+    """A staged file open for writing, standing in for the ``NamedTemporaryFile`` it wraps:
+    ``name``, ``file``, ``write`` and ``close`` behave the same; anything else is delegated. It
+    counts what is written so :meth:`LocalStorage.staged_digest` can tell whether anything else
+    changed the file."""
 
     def __init__(self, tmp: Any) -> None:
         self._tmp = tmp
         self.name: str = tmp.name
         self.file: IO[bytes] = tmp.file
-        # Bound methods of the real file and hash: the tempfile wrapper's attribute forwarding
-        # showed in receive profiles (it runs once per fragment).
+        # The real file's bound method: the tempfile wrapper's attribute forwarding showed in
+        # receive profiles (it runs once per fragment).
         self._write = tmp.file.write
-        self._sha = hashlib.sha256()
-        self._update = self._sha.update
-        self._size = 0
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
         written = self._write(data)
-        self._update(data)
-        self._size += len(data)
+        self.size += len(data)
         return int(written)
 
     def close(self) -> None:
         self._tmp.close()
-
-    def digest(self) -> tuple[int, str]:
-        """Size and SHA-256 of what was written so far."""
-        return self._size, self._sha.hexdigest()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tmp, name)
@@ -113,8 +106,12 @@ class LocalStorage:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         # Staged files still being written or handled, by path; an abandoned transfer's writer
         # drops out when its owner lets go of it.
-        self._writing: weakref.WeakValueDictionary[str, DigestingFile] = weakref.WeakValueDictionary()
+        self._writing: weakref.WeakValueDictionary[str, StagingFile] = weakref.WeakValueDictionary()
         self._writing_lock = threading.Lock()
+        # fsyncs started by staged_digest, waited for by sync_staged
+        self._syncing: dict[str, Future[None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     @classmethod
     def from_url(cls, url: str) -> LocalStorage:
@@ -135,30 +132,47 @@ class LocalStorage:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def staging_file(self, **kwargs: Any) -> DigestingFile:
+    def staging_file(self, **kwargs: Any) -> StagingFile:
         """A new temporary file in the staging folder (``tempfile.NamedTemporaryFile`` arguments,
-        ``dir`` excepted), hashed as it is written; see :meth:`staged_digest`."""
+        ``dir`` excepted); hand it over with :meth:`staged_digest`."""
         kwargs.pop("dir", None)
         # Not a context manager: the writer owns the file and closes it when the transfer ends.
-        writer = DigestingFile(tempfile.NamedTemporaryFile(dir=str(self.tmp_dir), **kwargs))  # noqa: SIM115
+        writer = StagingFile(tempfile.NamedTemporaryFile(dir=str(self.tmp_dir), **kwargs))  # noqa: SIM115
         with self._writing_lock:
             self._writing[writer.name] = writer
         return writer
 
     def staged_digest(self, path: Path) -> tuple[int, str]:
-        """Size and SHA-256 of a staged file: from its writer when it was written through
-        :meth:`staging_file` and nothing else changed its size, else read back from disk."""
+        """Size and SHA-256 of a staged file. For a file written through :meth:`staging_file`
+        (and not changed since), its fsync starts first, in a helper thread, and overlaps the
+        hashing; :meth:`sync_staged` then waits for that fsync instead of starting one."""
         with self._writing_lock:
             writer = self._writing.pop(str(path), None)
         if writer is not None:
-            size, sha = writer.digest()
             try:
                 writer.file.flush()
-                if os.stat(path).st_size == size:
-                    return size, sha
+                fd = writer.file.fileno()
+                if os.fstat(fd).st_size == writer.size:
+                    self._start_sync(str(path), os.dup(fd))
             except (OSError, ValueError):  # ValueError: the writer was already closed
                 pass
         return file_digest(path)
+
+    def _start_sync(self, key: str, fd: int) -> None:
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child makes its own
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="staging-fsync")
+            self._pool_pid = os.getpid()
+        with self._writing_lock:
+            # forget fsyncs nobody waited for (their instance was refused after hashing)
+            for old in [k for k, f in self._syncing.items() if f.done() and not os.path.exists(k)]:
+                del self._syncing[old]
+            self._syncing[key] = self._pool.submit(sync)
 
     def discard_staged(self) -> int:
         """Remove temporary files left by a crash (never acknowledged). Returns how many."""
@@ -173,7 +187,12 @@ class LocalStorage:
         """Make a staged file's bytes durable (fsync) without making it visible. The caller may
         do this before taking the index lock, so that concurrent writers overlap their slowest
         step; :meth:`commit` with ``synced=True`` then only renames and fsyncs the directory."""
+        with self._writing_lock:
+            started = self._syncing.pop(str(staged), None)
         try:
+            if started is not None:
+                started.result()
+                return
             fd = os.open(staged, os.O_RDONLY)
             try:
                 os.fsync(fd)
