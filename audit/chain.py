@@ -5,21 +5,26 @@ Every record carries the SHA-256 of the previous record's hash and its own canon
 detected by :func:`verify`. Writers are serialised per database (an advisory lock on PostgreSQL,
 ``BEGIN IMMEDIATE`` on SQLite) so the chain never forks. The record shares the caller's
 transaction: the audited change and its record commit together or not at all.
+
+Records are built and hashed in one place, :func:`link`, and written by one statement per dialect
+(:class:`ChainSql`) on the DBAPI cursor of the caller's transaction: :func:`record` and
+:func:`record_many` do so in a session; the ingest path (a record per stored instance) reads the
+head in its own query and adds the INSERT to its batch of writes (:meth:`ChainSql.write`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
 from sqlalchemy import Column, Text, text
-from sqlalchemy import insert as sa_insert
-from sqlalchemy import select as sa_select
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, Session, SQLModel, select
 
 from taqrir.db import as_utc, utcnow
 
@@ -54,17 +59,153 @@ def chain_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical(fields)).hexdigest()
 
 
-def _hashed_fields(rec: AuditRecord) -> dict[str, Any]:
+def _fields(seq: int, at: datetime, action: str, actor: str, entity_type: str, entity_id: str,
+            outcome: str, details: str) -> dict[str, Any]:
+    """The hashed fields of a record, from its column values (the one definition, for writing
+    and for :func:`verify`)."""
     return {
-        "seq": rec.seq,
-        "at": as_utc(rec.at).isoformat(timespec="microseconds"),
-        "action": rec.action,
-        "actor": rec.actor,
-        "entity_type": rec.entity_type,
-        "entity_id": rec.entity_id,
-        "outcome": rec.outcome,
-        "details": json.loads(rec.details),
+        "seq": seq,
+        "at": as_utc(at).isoformat(timespec="microseconds"),
+        "action": action,
+        "actor": actor,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "outcome": outcome,
+        "details": json.loads(details),
     }
+
+
+def _hashed_fields(rec: AuditRecord) -> dict[str, Any]:
+    return _fields(rec.seq, rec.at, rec.action, rec.actor, rec.entity_type, rec.entity_id,
+                   rec.outcome, rec.details)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One event to append (the keyword arguments of :func:`record`)."""
+
+    action: str
+    actor: str
+    entity_type: str = ""
+    entity_id: str = ""
+    outcome: str = "success"
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    """The column values of one new record (what :class:`AuditRecord` holds, without the ORM)."""
+
+    seq: int
+    at: datetime
+    action: str
+    actor: str
+    entity_type: str
+    entity_id: str
+    outcome: str
+    details: str
+    prev_hash: str
+    hash: str
+
+    def record(self) -> AuditRecord:
+        return AuditRecord(seq=self.seq, at=self.at, action=self.action, actor=self.actor,
+                           entity_type=self.entity_type, entity_id=self.entity_id, outcome=self.outcome,
+                           details=self.details, prev_hash=self.prev_hash, hash=self.hash)
+
+
+def link(head: tuple[int, str] | None, events: Sequence[AuditEvent]) -> list[ChainRow]:
+    """The records that append ``events``, in order, after ``head`` ((seq, hash) of the last
+    record, None for an empty chain): the one place records are built and hashed."""
+    seq, prev_hash = head if head else (0, GENESIS)
+    rows = []
+    for event in events:
+        seq += 1
+        at = utcnow()
+        details = json.dumps(dict(event.details), sort_keys=True, ensure_ascii=False, default=str)
+        hashed = chain_hash(prev_hash, _fields(seq, at, event.action, event.actor, event.entity_type,
+                                               event.entity_id, event.outcome, details))
+        rows.append(ChainRow(seq, at, event.action, event.actor, event.entity_type, event.entity_id,
+                             event.outcome, details, prev_hash, hashed))
+        prev_hash = hashed
+    return rows
+
+
+class ChainSql:
+    """The chain's statements as driver SQL for one dialect, built once.
+
+    Appending runs for every stored instance, where SQLAlchemy's statement compilation, cache
+    keys and parameter processing cost more than the statements (~40 us each through
+    ``exec_driver_sql``, ~3 us on the DBAPI cursor with SQLite), so the writers below use the
+    DBAPI cursor of the caller's connection, inside its transaction. Values are bound through the
+    column types' own bind processors, so rows are stored exactly as the ORM stores them.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect.paramstyle not in ("qmark", "format", "pyformat"):
+            raise NotImplementedError(f"paramstyle {dialect.paramstyle}")
+        ph = "?" if dialect.paramstyle == "qmark" else "%s"
+        self.placeholder = ph
+        #: lock_chain's lock (None: SQLite, whose BEGIN IMMEDIATE already serialises writers).
+        self.lock = f"SELECT pg_advisory_xact_lock({ph})" if dialect.name == "postgresql" else None
+        #: How a transaction on a raw DBAPI connection must begin to hold the chain lock:
+        #: taqrir.db begins every SQLAlchemy transaction on SQLite with BEGIN IMMEDIATE (its
+        #: connections are in autocommit mode, so a raw one would not begin at all).
+        self.begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
+        self.lock_params = (_PG_LOCK_KEY,)
+        #: (seq, hash) of the last record; no row for an empty chain.
+        self.head = "SELECT seq, hash FROM audit_event WHERE seq = (SELECT max(seq) FROM audit_event)"
+        self.insert = (
+            "INSERT INTO audit_event (seq, at, action, actor, entity_type, entity_id, outcome, details, "
+            f"prev_hash, hash) VALUES ({', '.join([ph] * 10)})"
+        )
+        self.bind_at = bind_processor(AuditRecord.__table__.c.at, dialect)  # type: ignore[attr-defined]
+
+    def params(self, row: ChainRow) -> tuple[Any, ...]:
+        return (row.seq, self.bind_at(row.at), row.action, row.actor, row.entity_type, row.entity_id,
+                row.outcome, row.details, row.prev_hash, row.hash)
+
+    def write(self, row: ChainRow) -> tuple[str, tuple[Any, ...]]:
+        """The INSERT of ``row`` and its parameters, for a caller that batches its writes."""
+        return self.insert, self.params(row)
+
+
+def bind_processor(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any]:
+    """How SQLAlchemy turns a Python value into a driver value for ``column`` on ``dialect``
+    (e.g. an aware datetime into SQLite's text form), as a plain function."""
+    proc = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return proc if proc is not None else _identity
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+_CHAIN_SQL: weakref.WeakKeyDictionary[Dialect, ChainSql] = weakref.WeakKeyDictionary()
+
+
+def chain_sql(dialect: Dialect) -> ChainSql:
+    """The (cached) :class:`ChainSql` for ``dialect``."""
+    sql = _CHAIN_SQL.get(dialect)
+    if sql is None:
+        sql = _CHAIN_SQL[dialect] = ChainSql(dialect)
+    return sql
+
+
+def append(
+    cursor: Any, sql: ChainSql, head: tuple[int, str] | None, events: Sequence[AuditEvent]
+) -> list[ChainRow]:
+    """Append ``events`` after ``head`` on a DBAPI cursor, in the caller's transaction.
+
+    The caller holds the chain lock (:func:`lock_chain`, or ``sql.lock`` on the same connection)
+    and read ``head`` (``sql.head``) after taking it: the ingest path folds that read into its own
+    query. :func:`record` and :func:`record_many` go through here too.
+    """
+    rows = link(head, events)
+    if len(rows) == 1:
+        cursor.execute(sql.insert, sql.params(rows[0]))
+    elif rows:
+        cursor.executemany(sql.insert, [sql.params(r) for r in rows])
+    return rows
 
 
 def lock_chain(session: Session) -> None:
@@ -73,6 +214,20 @@ def lock_chain(session: Session) -> None:
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=_PG_LOCK_KEY))  # type: ignore[call-overload]
+
+
+def _append_in_session(session: Session, events: Sequence[AuditEvent], *, lock: bool) -> list[ChainRow]:
+    conn = session.connection()
+    sql = chain_sql(conn.dialect)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if lock and sql.lock:
+            cursor.execute(sql.lock, sql.lock_params)
+        cursor.execute(sql.head)
+        head = cursor.fetchone()
+        return append(cursor, sql, (head[0], head[1]) if head else None, events)
+    finally:
+        cursor.close()
 
 
 def record(
@@ -90,38 +245,8 @@ def record(
     ``details`` must hold no PHI beyond identifiers: it is exported to researchers.
     """
     lock_chain(session)
-    # Core statements: this runs for every stored instance, and ORM round trips showed up there.
-    head = session.connection().execute(
-        sa_select(col(AuditRecord.seq), col(AuditRecord.hash)).order_by(col(AuditRecord.seq).desc()).limit(1)
-    ).first()
-    prev_hash = head.hash if head else GENESIS
-    rec = AuditRecord(
-        seq=(head.seq + 1) if head else 1,
-        at=utcnow(),
-        action=action,
-        actor=actor,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        outcome=outcome,
-        details=json.dumps(dict(details or {}), sort_keys=True, ensure_ascii=False, default=str),
-        prev_hash=prev_hash,
-        hash="",
-    )
-    rec.hash = chain_hash(prev_hash, _hashed_fields(rec))
-    session.connection().execute(sa_insert(AuditRecord).values(**rec.model_dump()))
-    return rec
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """One event for :func:`record_many` (the keyword arguments of :func:`record`)."""
-
-    action: str
-    actor: str
-    entity_type: str = ""
-    entity_id: str = ""
-    outcome: str = "success"
-    details: Mapping[str, Any] = field(default_factory=dict)
+    event = AuditEvent(action, actor, entity_type, entity_id, outcome, details or {})
+    return _append_in_session(session, [event], lock=False)[0].record()
 
 
 def record_many(session: Session, events: Sequence[AuditEvent]) -> list[AuditRecord]:
@@ -133,33 +258,8 @@ def record_many(session: Session, events: Sequence[AuditEvent]) -> list[AuditRec
     """
     if not events:
         return []
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":  # lock_chain's lock, taken on the connection (no ORM round trip)
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    head = conn.execute(
-        sa_select(col(AuditRecord.seq), col(AuditRecord.hash)).order_by(col(AuditRecord.seq).desc()).limit(1)
-    ).first()
-    prev_hash = head.hash if head else GENESIS
-    seq = head.seq if head else 0
-    out: list[AuditRecord] = []
-    for event in events:
-        seq += 1
-        rec = AuditRecord(
-            seq=seq,
-            at=utcnow(),
-            action=event.action,
-            actor=event.actor,
-            entity_type=event.entity_type,
-            entity_id=event.entity_id,
-            outcome=event.outcome,
-            details=json.dumps(dict(event.details), sort_keys=True, ensure_ascii=False, default=str),
-            prev_hash=prev_hash,
-            hash="",
-        )
-        rec.hash = prev_hash = chain_hash(prev_hash, _hashed_fields(rec))
-        out.append(rec)
-    conn.execute(sa_insert(AuditRecord.__table__), [r.model_dump() for r in out])  # type: ignore[attr-defined]
-    return out
+    # lock_chain's lock, taken on the connection (no ORM round trip)
+    return [row.record() for row in _append_in_session(session, events, lock=True)]
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,21 @@ order is what makes an acknowledgement mean something: the file is durable and r
 before the index row and its audit record commit, and only then does the caller answer Success.
 A crash before the commit leaves at most an unindexed file that the sender will send again.
 
-Where the time goes (300-slice CT, 0.5 MB per instance, one association, SQLite, this 2-core VM):
-of ~12 ms per instance about 5 ms is pynetdicom receiving (PDU reads in 4 KiB recv calls, copies,
-its 1 ms polling) and ~7 ms is here: the index and audit statements through SQLAlchemy and the
-commit (~3.5 ms, one WAL fsync with ``synchronous=FULL``, kept: in WAL mode NORMAL may lose the
-last commits on power loss, i.e. acknowledged instances would vanish from the index), the file and
-directory fsyncs (~1-2 ms), the header parse (~1 ms). Hashing happens while receiving (see
-:meth:`LocalStorage.staging_file`).
+Where the time goes (300-slice CT, 0.5 MB per instance, one association, this shared 2-core VM,
+``bench/ingest_index.py``, medians of one run with the previous version alongside): ingest_file
+takes ~3.0 ms on SQLite and ~5.6 ms on PostgreSQL, down from ~10.9 and ~15.2 ms. What is left is
+mostly the disk, fsyncs measured at the same time: the file's fsync (~1.1 ms; the storage starts
+it while it hashes the file, ~0.5 ms), the rename and directory fsync (~0.4 ms), the commit (SQLite:
+one WAL fsync with ``synchronous=FULL``, ~0.6 ms, kept: in WAL mode NORMAL may lose the last
+commits on power loss, i.e. acknowledged instances would vanish from the index; PostgreSQL: its
+WAL flush and six round trips: pool pre-ping, BEGIN, lock, read, writes, COMMIT). The CPU part is
+the header parse, ~0.2-0.3 ms (a raw walk, :mod:`.headers`, where the full pydicom parse took
+~2 ms), and the index transaction, ~0.2 ms of driver SQL on a pooled DBAPI connection
+(:mod:`.index`, :mod:`audit.chain`), where SQLAlchemy's session, statement construction, cache
+keys and parameter processing took ~5 ms. Tried and left out: running the header parse beside
+the fsync and hashing, and the rename beside the row writes, in helper threads (on two cores the
+parse ran twice as slow and the hand-offs cost the rest: no gain), and psycopg's pipeline mode
+(slower here than plain statements; one statement of data-modifying WITH clauses is what paid).
 """
 
 from __future__ import annotations
@@ -20,14 +28,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from typing import Any
 
-from audit.chain import lock_chain, record
+from sqlalchemy.engine import Connection, Engine
+
+from audit.chain import AuditEvent, link, record
 from taqrir.db import session_scope
 
-from .errors import DicomInputError, OutOfResources
+from .errors import DicomInputError, IdentifiersMissing, OutOfResources, StorageFailure
 from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
-from .index import IndexResult, StoreOutcome, find_instance, index_instance
+from .index import IndexResult, IndexSql, StoreOutcome, index_sql, plan_filing, read_state, run_writes
 from .storage import LocalStorage, StoredFile, instance_key
 
 log = logging.getLogger(__name__)
@@ -67,38 +77,98 @@ def ingest_file(
         )
     headers = read_headers(staged, max_sequence_depth=max_sequence_depth)
     if announced_sop_instance_uid and headers.sop_instance_uid != announced_sop_instance_uid:
-        from .errors import IdentifiersMissing
-
         raise IdentifiersMissing(
             f"dataset SOP Instance UID {headers.sop_instance_uid} differs from the announced "
             f"{announced_sop_instance_uid}"
         )
     if announced_sop_class_uid and headers.sop_class_uid != announced_sop_class_uid:
-        from .errors import IdentifiersMissing
-
         raise IdentifiersMissing(
             f"dataset SOP Class UID {headers.sop_class_uid} differs from the announced "
             f"{announced_sop_class_uid}"
         )
-    key = instance_key(headers.study_instance_uid, headers.series_instance_uid, headers.sop_instance_uid, sha)
-    stored = StoredFile(key=key, size=size, sha256=sha)
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
     storage.sync_staged(staged)
+    key = instance_key(headers.study_instance_uid, headers.series_instance_uid,
+                       headers.sop_instance_uid, sha)
+    stored = StoredFile(key=key, size=size, sha256=sha)
 
-    with session_scope(engine) as session:
-        # Serialise index writers first: two associations filing the first instances of one
-        # patient or study would otherwise race to insert the same rows.
-        lock_chain(session)
-        existing = find_instance(session, headers.sop_instance_uid)
-        if existing is None or existing.sha256 != sha:
-            storage.commit(staged, key, synced=True)
-        result: IndexResult = index_instance(
-            session, headers=headers, stored=stored, calling_ae=calling_ae, existing=existing
+    sql = index_sql(engine.dialect)
+    # The hot path (an instance of a known series, a duplicate, a replacement) runs on a DBAPI
+    # connection straight from the pool: a SQLAlchemy Connection's begin/commit machinery alone
+    # cost ~0.1 ms. The first instance of a series needs the ORM upserts: that transaction is
+    # rolled back before writing anything and done again on a SQLAlchemy Connection.
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        try:
+            if sql.chain.begin:  # taqrir.db begins SQLAlchemy transactions so; raw ones begin here
+                cursor.execute(sql.chain.begin)
+            result = _file_locked(cursor, sql, None, storage=storage, staged=staged, headers=headers,
+                                  stored=stored, calling_ae=calling_ae)
+        finally:
+            cursor.close()
+        if result is None:
+            raw.rollback()
+        else:
+            raw.commit()
+    except BaseException:
+        try:
+            raw.rollback()
+        except Exception:  # noqa: BLE001 - the first error is the one to report; the pool resets
+            log.warning("rollback failed after an ingest error", exc_info=True)
+        raise
+    finally:
+        raw.close()
+    if result is None:
+        with engine.connect() as conn, conn.begin():  # SQLite: BEGIN IMMEDIATE (taqrir.db)
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                result = _file_locked(cursor, sql, conn, storage=storage, staged=staged, headers=headers,
+                                      stored=stored, calling_ae=calling_ae)
+            finally:
+                cursor.close()
+        assert result is not None
+    if result.obsolete_key:
+        storage.remove(result.obsolete_key)
+    return IngestResult(headers, stored, result.outcome, result.study_version, result.new_version)
+
+
+def _file_locked(
+    cursor: Any,
+    sql: IndexSql,
+    conn: Connection | None,
+    *,
+    storage: LocalStorage,
+    staged: Path,
+    headers: InstanceHeaders,
+    stored: StoredFile,
+    calling_ae: str,
+) -> IndexResult | None:
+    """The index transaction's work, from taking the index lock to (not including) the commit.
+    Returns None, having written nothing, when the instance opens a new series and ``conn`` is
+    None: that needs the ORM upserts, on a SQLAlchemy connection."""
+    # Serialise index writers first (lock_chain's lock): two associations filing the first
+    # instances of one patient or study would otherwise race to insert the same rows.
+    if sql.chain.lock:
+        cursor.execute(sql.chain.lock, sql.chain.lock_params)
+    state = read_state(cursor, sql, headers)
+    existing = state.existing
+    duplicate = existing is not None and existing.sha256 == stored.sha256
+    if not duplicate and state.known is None and conn is None:
+        return None
+    try:
+        if not duplicate:
+            # Renamed into place (and its directory fsynced) under the lock, before the rows are
+            # written and committed: the file is in place and durable before its row is.
+            storage.commit(staged, stored.key, synced=True)
+        filing = plan_filing(
+            conn, cursor, sql, headers=headers, stored=stored, calling_ae=calling_ae,
+            existing=existing, known=state.known,
         )
-        record(
-            session,
+        result = filing.result
+        (audit,) = link(state.chain_head, [AuditEvent(
             action=f"instance.{result.outcome.value}",
             actor=calling_ae,
             entity_type="Instance",
@@ -108,14 +178,26 @@ def ingest_file(
                 "series": headers.series_instance_uid,
                 "sop_class": headers.sop_class_uid,
                 "transfer_syntax": headers.transfer_syntax_uid,
-                "size": size,
-                "sha256": sha,
+                "size": stored.size,
+                "sha256": stored.sha256,
                 "study_version": result.study_version,
             },
-        )
-    if result.obsolete_key:
-        storage.remove(result.obsolete_key)
-    return IngestResult(headers, stored, result.outcome, result.study_version, result.new_version)
+        )])
+        run_writes(cursor, sql, [*filing.writes, sql.chain.write(audit)])
+    except BaseException:
+        # Nothing will point at the file (if it got there): the transaction rolls back, and it
+        # was never committed (unlike a commit that fails, which may have happened all the same).
+        if not duplicate and (existing is None or existing.storage_key != stored.key):
+            _remove_quietly(storage, stored.key)
+        raise
+    return result
+
+
+def _remove_quietly(storage: LocalStorage, key: str) -> None:
+    try:
+        storage.remove(key)
+    except StorageFailure:
+        log.warning("could not remove %s, left unindexed by a failed ingest", key)
 
 
 def record_rejection(engine: Engine, *, calling_ae: str, sop_instance_uid: str | None, err: DicomInputError | OutOfResources | Exception, status: int) -> None:

@@ -1,14 +1,50 @@
-"""The study index on its own: patients without an ID, versions, duplicates."""
+"""The study index on its own (patients without an ID, versions, duplicates), and
+:func:`ingest_file`, the per-instance work after the bytes are on disk: order and durability,
+outcomes, concurrency, and the header walk that must answer exactly what pydicom answers."""
 
 from __future__ import annotations
 
-from sqlalchemy.engine import Engine
-from sqlmodel import select
+import hashlib
+import io
+import json
+import multiprocessing
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import Any
 
-from integrations.dicom.headers import InstanceHeaders
-from integrations.dicom.index import Patient, Study, StudyState, find_instance, index_instance, set_state
-from integrations.dicom.storage import StoredFile
-from taqrir.db import session_scope
+import psycopg
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from audit.chain import AuditRecord, verify
+from integrations.dicom import headers as headers_module
+from integrations.dicom.errors import CannotUnderstand, IdentifiersMissing, OutOfResources
+from integrations.dicom.headers import InstanceHeaders, read_headers, read_headers_pydicom
+from integrations.dicom.index import (
+    Instance,
+    Patient,
+    Series,
+    StoreOutcome,
+    Study,
+    StudyState,
+    find_instance,
+    index_instance,
+    set_state,
+)
+from integrations.dicom.ingest import IngestResult, ingest_file
+from integrations.dicom.storage import TMP_DIR_NAME, LocalStorage, StoredFile
+from taqrir.db import as_utc, make_engine, session_scope, utcnow
+from tests.factories.studies import make_ct_series
 
 
 def _h(study: str, sop: str, patient_id: str = "") -> InstanceHeaders:
@@ -49,3 +85,395 @@ def test_late_instance_after_drafting_starts_a_new_version(engine: Engine) -> No
         st = s.exec(select(Study)).one()
         assert (st.state, st.version) == ("receiving", 2)
         assert not set_state(s, study_pk=st.id or 0, version=1, new_state=StudyState.drafted)  # stale version
+
+
+# -- ingest_file: the per-instance work after the bytes are on disk ---------------------------
+
+
+class _Staged:
+    """A received file as the listener hands it over: written through the storage's staging file."""
+
+    def __init__(self, storage: LocalStorage, data: bytes) -> None:
+        self.writer = storage.staging_file(delete=False, suffix=".dcm")
+        self.writer.write(data)
+        self.writer.file.flush()
+        self.path = Path(self.writer.name)
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _ingest(engine: Engine, storage: LocalStorage, data: bytes, **kw: Any) -> IngestResult:
+    staged = _Staged(storage, data)
+    try:
+        return ingest_file(engine=engine, storage=storage, staged=staged.path, calling_ae="MODALITY", **kw)
+    finally:
+        staged.discard()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture(scope="module")
+def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    return [p.read_bytes() for p in make_ct_series(tmp_path_factory.mktemp("ct"), 6, rows=64, cols=64)]
+
+
+def _stored_files(storage: LocalStorage) -> set[str]:
+    return {p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*.dcm")
+            if TMP_DIR_NAME not in p.parts}
+
+
+def _check_consistent(engine: Engine, storage: LocalStorage) -> list[Instance]:
+    """Every file has its row and every row its file; the audit chain verifies."""
+    with session_scope(engine) as s:
+        rows = list(s.exec(select(Instance)).all())
+        assert verify(s).ok
+    assert _stored_files(storage) == {r.storage_key for r in rows}
+    for r in rows:
+        assert hashlib.sha256(storage.path(r.storage_key).read_bytes()).hexdigest() == r.sha256
+    return rows
+
+
+def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: LocalStorage,
+                                                       ct_series: list[bytes], tmp_path: Path) -> None:
+    first = _ingest(engine, storage, ct_series[0])  # opens the series: the ORM upserts
+    second = _ingest(engine, storage, ct_series[1])  # the hot path
+    assert (first.outcome, second.outcome) == (StoreOutcome.new, StoreOutcome.new)
+    assert _ingest(engine, storage, ct_series[1]).outcome == StoreOutcome.duplicate
+    rows = _check_consistent(engine, storage)
+    assert len(rows) == 2
+    row = next(r for r in rows if r.sop_instance_uid == second.headers.sop_instance_uid)
+    h = second.headers
+    assert (row.instance_number, row.rows, row.columns, row.image_type, row.number_of_frames) == (2, 64, 64, "ORIGINAL\\PRIMARY\\AXIAL", 1)
+    assert row.image_position_patient == json.dumps(h.image_position_patient)
+    assert row.image_orientation_patient == "[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]"
+    assert (row.specific_character_set, row.calling_ae, row.size) == ("ISO_IR 192", "MODALITY", len(ct_series[1]))
+    assert row.received_at.tzinfo is not None
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+        series = s.exec(select(Series)).one()
+        patient = s.exec(select(Patient)).one()
+        assert (study.state, study.version, study.description, series.modality, patient.name) == (
+            "receiving", 1, "CT CHEST WITH CONTRAST", "CT", "Test^Patient")
+        assert set_state(s, study_pk=study.id or 0, version=1, new_state=StudyState.failed, reason="boom")
+        s.execute(update(Study).values(attempts=2))
+    # same SOP Instance UID, different bytes: replaced, the old file goes, the study changes
+    ds = dcmread(io.BytesIO(ct_series[1]))
+    ds.SeriesDescription = "changed by the modality"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    before = utcnow()
+    replaced = _ingest(engine, storage, buf.getvalue())
+    assert (replaced.outcome, replaced.study_version, replaced.new_version) == (StoreOutcome.replaced, 2, True)
+    rows = _check_consistent(engine, storage)
+    assert len(rows) == 2
+    assert {r.sha256 for r in rows} == {first.stored.sha256, replaced.stored.sha256}
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+    assert (study.state, study.version, study.attempts, study.failure_reason) == ("receiving", 2, 0, None)
+    assert as_utc(study.state_changed_at) >= before and as_utc(study.last_received_at) >= before
+    with session_scope(engine) as s:
+        audit = [(a.action, json.loads(a.details)) for a in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()]
+    assert [a for a, _ in audit] == ["instance.new", "instance.new", "instance.duplicate", "instance.replaced"]
+    details = audit[-1][1]
+    assert details == {"study": h.study_instance_uid, "series": h.series_instance_uid, "sop_class": h.sop_class_uid,
+                       "transfer_syntax": h.transfer_syntax_uid, "size": replaced.stored.size,
+                       "sha256": replaced.stored.sha256, "study_version": 2}
+
+
+def test_ingest_rearms_a_stable_study_without_a_new_version(engine: Engine, storage: LocalStorage,
+                                                            ct_series: list[bytes]) -> None:
+    _ingest(engine, storage, ct_series[0])
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+        assert set_state(s, study_pk=study.id or 0, version=1, new_state=StudyState.stable)
+    before = utcnow()
+    result = _ingest(engine, storage, ct_series[1])
+    assert (result.study_version, result.new_version) == (1, False)
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+    assert (study.state, study.version) == ("receiving", 1)
+    assert as_utc(study.state_changed_at) >= before
+
+
+def test_a_failed_index_transaction_leaves_nothing_half_stored(engine: Engine, storage: LocalStorage,
+                                                               ct_series: list[bytes],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _ingest(engine, storage, ct_series[0])
+    import integrations.dicom.ingest as ingest_module
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(ingest_module, "run_writes", broken)
+    staged = _Staged(storage, ct_series[1])
+    with pytest.raises(RuntimeError):
+        ingest_file(engine=engine, storage=storage, staged=staged.path, calling_ae="MODALITY")
+    staged.discard()
+    rows = _check_consistent(engine, storage)  # no orphan file, no row, no audit record
+    assert len(rows) == 1
+    with session_scope(engine) as s:
+        assert verify(s).checked == 1
+
+
+def test_refusals_index_nothing(engine: Engine, storage: LocalStorage, ct_series: list[bytes]) -> None:
+    truncated = ct_series[2][: len(ct_series[2]) - 100]
+    with pytest.raises(CannotUnderstand):
+        _ingest(engine, storage, truncated)
+    ds = dcmread(io.BytesIO(ct_series[2]))
+    with pytest.raises(IdentifiersMissing):
+        _ingest(engine, storage, ct_series[2], announced_sop_instance_uid=ds.SOPInstanceUID + ".9")
+    with pytest.raises(OutOfResources):
+        _ingest(engine, storage, ct_series[2], min_free_bytes=1 << 62)
+    assert _check_consistent(engine, storage) == []
+    assert not any(storage.tmp_dir.iterdir())
+
+
+def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, storage: LocalStorage,
+                                                            ct_series: list[bytes], db_url: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fsync, the rename and the directory fsync run in helper threads: each must have
+    finished before the index row is committed (seen from another connection), the rename after
+    the fsync."""
+    _ingest(engine, storage, ct_series[0])
+    events: list[str] = []
+    real_sync, real_commit = LocalStorage.sync_staged, LocalStorage.commit
+
+    def committed_rows() -> int:
+        if db_url.startswith("sqlite"):  # a plain reader: WAL readers do not wait for the writer
+            with closing(sqlite3.connect(db_url.split("///", 1)[1])) as c:
+                return int(c.execute("SELECT count(*) FROM instance").fetchone()[0])
+        with psycopg.connect(db_url.replace("postgresql+psycopg", "postgresql")) as c:
+            return int(c.execute("SELECT count(*) FROM instance").fetchone()[0])  # type: ignore[index]
+
+    def slow_sync(self: LocalStorage, staged: Path) -> None:
+        time.sleep(0.2)
+        real_sync(self, staged)
+        events.append(f"synced rows={committed_rows()}")
+
+    def slow_commit(self: LocalStorage, staged: Path, key: str, *, synced: bool = False) -> None:
+        events.append("placing")
+        time.sleep(0.2)
+        real_commit(self, staged, key, synced=synced)
+        events.append(f"placed rows={committed_rows()}")
+
+    monkeypatch.setattr(LocalStorage, "sync_staged", slow_sync)
+    monkeypatch.setattr(LocalStorage, "commit", slow_commit)
+    _ingest(engine, storage, ct_series[1])
+    assert events == ["synced rows=1", "placing", "placed rows=1"]
+    assert len(_check_consistent(engine, storage)) == 2
+
+
+def test_concurrent_threads_file_one_study_once(engine: Engine, storage: LocalStorage,
+                                                tmp_path: Path) -> None:
+    """Four associations deliver one new study at once (the first instances race to create the
+    patient, study and series), while a worker moves the study's state: no duplicated rows, no
+    deadlock, one chain."""
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "par", 24, rows=32, cols=32)]
+    stop = threading.Event()
+
+    def mover() -> None:
+        while not stop.is_set():
+            with session_scope(engine) as s:
+                study = s.exec(select(Study)).first()
+                if study is not None:
+                    set_state(s, study_pk=study.id or 0, version=study.version, new_state=StudyState.stable,
+                              expect=(StudyState.receiving,))
+
+    worker = threading.Thread(target=mover)
+    worker.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(lambda d: _ingest(engine, storage, d).outcome, data))
+    finally:
+        stop.set()
+        worker.join()
+    assert outcomes == [StoreOutcome.new] * len(data)
+    rows = _check_consistent(engine, storage)
+    assert len(rows) == len(data)
+    with session_scope(engine) as s:
+        assert len(s.exec(select(Patient)).all()) == len(s.exec(select(Study)).all()) == len(s.exec(select(Series)).all()) == 1
+
+
+def _ingest_in_process(db_url: str, root: str, files: list[str]) -> None:
+    """One receiving process (run by multiprocessing, spawned)."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    engine = make_engine(db_url)
+    storage = LocalStorage(Path(root))
+    for f in files:
+        _ingest(engine, storage, Path(f).read_bytes())
+    engine.dispose()
+
+
+def test_concurrent_processes_file_one_study_once(engine: Engine, storage: LocalStorage, db_url: str,
+                                                  tmp_path: Path) -> None:
+    files = [str(p) for p in make_ct_series(tmp_path / "mp", 16, rows=32, cols=32)]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ingest_in_process, args=(db_url, str(storage.root), files[i::2])) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rows = _check_consistent(engine, storage)
+    assert len(rows) == len(files)
+    with session_scope(engine) as s:
+        assert len(s.exec(select(Patient)).all()) == len(s.exec(select(Study)).all()) == len(s.exec(select(Series)).all()) == 1
+        assert verify(s).checked == len(files)
+
+
+def test_arabic_and_utf8_text_is_decoded_on_ingest(engine: Engine, storage: LocalStorage, tmp_path: Path) -> None:
+    arab = (CORPUS / "charset" / "pydicom_chrArab.dcm").read_bytes()
+    assert _ingest(engine, storage, arab).outcome == StoreOutcome.new
+    (utf8,) = make_ct_series(tmp_path / "utf8", 1, rows=16, cols=16, patient_id="ع-1")
+    ds = dcmread(utf8)
+    ds.PatientName = "قباني^لنزار"
+    ds.StudyDescription = "أشعة مقطعية"
+    ds.save_as(utf8, enforce_file_format=True)
+    assert read_headers(utf8) == read_headers_pydicom(utf8)
+    _ingest(engine, storage, utf8.read_bytes())
+    with session_scope(engine) as s:
+        names = {p.patient_id: p.name for p in s.exec(select(Patient)).all()}
+        descriptions = {st.description for st in s.exec(select(Study)).all()}
+    assert names == {"SCSARAB": "قباني^لنزار", "ع-1": "قباني^لنزار"}
+    assert "أشعة مقطعية" in descriptions
+
+
+# -- the header walk gives pydicom's answer ---------------------------------------------------
+
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
+
+
+def _outcome(read: Callable[[Path], InstanceHeaders | None], path: Path) -> tuple[Any, ...]:
+    try:
+        return ("ok", read(path))
+    except Exception as err:  # noqa: BLE001 - the kind of failure is what is compared
+        return ("error", type(err).__name__, getattr(err, "status", None))
+
+
+def _fast(path: Path) -> InstanceHeaders | None:
+    return headers_module._read_headers_fast(path, headers_module.DEFAULT_MAX_SEQUENCE_DEPTH)
+
+
+def _corpus() -> list[Path]:
+    return sorted(p for p in CORPUS.rglob("*") if p.is_file() and not p.name.endswith(".md"))
+
+
+@pytest.fixture(params=["IGNORE", "WARN"])
+def validation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener reads with IGNORE; pydicom's default is WARN."""
+    import pydicom.config
+
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", getattr(pydicom.config, request.param))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid values
+def test_header_walk_agrees_with_pydicom_on_the_corpus(validation: None) -> None:
+    fast = 0
+    for path in _corpus():
+        got = _outcome(_fast, path)
+        if got == ("ok", None):
+            continue  # left to pydicom
+        fast += 1
+        assert got == _outcome(headers_module.read_headers_pydicom, path), path
+    assert fast >= 110  # every explicit VR little endian file of the corpus but a few odd ones
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid values
+def test_header_walk_agrees_with_pydicom_on_damaged_files(tmp_path: Path, ct_series: list[bytes]) -> None:
+    """Truncations, flipped and inserted bytes in the header of files with sequences, private
+    elements and character sets: wherever the walk answers, it answers what pydicom does."""
+    seeds = [ct_series[0]] + [(CORPUS / n).read_bytes() for n in (
+        "charset/pydicom_chrArab.dcm", "charset/pydicom_chrX1.dcm", "mr/fodicom_MOVEKNEE_enhanced.dcm",
+        "ct/pydicom_CT_small.dcm", "other/pydicom-data_liver_SEG.dcm", "mg/fodicom_GH133_mammo.dcm")]
+    rng = random.Random(20261127)
+    path = tmp_path / "damaged.dcm"
+    answered = 0
+    for _ in range(600):
+        data = bytearray(rng.choice(seeds))
+        end = min(len(data), 6000)
+        kind = rng.random()
+        if kind < 0.3:
+            data = data[: rng.randrange(132, end)]
+        elif kind < 0.8:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(132, end)] = rng.randrange(256)
+        else:
+            at = rng.randrange(132, end)
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+        path.write_bytes(bytes(data))
+        got = _outcome(_fast, path)
+        if got != ("ok", None):
+            answered += 1
+            assert got == _outcome(headers_module.read_headers_pydicom, path)
+    assert answered > 150
+
+
+def _with_raw(ct: bytes, tmp_path: Path, keyword: str, raw: bytes) -> Path:
+    """``ct`` with ``keyword`` holding the raw value ``raw`` (pydicom would refuse to write it)."""
+    placeholder = b"%06d" % 424242
+    assert len(raw) == len(placeholder) and placeholder not in ct
+    ds = dcmread(io.BytesIO(ct))
+    setattr(ds, keyword, placeholder.decode())
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path = tmp_path / "edited.dcm"
+    path.write_bytes(buf.getvalue().replace(placeholder, raw))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid values
+def test_header_walk_edge_cases(tmp_path: Path, ct_series: list[bytes]) -> None:
+    from pydicom.dataelem import DataElement
+    from pydicom.sequence import Sequence
+
+    # an IS value pydicom cannot convert (OverflowError) in an element we do not index: refused
+    bad_is = _with_raw(ct_series[0], tmp_path, "AcquisitionNumber", b"1e400 ")
+    with pytest.raises(CannotUnderstand):
+        read_headers(bad_is)
+    assert _outcome(read_headers, bad_is) == _outcome(headers_module.read_headers_pydicom, bad_is)
+    # a DS value that is not a number: pydicom keeps it as text; so does the walk
+    odd_ds = _with_raw(ct_series[0], tmp_path, "SliceThickness", b"abc   ")
+    assert _fast(odd_ds) == read_headers_pydicom(odd_ds)
+    # sequence depth: at the limit accepted, beyond refused, by both
+    ds = dcmread(io.BytesIO(ct_series[0]))
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for _ in range(3):
+        outer = Dataset()
+        outer.ReferencedImageSequence = Sequence([inner])
+        inner = outer
+    ds.ReferencedImageSequence = inner.ReferencedImageSequence
+    nested = tmp_path / "nested.dcm"
+    ds.save_as(nested, enforce_file_format=True)
+    assert headers_module._read_headers_fast(nested, 3) == read_headers_pydicom(nested, max_sequence_depth=3)
+    assert headers_module._read_headers_fast(nested, 2) is None
+    with pytest.raises(CannotUnderstand):
+        read_headers(nested, max_sequence_depth=2)
+    # an indexed element that holds a sequence (pydicom files its text form): left to pydicom
+    ds = dcmread(io.BytesIO(ct_series[0]))
+    item = Dataset()
+    item.CodeValue = "X"
+    ds[0x00100010] = DataElement(0x00100010, "SQ", Sequence([item]))
+    odd_name = tmp_path / "odd_name.dcm"
+    ds.save_as(odd_name, enforce_file_format=True)
+    assert _fast(odd_name) is None
+    assert read_headers(odd_name) == read_headers_pydicom(odd_name)
+    # Pixel Data cut short: the same refusal
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(ct_series[0][:-10])
+    assert _outcome(_fast, cut) == _outcome(headers_module.read_headers_pydicom, cut) == ("error", "CannotUnderstand", 0xC210)
+
+
+def test_header_walk_steps_aside_for_non_default_pydicom_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pydicom.config
+
+    assert headers_module._fast_path_applies()
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    assert not headers_module._fast_path_applies()
