@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
@@ -92,26 +92,35 @@ def _rows(session: Reader, stmt: Any) -> list[Row]:
 _COLS = (col(FhirResource.resource_type), col(FhirResource.id), col(FhirResource.version_id), col(FhirResource.json_text))
 
 
-def run_search(session: Reader, q: SearchQuery) -> SearchResult:
-    """One page of matches (sorted, offset/count) plus _include/_revinclude resources and the total.
-
-    The total rides on the page query (``count(*) OVER ()``), so a search is one round trip when
-    the page is not empty; a separate count runs only for ``_summary=count`` and empty pages."""
-    where = where_clauses(q)
-
-    def count() -> int:
-        return int(session.execute(select(func.count()).select_from(FhirResource).where(*where)).scalar_one())
-
-    if q.summary_count:
-        return SearchResult(count(), [], [])
+def page_statement(q: SearchQuery) -> Select[Unpack[tuple[Any, ...]]]:
+    """One page of matches with the total on every row (``count(*) OVER ()``): the query of
+    :func:`run_search`, and the one :mod:`integrations.fhir.pgreads` renders once for its hot search."""
     order = []
     for name, desc in q.sort:
         column = getattr(FhirResource, name)
         order.append(column.desc() if desc else column.asc())
     order.append(col(FhirResource.id).asc())
-    stmt = (select(*_COLS, func.count().over().label("total")).where(*where).order_by(*order)
+    return (select(*_COLS, func.count().over().label("total")).where(*where_clauses(q)).order_by(*order)
             .offset(q.offset).limit(q.count))
-    raw = session.execute(stmt).all()
+
+
+def count_statement(q: SearchQuery) -> Select[Any]:
+    """The number of matches (``_summary=count``, and the total of an empty page past the first)."""
+    return select(func.count()).select_from(FhirResource).where(*where_clauses(q))
+
+
+def run_search(session: Reader, q: SearchQuery) -> SearchResult:
+    """One page of matches (sorted, offset/count) plus _include/_revinclude resources and the total.
+
+    The total rides on the page query (``count(*) OVER ()``), so a search is one round trip when
+    the page is not empty; a separate count runs only for ``_summary=count`` and empty pages."""
+
+    def count() -> int:
+        return int(session.execute(count_statement(q)).scalar_one())
+
+    if q.summary_count:
+        return SearchResult(count(), [], [])
+    raw = session.execute(page_statement(q)).all()
     matches = [Row(r[0], r[1], r[2], r[3]) for r in raw]
     total = int(raw[0][4]) if raw else (0 if q.offset == 0 else count())
     if q.count == 0:

@@ -1,0 +1,84 @@
+"""An ASGI layer that serves the hot requests (GET read, GET search) before FastAPI routes them.
+
+Why: in ``bench/fhir_api.py`` about a third of the server's CPU per request went to framework
+plumbing around two tiny handlers: Starlette routing over every route, FastAPI's dependency
+resolution (the principal, the ``Request``), enum and pattern validation of the path, the
+exception-handler wrappers and response adapters. For the two interactions that make nearly all
+the traffic this layer does the routing itself with a split and a set lookup, and calls the very
+functions the FastAPI routes call (:mod:`integrations.fhir.interactions`), so both paths answer
+with the same status, headers, body and audit record. Measured (``bench/fhir_api.py --fast-path
+off`` against the default, everything else equal): 759 against 1,069-1,280 req/s at saturation,
+1.38 against 0.75-0.89 ms of server CPU per request there, 1.96 against 1.73 ms at 500 req/s.
+
+It takes a request only when FastAPI would route it to the read or search route with valid path
+parameters: ``GET /fhir/<type>`` and ``GET /fhir/<type>/<id>`` with ``<type>`` one of the served
+resource types and ``<id>`` matching the route's id pattern (the whole string: Python's ``$``
+would accept a trailing newline, pydantic's does not). Anything else (other methods, HEAD,
+unknown types, invalid ids, vread, history, metadata, $review, a ``root_path``) goes to FastAPI
+untouched, which keeps the OpenAPI schema and every other behaviour as it was.
+
+It is installed as a FastAPI middleware (``app.add_middleware``), so it sits inside Starlette's
+ServerErrorMiddleware and FastAPI's telemetry and body-limit layers: an unexpected exception
+still becomes the same logged 500 OperationOutcome. FHIR errors (401, 403, 404, 400, 503) are
+answered with :func:`~integrations.fhir.interactions.error_response`, the function FastAPI's
+exception handler uses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import FhirError
+from .interactions import FhirApi, error_response, read_resource, search_resources
+from .store import RESOURCE_TYPES
+
+ID_PATTERN: Final = r"[A-Za-z0-9\-.]{1,64}"
+"""The id path pattern of the FastAPI routes (``IdPath``), without anchors."""
+
+_ID: Final = re.compile(ID_PATTERN)
+_TYPES: Final = frozenset(RESOURCE_TYPES)
+_PREFIX: Final = "/fhir/"
+
+
+class FastPath:
+    """ASGI middleware: serve GET read and GET search directly, pass everything else on."""
+
+    def __init__(self, app: ASGIApp, api: FhirApi) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if not path.startswith(_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        parts = path[len(_PREFIX):].split("/")
+        rtype = parts[0]
+        if rtype not in _TYPES or len(parts) > 2 or (len(parts) == 2 and not _ID.fullmatch(parts[1])):
+            await self.app(scope, receive, send)
+            return
+        try:
+            principal = self.api.verifier.verify(_authorization(scope))
+            if len(parts) == 2:
+                response = await read_resource(self.api, principal, rtype, parts[1])
+            else:
+                pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+                response = await search_resources(self.api, principal, rtype, pairs)
+        except FhirError as err:
+            response = error_response(err)
+        await response(scope, receive, send)
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The first Authorization header, as Starlette's ``Headers.get`` (and so FastAPI's ``Header()``) reads it."""
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
