@@ -41,7 +41,7 @@ from .store import _CURRENT, CurrentRow
 
 log = logging.getLogger(__name__)
 
-_DIALECT = asyncpg_dialect()
+_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
 class _Rendered:
