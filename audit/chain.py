@@ -14,9 +14,9 @@ head in its own query and adds the INSERT to its batch of writes (:meth:`ChainSq
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -180,15 +180,10 @@ def _identity(value: Any) -> Any:
     return value
 
 
-_CHAIN_SQL: weakref.WeakKeyDictionary[Dialect, ChainSql] = weakref.WeakKeyDictionary()
-
-
+@functools.lru_cache(maxsize=16)  # one per engine's dialect; a process has one or two
 def chain_sql(dialect: Dialect) -> ChainSql:
     """The (cached) :class:`ChainSql` for ``dialect``."""
-    sql = _CHAIN_SQL.get(dialect)
-    if sql is None:
-        sql = _CHAIN_SQL[dialect] = ChainSql(dialect)
-    return sql
+    return ChainSql(dialect)
 
 
 def append(

@@ -20,10 +20,10 @@ that. Only the first instance of a series takes the ORM upserts of patient, stud
 
 from __future__ import annotations
 
+import functools
 import enum
 import hashlib
 import json
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -310,15 +310,10 @@ class IndexSql:
         return stmt
 
 
-_INDEX_SQL: weakref.WeakKeyDictionary[Dialect, IndexSql] = weakref.WeakKeyDictionary()
-
-
+@functools.lru_cache(maxsize=16)  # one per engine's dialect; a process has one or two
 def index_sql(dialect: Dialect) -> IndexSql:
     """The (cached) :class:`IndexSql` for ``dialect``."""
-    sql = _INDEX_SQL.get(dialect)
-    if sql is None:
-        sql = _INDEX_SQL[dialect] = IndexSql(dialect)
-    return sql
+    return IndexSql(dialect)
 
 
 def read_state(cursor: Any, sql: IndexSql, headers: InstanceHeaders) -> IndexState:
