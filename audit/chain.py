@@ -142,7 +142,8 @@ class ChainSql:
 
     def __init__(self, dialect: Dialect) -> None:
         if dialect.paramstyle not in ("qmark", "format", "pyformat"):
-            raise NotImplementedError(f"paramstyle {dialect.paramstyle}")
+            raise ValueError(f"the audit chain's driver SQL needs a qmark/format/pyformat driver, not "
+                             f"{dialect.paramstyle!r} ({dialect.name}); use SQLite or PostgreSQL through psycopg")
         ph = "?" if dialect.paramstyle == "qmark" else "%s"
         self.placeholder = ph
         #: lock_chain's lock (None: SQLite, whose BEGIN IMMEDIATE already serialises writers).
