@@ -147,7 +147,6 @@ class Listener:
     def _config(self) -> ScpConfig:
         s = self.settings
         return ScpConfig(
-            ae_title=s.ae_title,
             max_pdu=s.max_pdu,
             network_timeout=s.network_timeout,
             acse_timeout=s.acse_timeout,

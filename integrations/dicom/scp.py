@@ -98,7 +98,6 @@ class ScpHandler(Protocol):
 
 @dataclass(frozen=True)
 class ScpConfig:
-    ae_title: str
     max_pdu: int
     network_timeout: float
     acse_timeout: float
