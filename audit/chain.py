@@ -141,13 +141,15 @@ class ChainSql:
     """
 
     def __init__(self, dialect: Dialect) -> None:
-        if dialect.paramstyle not in ("qmark", "format", "pyformat"):
-            raise ValueError(f"the audit chain's driver SQL needs a qmark/format/pyformat driver, not "
-                             f"{dialect.paramstyle!r} ({dialect.name}); use SQLite or PostgreSQL through psycopg")
-        ph = "?" if dialect.paramstyle == "qmark" else "%s"
-        self.placeholder = ph
+        style = dialect.paramstyle
+        if style not in ("qmark", "format", "pyformat", "numeric_dollar"):
+            raise ValueError(f"the audit chain's driver SQL needs a qmark/format/pyformat/numeric_dollar driver, "
+                             f"not {style!r} ({dialect.name}); use SQLite, or PostgreSQL through psycopg or asyncpg")
+        marks = [f"${i}" if style == "numeric_dollar" else "?" if style == "qmark" else "%s" for i in range(1, 11)]
+        #: The placeholder for the ingest path's own statements (it runs on qmark/format drivers only).
+        self.placeholder = "?" if style == "qmark" else "%s"
         #: lock_chain's lock (None: SQLite, whose BEGIN IMMEDIATE already serialises writers).
-        self.lock = f"SELECT pg_advisory_xact_lock({ph})" if dialect.name == "postgresql" else None
+        self.lock = f"SELECT pg_advisory_xact_lock({marks[0]})" if dialect.name == "postgresql" else None
         #: How a transaction on a raw DBAPI connection must begin to hold the chain lock:
         #: taqrir.db begins every SQLAlchemy transaction on SQLite with BEGIN IMMEDIATE (its
         #: connections are in autocommit mode, so a raw one would not begin at all).
@@ -157,7 +159,7 @@ class ChainSql:
         self.head = "SELECT seq, hash FROM audit_event WHERE seq = (SELECT max(seq) FROM audit_event)"
         self.insert = (
             "INSERT INTO audit_event (seq, at, action, actor, entity_type, entity_id, outcome, details, "
-            f"prev_hash, hash) VALUES ({', '.join([ph] * 10)})"
+            f"prev_hash, hash) VALUES ({', '.join(marks)})"
         )
         self.bind_at = bind_processor(AuditRecord.__table__.c.at, dialect)  # type: ignore[attr-defined]
 

@@ -20,12 +20,22 @@ The writer lingers: after the first event of a batch it waits ``linger_s`` (``ap
 lock, head read, INSERT, commit: 1.5-4 ms of the API process's CPU on the benchmark machine, and
 PostgreSQL's), and at a paced load most requests arrive while the writer is idle, so without it
 nearly every request paid for a batch of its own. A response still waits for the commit of its record; the
-linger bounds what that adds. On PostgreSQL the writer keeps one connection checked out and runs
-each batch as a transaction on it.
+linger bounds what that adds.
 
-Requests wait on the event loop (:meth:`AccessAuditor.record` is a coroutine): no thread is held
-while a batch commits, and the writer thread wakes each loop once per batch. State changes
-(publish, review) do not come here: they record in their own transaction.
+Where the writer runs depends on the database:
+
+- PostgreSQL: on the event loop itself (:class:`_LoopWriter`), a task that appends each batch
+  over one asyncpg connection of its own (lock, head, INSERT, commit, awaited like the hot reads
+  of :mod:`~integrations.fhir.pgreads`). It used to be a thread with a SQLAlchemy connection; at
+  500 req/s in ``bench/fhir_api.py`` a request then waited a median 19-32 ms for its commit,
+  mostly not for PostgreSQL but for the GIL: each of a batch's five round trips ended with the
+  thread asking the busy event loop for the GIL back, and Python hands it over only after its
+  5 ms switch interval.
+- SQLite: a thread (SQLite is a blocking library; its ``BEGIN IMMEDIATE`` hook serialises writers).
+  Requests wait on the event loop (:meth:`AccessAuditor.record` is a coroutine) and the thread
+  wakes each loop once per batch.
+
+State changes (publish, review) do not come here: they record in their own transaction.
 """
 
 from __future__ import annotations
@@ -35,16 +45,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
-from sqlmodel import Session
+import asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine import Engine
 
-from audit.chain import AuditEvent, record_many
+from audit.chain import AuditEvent, chain_sql, link, record_many
 from reporting.fhir.timing import instant
-from taqrir.db import make_engine, session_scope, utcnow
+from taqrir.db import session_scope, utcnow
 
 from .errors import AuditUnavailable
 
@@ -62,6 +73,28 @@ class _Event:
         self.done = self.loop.create_future()
 
 
+def chain_events(batch: Sequence[_Event]) -> list[AuditEvent]:
+    """The chain records of a batch: one per (caller, action), each listing its events in order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for event in batch:
+        f = event.fields
+        groups.setdefault((f["actor"], f["action"]), []).append(f)
+    events = []
+    for (actor, action), items in groups.items():
+        types = {i["entity_type"] for i in items}
+        events.append(AuditEvent(
+            action=action,
+            actor=actor,
+            entity_type=types.pop() if len(types) == 1 else "*",
+            entity_id=items[0]["entity_id"] if len(items) == 1 else "",
+            details={"events": [
+                {"at": i["at"], "entity_type": i["entity_type"], "entity_id": i["entity_id"], **i["details"]}
+                for i in items
+            ]},
+        ))
+    return events
+
+
 def _settle(futures: list[asyncio.Future[None]], err: BaseException | None) -> None:
     """Runs on the waiters' loop: wake every waiter of a batch (a waiter that gave up is skipped)."""
     for fut in futures:
@@ -77,47 +110,57 @@ class AccessAuditor:
     """Group-commit writer of access events for one engine (one per API process)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 500, timeout_s: float = 30.0, linger_s: float = 0.0) -> None:
-        # PostgreSQL: the one writer thread keeps one connection of its own, not pinged before each
-        # batch (a ping is a round trip per batch); a batch that finds it dead is written again on a
-        # fresh one (_write). SQLite: the engine as given (its BEGIN IMMEDIATE hook serialises writers).
         self._engine = engine
-        self._own_engine = engine.dialect.name == "postgresql"
-        if self._own_engine:
-            self._engine = make_engine(engine.url.render_as_string(hide_password=False), pool_size=1,
-                                       max_overflow=0, pool_pre_ping=False)
         self._max_batch = max_batch
         self._timeout_s = timeout_s
         self._linger_s = linger_s
+        # PostgreSQL: a writer on each event loop that records (in practice the server's one loop).
+        self._dsn: str | None = None
+        if engine.dialect.name == "postgresql":
+            self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._loop_writer: _LoopWriter | None = None
+        # SQLite: the writer thread.
         self._queue: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._conn: Connection | None = None  # PostgreSQL: the writer thread's own
 
     def start(self) -> None:
-        """Start the writer thread (idempotent)."""
+        """Start the writer thread (SQLite; idempotent). PostgreSQL's writer starts on the first record."""
+        if self._dsn is not None:
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="fhir-access-audit", daemon=True)
                 self._thread.start()
 
     def stop(self) -> None:
-        """Write what is pending, then stop the writer thread."""
+        """Write what is pending, then stop the writer thread (SQLite; PostgreSQL: :meth:`aclose`)."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout=self._timeout_s)
-        if self._own_engine:
-            self._engine.dispose()
+
+    async def aclose(self) -> None:
+        """Write what is pending and close the PostgreSQL writer's connection (on the loop that used it)."""
+        writer, self._loop_writer = self._loop_writer, None
+        if writer is not None and writer.loop is asyncio.get_running_loop():
+            await writer.aclose()
 
     async def record(self, *, action: str, actor: str, entity_type: str, entity_id: str = "",
                      details: dict[str, Any] | None = None) -> None:
         """Record one access and return once it is committed (raises :class:`AuditUnavailable`)."""
-        if self._thread is None or not self._thread.is_alive():
-            self.start()
+        loop = asyncio.get_running_loop()
         event = _Event({"action": action, "actor": actor, "entity_type": entity_type, "entity_id": entity_id,
-                        "details": details or {}, "at": instant(utcnow())}, asyncio.get_running_loop())
-        self._queue.put(event)
+                        "details": details or {}, "at": instant(utcnow())}, loop)
+        if self._dsn is not None:
+            if self._loop_writer is None or self._loop_writer.loop is not loop:
+                self._loop_writer = _LoopWriter(self._dsn, max_batch=self._max_batch, linger_s=self._linger_s)
+            self._loop_writer.submit(event)
+        else:
+            if self._thread is None or not self._thread.is_alive():
+                self.start()
+            self._queue.put(event)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await event.done
@@ -125,12 +168,6 @@ class AccessAuditor:
             raise AuditUnavailable("the access could not be recorded in the audit trail; try again") from err
 
     def _run(self) -> None:
-        try:
-            self._run_batches()
-        finally:
-            self._drop_connection()
-
-    def _run_batches(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -154,57 +191,11 @@ class AccessAuditor:
                 batch.append(nxt)
             self._write(batch)
 
-    def _append(self, events: list[AuditEvent]) -> None:
-        if not self._own_engine:
-            with session_scope(self._engine) as session:
-                record_many(session, events)
-            return
-        # PostgreSQL: the writer thread's connection stays checked out, and each batch is a
-        # transaction on it with a Session joined to it; a Session, pool checkout and ORM
-        # transaction per batch (session_scope) cost about a quarter of a small batch's CPU.
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        with self._conn.begin(), Session(bind=self._conn) as session:
-            record_many(session, events)
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away
-                log.debug("closing a dead audit connection failed", exc_info=True)
-
     def _write(self, batch: list[_Event]) -> None:
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for event in batch:
-            f = event.fields
-            groups.setdefault((f["actor"], f["action"]), []).append(f)
-        events = []
-        for (actor, action), items in groups.items():
-            types = {i["entity_type"] for i in items}
-            events.append(AuditEvent(
-                action=action,
-                actor=actor,
-                entity_type=types.pop() if len(types) == 1 else "*",
-                entity_id=items[0]["entity_id"] if len(items) == 1 else "",
-                details={"events": [
-                    {"at": i["at"], "entity_type": i["entity_type"], "entity_id": i["entity_id"], **i["details"]}
-                    for i in items
-                ]},
-            ))
         failure: BaseException | None = None
         try:
-            try:
-                self._append(events)
-            except DBAPIError as err:
-                if not err.connection_invalidated:
-                    raise
-                # The connection had died (a database restart) and has been dropped: write the batch
-                # on a fresh one. Should the commit itself have got through, the accesses are
-                # recorded twice, never lost.
-                self._drop_connection()
-                self._append(events)
+            with session_scope(self._engine) as session:
+                record_many(session, chain_events(batch))
         except Exception as err:  # noqa: BLE001 - every waiter must hear about any failure
             log.error("could not write %d access audit records: %s", len(batch), type(err).__name__)
             failure = err
@@ -216,3 +207,76 @@ class AccessAuditor:
                 loop.call_soon_threadsafe(_settle, futures, failure)
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 continue
+
+
+_ASYNCPG_CHAIN = chain_sql(asyncpg_dialect())  # type: ignore[no-untyped-call]
+_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError, OSError)
+
+
+class _LoopWriter:
+    """The PostgreSQL writer of one event loop: a task appends each batch over asyncpg.
+
+    It keeps one connection of its own (not pinged: a ping is a round trip per batch). A batch
+    that finds it dead (a database restart) is written again on a fresh one; should the first
+    commit have got through, the accesses are recorded twice, never lost. A batch whose prepared
+    statements a schema change invalidated is written again once as well."""
+
+    def __init__(self, dsn: str, *, max_batch: int, linger_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._dsn = dsn
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._pending: list[_Event] = []
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    def submit(self, event: _Event) -> None:
+        self._pending.append(event)
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run(), name="fhir-access-audit")
+
+    async def _run(self) -> None:
+        while self._pending:
+            delay = self._pending[0].queued_at + self._linger_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            batch = self._pending[:self._max_batch]
+            del self._pending[:len(batch)]
+            failure: BaseException | None = None
+            try:
+                await self._append(chain_events(batch))
+            except Exception as err:  # noqa: BLE001 - every waiter must hear about any failure
+                log.error("could not write %d access audit records: %s", len(batch), type(err).__name__)
+                failure = err
+            _settle([e.done for e in batch], failure)
+
+    async def _append(self, events: list[AuditEvent]) -> None:
+        sql = _ASYNCPG_CHAIN
+        for attempt in (1, 2):
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._dsn)
+            conn = self._conn
+            try:
+                async with conn.transaction():
+                    await conn.execute(sql.lock, *sql.lock_params)
+                    head = await conn.fetchrow(sql.head)
+                    rows = link((head[0], head[1]) if head else None, events)
+                    await conn.executemany(sql.insert, [sql.params(r) for r in rows])
+                return
+            except asyncpg.InvalidCachedStatementError:
+                if attempt == 2:
+                    raise
+            except _LOST:
+                self._conn = None
+                if not conn.is_closed():
+                    conn.terminate()
+                if attempt == 2:
+                    raise
+                log.warning("audit connection lost; writing the batch again on a fresh one")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=30)
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            await conn.close()

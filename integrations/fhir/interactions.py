@@ -79,7 +79,8 @@ class FhirApi:
                 yield conn
 
     async def aclose(self) -> None:
-        """Close the read pools (the engine passed in belongs to the caller)."""
+        """Close the read pools and the audit writer's connection (the engine passed in belongs to the caller)."""
+        await self.auditor.aclose()
         if self.pg is not None:
             await self.pg.close()
         if self._read_engine is not None:
