@@ -1,0 +1,153 @@
+"""Where the ingest rate's ceiling is: the receive engine with handlers that do less than Taqrir.
+
+    .venv/bin/python bench/ingest_floor.py [--slices 300] [--runs 3]
+
+Same study and sender as ``bench/ingest.py`` (storescu, one association, TCP_NODELAY), in the same
+run as DCMTK storescp. Each row is Taqrir's network engine (``integrations.dicom.scp.StorageScp``)
+with a handler that does a prefix of what ``taqrir listen`` does per instance:
+
+- ``receive``: write the staging file, answer Success (about what storescp does);
+- ``+ fsync``: and fsync it;
+- ``+ rename``: and rename it into place and fsync the directory;
+- ``+ commit``: and commit one row in SQLite (WAL, ``synchronous=FULL``), so three disk flushes;
+- ``taqrir listen``: the real listener (hash, header parse, index and audit rows in that commit).
+
+The gap between ``receive`` and storescp is the network engine's own cost; the next three rows are
+the price of durability, which no amount of CPU work removes; the last row's gap to ``+ commit`` is
+what Taqrir's own work (hashing, parsing, indexing, auditing) adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ingest import ENV, free_port, run_storescp, run_taqrir, send, wait_echo  # noqa: E402
+
+STEPS = ("receive", "fsync", "rename", "commit")
+
+
+class _FloorHandler:
+    """An ScpHandler doing the first ``depth`` steps of STEPS per instance."""
+
+    def __init__(self, out: Path, depth: int) -> None:
+        self.out = out
+        self.tmp = out / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.depth = depth
+        self.n = 0
+        self.db: sqlite3.Connection | None = None
+        if depth >= 4:
+            self.db = sqlite3.connect(out / "floor.db", isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS i (uid TEXT PRIMARY KEY, path TEXT)")
+
+    def refuse_associations(self) -> bool:
+        return False
+
+    def staging_file(self) -> Any:
+        return tempfile.NamedTemporaryFile(dir=self.tmp, delete=False, suffix=".dcm")  # noqa: SIM115
+
+    def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
+        if self.depth >= 2:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self.depth >= 3:
+            self.n += 1
+            dst = self.out / f"{self.n}.dcm"
+            os.replace(staged, dst)
+            dfd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            if self.db is not None:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("INSERT OR REPLACE INTO i VALUES (?, ?)", (sop_instance_uid, str(dst)))
+                self.db.execute("COMMIT")
+        return 0x0000, ""
+
+    def association_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def refused_host(self, host: str) -> None:
+        return None
+
+
+def serve(out: Path, depth: int, port: int) -> None:
+    from integrations.dicom.scp import ScpConfig, StorageScp
+
+    config = ScpConfig(max_pdu=131072, network_timeout=30, acse_timeout=15, dimse_timeout=60, max_associations=4)
+    StorageScp(config, _FloorHandler(out, depth), ("127.0.0.1", port)).serve_forever()
+
+
+def run_floor(files: list[Path], out: Path, depth: int) -> float:
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(depth), "--port", str(port), "--out", str(out)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_echo(port, "FLOOR")
+        return send(port, "FLOOR", files, 1)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve is not None:
+        serve(args.out, args.serve, args.port)
+        return
+
+    from tests.factories.studies import make_ct_series
+
+    src = Path(tempfile.mkdtemp(prefix="taqrir-floor-src-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    work = Path(tempfile.mkdtemp(prefix="taqrir-floor-out-", dir=REPO))
+    try:
+        files = make_ct_series(src, args.slices)
+        receivers: dict[str, Any] = {"DCMTK storescp": lambda o: run_storescp(files, o, 1)}
+        for depth, step in enumerate(STEPS, start=1):
+            label = "receive" if depth == 1 else f"+ {step}"
+            receivers[f"engine: {label}"] = lambda o, d=depth: run_floor(files, o, d)
+        receivers["taqrir listen"] = lambda o: run_taqrir(files, o, 1, None)
+        times: dict[str, list[float]] = {name: [] for name in receivers}
+        for i in range(args.runs):
+            for n, (name, run) in enumerate(receivers.items()):
+                out = work / f"r{n}-{i}"
+                times[name].append(run(out))
+                shutil.rmtree(out, ignore_errors=True)
+        base = len(files) / statistics.median(times["DCMTK storescp"])
+        print(f"{len(files)} instances, 1 association, median of {args.runs}:")
+        print(f"{'receiver':30} {'inst/s':>7} {'ms/inst':>8} {'/storescp':>10}")
+        for name, ts in times.items():
+            rate = len(files) / statistics.median(ts)
+            print(f"{name:30} {rate:7.0f} {1000 / rate:8.2f} {rate / base:10.2f}")
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
