@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ingest import ENV, free_port, run_storescp, run_taqrir, send, wait_echo  # noqa: E402
+from ingest import ENV, free_port, run_storescp, run_taqrir, send, wait_echo
 
 STEPS = ("receive", "fsync", "rename", "commit")
 
@@ -58,7 +58,7 @@ class _FloorHandler:
         return False
 
     def staging_file(self) -> Any:
-        return tempfile.NamedTemporaryFile(dir=self.tmp, delete=False, suffix=".dcm")  # noqa: SIM115
+        return tempfile.NamedTemporaryFile(dir=self.tmp, delete=False, suffix=".dcm")
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         if self.depth >= 2:
