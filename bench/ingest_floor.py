@@ -124,7 +124,7 @@ def main() -> None:
     from tests.factories.studies import make_ct_series
 
     src = Path(tempfile.mkdtemp(prefix="taqrir-floor-src-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    work = Path(tempfile.mkdtemp(prefix="taqrir-floor-out-", dir=REPO))
+    work = Path(tempfile.mkdtemp(prefix="taqrir-floor-out-", dir=str(Path.cwd())))  # as bench/ingest.py
     try:
         files = make_ct_series(src, args.slices)
         receivers: dict[str, Any] = {"DCMTK storescp": lambda o: run_storescp(files, o, 1)}
