@@ -22,7 +22,7 @@ lock, head read, INSERT, commit, in the API process and in PostgreSQL), and at a
 requests arrive while the writer is idle, so without it nearly every request paid for a batch of
 its own. A response still waits for the commit of its record, so the linger is a floor under
 every read's latency: at 500 req/s, 10 ms gave p50 10.4-10.7 ms and p99 17.1-17.5 ms, 5 ms gave
-7.3-7.7 and 12.7-13.5 ms, 2 and 0 ms no better p99 for more CPU per request.
+7.3-7.7 and 11.4-13.5 ms, 2 and 0 ms no better p99 for more CPU per request.
 
 Where the writer runs depends on the database:
 
