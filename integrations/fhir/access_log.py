@@ -62,6 +62,7 @@ from reporting.fhir.timing import instant
 from taqrir.db import session_scope, utcnow
 
 from .errors import AuditUnavailable
+from .pgreads import CONNECTION_LOST, asyncpg_dsn
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class AccessAuditor:
         # PostgreSQL: a writer on each event loop that records (in practice the server's one loop).
         self._dsn: str | None = None
         if engine.dialect.name == "postgresql":
-            self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            self._dsn = asyncpg_dsn(engine)
         self._loop_writer: _LoopWriter | None = None
         # SQLite: the writer thread.
         self._queue: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()
@@ -159,7 +160,8 @@ class AccessAuditor:
                         "details": details or {}, "at": instant(utcnow())}, loop)
         if self._dsn is not None:
             if self._loop_writer is None or self._loop_writer.loop is not loop:
-                self._loop_writer = _LoopWriter(self._dsn, max_batch=self._max_batch, linger_s=self._linger_s)
+                self._loop_writer = _LoopWriter(self._dsn, max_batch=self._max_batch, linger_s=self._linger_s,
+                                                timeout_s=self._timeout_s)
             self._loop_writer.submit(event)
         else:
             if self._thread is None or not self._thread.is_alive():
@@ -214,7 +216,6 @@ class AccessAuditor:
 
 
 _ASYNCPG_CHAIN = chain_sql(asyncpg_dialect())  # type: ignore[no-untyped-call]
-_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError, OSError)
 
 
 class _LoopWriter:
@@ -225,11 +226,12 @@ class _LoopWriter:
     commit have got through, the accesses are recorded twice, never lost. A batch whose prepared
     statements a schema change invalidated is written again once as well."""
 
-    def __init__(self, dsn: str, *, max_batch: int, linger_s: float) -> None:
+    def __init__(self, dsn: str, *, max_batch: int, linger_s: float, timeout_s: float) -> None:
         self.loop = asyncio.get_running_loop()
         self._dsn = dsn
         self._max_batch = max_batch
         self._linger_s = linger_s
+        self._timeout_s = timeout_s
         self._pending: list[_Event] = []
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
@@ -270,7 +272,7 @@ class _LoopWriter:
             except asyncpg.InvalidCachedStatementError:
                 if attempt == 2:
                     raise
-            except _LOST:
+            except CONNECTION_LOST:
                 self._conn = None
                 if not conn.is_closed():
                     conn.terminate()
@@ -280,7 +282,7 @@ class _LoopWriter:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            await asyncio.wait([self._task], timeout=30)
+            await asyncio.wait([self._task], timeout=self._timeout_s)
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             await conn.close()

@@ -43,6 +43,15 @@ log = logging.getLogger(__name__)
 
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
+#: What asyncpg raises when a connection is lost (a database restart, a killed backend) rather
+#: than when the server answers with an error: the connection is dropped and the work run again.
+CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError, OSError)
+
+
+def asyncpg_dsn(engine: Engine) -> str:
+    """The libpq-style URL asyncpg connects with, for the database of a SQLAlchemy engine."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
 
 class _Rendered:
     """A statement rendered once for asyncpg, and where each of its values goes.
@@ -150,7 +159,7 @@ class PgReads:
     """The hot reads of one API process (a pool per event loop, opened on first use)."""
 
     def __init__(self, engine: Engine, max_size: int) -> None:
-        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = asyncpg_dsn(engine)
         self._max = max_size
         self._pool: _Pool | None = None
 
@@ -185,7 +194,7 @@ class PgReads:
             async with self._connection() as conn:
                 try:
                     return await conn.fetch(sql, *args)  # type: ignore[no-any-return]
-                except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError, OSError):
+                except CONNECTION_LOST:
                     if attempt == 2:
                         raise
                     log.warning("read connection lost; running the query again on a fresh one")
