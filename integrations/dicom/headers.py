@@ -23,6 +23,7 @@ compare both on the whole corpus and on damaged copies of it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -36,10 +37,10 @@ from pydantic import BaseModel, ConfigDict
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import ENCODED_VR
 from pydicom.tag import _LUT_DESCRIPTOR_TAGS, BaseTag
 from pydicom.uid import (
@@ -51,7 +52,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.values import convert_value
 
-from .errors import CannotUnderstand, IdentifiersMissing
+from .errors import CannotUnderstand, DicomInputError, IdentifiersMissing
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -103,16 +104,47 @@ def _text(ds: _Elements, keyword: str) -> str | None:
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         value = "\\".join(str(v) for v in value)
-    text = str(value).strip().strip("\x00").strip()
+    # NUL is no character of any DICOM character repertoire (only UI padding, PS3.5 6.1.2.3 and
+    # 9.1), and PostgreSQL text cannot hold it: dropped wherever it is, not only at the ends.
+    text = str(value).replace("\x00", "").strip()
     return text or None
+
+
+#: The index's integer columns are 32-bit (PostgreSQL INTEGER); an IS value may hold 12 digits.
+_INT_RANGE = range(-(2**31), 2**31)
 
 
 def _int(ds: _Elements, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        out = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return out if out is None or out in _INT_RANGE else None
+
+
+#: Identifying text the index matches on: longer than its column is refused (truncating would
+#: file the instance under another identity). LO and SH hold at most 64 and 16 characters
+#: (PS3.5 6.2); the columns hold 64.
+_IDENTIFIER_LIMITS = {"patient_id": ("PatientID", 64), "issuer_of_patient_id": ("IssuerOfPatientID", 64),
+                      "accession_number": ("AccessionNumber", 64)}
+#: Descriptive text is cut to its column instead: a tolerant reader keeps the instance.
+_TEXT_LIMITS = {"patient_name": 324, "patient_age": 8, "study_description": 256, "referring_physician": 324,
+                "modality": 16, "body_part": 64, "series_description": 256, "specific_character_set": 128}
+
+
+def _fit_columns(headers: InstanceHeaders) -> InstanceHeaders:
+    """Refuse identifiers longer than the index holds; cut descriptive text to its column."""
+    for field, (keyword, limit) in _IDENTIFIER_LIMITS.items():
+        value = getattr(headers, field)
+        if value is not None and len(value) > limit:
+            raise CannotUnderstand(
+                f"{keyword} is {len(value)} characters long, more than the {limit} its VR allows "
+                "(PS3.5 6.2): the instance cannot be filed under it"
+            )
+    cut = {f: getattr(headers, f)[:n] for f, n in _TEXT_LIMITS.items()
+           if getattr(headers, f) is not None and len(getattr(headers, f)) > n}
+    return headers.model_copy(update=cut) if cut else headers
 
 
 def _floats(ds: _Elements, keyword: str, n: int) -> tuple[float, ...] | None:
@@ -147,11 +179,19 @@ def _tm(value: str | None) -> time | None:
         return None
 
 
-def _uid(ds: _Elements, keyword: str, fallback: Any = None) -> str:
-    value = ds.get(keyword, fallback)
+class UidMissing(IdentifiersMissing):
+    """An identifying UID is absent from the data set (``keyword`` names it)."""
+
+    def __init__(self, keyword: str, message: str) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+
+
+def _uid(ds: _Elements, keyword: str) -> str:
+    value = ds.get(keyword)
     text = str(value).strip().rstrip("\x00").strip() if value else ""
     if not text:
-        raise IdentifiersMissing(f"{keyword} is missing: the instance cannot be filed")
+        raise UidMissing(keyword, f"{keyword} is missing from the data set: the instance cannot be filed")
     if len(text) > 64 or not _UID.match(text):
         raise IdentifiersMissing(f"{keyword} {text[:80]!r} is not a valid UID (PS3.5 9.1)")
     return text
@@ -160,9 +200,12 @@ def _uid(ds: _Elements, keyword: str, fallback: Any = None) -> str:
 def headers_from_dataset(ds: Dataset | _Elements, *, transfer_syntax_uid: str) -> InstanceHeaders:
     """Extract and validate the indexed values. Raises :class:`IdentifiersMissing` when the
     identifying UIDs are absent or invalid, :class:`CannotUnderstand` when values cannot be decoded."""
+    # The data set must carry its own identity (SOP Common Module, PS3.3 C.12.1: both Type 1):
+    # the UIDs of the C-STORE request and of the file meta are only announcements, and a data set
+    # filed under an announced UID it does not carry would be drafted as something it may not be.
     meta = getattr(ds, "file_meta", None)
-    sop_class = _uid(ds, "SOPClassUID", meta.get("MediaStorageSOPClassUID") if meta else None)
-    sop_instance = _uid(ds, "SOPInstanceUID", meta.get("MediaStorageSOPInstanceUID") if meta else None)
+    sop_class = _uid(ds, "SOPClassUID")
+    sop_instance = _uid(ds, "SOPInstanceUID")
     if meta is not None and meta.get("MediaStorageSOPInstanceUID") not in (None, "", sop_instance):
         raise IdentifiersMissing(
             f"SOP Instance UID in the dataset ({sop_instance}) differs from the one the sender "
@@ -207,7 +250,7 @@ def headers_from_dataset(ds: Dataset | _Elements, *, transfer_syntax_uid: str) -
         raise CannotUnderstand(f"header values cannot be decoded: {type(err).__name__}: {err}") from err
     if headers.patient_sex not in (None, "M", "F", "O"):
         headers = headers.model_copy(update={"patient_sex": "O"})
-    return headers
+    return _fit_columns(headers)
 
 
 _BIG_ENDIAN_TS = "1.2.840.10008.1.2.2"
@@ -216,8 +259,9 @@ _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR
 _ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
 
 
-def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int) -> None:
-    """Check that the Pixel Data element starting at ``f``'s position lies wholly in the file.
+def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int) -> int | None:
+    """Check that the Pixel Data element starting at ``f``'s position lies wholly in the file;
+    returns the length of native (not encapsulated) Pixel Data, None otherwise.
 
     Headers are parsed with ``stop_before_pixels`` (a slide's pixels are never read into memory),
     so a transfer cut short inside Pixel Data would otherwise pass. Native pixel data is checked by
@@ -226,12 +270,12 @@ def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int)
     start = f.tell()
     head = f.read(8)
     if len(head) < 8:
-        return  # no pixel data element
+        return None  # no pixel data element
     little = transfer_syntax_uid != _BIG_ENDIAN_TS
     fmt = "<" if little else ">"
     group, elem = struct.unpack(fmt + "HH", head[:4])
     if (group, elem) != (0x7FE0, 0x0010):
-        return
+        return None
     if transfer_syntax_uid == _IMPLICIT_TS:
         (length,) = struct.unpack(fmt + "L", head[4:8])
         value_at = start + 8
@@ -249,7 +293,7 @@ def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int)
             raise CannotUnderstand(
                 f"Pixel Data declares {length} bytes but only {file_size - value_at} were received"
             )
-        return
+        return int(length)
     pos = value_at
     while True:
         f.seek(pos)
@@ -259,12 +303,37 @@ def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int)
         g, e, item_len = struct.unpack("<HHL", item)
         tag = (g << 16) | e
         if tag == _SEQ_END:
-            return
+            return None
         if tag != _ITEM or item_len == 0xFFFFFFFF:
             raise CannotUnderstand(f"encapsulated Pixel Data has an invalid item (tag {tag:08X})")
         pos += 8 + item_len
         if pos > file_size:
             raise CannotUnderstand("an encapsulated Pixel Data fragment runs past the end of the data")
+
+
+def check_pixel_length(ds: _Elements, *, length: int | None) -> None:
+    """Refuse native Pixel Data shorter than its Image Pixel Module declares (PS3.5 8.1.1, PS3.3
+    C.7.6.3): Rows x Columns x Number of Frames x Samples per Pixel x Bits Allocated, in bytes
+    (bit-packed when Bits Allocated is 1; YBR_FULL_422 holds two samples per pixel, PS3.3
+    C.7.6.3.1.2). Such a data set cannot be rendered; the sender hears it now (0xC210) instead of
+    the study failing later. Longer is allowed (padding, PS3.5 8.1.1). Values that cannot be read
+    are not guessed: the check is skipped."""
+    if length is None:
+        return
+    rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+    if not rows or not cols or not bits or rows < 0 or cols < 0 or bits < 0:
+        return
+    samples = _int(ds, "SamplesPerPixel") or 1
+    frames = max(_int(ds, "NumberOfFrames") or 1, 1)
+    if (_text(ds, "PhotometricInterpretation") or "") == "YBR_FULL_422":
+        samples = 2
+    values = rows * cols * frames * samples
+    expected = (values + 7) // 8 if bits == 1 else values * ((bits + 7) // 8)
+    if length < expected:
+        raise CannotUnderstand(
+            f"Pixel Data holds {length} bytes, fewer than the {expected} its Rows ({rows}) x Columns "
+            f"({cols}) x frames ({frames}) x samples ({samples}) x Bits Allocated ({bits}) declare"
+        )
 
 
 def sequence_depth(ds: Dataset, limit: int) -> int:
@@ -303,27 +372,133 @@ def read_headers_pydicom(
     path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH
 ) -> InstanceHeaders:
     """:func:`read_headers` by a full pydicom parse: the reference, and the path for whatever the
-    raw walk leaves to it."""
+    raw walk leaves to it.
+
+    Every element is converted here (pydicom converts lazily), and a value that cannot be
+    converted is refused naming the element and why (an odd-length US, an IS out of range...).
+    One kind of defect is tolerated, as a tolerant reader does: an element whose VR is no DICOM
+    VR (pydicom reads its bytes, with a 16-bit length, and leaves them unconverted; vendors write
+    such headers) is kept unread, unless the index or the pixel description needs that element.
+    """
     try:
         with open(path, "rb") as f:
             ds = dcmread(f, stop_before_pixels=True, force=False)
             ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-            # Touch every element now, inside the try: pydicom parses lazily.
-            for _ in ds.iterall():
-                pass
-            depth = sequence_depth(ds, max_sequence_depth)
+            depth = _convert_all(ds, max_sequence_depth, top=True)
             if depth > max_sequence_depth:
                 raise CannotUnderstand(
                     f"sequences nest deeper than {max_sequence_depth} levels (listener.max_sequence_depth)"
                 )
-            check_pixel_extent(f, transfer_syntax_uid=ts, file_size=os.fstat(f.fileno()).st_size)
+            pixel_length = check_pixel_extent(f, transfer_syntax_uid=ts, file_size=os.fstat(f.fileno()).st_size)
     except (IdentifiersMissing, CannotUnderstand):
         raise
     except (InvalidDicomError, RecursionError, ValueError, TypeError, KeyError, IndexError,
             EOFError, OSError, AttributeError, NotImplementedError, OverflowError, MemoryError,
-            struct.error) as err:
+            struct.error, BytesLengthException) as err:
         raise CannotUnderstand(f"dataset cannot be parsed: {type(err).__name__}: {err}") from err
-    return headers_from_dataset(ds, transfer_syntax_uid=ts)
+    try:
+        headers = headers_from_dataset(ds, transfer_syntax_uid=ts)
+    except UidMissing as err:
+        raise _explain_missing(path, ds, err) from err
+    check_pixel_length(ds, length=pixel_length)
+    return headers
+
+
+#: Top-level elements that must be readable even when their VR is unknown: what the index files
+#: and what decoding the pixels needs (Image Pixel Module, PS3.3 C.7.6.3).
+@functools.cache
+def _strict_tags() -> frozenset[int | None]:
+    return frozenset(tag_for_keyword(kw) for kw in (
+        *INDEXED_KEYWORDS, "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration"))
+
+
+def _element_name(tag: BaseTag) -> str:
+    keyword = keyword_for_tag(tag)
+    return f"{keyword} {tag}" if keyword else f"element {tag}"
+
+
+def _convert_all(ds: Dataset, levels_left: int, *, top: bool) -> int:
+    """Convert every element of ``ds`` (and its items); return its sequence depth (as
+    :func:`sequence_depth` counts, no further than one past ``levels_left``)."""
+    deepest = 0
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        try:
+            elem = ds[tag]
+        except NotImplementedError as err:  # pydicom: "Unknown Value Representation"
+            vr = getattr(raw, "VR", None)
+            if vr is not None and vr not in _DICOM_VRS and not (top and tag in _strict_tags()):
+                continue  # kept as received, unread (as UN would be)
+            raise CannotUnderstand(f"{_element_name(tag)} has VR {vr!r}, which is no DICOM VR: {err}") from err
+        except (RecursionError, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - name the element and the reason, whatever it is
+            vr = getattr(raw, "VR", None)
+            length = getattr(raw, "length", None)
+            raise CannotUnderstand(
+                f"{_element_name(tag)} ({vr or 'no VR'}, {length} bytes) cannot be read: "
+                f"{type(err).__name__}: {str(err)[:200]}"
+            ) from err
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if levels_left <= 0:
+                    return deepest + 1
+                deepest = max(deepest, 1 + _convert_all(item, levels_left - 1, top=False))
+                if deepest > levels_left:
+                    return deepest
+    return deepest
+
+
+_DICOM_VRS = frozenset(vr.decode() for vr in ENCODED_VR if len(vr) == 2)
+
+
+def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputError:
+    """Why an identifying UID was not found: really absent (0xA900, ``err`` itself), or present
+    in the bytes but hidden by a broken encoding before it (0xC210, naming where it breaks) -
+    a data set is never refused as lacking a UID that it carries."""
+    tag = tag_for_keyword(err.keyword)
+    if tag is None:
+        return err
+    try:
+        data = path.read_bytes()[:_MAX_READ]
+    except OSError:
+        return err
+    meta_end = 132
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    little = ts != _BIG_ENDIAN_TS
+    needle = struct.pack("<HH" if little else ">HH", tag >> 16, tag & 0xFFFF)
+    at = data.find(needle, meta_end)
+    while at != -1:
+        if ts == _IMPLICIT_TS or data[at + 4:at + 6] == b"UI":
+            break
+        at = data.find(needle, at + 1)
+    if at == -1:
+        return err
+    try:  # read again, unconverted: raw elements know where their values lie
+        unread = dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - it was read once; if not now, say what is known
+        unread = Dataset()
+    # In file order, the first element out of tag order or running past the end of the data is
+    # where the parse left the real encoding: the element before it is the likely broken one.
+    placed = sorted((getattr(unread.get_item(t), "value_tell", None) or 0, t, unread.get_item(t))
+                    for t in unread.keys())
+    where = "the parse of the data set ends before it (a misplaced delimiter or a broken length)"
+    previous: tuple[int, BaseTag] | None = None
+    for start, elem_tag, raw in placed:
+        length = getattr(raw, "length", 0) or 0
+        out_of_order = previous is not None and elem_tag <= previous[1]
+        past_end = length != _UNDEFINED and start + length > len(data)
+        if out_of_order or past_end:
+            after = (f"after {_element_name(previous[1])} at byte {previous[0]}"
+                     if previous is not None else "at the start")
+            where = (f"{after} comes {_element_name(elem_tag)}"
+                     f"{' out of order' if out_of_order else ''}"
+                     f"{f' claiming {length} bytes' if past_end else ''}")
+            break
+        previous = (start, elem_tag)
+    return CannotUnderstand(  # the cause first: an Error Comment holds 64 characters
+        f"broken encoding hides {err.keyword} (byte {at}): {where}"
+    )
 
 
 # -- the raw walk ------------------------------------------------------------------------------
@@ -336,7 +511,7 @@ INDEXED_KEYWORDS = (
     "StudyTime", "AccessionNumber", "StudyDescription", "ReferringPhysicianName", "Modality",
     "BodyPartExamined", "SeriesDescription", "SeriesNumber", "InstanceNumber", "ImageType",
     "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
-    "SpecificCharacterSet",
+    "SpecificCharacterSet", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
 )
 #: The file meta keywords it reads.
 META_KEYWORDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
@@ -669,13 +844,15 @@ def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
                                            "iso8859" if t == _CHARSET_TAG else encodings)
                 for t, (vr, at, n) in walk.top.items()
             }
+            pixel_length = None
             if walk.pixel_at is not None:
                 f.seek(walk.pixel_at)
-                check_pixel_extent(f, transfer_syntax_uid=ts, file_size=size)
+                pixel_length = check_pixel_extent(f, transfer_syntax_uid=ts, file_size=size)
     except (IdentifiersMissing, CannotUnderstand):
         raise
     except Exception:  # noqa: BLE001 - _Fallback, or any surprise: the full parse decides
         return None
-    return headers_from_dataset(
-        _Values(values, INDEXED_KEYWORDS, _Values(meta, META_KEYWORDS)), transfer_syntax_uid=ts
-    )
+    elements = _Values(values, INDEXED_KEYWORDS, _Values(meta, META_KEYWORDS))
+    headers = headers_from_dataset(elements, transfer_syntax_uid=ts)
+    check_pixel_length(elements, length=pixel_length)
+    return headers

@@ -98,3 +98,29 @@ def dcmsend(port: int, files: Sequence[Path], *, called: str = "TAQRIR", calling
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
     out = p.stdout + p.stderr
     return StoreRun(p.returncode, out.replace("Received C-STORE Response", "Received Store Response"))
+
+
+def send_raw_many(port: int, paths: Sequence[Path], *, called: str = "TAQRIR",
+                  calling: str = "RAWSCU") -> list[tuple[int | None, str]]:
+    """C-STORE each file's encoded dataset byte for byte, all in one association, each announced
+    with its file meta's SOP class and instance. Returns (status, Error Comment) per file."""
+    metas = [dcmread(p, stop_before_pixels=True, force=True).file_meta for p in paths]
+    ae = AE(ae_title=calling)
+    for sop_class, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(sop_class, [ts])
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    out: list[tuple[int | None, str]] = []
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "association refused"
+        try:
+            for path in paths:
+                rsp = assoc.send_c_store(path)
+                status = int(rsp.Status) if rsp and "Status" in rsp else None
+                out.append((status, str(rsp.get("ErrorComment", "")) if rsp else ""))
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    return out
