@@ -200,7 +200,7 @@ def render(
 ) -> None:
     """Render a received study's key images to a folder, to look at what the model sees."""
     from integrations.dicom.index import study_by_uid
-    from workers.render import render_study, write_render_output
+    from workers.render import NothingRenderable, RenderedStudy, render_study, write_render_output
     from workers.service import PipelineContext, instance_inputs
 
     from .db import session_scope
@@ -214,7 +214,20 @@ def render(
             typer.echo(f"study {study_uid} is not in the index; see `taqrir studies`", err=True)
             raise typer.Exit(2)
         inputs = instance_inputs(ctx, session, study)
-    path = write_render_output(render_study(inputs, settings.render), out_dir)
+    try:
+        rendered = render_study(inputs, settings.render)
+    except NothingRenderable as err:
+        # Say why, and leave the same provenance.json a render writes (decisions, failures,
+        # skipped instances) for whoever looks into it; exit 1 so scripts notice.
+        path = write_render_output(err.rendered or RenderedStudy(), out_dir)
+        typer.echo(f"nothing renderable in study {study_uid}:", err=True)
+        result = err.rendered
+        reasons = [f"  series {d.series_instance_uid}: {d.reason}" for d in result.decisions] if result else []
+        reasons += [f"  instance {sop}: {why}" for _, sop, why in (result.skipped if result else [])]
+        typer.echo("\n".join(reasons or ["  the study has no instances"]), err=True)
+        typer.echo(f"reasons written to {path}", err=True)
+        raise typer.Exit(1) from None
+    path = write_render_output(rendered, out_dir)
     typer.echo(f"key images and provenance written to {path.parent}")
 
 

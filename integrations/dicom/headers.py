@@ -432,7 +432,7 @@ def _convert_all(ds: Dataset, levels_left: int, *, top: bool) -> int:
             raise CannotUnderstand(f"{_element_name(tag)} has VR {vr!r}, which is no DICOM VR: {err}") from err
         except (RecursionError, MemoryError):
             raise
-        except Exception as err:  # noqa: BLE001 - name the element and the reason, whatever it is
+        except Exception as err:
             vr = getattr(raw, "VR", None)
             length = getattr(raw, "length", None)
             raise CannotUnderstand(
@@ -475,13 +475,13 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
     if at == -1:
         return err
     try:  # read again, unconverted: raw elements know where their values lie
-        unread = dcmread(path, stop_before_pixels=True, force=True)
+        unread: Dataset = dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - it was read once; if not now, say what is known
         unread = Dataset()
     # In file order, the first element out of tag order or running past the end of the data is
     # where the parse left the real encoding: the element before it is the likely broken one.
     placed = sorted((getattr(unread.get_item(t), "value_tell", None) or 0, t, unread.get_item(t))
-                    for t in unread.keys())
+                    for t in unread.keys())  # noqa: SIM118 - iterating a Dataset converts
     where = "the parse of the data set ends before it (a misplaced delimiter or a broken length)"
     previous: tuple[int, BaseTag] | None = None
     for start, elem_tag, raw in placed:
@@ -700,7 +700,7 @@ class _Walk:
                 raise _Fallback("text before the character set")
         try:
             _convert(tag, vr, self.buf, at, end - at, encodings)
-        except Exception as err:  # noqa: BLE001 - whatever it is, pydicom reports it
+        except Exception as err:
             raise _Fallback("value does not convert") from err
 
     def dataset(self, pos: int, stop: int | None, *, top: bool, levels_left: int,
@@ -769,7 +769,7 @@ class _Walk:
             if tag == _CHARSET_TAG:  # this data set's own character set, as pydicom reads it
                 try:
                     encodings = convert_encodings(_convert(tag, vr, buf, at, length, "iso8859"))
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     raise _Fallback("character set") from err
                 if top:
                     self.encodings = encodings

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from taqrir.errors import PermanentError
+
+if TYPE_CHECKING:
+    from .model import RenderedStudy
 
 
 class NothingRenderable(PermanentError):
-    """No series of the study produced a key image; the message lists each series' reason."""
+    """No series of the study produced a key image; the message lists each series' reason, and
+    ``rendered`` (when given) holds the decisions, failures and skipped instances to record."""
+
+    def __init__(self, message: str, *, rendered: RenderedStudy | None = None) -> None:
+        super().__init__(message)
+        self.rendered = rendered
 
 
 class SeriesRenderError(PermanentError):

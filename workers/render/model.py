@@ -110,3 +110,5 @@ class RenderedStudy:
     key_images: list[KeyImage] = field(default_factory=list)
     decisions: list[SeriesDecision] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: Instances left out of a series that rendered or failed: (series, SOP Instance UID, reason).
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)

@@ -43,6 +43,10 @@ def provenance(rendered: RenderedStudy, files: list[str] | None = None) -> dict[
             for d in rendered.decisions
         ],
         "failures": [{"series_instance_uid": uid, "reason": why} for uid, why in rendered.failures],
+        "skipped_instances": [
+            {"series_instance_uid": series, "sop_instance_uid": sop, "reason": why}
+            for series, sop, why in rendered.skipped
+        ],
     }
 
 

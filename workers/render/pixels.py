@@ -127,6 +127,8 @@ def _pydicom_version() -> str:
 #: Read besides the Image Pixel module (group 0028) that ``iter_pixels`` returns: polarity and the
 #: enhanced multi-frame functional groups that carry per-frame rescale and window values.
 _EXTRA_TAGS: list[int] = [
+    0x00181210,  # Convolution Kernel: what a CT reconstruction is for (lung, bone)
+    0x0008103E,  # Series Description
     0x20500020,  # Presentation LUT Shape
     0x52009229,  # Shared Functional Groups Sequence
     0x52009230,  # Per-frame Functional Groups Sequence
@@ -312,6 +314,28 @@ def auto_window(values: np.ndarray, counts: np.ndarray | None = None) -> Window:
     return Window(round((lo + hi) / 2, 2), round(hi - lo, 2), "auto", "LINEAR_EXACT")
 
 
+def range_window(values: np.ndarray, counts: np.ndarray | None = None) -> Window:
+    """A window spanning every value present, from the lowest to the highest (PET hot spots
+    stay visible, where a percentile window would clip them)."""
+    present = values if counts is None else values[counts > 0]
+    lo, hi = float(np.min(present)), float(np.max(present))
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return Window(round((lo + hi) / 2, 4), round(hi - lo, 4), "pixel range", "LINEAR_EXACT")
+
+
+def header_window_unusable(fds: Dataset) -> bool:
+    """True when the header gives a window that cannot be applied: a width of 0 or below (seen
+    on PET: PS3.3 C.11.2.1.2 requires a width of at least 1, or above 0 for LINEAR_EXACT)."""
+    width = fds.get("WindowWidth")
+    if width is None or fds.get("WindowCenter") is None:
+        return False
+    try:
+        return float(_first(width)) <= 0
+    except (TypeError, ValueError):
+        return False
+
+
 def header_window(fds: Dataset) -> Window | None:
     """The first Window Center/Width of the header, or None when absent or unusable."""
     center = fds.get("WindowCenter")
@@ -383,7 +407,9 @@ def _grey(
             grey = lut
             label = "VOI LUT (header)"
         else:
-            chosen = header_window(fds) or auto_window(values, counts)
+            chosen = header_window(fds) or (
+                range_window(values, counts) if header_window_unusable(fds) else auto_window(values, counts)
+            )
             grey = apply_window(values, chosen)
             label = chosen.label()
     if _inverted(fds):

@@ -63,10 +63,12 @@ class SeriesSummary:
 
     @classmethod
     def of(cls, instances: Sequence[InstanceInput]) -> SeriesSummary:
-        """Summarise the instances of one series (first instance by Instance Number speaks for it)."""
+        """Summarise the instances of one series (first instance by Instance Number speaks for it;
+        among equal numbers, the smallest SOP Instance UID: never the order of arrival)."""
         if not instances:
             raise ValueError("a series needs at least one instance")
-        first = min(instances, key=lambda i: (i.instance_number is None, i.instance_number or 0))
+        first = min(instances, key=lambda i: (i.instance_number is None, i.instance_number or 0,
+                                              i.sop_instance_uid))
         return cls(
             series_instance_uid=first.series_instance_uid,
             modality=first.modality,

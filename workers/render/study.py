@@ -10,7 +10,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -51,6 +51,8 @@ _CHEST = re.compile(r"CHEST|THORA|LUNG|PULM|\bCTPA\b|\bHRCT\b", re.IGNORECASE)
 class _Context:
     settings: RenderSettings
     ct_windows: tuple[Window, ...] | None  # None: CT region unknown from headers
+    #: (series, SOP Instance UID, reason) of instances that could not be used.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def ct_windows_for(instances: Sequence[InstanceInput]) -> tuple[Window, ...] | None:
@@ -66,6 +68,29 @@ def ct_windows_for(instances: Sequence[InstanceInput]) -> tuple[Window, ...] | N
         return (CT_WINDOWS["soft tissue"], CT_WINDOWS["lung"])
     if any(i.body_part for i in instances if i.modality == "CT"):
         return (CT_WINDOWS["soft tissue"], CT_WINDOWS["bone"])
+    return None
+
+
+#: What a CT series says it was reconstructed for, from its Convolution Kernel (0018,1210) or
+#: Series Description: vendors' kernel names for lung and bone reconstructions (GE LUNG/BONE/
+#: BONEPLUS; Siemens B70-B80, Bl (lung) and Br6x/H70 sharp kernels, I70 lung; Canon FC5x/FC8x lung,
+#: FC30/FC35 bone; Philips YC/YD lung) and the words radiographers put in descriptions. Checked
+#: before the body region: a lung reconstruction of an abdomen-and-chest study is still for lungs.
+_LUNG_RECON = re.compile(r"LUNG|PULM|\bB[67]0|\bBL\d|\bI70|\bFC5[1-6]\b|\bFC8[36]\b|\bY[CD]\b", re.IGNORECASE)
+_BONE_RECON = re.compile(r"BONE|\bB80|\bBR6[4-9]|\bH70|\bFC3[05]\b|OSSEOUS", re.IGNORECASE)
+
+
+def ct_windows_for_reconstruction(summary: SeriesSummary, header: Dataset) -> tuple[Window, ...] | None:
+    """Lung or bone windows first for a series reconstructed for them (kernel, description), the
+    soft-tissue window after; None when the series does not say (the study's region decides)."""
+    kernel = header.get("ConvolutionKernel")
+    if kernel is not None and not isinstance(kernel, str):
+        kernel = " ".join(str(k) for k in kernel)
+    texts = [str(kernel or ""), summary.series_description, str(header.get("SeriesDescription", "") or "")]
+    if any(_LUNG_RECON.search(t) for t in texts):
+        return (CT_WINDOWS["lung"], CT_WINDOWS["soft tissue"])
+    if any(_BONE_RECON.search(t) for t in texts):
+        return (CT_WINDOWS["bone"], CT_WINDOWS["soft tissue"])
     return None
 
 
@@ -132,33 +157,80 @@ def _series_name(s: SeriesSummary) -> str:
     return s.modality or "image"
 
 
+def _decode_reason(err: BaseException) -> str:
+    return str(err) if isinstance(err, SeriesRenderError) else f"{type(err).__name__}: {err}"
+
+
+def _skip(ctx: _Context, inst: InstanceInput, err: BaseException) -> str:
+    """Record that ``inst`` could not be used (and why); the rest of its series goes on."""
+    reason = _decode_reason(err)
+    if not any(uid == inst.sop_instance_uid for _, uid, _ in ctx.skipped):
+        ctx.skipped.append((inst.series_instance_uid, inst.sop_instance_uid, reason))
+        logger.warning("instance skipped: %s", type(err).__name__)
+    return reason
+
+
+def _choose_and_decode(
+    ordering: Ordering, ctx: _Context
+) -> tuple[list[OrderedSlice], list[tuple[OrderedSlice, Dataset, np.ndarray]]]:
+    """Pick representative slices among the instances that decode, and decode them.
+
+    An instance that cannot be decoded (a damaged file, a codec the sender got wrong) is skipped
+    with its reason recorded, and the picks are made again without it: one bad instance must not
+    sink a series whose other instances decode.
+    """
+    settings = ctx.settings
+    bad: dict[str, str] = {}
+    cache: dict[tuple[str, tuple[int, ...]], tuple[Dataset, dict[int, np.ndarray]]] = {}
+    while True:
+        usable = [s for s in ordering.slices if s.instance.sop_instance_uid not in bad]
+        if not usable:
+            shown = "; ".join(f"{uid}: {why}" for uid, why in list(bad.items())[:3])
+            raise SeriesRenderError(f"no instance of the series decodes ({len(bad)} tried): {shown}")
+        slices = distinct_positions(usable)
+        if len(slices) == 1 < len(usable):
+            # every image at one location (dynamic or multi-echo series): spread over acquisition order
+            slices = sorted(
+                usable,
+                key=lambda s: (s.instance.instance_number is None, s.instance.instance_number or 0,
+                               s.instance.sop_instance_uid),
+            )
+        picks = pick_representatives([s.position for s in slices], settings.slices_per_volume)
+        chosen: list[OrderedSlice] = [slices[i] for i in picks]
+        by_instance: dict[str, list[OrderedSlice]] = defaultdict(list)
+        for s in chosen:
+            by_instance[s.instance.sop_instance_uid].append(s)
+        failed = False
+        for uid, group in by_instance.items():
+            key = (uid, tuple(s.frame for s in group))
+            if key in cache:
+                continue
+            try:
+                cache[key] = _decode(group[0].instance, list(key[1]))
+            except Exception as err:  # noqa: BLE001 - decoder plugins raise anything
+                bad[uid] = _skip(ctx, group[0].instance, err)
+                failed = True
+                break
+        if failed:
+            continue
+        decoded = []
+        for s in chosen:
+            group = by_instance[s.instance.sop_instance_uid]
+            ds, arrays = cache[(s.instance.sop_instance_uid, tuple(g.frame for g in group))]
+            decoded.append((s, ds, arrays[s.frame]))
+        return slices, decoded
+
+
 def _render_volume(ordering: Ordering, summary: SeriesSummary, ctx: _Context) -> list[KeyImage]:
     settings = ctx.settings
-    slices = distinct_positions(ordering.slices)
-    if len(slices) == 1 < len(ordering.slices):
-        # every image at one location (dynamic or multi-echo series): spread over acquisition order
-        slices = sorted(
-            ordering.slices,
-            key=lambda s: (s.instance.instance_number is None, s.instance.instance_number or 0),
-        )
-    picks = pick_representatives([s.position for s in slices], settings.slices_per_volume)
-    chosen: list[OrderedSlice] = [slices[i] for i in picks]
-    decoded: list[tuple[OrderedSlice, Dataset, np.ndarray]] = []
-    by_instance: dict[str, list[OrderedSlice]] = defaultdict(list)
-    for s in chosen:
-        by_instance[s.instance.sop_instance_uid].append(s)
-    cache: dict[str, tuple[Dataset, dict[int, np.ndarray]]] = {}
-    for uid, group in by_instance.items():
-        cache[uid] = _decode(group[0].instance, [s.frame for s in group])
-    for s in chosen:
-        ds, arrays = cache[s.instance.sop_instance_uid]
-        decoded.append((s, ds, arrays[s.frame]))
+    slices, decoded = _choose_and_decode(ordering, ctx)
+    chosen = [s for s, _, _ in decoded]
     is_ct = summary.modality == "CT" and settings.ct_window_presets
     windows: tuple[Window | None, ...] = (None,)
     if is_ct:
         mid_s, mid_ds, mid_arr = decoded[len(decoded) // 2]
         if mid_arr.ndim == 2:
-            windows = ctx.ct_windows or ct_windows_from_pixels(
+            windows = ct_windows_for_reconstruction(summary, mid_ds) or ctx.ct_windows or ct_windows_from_pixels(
                 np.asarray(
                     modality_values(mid_arr, frame_dataset(mid_ds, mid_s.frame)), dtype=np.float64
                 )
@@ -336,33 +408,58 @@ def _render_series(
             key=lambda i: (i.instance_number is None, i.instance_number or 0, i.sop_instance_uid),
         )
         ordered = ordered[: settings.views_per_series]
-        return [
-            _render_single(i, summary, ctx, n, len(ordered)) for n, i in enumerate(ordered, start=1)
-        ]
+        views: list[KeyImage] = []
+        reasons: list[str] = []
+        for n, i in enumerate(ordered, start=1):
+            try:
+                views.append(_render_single(i, summary, ctx, n, len(ordered)))
+            except Exception as err:  # noqa: BLE001 - skip the instance, keep the series
+                reasons.append(_skip(ctx, i, err))
+        if not views:
+            raise SeriesRenderError(f"no instance of the series decodes: {'; '.join(reasons[:3])}")
+        return views
     images: list[KeyImage] = []
     clips = sorted(
         multi, key=lambda i: (i.instance_number is None, i.instance_number or 0, i.sop_instance_uid)
     )
+    clip_reasons: list[str] = []
     for inst in clips[: settings.views_per_series]:
-        ordering: Ordering | None = None
-        if summary.modality in VOLUME_MODALITIES:
-            try:
-                header = read_header(inst.path)
-            except ValueError as err:
-                raise SeriesRenderError(f"{inst.path.name}: {err}") from err
-            if "PerFrameFunctionalGroupsSequence" in header:
-                ordering = order_frames(header, inst)
-        if ordering is not None:
-            images.extend(_render_volume(ordering, summary, ctx))
-        else:
-            what = "cine " if summary.modality in ("US", "XA", "XRF", "NM", "ES") else ""
-            images.extend(_render_frames(inst, summary, ctx, what))
+        try:
+            images.extend(_render_clip(inst, summary, ctx))
+        except Exception as err:  # noqa: BLE001 - skip the instance, keep the series
+            clip_reasons.append(_skip(ctx, inst, err))
+    if not images:
+        raise SeriesRenderError(f"no instance of the series decodes: {'; '.join(clip_reasons[:3])}")
     return images
 
 
+def _render_clip(inst: InstanceInput, summary: SeriesSummary, ctx: _Context) -> list[KeyImage]:
+    """Key images of one multi-frame instance: a volume (enhanced objects) or its frames."""
+    ordering: Ordering | None = None
+    if summary.modality in VOLUME_MODALITIES:
+        try:
+            header = read_header(inst.path)
+        except ValueError as err:
+            raise SeriesRenderError(f"{inst.path.name}: {err}") from err
+        if "PerFrameFunctionalGroupsSequence" in header:
+            ordering = order_frames(header, inst)
+    if ordering is not None:
+        return _render_volume(ordering, summary, ctx)
+    what = "cine " if summary.modality in ("US", "XA", "XRF", "NM", "ES") else ""
+    return _render_frames(inst, summary, ctx, what)
+
+
+def _content_order(inst: InstanceInput) -> tuple[bool, int, str, bool, int, str]:
+    return (inst.series_number is None, inst.series_number or 0, inst.series_instance_uid,
+            inst.instance_number is None, inst.instance_number or 0, inst.sop_instance_uid)
+
+
 def _group(instances: Sequence[InstanceInput]) -> dict[str, list[InstanceInput]]:
+    """Instances by series, in an order that depends on the study's content alone (Series and
+    Instance Number, then UIDs): never on the order in which they arrived or were listed, so the
+    same study always gives the same selection, key images and provenance."""
     groups: dict[str, list[InstanceInput]] = {}
-    for inst in instances:
+    for inst in sorted(instances, key=_content_order):
         groups.setdefault(inst.series_instance_uid, []).append(inst)
     return groups
 
@@ -414,6 +511,12 @@ def render_study(instances: Sequence[InstanceInput], settings: RenderSettings) -
             f"chosen by {why}; rank {rank} ({detail}{summary.number_of_images} instance(s), "
             f"{len(images[:budget])} key image(s))",
         )
+    result.skipped = list(ctx.skipped)
+    failed = {uid for uid, _ in result.failures}
+    for series_uid, sop_uid, why in ctx.skipped:
+        d = decisions.get(series_uid)
+        if d is not None and series_uid not in failed:
+            decisions[series_uid] = SeriesDecision(series_uid, d.chosen, f"{d.reason}; instance {sop_uid} skipped: {why}")
     result.decisions = [decisions[uid] for uid in groups]
     logger.info(
         "rendered %d key images from %d of %d series (%d failures)",
@@ -426,5 +529,5 @@ def render_study(instances: Sequence[InstanceInput], settings: RenderSettings) -
         lines = [f"{d.series_instance_uid}: {d.reason}" for d in result.decisions] or [
             "no instances"
         ]
-        raise NothingRenderable("nothing renderable in the study: " + "; ".join(lines))
+        raise NothingRenderable("nothing renderable in the study: " + "; ".join(lines), rendered=result)
     return result
