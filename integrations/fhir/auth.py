@@ -117,7 +117,8 @@ def check_scope(scope: str) -> None:
                            f"e.g. user/DiagnosticReport.rs (or one of {', '.join(sorted(OTHER_SMART_SCOPES))})")
     _, _, perms, query = m.groups()
     if query:
-        raise InvalidScope(f"{scope!r}: scopes with ?query restrictions are not honoured by this server")
+        raise InvalidScope(f"{scope!r}: SMART v2 query restrictions (?param=value) are not honoured by this server; "
+                           "give the scope without them")
     if perms in ("read", "write", "*"):
         return
     if not perms or not _V2_PERMS.match(perms):
