@@ -70,8 +70,8 @@ from taqrir.db import session_scope, utcnow
 from taqrir.settings import Settings
 
 from .auth import Principal
-from .capability import capability_statement
 from .auth import smart_configuration as smart_configuration_doc
+from .capability import capability_statement
 from .errors import FhirError, InvalidRequest, PreconditionRequired
 from .fastpath import ID_PATTERN, FastPath
 from .interactions import (
@@ -85,9 +85,18 @@ from .interactions import (
     search_resources,
     version_headers,
 )
-from .search_params import MAX_COUNT, parse_int
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
-from .store import FhirDraft, VersionRow, fetch_current, get_current, get_version, history, review_report, utc
+from .search_params import MAX_COUNT, parse_int
+from .store import (
+    FhirDraft,
+    VersionRow,
+    fetch_current,
+    get_current,
+    get_version,
+    history,
+    review_report,
+    utc,
+)
 
 log = logging.getLogger(__name__)
 

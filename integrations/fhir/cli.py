@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
-
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 

@@ -32,8 +32,8 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import FhirError
 from .auth import Principal
+from .errors import FhirError
 from .interactions import (
     FhirApi,
     audit_failure,

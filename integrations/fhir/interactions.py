@@ -138,7 +138,7 @@ class FhirApi:
             watch.cancel()
         if job.done():
             return job.result()
-        for dbapi_conn in list(running):
+        for dbapi_conn in running[:]:  # a copy: the worker thread clears it when the query ends
             try:
                 (dbapi_conn.cancel if hasattr(dbapi_conn, "cancel") else dbapi_conn.interrupt)()
             except Exception as err:  # noqa: BLE001 - best effort; the statement timeout bounds it anyway

@@ -386,3 +386,31 @@ def test_26_links_follow_the_port_without_a_base_url(engine: Any, tmp_path: Any)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_14_an_abandoned_search_is_cancelled_in_the_database(fhir_server: Server, general: str) -> None:  # noqa: F811
+    """A search blocked in PostgreSQL (here: behind a table lock) whose client goes away is
+    cancelled there at once, by either door, instead of running on until the statement timeout."""
+    if fhir_server.engine.dialect.name != "postgresql":
+        pytest.skip("cancellation of a running statement is checked on PostgreSQL")
+    import time
+
+    def waiting() -> int:
+        with fhir_server.engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE '%fhir_resource%'")).scalar_one())
+
+    h = fhir_server.headers()
+    for base in (fhir_server.base, general):
+        with fhir_server.engine.connect() as locker:
+            tx = locker.begin()
+            locker.execute(text("LOCK TABLE fhir_resource IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{base}/DiagnosticReport", params={"status": "partial"}, headers=h, timeout=1.0)
+            deadline = time.monotonic() + 3
+            while waiting() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert waiting() == 0, "the abandoned search still waits in PostgreSQL"
+            tx.rollback()
+        assert httpx.get(f"{base}/DiagnosticReport", params={"status": "partial"}, headers=h).status_code == 200
