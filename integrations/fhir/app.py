@@ -163,6 +163,8 @@ def _review_from_parameters(body: dict[str, Any], principal: Principal,
         elif p.name in _REVIEW_FIELDS:
             if not isinstance(p.valueString, str) or not p.valueString.strip():
                 raise InvalidRequest(f"parameter {p.name} needs a non-empty valueString")
+            if "\x00" in p.valueString:  # PostgreSQL text cannot hold NUL: a 400, not a 500 at INSERT
+                raise InvalidRequest(f"parameter {p.name} contains a NUL character")
             if len(p.valueString) > MAX_SECTION_CHARS:
                 raise InvalidRequest(f"parameter {p.name} is {len(p.valueString)} characters long; a report section "
                                      f"may have at most {MAX_SECTION_CHARS}")

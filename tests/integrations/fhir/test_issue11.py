@@ -197,6 +197,8 @@ def test_15_overlong_review_text_is_refused(fhir_server: Server) -> None:
     assert r.status_code in (400, 413) and r.json()["resourceType"] == "OperationOutcome"
     r = _review(fhir_server, rid, _params("edit", findings_en="y" * 40_000))
     assert r.status_code == 400 and "40000" in r.json()["issue"][0]["diagnostics"]
+    r = _review(fhir_server, rid, _params("edit", findings_en="nul\x00byte"))
+    assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     assert _review(fhir_server, rid, _params("edit", findings_en="z" * 10_000)).status_code == 200
 
 
