@@ -397,8 +397,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
         except IntegrityError:
             log.info("draft %s already stored by another delivery", draft_id)
             return draft_id
-        s.exec(update(DraftRecord).where(col(DraftRecord.study_pk) == study_pk, col(DraftRecord.version) < version)
-               .values(superseded=True))
+        _supersede_older(s, study_pk, study_uid, version, draft_id)
         s.exec(update(Study).where(col(Study.id) == study_pk).values(attempts=0))
         record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                details={"study": study_uid, "version": version, "model": draft.model.model_name,
@@ -409,6 +408,17 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                         "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens]})
     _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1)
     return draft_id
+
+
+def _supersede_older(s: Session, study_pk: int, study_uid: str, version: int, by_draft_id: str) -> None:
+    """Mark the drafts of older versions of the study superseded by ``by_draft_id``, audited."""
+    older = s.exec(select(DraftRecord).where(col(DraftRecord.study_pk) == study_pk, col(DraftRecord.version) < version,
+                                             col(DraftRecord.superseded).is_(False))).all()
+    for rec in older:
+        rec.superseded = True
+        s.add(rec)
+        record(s, action="draft.superseded", actor=ACTOR, entity_type="Draft", entity_id=rec.draft_id,
+               details={"study": study_uid, "version": rec.version, "by_draft": by_draft_id, "by_version": version})
 
 
 def record_rejected_output(ctx: PipelineContext, study_uid: str, version: int, reason: str,
@@ -456,7 +466,11 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         if rec.superseded:
             raise StudyGone(f"draft {draft_id} was superseded by a newer study version; not published")
         draft = Draft.model_validate_json(rec.draft_json)
+        # In one transaction: this draft's resources, the older versions' drafts marked superseded
+        # and their FHIR reports superseded (cancelled, linked to this one, with a Provenance:
+        # integrations.fhir.store.publish_draft), each audited (issue 11, item 10).
         report_id = publish_draft(s, draft, actor=ACTOR)
+        _supersede_older(s, rec.study_pk, rec.study_instance_uid, rec.version, draft_id)
         resources = {rt: fetch_current(s, rt, rid).json_text for rt, rid in _published_ids(draft, report_id)}
     out = export_dir(ctx.settings, draft)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,18 +80,19 @@ class _Event:
 
 def chain_events(batch: Sequence[_Event]) -> list[AuditEvent]:
     """The chain records of a batch: one per (caller, action), each listing its events in order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for event in batch:
         f = event.fields
-        groups.setdefault((f["actor"], f["action"]), []).append(f)
+        groups.setdefault((f["actor"], f["action"], f["outcome"]), []).append(f)
     events = []
-    for (actor, action), items in groups.items():
+    for (actor, action, outcome), items in groups.items():
         types = {i["entity_type"] for i in items}
         events.append(AuditEvent(
             action=action,
             actor=actor,
             entity_type=types.pop() if len(types) == 1 else "*",
             entity_id=items[0]["entity_id"] if len(items) == 1 else "",
+            outcome=outcome,
             details={"events": [
                 {"at": i["at"], "entity_type": i["entity_type"], "entity_id": i["entity_id"], **i["details"]}
                 for i in items
@@ -153,11 +154,11 @@ class AccessAuditor:
             await writer.aclose()
 
     async def record(self, *, action: str, actor: str, entity_type: str, entity_id: str = "",
-                     details: dict[str, Any] | None = None) -> None:
+                     details: dict[str, Any] | None = None, outcome: str = "success") -> None:
         """Record one access and return once it is committed (raises :class:`AuditUnavailable`)."""
         loop = asyncio.get_running_loop()
         event = _Event({"action": action, "actor": actor, "entity_type": entity_type, "entity_id": entity_id,
-                        "details": details or {}, "at": instant(utcnow())}, loop)
+                        "details": details or {}, "at": instant(utcnow()), "outcome": outcome}, loop)
         if self._dsn is not None:
             if self._loop_writer is None or self._loop_writer.loop is not loop:
                 self._loop_writer = _LoopWriter(self._dsn, max_batch=self._max_batch, linger_s=self._linger_s,

@@ -48,7 +48,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import Enum
 from importlib import metadata
@@ -60,7 +60,6 @@ from fastapi.exceptions import RequestValidationError
 from fhir.resources.R4B.parameters import Parameters
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
-from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -71,19 +70,33 @@ from taqrir.db import session_scope, utcnow
 from taqrir.settings import Settings
 
 from .auth import Principal
+from .auth import smart_configuration as smart_configuration_doc
 from .capability import capability_statement
 from .errors import FhirError, InvalidRequest, PreconditionRequired
 from .fastpath import ID_PATTERN, FastPath
 from .interactions import (
     FhirApi,
+    audit_failure,
     check_compartment,
     error_response,
+    failure_reason,
+    negotiate,
     read_resource,
     search_resources,
     version_headers,
 )
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
-from .store import FhirDraft, VersionRow, fetch_current, get_current, get_version, history, review_report
+from .search_params import MAX_COUNT, parse_int
+from .store import (
+    FhirDraft,
+    VersionRow,
+    fetch_current,
+    get_current,
+    get_version,
+    history,
+    review_report,
+    utc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +118,13 @@ def _api(request: Request) -> FhirApi:
     return api
 
 
-def _session(request: Request) -> Iterator[Session]:
-    """One transaction per request (for the review: the new version and its audit record commit together)."""
-    with session_scope(_api(request).engine) as session:
-        yield session
-
-
 async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
     # async: CPU-only (signature check), so it runs on the event loop without a threadpool hop.
-    return _api(request).verifier.verify(authorization)
+    principal = _api(request).verifier.verify(authorization)
+    request.state.fhir_principal = principal  # for the audit record of a refusal that follows
+    return principal
 
 
-SessionDep = Annotated[Session, Depends(_session)]
 PrincipalDep = Annotated[Principal, Depends(_principal)]
 IdPath = Annotated[str, Path(pattern=f"^{ID_PATTERN}$")]
 
@@ -129,6 +137,13 @@ def _parse_if_match(value: str | None) -> int:
         raise InvalidRequest(f'If-Match {value!r} is not an ETag like W/"1"')
     return int(m.group(2))
 
+
+MAX_SECTION_CHARS = 32_768
+"""Longest text accepted for one edited section (issue 11, item 15). FHIR strings may hold up to
+1 MB (R4 datatypes, string), but a radiology report's findings run to a few thousand characters;
+32 KiB leaves room for the longest real report while an edit that is megabytes long (a paste
+gone wrong, or an attack that would be stored in every version and copied into four presented
+forms, the narrative and the audit trail) is refused with a 400 before anything is written."""
 
 _REVIEW_FIELDS: dict[str, tuple[Language, str]] = {"findings-en": ("en", "findings"), "impression-en": ("en", "impression"),
                   "findings-ar": ("ar", "findings"), "impression-ar": ("ar", "impression")}
@@ -148,6 +163,11 @@ def _review_from_parameters(body: dict[str, Any], principal: Principal,
         elif p.name in _REVIEW_FIELDS:
             if not isinstance(p.valueString, str) or not p.valueString.strip():
                 raise InvalidRequest(f"parameter {p.name} needs a non-empty valueString")
+            if "\x00" in p.valueString:  # PostgreSQL text cannot hold NUL: a 400, not a 500 at INSERT
+                raise InvalidRequest(f"parameter {p.name} contains a NUL character")
+            if len(p.valueString) > MAX_SECTION_CHARS:
+                raise InvalidRequest(f"parameter {p.name} is {len(p.valueString)} characters long; a report section "
+                                     f"may have at most {MAX_SECTION_CHARS}")
             lang, section = _REVIEW_FIELDS[p.name]
             edits.setdefault(lang, {})[section] = p.valueString
         else:
@@ -165,6 +185,54 @@ def _review_from_parameters(body: dict[str, Any], principal: Principal,
                                   impression=fields.get("impression", base.impression if base else ""))
     return Review(action=action, reviewer_id=principal.subject, reviewer_display=principal.name,  # type: ignore[arg-type]
                   reviewed_at=utcnow(), edits=sections)
+
+
+_STATUS_DOC: dict[int, str] = {
+    200: "OK", 304: "Not Modified: If-None-Match names the current version",
+    400: "Bad Request: invalid or unsupported parameters, headers or body (OperationOutcome)",
+    401: "Unauthorized: no valid bearer token (WWW-Authenticate: Bearer)",
+    403: "Forbidden: the token's scopes do not allow the interaction",
+    404: "Not Found: unknown type, id or version, or outside a patient token's compartment",
+    406: "Not Acceptable: a format other than JSON was asked for (_format or Accept)",
+    409: "Conflict: the report is not an unreviewed current draft (reviewed, rejected or superseded)",
+    412: "Precondition Failed: If-Match names a version that is no longer current",
+    428: "Precondition Required: If-Match is missing",
+    500: "Internal Server Error (OperationOutcome; recorded in the audit trail)",
+    503: "Service Unavailable: the access could not be recorded in the audit trail; try again",
+}
+_PUBLIC_PATHS = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-configuration"})
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route: the statuses it really answers (issue 11, item 24)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"description": _STATUS_DOC[code]}
+        if code != 304:
+            entry["content"] = {"application/fhir+json": {}}
+        out[code] = entry
+    return out
+
+
+def _document_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's schema as this server really behaves: no 422 (validation errors are answered
+    400 with an OperationOutcome by the handler below), and the bearer scheme on every
+    interaction but the public discovery documents."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+        "description": "SMART App Launch v2 scopes: .r read, .s search, .u review "
+                       "(see /fhir/.well-known/smart-configuration)"}
+    for path, operations in schema.get("paths", {}).items():
+        for op in operations.values():
+            op.get("responses", {}).pop("422", None)
+            if path not in _PUBLIC_PATHS:
+                op["security"] = [{"bearer": []}]
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    if not components.get("schemas"):
+        components.pop("schemas", None)
+    return schema
 
 
 _SEARCH_OPENAPI = [
@@ -220,64 +288,97 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     if settings.api.fast_path:
         app.add_middleware(FastPath, api=api)
     capability_body = capability_statement(api.base_url, app.version, instant(utcnow())).model_dump_json()
+    smart_body = smart_configuration_doc(settings.api)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_openapi(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    async def _audited(request: Request, resp: Response, status: int, reason: str) -> Response:
+        # Every refused or failed access is recorded, by this door as by the fast path (item 23).
+        if status != 503:
+            await audit_failure(api, principal=getattr(request.state, "fhir_principal", None), method=request.method,
+                                path=request.url.path, pairs=list(request.query_params.multi_items()),
+                                status=status, reason=reason)
+        return resp
 
     @app.exception_handler(FhirError)
-    async def _fhir_error(_: Request, err: FhirError) -> Response:
-        return error_response(err)
+    async def _fhir_error(request: Request, err: FhirError) -> Response:
+        return await _audited(request, error_response(err), err.status_code, failure_reason(err))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> Response:
+    async def _invalid(request: Request, err: RequestValidationError) -> Response:
         if any(tuple(e.get("loc", ())) == ("path", "resource_type") for e in err.errors()):
-            return operation_outcome(404, "not-supported", "unknown resource type: this server serves "
-                                     + ", ".join(t.value for t in ResourceType))
+            msg = "unknown resource type: this server serves " + ", ".join(t.value for t in ResourceType)
+            return await _audited(request, operation_outcome(404, "not-supported", msg), 404, msg)
         problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors())
-        return operation_outcome(400, "invalid", f"invalid request: {problems}"[:2000])
+        msg = f"invalid request: {problems}"[:2000]
+        return await _audited(request, operation_outcome(400, "invalid", msg), 400, msg)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> Response:
+    async def _http(request: Request, err: StarletteHTTPException) -> Response:
         code = {404: "not-found", 405: "not-supported"}.get(err.status_code, "processing")
         resp = operation_outcome(err.status_code, code, str(err.detail))
         if err.headers:
             resp.headers.update(err.headers)
-        return resp
+        return await _audited(request, resp, err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, err: Exception) -> Response:
+    async def _unexpected(request: Request, err: Exception) -> Response:
         log.exception("unhandled error in the FHIR API: %s", type(err).__name__)
-        return operation_outcome(500, "exception", "internal server error")
+        return await _audited(request, operation_outcome(500, "exception", "internal server error"), 500,
+                              f"internal server error: {type(err).__name__}")
 
-    @app.get("/fhir/metadata", tags=["capabilities"], response_class=Response,
-             responses={200: {"content": {"application/fhir+json": {}}}})
-    def capabilities() -> Response:
+    @app.get("/fhir/metadata", tags=["capabilities"], response_class=Response, responses=_responses(200, 406))
+    def capabilities(request: Request) -> Response:
         """The CapabilityStatement (public, as SMART App Launch requires)."""
+        negotiate(request.headers.get("accept"), request.query_params.get("_format"))
         return fhir_response(capability_body)
 
+    @app.get("/fhir/.well-known/smart-configuration", tags=["capabilities"], response_class=Response,
+             responses={200: {"description": "SMART configuration", "content": {"application/json": {}}}})
+    def smart_configuration() -> Response:
+        """How SMART clients get a token (public, SMART App Launch 2.0 conformance.html)."""
+        return Response(smart_body, media_type="application/json")
+
     @app.get("/fhir/{resource_type}", tags=["search"], response_class=Response,
-             responses={200: {"content": {"application/fhir+json": {}}}},
+             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503),
              openapi_extra={"parameters": _SEARCH_OPENAPI})
     async def search(resource_type: ResourceType, request: Request, principal: PrincipalDep) -> Response:
         """Search (R4 http.html#search): Bundle searchset with total and next/previous links."""
-        return await search_resources(api, principal, resource_type.value, list(request.query_params.multi_items()))
+        pairs = list(request.query_params.multi_items())
+        negotiate(request.headers.get("accept"), next((v for k, v in pairs if k == "_format"), None))
+        return await search_resources(api, principal, resource_type.value, pairs, receive=request.receive)
 
     @app.get("/fhir/{resource_type}/{resource_id}", tags=["read"], response_class=Response,
-             responses={200: {"content": {"application/fhir+json": {}}}})
-    async def read(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep) -> Response:
+             responses=_responses(200, 304, 400, 401, 403, 404, 406, 500, 503))
+    async def read(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep, request: Request) -> Response:
         """Read the current version."""
-        return await read_resource(api, principal, resource_type.value, resource_id)
+        negotiate(request.headers.get("accept"), request.query_params.get("_format"))
+        return await read_resource(api, principal, resource_type.value, resource_id,
+                                   if_none_match=request.headers.get("if-none-match"))
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history", tags=["history"], response_class=Response,
-             responses={200: {"content": {"application/fhir+json": {}}}})
+             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503))
     async def instance_history(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep,
                                request: Request) -> Response:
         """Every version, newest first (Bundle history)."""
         rtype = resource_type.value
+        negotiate(request.headers.get("accept"), request.query_params.get("_format"))
         principal.require(rtype, "r")
         pairs = list(request.query_params.multi_items())
         count, offset = 50, 0
         for k, v in pairs:
-            if k not in ("_count", "_offset") or not v.isdigit():
+            if k == "_count":
+                count = min(parse_int(k, v, 0, MAX_COUNT), 500)
+            elif k == "_offset":
+                offset = parse_int(k, v, 0, 10_000_000)
+            elif k != "_format":
                 raise InvalidRequest(f"_history takes _count and _offset (non-negative integers), not {k}={v!r}")
-            count, offset = (min(int(v), 500), offset) if k == "_count" else (count, int(v))
 
         def page(conn: Connection) -> tuple[int, list[VersionRow]]:
             check_compartment(principal, fetch_current(conn, rtype, resource_id), "r")
@@ -290,16 +391,25 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         if offset + count < total:
             links.append(("next", f"{api.base_url}/{rtype}/{resource_id}/_history?" + urlencode({"_count": count, "_offset": offset + count})))
         entries = [(rtype, resource_id, r.json_text, None) for r in rows]
+        # R4 bdl-3/bdl-4: a history entry says how its version came to be (request) and what the
+        # server answered (response): version 1 was created (POST), later ones updated (PUT).
+        requests = [{"request": {"method": "POST", "url": rtype} if r.version_id == 1
+                     else {"method": "PUT", "url": f"{rtype}/{resource_id}"},
+                     "response": {"status": "201 Created" if r.version_id == 1 else "200 OK",
+                                  "etag": f'W/"{r.version_id}"', "lastModified": instant(utc(r.last_updated))}}
+                    for r in rows]
         body = bundle_body(bundle_type="history", base_url=api.base_url, total=total, links=links, entries=entries,
-                           mode=api.mode)
+                           mode=api.mode, entry_extras=requests)
         return fhir_response(body)
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history/{version_id}", tags=["read"], response_class=Response,
-             responses={200: {"content": {"application/fhir+json": {}}}})
+             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503))
     async def vread(resource_type: ResourceType, resource_id: IdPath,
-                    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], principal: PrincipalDep) -> Response:
+                    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], principal: PrincipalDep,
+                    request: Request) -> Response:
         """Read one version."""
         rtype = resource_type.value
+        negotiate(request.headers.get("accept"), request.query_params.get("_format"))
         principal.require(rtype, "r")
 
         def version(conn: Connection) -> VersionRow:
@@ -312,21 +422,25 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return fhir_response(resource_body(rtype, row.json_text, api.mode), headers=version_headers(row.version_id, row.last_updated))
 
     @app.post("/fhir/DiagnosticReport/{resource_id}/$review", tags=["review"], response_class=Response,
-              responses={200: {"content": {"application/fhir+json": {}}}})
-    def review(resource_id: IdPath, session: SessionDep, principal: PrincipalDep,
+              responses=_responses(200, 400, 401, 403, 404, 406, 409, 412, 428, 500, 503))
+    def review(resource_id: IdPath, principal: PrincipalDep,
                body: Annotated[dict[str, Any], Body(media_type="application/fhir+json")],
                if_match: Annotated[str | None, Header()] = None) -> Response:
         """Accept, edit or reject a draft (see the CapabilityStatement for the rules)."""
         principal.require("DiagnosticReport", "u")
-        row = get_current(session, "DiagnosticReport", resource_id)
-        check_compartment(principal, row, "u")
         expected = _parse_if_match(if_match)
-        drow = session.get(FhirDraft, row.draft_id) if row.draft_id else None
-        sections = {} if drow is None else _draft_sections(drow.draft_json)
-        rv = _review_from_parameters(body, principal, sections)
-        outcome = review_report(session, resource_id, rv, if_match=expected, study_timezone=api.study_timezone)
-        current = get_current(session, "DiagnosticReport", resource_id)
-        headers = version_headers(outcome.version, current.last_updated)
+        # The transaction commits before the response is built (issue 11, item 11): a FastAPI
+        # ``yield`` dependency would commit in its teardown, after the 200 had been sent, so a read
+        # right after could see the old version and a failed commit would still have said 200.
+        with session_scope(api.engine) as session:
+            row = get_current(session, "DiagnosticReport", resource_id)
+            check_compartment(principal, row, "u")
+            drow = session.get(FhirDraft, row.draft_id) if row.draft_id else None
+            sections = {} if drow is None else _draft_sections(drow.draft_json)
+            rv = _review_from_parameters(body, principal, sections)
+            outcome = review_report(session, resource_id, rv, if_match=expected, study_timezone=api.study_timezone)
+            current = get_current(session, "DiagnosticReport", resource_id)
+            headers = version_headers(outcome.version, current.last_updated)
         headers["Location"] = f"{api.base_url}/DiagnosticReport/{resource_id}/_history/{outcome.version}"
         return fhir_response(resource_body("DiagnosticReport", outcome.report_json, api.mode), headers=headers)
 

@@ -89,6 +89,69 @@ def parse_scopes(scope: str) -> tuple[Grant, ...]:
     return tuple(grants)
 
 
+_V2_PERMS = re.compile(r"^c?r?u?d?s?$")
+_RESOURCE_SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z]+|\*)\.([^?]*)(\?.*)?$")
+OTHER_SMART_SCOPES = frozenset({"openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter",
+                                "offline_access", "online_access"})
+"""Non-resource scopes of SMART App Launch v2 (scopes-and-launch-context.html): identity and launch context."""
+
+
+class InvalidScope(ValueError):
+    """A scope that SMART App Launch v2 does not define, or one this server would grant nothing for."""
+
+
+def check_scope(scope: str) -> None:
+    """:class:`InvalidScope` unless ``scope`` is a valid SMART v2 scope (issue 11, item 28).
+
+    Resource scopes are ``<patient|user|system>/<Type|*>.<perms>`` with ``perms`` one or more of
+    ``cruds`` *in that order* (v2 requires the order; ``rsu`` is not a scope, ``rus`` is), or the
+    v1 forms ``read``, ``write`` and ``*``, which SMART v2 servers accept as ``rs``, ``cud`` and
+    ``cruds``. v2 query restrictions (``?param=value``) are refused here because this server would
+    honour them by granting nothing. The identity and launch scopes (``openid``, ``fhirUser``,
+    ``launch/patient``...) are accepted as they are."""
+    if scope in OTHER_SMART_SCOPES:
+        return
+    m = _RESOURCE_SCOPE.match(scope)
+    if m is None:
+        raise InvalidScope(f"{scope!r} is not a SMART scope: use <patient|user|system>/<Type|*>.<cruds>, "
+                           f"e.g. user/DiagnosticReport.rs (or one of {', '.join(sorted(OTHER_SMART_SCOPES))})")
+    _, _, perms, query = m.groups()
+    if query:
+        raise InvalidScope(f"{scope!r}: SMART v2 query restrictions (?param=value) are not honoured by this server; "
+                           "give the scope without them")
+    if perms in ("read", "write", "*"):
+        return
+    if not perms or not _V2_PERMS.match(perms):
+        ordered = "".join(c for c in "cruds" if c in perms)
+        hint = f"; did you mean .{ordered}?" if ordered and set(perms) <= set("cruds") and len(set(perms)) == len(perms) else ""
+        raise InvalidScope(f"{scope!r}: permissions must be letters of 'cruds' in that order (SMART v2){hint}")
+
+
+def smart_configuration(api: ApiSettings) -> str:
+    """The ``.well-known/smart-configuration`` document (SMART App Launch 2.0, conformance.html):
+    public, so that clients can discover how to get a token before they hold one."""
+    doc: dict[str, Any] = {
+        "capabilities": ["permission-v2", "permission-v1", "permission-patient", "permission-user",
+                         "client-confidential-symmetric"] + (["client-confidential-asymmetric"] if api.jwks_url or api.jwks_file else []),
+        "scopes_supported": sorted(OTHER_SMART_SCOPES) + [f"{ctx}/{rt}.{p}" for ctx in ("user", "system", "patient")
+                                                           for rt, p in (("*", "rs"), ("DiagnosticReport", "rs"),
+                                                                         ("DiagnosticReport", "u"))],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "grant_types_supported": ["authorization_code", "client_credentials"] if api.smart_token_endpoint else [],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+    }
+    if api.smart_token_endpoint:
+        doc["token_endpoint"] = api.smart_token_endpoint
+    if api.smart_authorization_endpoint:
+        doc["authorization_endpoint"] = api.smart_authorization_endpoint
+    if api.jwt_issuer:
+        doc["issuer"] = api.jwt_issuer
+    if api.jwks_url:
+        doc["jwks_uri"] = api.jwks_url
+    return json.dumps(doc)
+
+
 def key_path(api: ApiSettings, data_dir: Path) -> Path:
     """Where the HS256 key lives."""
     return api.jwt_key_file or (data_dir / "api-key")
@@ -123,6 +186,8 @@ def issue_token(api: ApiSettings, data_dir: Path, user: str, scopes: list[str], 
     """An HS256 token for ``user`` with ``scopes`` signed with the local key (``taqrir token``)."""
     if api.jwt_algorithm != "HS256":
         raise ValueError("taqrir token issues HS256 tokens only; with RS256 your identity provider issues them")
+    for scope in scopes:
+        check_scope(scope)
     now = utcnow()
     claims: dict[str, Any] = {"sub": user, "scope": " ".join(scopes), "iat": now,
                               "exp": now + timedelta(seconds=ttl_s or api.token_ttl_s)}

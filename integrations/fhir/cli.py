@@ -7,21 +7,57 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from taqrir.db import make_engine
+from taqrir.errors import TaqrirError
 from taqrir.settings import Settings
 
 from .app import create_app
-from .auth import issue_token
+from .auth import InvalidScope, issue_token
 
 __all__ = ["api", "create_app", "register", "token"]
 
 log = logging.getLogger(__name__)
 
 
+class SchemaNotCurrent(TaqrirError):
+    """The database's schema is not the one this version of Taqrir needs."""
+
+
+def check_schema(engine: Engine) -> None:
+    """:class:`SchemaNotCurrent` unless the database is at the migrations' head(s) (issue 11,
+    item 29: on a never-migrated database the API answered every request 500)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from taqrir.migrations import alembic_config
+
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    where = engine.url.render_as_string(hide_password=True).split("@")[-1]
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    except SQLAlchemyError as err:
+        raise SchemaNotCurrent(f"cannot read the schema version of {where}: {type(err).__name__}; check "
+                               "database_url, then run `taqrir db upgrade`") from err
+    if not current:
+        raise SchemaNotCurrent(f"the database {where} has never been migrated: run `taqrir db upgrade` first")
+    if current != heads:
+        raise SchemaNotCurrent(f"the database {where} is at schema {', '.join(sorted(current))}, this Taqrir needs "
+                               f"{', '.join(sorted(heads))}: run `taqrir db upgrade` (with the newest Taqrir)")
+
+
 def api(settings: Settings) -> None:
-    """Serve the FHIR API with uvicorn on ``api.host:api.port``."""
+    """Serve the FHIR API with uvicorn on ``api.host:api.port`` (after :func:`check_schema`)."""
     import uvicorn
+
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine)
+    finally:
+        engine.dispose()
 
     log.info("FHIR API on %s:%d (base %s), %d worker(s)", settings.api.host, settings.api.port,
              settings.api.base_url, settings.api.workers)
@@ -47,7 +83,11 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     @app.command("api")
     def api_command() -> None:
         """Serve the FHIR R4 API (research drafts)."""
-        api(get_settings())
+        try:
+            api(get_settings())
+        except SchemaNotCurrent as err:
+            typer.echo(f"taqrir api: {err}", err=True)
+            raise typer.Exit(2) from err
 
     @app.command("token")
     def token_command(
@@ -59,4 +99,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     ) -> None:
         """Print a bearer token signed with the local HS256 key."""
         scopes = [s for item in scope for s in item.split()]
-        typer.echo(token(get_settings(), user, scopes, patient=patient, ttl_s=ttl, name=name))
+        try:
+            typer.echo(token(get_settings(), user, scopes, patient=patient, ttl_s=ttl, name=name))
+        except InvalidScope as err:
+            typer.echo(f"taqrir token: {err}", err=True)
+            raise typer.Exit(2) from err

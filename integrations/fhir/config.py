@@ -13,7 +13,12 @@ class ApiSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port.")
-    base_url: str = Field("http://127.0.0.1:8080/fhir", description="Public base URL used in links.")
+    base_url: str = Field(
+        "",
+        description="Public base URL used in links and the CapabilityStatement. Empty: derived from "
+        "api.host and api.port as http://<host>:<port>/fhir (127.0.0.1 when bound to every address), so "
+        "that setting the port alone moves the links too; set it behind a proxy or TLS terminator.",
+    )
     workers: int = Field(1, ge=1, description="uvicorn worker processes.")
     jwt_algorithm: Literal["HS256", "RS256"] = Field(
         "HS256", description="HS256 with a shared key (embedded default) or RS256 with a JWKS."
@@ -54,6 +59,26 @@ class ApiSettings(BaseModel):
         "as soon as the writer is free.",
     )
     page_max: int = Field(500, ge=1, le=500, description="Largest _count honoured.")
+    statement_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        description="PostgreSQL statement_timeout of the API's read connections (0: none). Searches are "
+        "bounded in their parameters (integrations.fhir.search_params), and this bounds what is left: "
+        "a query that would run on for minutes is cancelled by the server and answered 503.",
+    )
+    smart_token_endpoint: str | None = Field(
+        None, description="Token endpoint of the identity provider that issues this API's tokens, published "
+        "in /fhir/.well-known/smart-configuration (None: tokens are issued out of band by `taqrir token`).")
+    smart_authorization_endpoint: str | None = Field(
+        None, description="Authorization endpoint of that identity provider (for SMART app launch), if any.")
+
+    @model_validator(mode="after")
+    def _derive_base_url(self) -> ApiSettings:
+        if not self.base_url:
+            host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+            host = f"[{host}]" if ":" in host else host
+            self.base_url = f"http://{host}:{self.port}/fhir"
+        return self
 
     @model_validator(mode="after")
     def _rs256_needs_keys(self) -> ApiSettings:

@@ -55,6 +55,23 @@ class Conflict(FhirError):
     issue_code = "conflict"
 
 
+class Superseded(Conflict):
+    """A review of a draft that a newer study version's draft superseded (409, business-rule).
+
+    409 rather than 422: the request is well-formed and would be accepted for a current draft; it
+    conflicts with the *state* of the target resource (RFC 9110 15.5.10; R4 http.html lists 409
+    for state conflicts), and the answer names the report to review instead."""
+
+    issue_code = "business-rule"
+
+
+class NotAcceptable(FhirError):
+    """The client asked for a format this server does not produce (406, R4 http.html#mime-type)."""
+
+    status_code = 406
+    issue_code = "not-supported"
+
+
 class PreconditionFailed(FhirError):
     """If-Match names a version that is no longer current (412)."""
 

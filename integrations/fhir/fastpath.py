@@ -32,8 +32,17 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .auth import Principal
 from .errors import FhirError
-from .interactions import FhirApi, error_response, read_resource, search_resources
+from .interactions import (
+    FhirApi,
+    audit_failure,
+    error_response,
+    failure_reason,
+    negotiate,
+    read_resource,
+    search_resources,
+)
 from .store import RESOURCE_TYPES
 
 ID_PATTERN: Final = r"[A-Za-z0-9\-.]{1,64}"
@@ -64,21 +73,30 @@ class FastPath:
         if rtype not in _TYPES or len(parts) > 2 or (len(parts) == 2 and not _ID.fullmatch(parts[1])):
             await self.app(scope, receive, send)
             return
+        principal: Principal | None = None
+        query: bytes = scope["query_string"]
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else []
         try:
-            principal = self.api.verifier.verify(_authorization(scope))
+            principal = self.api.verifier.verify(_header(scope, b"authorization"))
+            # the state FastAPI's handlers read: an unexpected error's 500 is audited with the caller
+            scope.setdefault("state", {})["fhir_principal"] = principal
+            negotiate(_header(scope, b"accept"), next((v for k, v in pairs if k == "_format"), None))
             if len(parts) == 2:
-                response = await read_resource(self.api, principal, rtype, parts[1])
+                response = await read_resource(self.api, principal, rtype, parts[1],
+                                               if_none_match=_header(scope, b"if-none-match"))
             else:
-                pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-                response = await search_resources(self.api, principal, rtype, pairs)
+                response = await search_resources(self.api, principal, rtype, pairs, receive=receive)
         except FhirError as err:
             response = error_response(err)
+            if err.status_code != 503:  # 503: the audit trail itself is what failed
+                await audit_failure(self.api, principal=principal, method="GET", path=path, pairs=pairs,
+                                    status=err.status_code, reason=failure_reason(err))
         await response(scope, receive, send)
 
 
-def _authorization(scope: Scope) -> str | None:
-    """The first Authorization header, as Starlette's ``Headers.get`` (and so FastAPI's ``Header()``) reads it."""
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first header ``name`` (lower case), as Starlette's ``Headers.get`` (and so FastAPI's ``Header()``) reads it."""
     for key, value in scope["headers"]:
-        if key == b"authorization":
+        if key == name:
             return value.decode("latin-1")  # type: ignore[no-any-return]
     return None

@@ -9,11 +9,12 @@ two paths because there is only one of each.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,13 +23,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 from starlette.responses import Response
+from starlette.types import Receive
 
 from taqrir.db import make_engine
 from taqrir.settings import Settings
 
 from .access_log import AccessAuditor
 from .auth import Principal, TokenVerifier
-from .errors import FhirError, Forbidden
+from .errors import AuditUnavailable, FhirError, NotAcceptable, NotFound
 from .pgreads import PgReads
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
 from .search import SearchResult, run_search
@@ -64,9 +66,13 @@ class FhirApi:
         self.pg: PgReads | None = None
         if engine.dialect.name == "postgresql":
             size = engine.pool.size() if isinstance(engine.pool, QueuePool) else 10
+            # statement_timeout bounds every read (issue 11, item 14): the server cancels a query
+            # that runs longer, whoever waits for it.
+            timeout_ms = settings.api.statement_timeout_ms
             self._read_engine = make_engine(engine.url.render_as_string(hide_password=False), pool_pre_ping=False,
-                                            isolation_level="AUTOCOMMIT", pool_size=size, max_overflow=size)
-            self.pg = PgReads(engine, max_size=size)
+                                            isolation_level="AUTOCOMMIT", pool_size=size, max_overflow=size,
+                                            connect_args={"options": f"-c statement_timeout={timeout_ms}"})
+            self.pg = PgReads(engine, max_size=size, statement_timeout_ms=timeout_ms)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -98,9 +104,48 @@ class FhirApi:
         with self.reading() as conn:
             return work(conn)
 
-    async def query(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` on a read connection in a worker thread (the event loop never blocks on SQL)."""
-        return await anyio.to_thread.run_sync(self._query_sync, work)
+    async def query(self, work: Callable[[Connection], T], *, receive: Receive | None = None) -> T:
+        """Run ``work`` on a read connection in a worker thread (the event loop never blocks on SQL).
+
+        With ``receive`` (the request's ASGI receive), a client that disconnects meanwhile cancels
+        the statement in the database (PostgreSQL: psycopg's cancel request, the protocol's own
+        way; SQLite: ``interrupt()``) and the request ends with :class:`ClientGone`."""
+        try:
+            return await self._query(work, receive)
+        except DBAPIError as err:
+            if type(err.orig).__name__ == "QueryCanceled":
+                raise QueryTooCostly("the search ran longer than the server allows (api.statement_timeout_ms) and "
+                                     "was stopped; narrow it (patient, date, identifier)") from err
+            raise
+
+    async def _query(self, work: Callable[[Connection], T], receive: Receive | None) -> T:
+        if receive is None:
+            return await anyio.to_thread.run_sync(self._query_sync, work)
+        running: list[Any] = []
+
+        def tracked(conn: Connection) -> T:
+            running.append(conn.connection.dbapi_connection)
+            try:
+                return work(conn)
+            finally:
+                running.clear()
+
+        job = asyncio.ensure_future(anyio.to_thread.run_sync(self._query_sync, tracked, abandon_on_cancel=True))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if job.done():
+            return job.result()
+        for dbapi_conn in running[:]:  # a copy: the worker thread clears it when the query ends
+            try:
+                (dbapi_conn.cancel if hasattr(dbapi_conn, "cancel") else dbapi_conn.interrupt)()
+            except Exception as err:  # noqa: BLE001 - best effort; the statement timeout bounds it anyway
+                log.warning("could not cancel an abandoned query: %s", type(err).__name__)
+        job.cancel()
+        log.info("client went away; its search was cancelled")
+        raise ClientGone("the client closed the connection before the answer")
 
     async def current(self, resource_type: str, resource_id: str) -> CurrentRow:
         """The current version (:func:`~integrations.fhir.store.fetch_current`), or NotFound."""
@@ -109,12 +154,123 @@ class FhirApi:
         return await self.query(lambda conn: fetch_current(conn, resource_type, resource_id))
 
 
+class OutsideCompartment(NotFound):
+    """A resource outside a patient/ token's compartment: answered exactly as an unknown id (404),
+    so that a patient-scoped client cannot learn which ids exist (issue 11, item 22; SMART App
+    Launch leaves the choice to the server, and HAPI's consent interceptors answer 404 too). The
+    real reason goes to the audit trail only."""
+
+    def __init__(self, resource_type: str, resource_id: str) -> None:
+        super().__init__(f"{resource_type}/{resource_id} is not known")
+        self.audit_reason = f"{resource_type}/{resource_id} is outside the token's patient compartment"
+
+
+class QueryTooCostly(FhirError):
+    """A read that PostgreSQL's statement_timeout stopped (503, issue type too-costly)."""
+
+    status_code = 503
+    issue_code = "too-costly"
+
+
+class ClientGone(FhirError):
+    """The client disconnected before the answer (nginx's 499; nobody reads this response)."""
+
+    status_code = 499
+    issue_code = "incomplete"
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the ASGI server reports that the client went away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def check_compartment(principal: Principal, row: FhirResource | CurrentRow, perm: str) -> None:
-    """:class:`Forbidden` unless a user/system scope grants ``perm`` or the row is in the token's patient compartment."""
+    """:class:`OutsideCompartment` (404) unless a user/system scope grants ``perm`` or the row is in
+    the token's patient compartment."""
     if principal.unrestricted(row.resource_type, perm):
         return
     if row.patient_ref != f"Patient/{principal.patient}":
-        raise Forbidden(f"{row.resource_type}/{row.id} is outside the token's patient compartment")
+        raise OutsideCompartment(row.resource_type, row.id)
+
+
+_JSON_TYPES = frozenset({"*/*", "application/*", "application/fhir+json", "application/json", "application/json+fhir"})
+_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
+
+
+def negotiate(accept: str | None, fmt: str | None) -> None:
+    """:class:`NotAcceptable` (406) unless the client accepts JSON (R4 http.html#mime-type: the
+    ``_format`` parameter overrides ``Accept``; this server produces JSON only, so an XML or
+    Turtle request is refused instead of being answered in JSON with 200)."""
+    if fmt is not None:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+            raise NotAcceptable(f"_format={fmt!r}: this server produces application/fhir+json only")
+        return
+    if not accept or not accept.strip():
+        return
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0 and media.lower() in _JSON_TYPES:
+            return
+    raise NotAcceptable(f"Accept: {accept[:200]!r}: this server produces application/fhir+json only")
+
+
+def not_modified(if_none_match: str | None, version: int) -> bool:
+    """Whether ``If-None-Match`` names ``version`` (weak comparison, RFC 9110 13.1.2; ``*`` matches)."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == f'"{version}"':
+            return True
+    return False
+
+
+MAX_AUDITED_PARAMS = 64
+MAX_AUDITED_VALUE = 512
+
+
+def audited_params(pairs: list[tuple[str, str]]) -> list[list[str]]:
+    """Query parameters with their values, for the audit trail (who searched for what is what an
+    auditor asks; the trail, not the logs, is the place for it). Bounded: a request with thousands
+    of parameters is refused, and its record keeps the first :data:`MAX_AUDITED_PARAMS`."""
+    return [[k[:MAX_AUDITED_VALUE], v[:MAX_AUDITED_VALUE]] for k, v in pairs[:MAX_AUDITED_PARAMS]]
+
+
+async def audit_failure(api: FhirApi, *, principal: Principal | None, method: str, path: str,
+                        pairs: list[tuple[str, str]], status: int, reason: str) -> None:
+    """Record a refused or failed access (401, 403, 400, 404, 5xx...) before its answer is sent
+    (issue 11, item 23: an audit trail that misses refusals misses attacks). ``actor`` is the
+    token's subject, or ``anonymous`` when no token verified. A failure to record is logged and
+    the error answer is still sent (there is nothing to withhold)."""
+    parts = path.removeprefix("/fhir/").split("/")
+    details: dict[str, object] = {"method": method, "path": path[:MAX_AUDITED_VALUE], "status": status,
+                                  "reason": reason[:1000], "params": audited_params(pairs)}
+    if len(pairs) > MAX_AUDITED_PARAMS:
+        details["params_dropped"] = len(pairs) - MAX_AUDITED_PARAMS
+    try:
+        await api.auditor.record(action="fhir.refused" if status < 500 else "fhir.failed",
+                                 actor=principal.subject if principal else "anonymous",
+                                 entity_type=parts[0][:64] if parts and parts[0] else "",
+                                 entity_id=parts[1][:64] if len(parts) > 1 else "", outcome="failure",
+                                 details=details)
+    except AuditUnavailable:
+        log.error("could not record a refused access (%d) in the audit trail", status)
+
+
+def failure_reason(err: Exception) -> str:
+    """What the audit trail records as the reason of an error (the real one, e.g. for a 404 that hides a refusal)."""
+    return str(getattr(err, "audit_reason", None) or err)
 
 
 def version_headers(row_version: int, last_updated: datetime) -> dict[str, str]:
@@ -139,21 +295,30 @@ def error_response(err: FhirError) -> Response:
     return resp
 
 
-async def read_resource(api: FhirApi, principal: Principal, rtype: str, resource_id: str) -> Response:
-    """Read the current version of ``rtype/resource_id`` (scope ``r``, compartment, audited)."""
+async def read_resource(api: FhirApi, principal: Principal, rtype: str, resource_id: str, *,
+                        if_none_match: str | None = None) -> Response:
+    """Read the current version of ``rtype/resource_id`` (scope ``r``, compartment, audited).
+    ``If-None-Match`` naming the current version gets 304 without a body (R4 http.html#cread)."""
     principal.require(rtype, "r")
     row = await api.current(rtype, resource_id)
     check_compartment(principal, row, "r")
     await api.auditor.record(action="fhir.read", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
                              details={"version": row.version_id})
-    return fhir_response(resource_body(rtype, row.json_text, api.mode),
-                         headers=version_headers(row.version_id, row.last_updated))
+    headers = version_headers(row.version_id, row.last_updated)
+    if not_modified(if_none_match, row.version_id):
+        return Response(status_code=304, headers=headers)
+    return fhir_response(resource_body(rtype, row.json_text, api.mode), headers=headers)
 
 
-async def search_resources(api: FhirApi, principal: Principal, rtype: str, pairs: list[tuple[str, str]]) -> Response:
-    """Search ``rtype`` (scope ``s``): Bundle searchset with total and next/previous links, audited."""
+async def search_resources(api: FhirApi, principal: Principal, rtype: str, pairs: list[tuple[str, str]], *,
+                           receive: Receive | None = None) -> Response:
+    """Search ``rtype`` (scope ``s``): Bundle searchset with total and next/previous links, audited.
+
+    A general search (SQL in a worker thread) is cancelled in the database when the client goes
+    away (``receive`` reports ``http.disconnect``): without that, an abandoned search ran on for
+    minutes (issue 11, item 14). The hot one-patient search is bounded and fast, and skips the watch."""
     principal.require(rtype, "s")
-    q = parse_search(rtype, pairs)
+    q = parse_search(rtype, pairs, local_zone=api.study_timezone)
     q.count = min(q.count, api.settings.api.page_max)
     if not principal.unrestricted(rtype, "s"):
         if rtype == "Patient":
@@ -168,7 +333,7 @@ async def search_resources(api: FhirApi, principal: Principal, rtype: str, pairs
     if api.pg is not None and api.pg.serves(q):
         result = await api.pg.search(q)
     else:
-        result = await api.query(lambda conn: run_search(conn, q))
+        result = await api.query(lambda conn: run_search(conn, q), receive=receive)
     links = [("self", page_url(api.base_url, rtype, pairs, q.offset))]
     if not q.summary_count:
         if q.offset + q.count < result.total and q.count > 0:
@@ -178,7 +343,7 @@ async def search_resources(api: FhirApi, principal: Principal, rtype: str, pairs
     entries = [(m.resource_type, m.id, m.json_text, "match") for m in result.matches]
     entries += [(i.resource_type, i.id, i.json_text, "include") for i in result.included]
     await api.auditor.record(action="fhir.search", actor=principal.subject, entity_type=rtype,
-                             details={"params": sorted({k for k, _ in pairs}), "total": result.total,
+                             details={"params": audited_params(pairs), "total": result.total,
                                       "returned": [f"{m.resource_type}/{m.id}/_history/{m.version_id}"
                                                    for m in result.matches],
                                       "included": [f"{i.resource_type}/{i.id}" for i in result.included]})

@@ -94,9 +94,10 @@ class _Pool:
     and a queue of waiters. A connection whose query failed other than with a PostgreSQL error
     (connection lost, cancelled mid-query) is closed rather than returned."""
 
-    def __init__(self, dsn: str, max_size: int) -> None:
+    def __init__(self, dsn: str, max_size: int, server_settings: dict[str, str] | None = None) -> None:
         self._dsn = dsn
         self._max = max_size
+        self._server_settings = server_settings or {}
         self._idle: list[asyncpg.Connection] = []
         self._size = 0  # connections open or being opened
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -109,7 +110,7 @@ class _Pool:
             if self._size < self._max:
                 self._size += 1
                 try:
-                    return await asyncpg.connect(self._dsn)
+                    return await asyncpg.connect(self._dsn, server_settings=self._server_settings)
                 except BaseException:
                     self._size -= 1
                     self._hand(None)
@@ -158,9 +159,10 @@ class _Pool:
 class PgReads:
     """The hot reads of one API process (a pool per event loop, opened on first use)."""
 
-    def __init__(self, engine: Engine, max_size: int) -> None:
+    def __init__(self, engine: Engine, max_size: int, statement_timeout_ms: int = 0) -> None:
         self._dsn = asyncpg_dsn(engine)
         self._max = max_size
+        self._settings = {"statement_timeout": str(statement_timeout_ms)}
         self._pool: _Pool | None = None
 
     @staticmethod
@@ -174,7 +176,7 @@ class PgReads:
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._pool.loop is not loop:
-            self._pool = _Pool(self._dsn, self._max)
+            self._pool = _Pool(self._dsn, self._max, self._settings)
         pool = self._pool
         conn = await pool.acquire()
         reusable = False

@@ -26,6 +26,8 @@ from reporting.fhir.timing import instant
 from taqrir.db import utcnow
 
 FHIR_JSON: Final = "application/fhir+json"
+FHIR_JSON_UTF8: Final = "application/fhir+json; charset=utf-8"
+"""The Content-Type of every FHIR body: R4 http.html#mime-type says servers SHALL send the charset."""
 MODELS: Final[dict[str, type[Resource]]] = {
     "DiagnosticReport": DiagnosticReport,
     "Patient": Patient,
@@ -37,7 +39,7 @@ MODELS: Final[dict[str, type[Resource]]] = {
 
 def fhir_response(body: str | bytes, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A response with the FHIR JSON media type (R4 http.html#mime-type)."""
-    return Response(content=body, status_code=status_code, media_type=FHIR_JSON, headers=dict(headers or {}))
+    return Response(content=body, status_code=status_code, media_type=FHIR_JSON_UTF8, headers=dict(headers or {}))
 
 
 def operation_outcome(status_code: int, code: str, message: str, severity: str = "error") -> Response:
@@ -64,9 +66,10 @@ def bundle_body(
     links: Iterable[tuple[str, str]],
     entries: Iterable[tuple[str, str, str, str | None]],
     mode: str,
+    entry_extras: list[dict[str, Any]] | None = None,
 ) -> str:
-    """A Bundle; ``entries`` are ``(type, id, stored JSON, search mode or None)``; history entries
-    get their versioned fullUrl from the stored meta."""
+    """A Bundle; ``entries`` are ``(type, id, stored JSON, search mode or None)``; ``entry_extras``
+    (one per entry) adds elements to each entry (a history's ``request`` and ``response``)."""
     head: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": uuid.uuid4().hex,
@@ -80,19 +83,23 @@ def bundle_body(
         head["link"] = link_list
     if mode == "raw":
         parts = []
-        for rtype, rid, text, search_mode in entries:
+        for n, (rtype, rid, text, search_mode) in enumerate(entries):
             extra = f',"search":{{"mode":"{search_mode}"}}' if search_mode else ""
+            if entry_extras:
+                extra += "," + json.dumps(entry_extras[n], ensure_ascii=False, separators=(",", ":"))[1:-1]
             parts.append(f'{{"fullUrl":{json.dumps(f"{base_url}/{rtype}/{rid}")},"resource":{text}{extra}}}')
         head_text = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
         if not parts:
             return head_text
         return head_text[:-1] + ',"entry":[' + ",".join(parts) + "]}"
     entry_list = []
-    for rtype, rid, text, search_mode in entries:
+    for n, (rtype, rid, text, search_mode) in enumerate(entries):
         entry: dict[str, Any] = {"fullUrl": f"{base_url}/{rtype}/{rid}",
                                  "resource": MODELS[rtype].model_validate_json(text)}
         if search_mode:
             entry["search"] = {"mode": search_mode}
+        if entry_extras:
+            entry.update(entry_extras[n])
         entry_list.append(entry)
     if entry_list:
         head["entry"] = entry_list

@@ -65,6 +65,18 @@ def _one_of(column: Any, values: tuple[str, ...]) -> ColumnElement[bool]:
     return column == values[0] if len(values) == 1 else column.in_(values)  # type: ignore[no-any-return]
 
 
+def _target_clause(targets: tuple[str, ...]) -> ColumnElement[bool]:
+    # ``target_ref`` indexes the resource; a versioned value (``DiagnosticReport/x/_history/2``,
+    # the form Provenance.target stores) must also name that version in the stored target.
+    plain = tuple(t for t in targets if "/_history/" not in t)
+    alts: list[ColumnElement[bool]] = [_one_of(col(FhirResource.target_ref), plain)] if plain else []
+    for t in targets:
+        if "/_history/" in t:
+            alts.append(and_(col(FhirResource.target_ref) == t.split("/_history/")[0],
+                             col(FhirResource.json_text).contains(f'{{"reference":"{t}"}}', autoescape=True)))
+    return alts[0] if len(alts) == 1 else or_(*alts)
+
+
 def where_clauses(q: SearchQuery) -> list[ColumnElement[bool]]:
     """The SQL conditions of a query (AND of parameters, OR within a parameter)."""
     out: list[ColumnElement[bool]] = [col(FhirResource.resource_type) == q.resource_type]
@@ -75,11 +87,14 @@ def where_clauses(q: SearchQuery) -> list[ColumnElement[bool]]:
     for statuses in q.statuses:
         out.append(_one_of(col(FhirResource.status), statuses))
     for targets in q.targets:
-        out.append(_one_of(col(FhirResource.target_ref), targets))
+        out.append(_target_clause(targets))
     for column_name, r in q.dates:
         column = getattr(FhirResource, column_name)
         clause = _date_clause(column, r)
-        out.append(and_(column.is_not(None), clause) if r.prefix != "ne" else or_(column.is_(None), clause))
+        # A resource without the value matches no date comparison, ``ne`` included: R4
+        # search.html#date compares "the range of the search value" with the resource's value,
+        # and there is none to compare (HAPI matches none either).
+        out.append(and_(column.is_not(None), clause))
     for name, tokens in q.tokens:
         out.append(_token_clause(q.resource_type, name, tokens))
     return out
@@ -98,7 +113,10 @@ def page_statement(q: SearchQuery) -> Select[Unpack[tuple[Any, ...]]]:
     order = []
     for name, desc in q.sort:
         column = getattr(FhirResource, name)
-        order.append(column.desc() if desc else column.asc())
+        # Resources without the value sort last in both directions, on SQLite and PostgreSQL alike
+        # (their defaults differ: SQLite puts NULL first ascending, PostgreSQL last; HAPI puts
+        # missing values last).
+        order.append((column.desc() if desc else column.asc()).nulls_last())
     order.append(col(FhirResource.id).asc())
     return (select(*_COLS, func.count().over().label("total")).where(*where_clauses(q)).order_by(*order)
             .offset(q.offset).limit(q.count))

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final, Literal
 
-from .errors import InvalidRequest, NotSupported
+from .errors import InvalidRequest, NotAcceptable, NotSupported
 
 Prefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
 PREFIXES: Final = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 MAX_COUNT: Final = 500
+MAX_PARAMS: Final = 32
+"""Most query parameters one search may have (issue 11, items 13-14). Real searches use a
+handful; thousands of repeated parameters made SQLite refuse the statement ("expression tree is
+too large") and PostgreSQL plan for seconds to minutes."""
+MAX_TOKEN_PARAMS: Final = 8
+"""Most token parameters (identifier, category, code) ANDed in one search: each is an EXISTS
+subquery, whose planning cost on PostgreSQL grows faster than linearly (200 took 11 s)."""
+MAX_VALUES: Final = 100
+"""Most comma-separated values (OR) of one parameter."""
+MAX_SORT_KEYS: Final = 5
+MAX_VALUE_CHARS: Final = 1024
 DEFAULT_COUNT: Final = 20
 
 DATE_PARAMS: Final = {"date": "effective", "issued": "issued", "_lastUpdated": "last_updated"}
@@ -52,7 +63,7 @@ STATUSES: Final[dict[str, frozenset[str]]] = {
 }
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _DATE = re.compile(
-    r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?"
+    r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(?P<f>\.\d+)?)?"
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 
@@ -93,8 +104,13 @@ class SearchQuery:
     summary_count: bool = False
 
 
-def parse_date(value: str, *, name: str) -> DateRange:
-    """``[prefix]date`` with precision from a year to seconds (R4 search.html#date)."""
+def parse_date(value: str, *, name: str, local_zone: tzinfo = UTC) -> DateRange:
+    """``[prefix]date`` with precision from a year to fractions of a second (R4 search.html#date).
+
+    The range is as precise as the value: ``10:00:00.5`` denotes [10:00:00.5, 10:00:00.6). A
+    value without an offset is read in ``local_zone``, the server's zone (R4 search.html#date:
+    "where no timezone offset is provided, the server's timezone is assumed"; here
+    ``api.study_timezone``, the zone naive study times are read in)."""
     prefix: Prefix = "eq"
     if value[:2] in PREFIXES:
         prefix, value = value[:2], value[2:]  # type: ignore[assignment]
@@ -102,12 +118,15 @@ def parse_date(value: str, *, name: str) -> DateRange:
     if not m:
         raise InvalidRequest(f"{name}: {value!r} is not a FHIR date/dateTime (e.g. ge2024-01-31 or eq2024-01-31T10:00:00Z)")
     g = m.groupdict()
-    if g["H"] and not g["tz"]:
-        raise InvalidRequest(f"{name}: a time needs a timezone offset (Z or +hh:mm)")
     try:
-        tz = UTC if not g["tz"] or g["tz"] == "Z" else datetime.strptime(g["tz"], "%z").tzinfo
+        tz = local_zone if not g["tz"] else UTC if g["tz"] == "Z" else datetime.strptime(g["tz"], "%z").tzinfo
         y = int(g["y"])
-        if g["S"]:
+        if g["S"] and g["f"]:
+            digits = g["f"][1:7]  # microseconds: finer digits are below what is stored
+            lo = datetime(y, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"]),
+                          int(digits.ljust(6, "0")), tzinfo=tz)
+            hi = lo + timedelta(microseconds=10 ** (6 - len(digits)))
+        elif g["S"]:
             lo = datetime(y, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"]), tzinfo=tz)
             hi = lo + timedelta(seconds=1)
         elif g["H"]:
@@ -139,8 +158,17 @@ def parse_token(value: str, *, name: str) -> Token:
     return Token(None, value)
 
 
-def parse_reference(value: str, *, name: str, target: str) -> str:
-    """``id``, ``Type/id`` or an absolute URL ending in ``Type/id``: the relative ``Type/id``."""
+_HISTORY = re.compile(r"^(?P<ref>.+)/_history/(?P<v>[1-9][0-9]{0,9})$")
+
+
+def parse_reference(value: str, *, name: str, target: str, versioned: bool = False) -> str:
+    """``id``, ``Type/id`` or an absolute URL ending in ``Type/id``: the relative ``Type/id``.
+    With ``versioned``, ``.../Type/id/_history/n`` (the form Provenance.target stores) is accepted
+    too and returned as ``Type/id/_history/n``."""
+    suffix = ""
+    hist = _HISTORY.match(value) if versioned else None
+    if hist:
+        value, suffix = hist.group("ref"), f"/_history/{int(hist.group('v'))}"
     parts = value.rstrip("/").split("/")
     if len(parts) >= 2 and parts[-2] == target:
         rid = parts[-1]
@@ -148,12 +176,12 @@ def parse_reference(value: str, *, name: str, target: str) -> str:
         rid = parts[0]
     else:
         raise InvalidRequest(f"{name}: {value!r} is not a reference to a {target}")
-    if not _ID.match(rid):
+    if not _ID.fullmatch(rid):
         raise InvalidRequest(f"{name}: {rid!r} is not a valid FHIR id")
-    return f"{target}/{rid}"
+    return f"{target}/{rid}{suffix}"
 
 
-def _int(name: str, value: str, lo: int, hi: int) -> int:
+def parse_int(name: str, value: str, lo: int, hi: int) -> int:
     try:
         n = int(value)
     except ValueError as err:
@@ -163,11 +191,35 @@ def _int(name: str, value: str, lo: int, hi: int) -> int:
     return n
 
 
-def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuery:
-    """A :class:`SearchQuery` from the query string pairs of a search on ``resource_type``."""
+def _check_bounds(pairs: list[tuple[str, str]]) -> None:
+    """400 for input no real search has and that would hurt the database (issue 11, items 13-14)."""
+    if len(pairs) > MAX_PARAMS:
+        raise InvalidRequest(f"{len(pairs)} query parameters: a search may have at most {MAX_PARAMS}")
+    tokens = sum(1 for k, _ in pairs if k.partition(":")[0] in TOKEN_PARAMS)
+    if tokens > MAX_TOKEN_PARAMS:
+        raise InvalidRequest(f"{tokens} identifier/category/code parameters: at most {MAX_TOKEN_PARAMS} "
+                             "(give alternatives as one comma-separated value)")
+    for k, v in pairs:
+        if "\x00" in k or "\x00" in v:
+            raise InvalidRequest(f"parameter {k[:64]!r} contains a NUL character")
+        if len(v) > MAX_VALUE_CHARS * MAX_VALUES:
+            raise InvalidRequest(f"parameter {k[:64]!r} is {len(v)} characters long")
+        values = v.split(",")
+        if len(values) > MAX_VALUES:
+            raise InvalidRequest(f"parameter {k[:64]!r} has {len(values)} values: at most {MAX_VALUES}")
+        if k == "_sort" and len(values) > MAX_SORT_KEYS:
+            raise InvalidRequest(f"_sort has {len(values)} keys: at most {MAX_SORT_KEYS}")
+        if any(len(x) > MAX_VALUE_CHARS for x in values):
+            raise InvalidRequest(f"a value of parameter {k[:64]!r} is longer than {MAX_VALUE_CHARS} characters")
+
+
+def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, local_zone: tzinfo = UTC) -> SearchQuery:
+    """A :class:`SearchQuery` from the query string pairs of a search on ``resource_type``;
+    dates without an offset are read in ``local_zone``."""
     allowed = SEARCH_PARAMS.get(resource_type)
     if allowed is None:
         raise NotSupported(f"search on {resource_type} is not supported")
+    _check_bounds(pairs)
     q = SearchQuery(resource_type)
     seen_single: set[str] = set()
     for raw_name, value in pairs:
@@ -198,7 +250,8 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
         elif name in ("patient", "subject"):
             q.patients.append(tuple(parse_reference(v, name=name, target="Patient") for v in values))
         elif name == "target":
-            q.targets.append(tuple(parse_reference(v, name=name, target="DiagnosticReport") for v in values))
+            q.targets.append(tuple(parse_reference(v, name=name, target="DiagnosticReport", versioned=True)
+                                   for v in values))
         elif name == "status":
             valid = STATUSES.get(resource_type, frozenset())
             for v in values:
@@ -208,15 +261,16 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
         elif name in DATE_PARAMS or name == "started":
             if len(values) > 1:
                 raise NotSupported(f"{name}: comma-separated dates are not supported; repeat the parameter")
-            q.dates.append(("effective" if name == "started" else DATE_PARAMS[name], parse_date(value, name=name)))
+            q.dates.append(("effective" if name == "started" else DATE_PARAMS[name],
+                            parse_date(value, name=name, local_zone=local_zone)))
         elif name in TOKEN_PARAMS:
             q.tokens.append((name, tuple(parse_token(v, name=name) for v in values)))
         elif name == "_count":
-            q.count = _int(name, value, 0, MAX_COUNT)
+            q.count = parse_int(name, value, 0, MAX_COUNT)
             if q.count == 0:
                 q.summary_count = True
         elif name == "_offset":
-            q.offset = _int(name, value, 0, 10_000_000)
+            q.offset = parse_int(name, value, 0, 10_000_000)
         elif name == "_summary":
             if value == "count":
                 q.summary_count = True
@@ -227,7 +281,7 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
                 raise InvalidRequest(f"_total: {value!r} is not none, estimate or accurate")
         elif name == "_format":
             if value not in ("json", "application/json", "application/fhir+json"):
-                raise NotSupported(f"_format={value!r}: this server speaks JSON only")
+                raise NotAcceptable(f"_format={value!r}: this server produces application/fhir+json only")
         elif name == "_sort":
             for v in values:
                 desc = v.startswith("-")

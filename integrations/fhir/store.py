@@ -25,12 +25,17 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from audit.chain import record
 from reporting.draft import Draft
 from reporting.fhir import Review, build_resources, build_review_provenance, build_reviewed_report
-from reporting.fhir.ids import report_id
+from reporting.fhir.ids import device_id, report_id
+from reporting.fhir.supersession import (
+    build_superseded_report,
+    build_supersession_provenance,
+    superseded_by,
+)
 from reporting.fhir.timing import instant
 from reporting.labels import with_labels
 from taqrir.db import as_utc, utcnow
 
-from .errors import Conflict, NotFound, PreconditionFailed
+from .errors import Conflict, InvalidRequest, NotFound, PreconditionFailed, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +253,53 @@ def publish_draft(session: Session, draft: Draft, *, study_timezone: tzinfo = UT
            details={"draft_id": draft.draft_id, "study_uid": draft.study.study_instance_uid,
                     "study_version": draft.study.version, "versions": versions})
     session.flush()
+    _supersede_versions(session, draft, rid, now=now, actor=actor)
     log.info("published draft %s as DiagnosticReport/%s", draft.draft_id, rid)
     return rid
+
+
+def _supersede_versions(session: Session, draft: Draft, rid: str, *, now: datetime, actor: str) -> None:
+    """Supersede the unreviewed drafts of older versions of ``draft``'s study by ``rid``; or, when
+    a newer version was published first (a late publish), supersede ``rid`` by the newest one.
+    In the publishing transaction (:mod:`reporting.fhir.supersession` says what is written, why)."""
+    others = session.exec(select(FhirDraft).where(FhirDraft.study_uid == draft.study.study_instance_uid,
+                                                  FhirDraft.draft_id != draft.draft_id)).all()
+    newest: tuple[int, FhirDraft] | None = None
+    for other in others:
+        other_draft = Draft.model_validate_json(other.draft_json)
+        version = other_draft.study.version
+        if version < draft.study.version:
+            supersede_report(session, other.report_id, by=rid, by_study_version=draft.study.version,
+                             by_device=device_id(draft.model), now=now, actor=actor)
+        elif version > draft.study.version and (newest is None or version > newest[0]):
+            newest = (version, other)
+    if newest is not None:
+        newer = Draft.model_validate_json(newest[1].draft_json)
+        supersede_report(session, rid, by=newest[1].report_id, by_study_version=newest[0],
+                         by_device=device_id(newer.model), now=now, actor=actor)
+
+
+def supersede_report(session: Session, old_rid: str, *, by: str, by_study_version: int, by_device: str,
+                     now: datetime, actor: str) -> bool:
+    """Make report ``old_rid`` ``cancelled`` and linked to report ``by`` (if it is still an
+    unreviewed draft), with its Provenance and a ``fhir.supersede`` audit record. Returns whether
+    it changed. The row is locked first, so a concurrent review waits for this and then sees it."""
+    row = session.get(FhirResource, ("DiagnosticReport", old_rid), with_for_update=True, populate_existing=True)
+    if row is None or row.status != "partial":
+        return False
+    newer = session.get(FhirResource, ("DiagnosticReport", by))
+    old_version = row.version_id
+    report = build_superseded_report(json.loads(row.json_text), newer_report_id=by, newer_study_version=by_study_version)
+    version, _ = put_resource(session, _json(report), now=now, draft_id=row.draft_id)
+    prov = build_supersession_provenance(old_report_id=old_rid, old_version=old_version, superseded_version=version,
+                                         new_report_id=by, new_report_version=newer.version_id if newer else 1,
+                                         device_id=by_device, newer_study_version=by_study_version, at=now)
+    put_resource(session, _json(prov), now=now)
+    record(session, action="fhir.supersede", actor=actor, entity_type="DiagnosticReport", entity_id=old_rid,
+           details={"by": by, "study_version": by_study_version, "from_version": old_version,
+                    "to_version": version, "provenance": prov.id})
+    log.info("DiagnosticReport/%s superseded by DiagnosticReport/%s", old_rid, by)
+    return True
 
 
 def get_current(session: Session, resource_type: str, resource_id: str) -> FhirResource:
@@ -337,16 +387,30 @@ def review_report(session: Session, rid: str, review: Review, *, if_match: int |
     :mod:`reporting.fhir.review` for the status rules). Only a ``partial`` report can be reviewed
     (otherwise :class:`Conflict`); ``if_match`` must name the current version
     (otherwise :class:`PreconditionFailed`)."""
-    current = get_current(session, "DiagnosticReport", rid)
+    # Lock the current row first (SELECT ... FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE
+    # already serialises writers) and read it afresh: of concurrent reviews with the same If-Match,
+    # the first holds the lock and writes the next version; the others wait, then read that version
+    # and answer 412 instead of colliding on the history key (issue 11, item 12).
+    current = session.get(FhirResource, ("DiagnosticReport", rid), with_for_update=True, populate_existing=True)
+    if current is None:
+        raise NotFound(f"DiagnosticReport/{rid} is not known")
     if if_match is not None and if_match != current.version_id:
         raise PreconditionFailed(
             f"DiagnosticReport/{rid} is at version {current.version_id}, not {if_match}; read it again")
+    newer = superseded_by(json.loads(current.json_text))
+    if newer is not None:
+        raise Superseded(f"DiagnosticReport/{rid} was superseded by {newer}, the draft of a newer version of the "
+                         f"study: review {newer} instead")
     if current.status != "partial" or current.draft_id is None:
         raise Conflict(f"DiagnosticReport/{rid} is {current.status}: only a partial (unreviewed) draft can be reviewed")
     drow = session.get(FhirDraft, current.draft_id)
     if drow is None:
         raise Conflict(f"DiagnosticReport/{rid} has no stored draft to review")
     draft = Draft.model_validate_json(drow.draft_json)
+    stale = review.stale_languages(draft)
+    if stale and not review.sections(draft):
+        raise InvalidRequest("the edit changes different sections in each language, so neither language's text "
+                             "matches the other: edit the same sections in both languages, or in one only")
     previous, previous_status = current.version_id, current.status  # put_resource updates ``current`` in place
     report = build_reviewed_report(draft, review, study_timezone=study_timezone)
     version, _ = put_resource(session, _json(report), now=review.reviewed_at, draft_id=draft.draft_id, force=True)
@@ -356,6 +420,7 @@ def review_report(session: Session, rid: str, review: Review, *, if_match: int |
            entity_id=rid, details={"from_version": previous, "to_version": version,
                                    "status": previous_status, "new_status": report.status,
                                    "changed": review.changed_sections(draft) if review.action == "edit" else [],
+                                   "dropped_translations": list(stale),
                                    "provenance": prov.id})
     return ReviewOutcome(report_json=get_current(session, "DiagnosticReport", rid).json_text, version=version,
                          provenance_id=str(prov.id))

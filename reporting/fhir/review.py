@@ -44,11 +44,37 @@ class Review:
     edits: dict[Language, Sections] = field(default_factory=dict)
 
     def sections(self, draft: Draft) -> dict[Language, Sections]:
-        """The draft's sections with this review's edits applied."""
+        """The draft's sections with this review's edits applied, without stale translations
+        (:meth:`stale_languages`)."""
         out = dict(draft.sections)
         if self.action == "edit":
             out.update(self.edits)
+        for lang in self.stale_languages(draft):
+            out.pop(lang, None)
         return out
+
+    def stale_languages(self, draft: Draft) -> list[Language]:
+        """Languages whose text no longer says what the edited text says.
+
+        The two languages of a draft are translations of each other. When the reviewer changes a
+        section in one language and not the same section in the other, the other language's text
+        is the machine's translation of words the clinician replaced: showing it beside the
+        reviewed text (as ``_conclusion``'s translation, a presented form, the narrative) would
+        present it as if it said the same. Such a language is dropped from the reviewed version
+        (the machine version keeps it in the history); the audit record names it."""
+        if self.action != "edit":
+            return []
+        changed: dict[str, set[str]] = {}
+        for item in self.changed_sections(draft):
+            lang, _, name = item.partition(".")
+            changed.setdefault(lang, set()).add(name)
+        langs = list(dict.fromkeys([*draft.sections, *self.edits]))
+        stale: list[Language] = []
+        for lang in langs:
+            others = set().union(*(changed.get(o, set()) for o in langs if o != lang))
+            if others - changed.get(lang, set()):
+                stale.append(lang)
+        return stale
 
     def changed_sections(self, draft: Draft) -> list[str]:
         """``lang.section`` names that the edit changed (for the audit trail: no text)."""

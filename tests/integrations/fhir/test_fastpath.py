@@ -129,7 +129,7 @@ def test_fast_and_general_paths_answer_alike(fhir_server: Server, general: str) 
     d0 = fhir_server.drafts[0]
     mine = fhir_server.headers(["patient/DiagnosticReport.rs", "patient/Patient.r"], patient=patient_id(d0.study.patient))
     assert _same(fast, general, url, mine).status_code == 200
-    assert _same(fast, general, f"/DiagnosticReport/{fhir_server.report_ids[1]}", mine).status_code == 403
+    assert _same(fast, general, f"/DiagnosticReport/{fhir_server.report_ids[1]}", mine).status_code == 404
     assert _same(fast, general, "/DiagnosticReport", mine).json()["total"] == 1
     other = patient_id(d0.study.patient.model_copy(update={"patient_id": f"{d0.study.patient.patient_id}-1"}))
     assert _same(fast, general, "/DiagnosticReport", mine, {"patient": other}).json()["total"] == 0
@@ -187,10 +187,14 @@ def test_fast_and_general_paths_audit_alike(fhir_server: Server, general: str) -
         for path, params in _cases(fhir_server):  # one at a time: each access is its own record
             r = httpx.get(base + path, headers=h, params=params, timeout=30)
             served[user] = served.get(user, 0) + (r.status_code == 200)
+            served[user + " refused"] = served.get(user + " refused", 0) + (r.status_code >= 400)
     fast, slow = _records(fhir_server, "dr.fast"), _records(fhir_server, "dr.general")
     assert fast == slow
-    assert {a for a, *_ in fast} == {"fhir.read", "fhir.search", "fhir.vread"}
-    assert len(fast) == served["dr.fast"] == served["dr.general"]  # one per access served, none for errors
+    assert {a for a, *_ in fast} == {"fhir.read", "fhir.search", "fhir.vread", "fhir.refused"}
+    ok = [r for r in fast if r[0] != "fhir.refused"]
+    assert len(ok) == served["dr.fast"] == served["dr.general"]  # one per access served
+    refused = [r for r in fast if r[0] == "fhir.refused"]  # and one per refusal, alike on both doors (item 23)
+    assert len(refused) == served["dr.fast refused"] == served["dr.general refused"] > 0
     with session_scope(fhir_server.engine) as s:
         assert verify(s).ok
 
@@ -252,8 +256,13 @@ def test_the_fast_path_takes_only_valid_gets_of_read_and_search() -> None:
 
     assert {t.value for t in ResourceType} == set(RESOURCE_TYPES)  # the types the fast path routes
 
+    class _Auditor:
+        async def record(self, **_: Any) -> None:
+            return None
+
     class _Api:
         verifier = _Verifier()
+        auditor = _Auditor()
 
     downstream = _Downstream()
     layer = FastPath(downstream, _Api())  # type: ignore[arg-type]

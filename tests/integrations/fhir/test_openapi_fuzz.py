@@ -17,8 +17,8 @@ def _check_outcome(response: Any) -> None:
     body = response.json()
     if response.status_code >= 400:
         assert body["resourceType"] == "OperationOutcome", body
-    else:
-        assert "resourceType" in body
+    else:  # a FHIR resource, or the SMART configuration (not a FHIR resource: SMART App Launch 2.0)
+        assert "resourceType" in body or "capabilities" in body
 
 
 @pytest.mark.filterwarnings("ignore")

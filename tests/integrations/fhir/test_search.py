@@ -103,7 +103,7 @@ def test_bad_requests_are_operation_outcomes(fhir_server: Server) -> None:
         cases: list[tuple[str, dict[str, Any], int]] = [
             ("/DiagnosticReport", {"bogus": "1"}, 400),
             ("/DiagnosticReport", {"date": "yesterday"}, 400),
-            ("/DiagnosticReport", {"date": "ge2024-01-01T10:00"}, 400),
+            ("/DiagnosticReport", {"date": "ge2024-01-01T25:00Z"}, 400),  # (no offset: server zone, item 19)
             ("/DiagnosticReport", {"date": "xx2024"}, 400),
             ("/DiagnosticReport", {"_count": "-1"}, 400),
             ("/DiagnosticReport", {"_count": "abc"}, 400),
