@@ -60,6 +60,8 @@ def request_body(request: GenerationRequest, model: str) -> dict[str, Any]:
     }
     if request.sampling.seed is not None:
         body["seed"] = request.sampling.seed
+    if request.sampling.ignore_eos:
+        body["ignore_eos"] = True  # SGLang's extension of the OpenAI body (benchmarks only)
     if request.json_schema is not None:
         schema = copy.deepcopy(request.json_schema)
         if request.allowed_script:
