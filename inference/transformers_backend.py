@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ class TransformersBackend:
         if sampling.ignore_eos:
             kwargs["min_new_tokens"] = max_new_tokens
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[_cache_name()] = cache
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -251,7 +252,7 @@ class TransformersBackend:
         )
         sequences = out.sequences
         if self.prefix_cache:
-            self._keep_prefix(enc, keys, out.past_key_values)
+            self._keep_prefix(enc, keys, getattr(out, _cache_name(), None))
         prompt_counts = [int(n) for n in enc["attention_mask"].sum(dim=1)]
         generated: list[list[int]] = []
         for row in sequences[:, prompt_len:].tolist():
@@ -391,6 +392,14 @@ class _PrefixEntry:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     cache: Any
+
+
+@lru_cache(maxsize=1)
+def _cache_name() -> str:
+    """generate()'s name for the KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
