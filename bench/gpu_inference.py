@@ -266,6 +266,7 @@ class Point:
 def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *, images: int,
               gen_en: int, gen_ar: int, shape: Shape, bandwidth: float, flops: float, seed: int) -> None:
     device = backend.device
+    backend.clear_prefix_cache()
     backend.prefix_cache = point.prefix_reuse
     backend.batch_size = point.studies
     en_sampling = SamplingParams(temperature=0.0, max_new_tokens=gen_en, ignore_eos=True)
@@ -288,6 +289,7 @@ def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *,
         _sync(device)
         ended = time.perf_counter()
         point.seconds.append(ended - started)
+        backend.clear_prefix_cache()
         point.english_s += middle - started
         point.arabic_s += ended - middle
         reused = backend.reused_prompt_tokens - reused_before
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arabic-tokens", type=int, default=None, help="default 400 (tiny: 10)")
     parser.add_argument("--inflight", default=None, help="studies in flight to sweep (default 1,4,16,64,128; tiny: 1,2)")
     parser.add_argument("--batches", type=int, default=1, help="measured batches per point")
-    parser.add_argument("--budget-s", type=float, default=400.0, help="stop the sweep before this many seconds")
+    parser.add_argument("--budget-s", type=float, default=380.0, help="skip sweep points that would end after this many seconds (from start)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_point(backend, prompts, point, images=args.images, gen_en=gen_en, gen_ar=gen_ar, shape=shape,
                           bandwidth=bandwidth, flops=flops, seed=studies)
             except torch.cuda.OutOfMemoryError:
-                backend._prefix = None
+                backend.clear_prefix_cache()
                 torch.cuda.empty_cache()
                 point.status, point.seconds = "out of memory", []
             rows.append(point.summary())

@@ -268,6 +268,10 @@ class TransformersBackend:
         return generated, prompt_counts
 
     # -- prefix cache ---------------------------------------------------------------------------
+    def clear_prefix_cache(self) -> None:
+        """Drop the kept prompt cache (it holds one batch's KV memory until the next batch)."""
+        self._prefix = None
+
     def _take_prefix(self, enc: dict[str, torch.Tensor], keys: list[tuple[str, ...]]) -> Any:
         """Reuse the last batch's prompt cache for the rows' common prefix; edits ``enc`` in place.
 
