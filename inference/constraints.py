@@ -104,7 +104,9 @@ class RowMaskProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         width = scores.shape[-1]
-        allowed = self.masks[:, :width].to(scores.device)
+        if self.masks.device != scores.device:  # copied to the device once, not at every step
+            self.masks = self.masks.to(scores.device)
+        allowed = self.masks[:, :width]
         if self.first_ban is not None and input_ids.shape[1] == self.prompt_len:
             allowed = allowed & ~self.first_ban[:width].to(scores.device)
         return scores.masked_fill(~allowed, float("-inf"))  # type: ignore[return-value]

@@ -23,11 +23,20 @@ _HEADINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def section_property(script: str | None = None) -> dict[str, Any]:
+    """The schema of one non-empty section: ``minLength`` 1, or with ``script`` that script's pattern.
+
+    Never both: xgrammar (SGLang's grammar engine) ignores ``minLength`` beside a ``pattern``, so
+    the pattern itself says non-empty (see :func:`inference.scripts.script_pattern`).
+    """
+    if script is None:
+        return {"type": "string", "minLength": 1}
+    return {"type": "string", "pattern": script_pattern(script)}
+
+
 def sections_schema(script: str | None = None) -> dict[str, Any]:
     """JSON schema of the sections; with ``script``, each string carries that script's ``pattern``."""
-    prop: dict[str, Any] = {"type": "string", "minLength": 1}
-    if script is not None:
-        prop["pattern"] = script_pattern(script)
+    prop = section_property(script)
     return {
         "title": "ReportSections",
         "type": "object",

@@ -2,8 +2,8 @@
 
 Speaks ``POST /v1/chat/completions``: BiMediX2's system prompt sent explicitly, each user turn's
 image parts (base64 data URLs) before its text part, ``response_format: json_schema`` when a schema
-is requested (a script restriction travels as the schema's ``pattern``, which is standard JSON
-schema), ``stop: ["<|eot_id|>"]``. One pooled :class:`httpx.Client`; at most ``max_concurrency``
+is requested (a script restriction travels as the schema's ``pattern``, written for xgrammar, the
+engine SGLang compiles schemas with: see :mod:`inference.scripts`), ``stop: ["<|eot_id|>"]``. One pooled :class:`httpx.Client`; at most ``max_concurrency``
 requests in flight; connect errors, timeouts, 429 and 5xx are retried with exponential backoff,
 then raise :class:`BackendUnavailable`. Other 4xx answers are permanent errors.
 """
@@ -60,12 +60,16 @@ def request_body(request: GenerationRequest, model: str) -> dict[str, Any]:
     }
     if request.sampling.seed is not None:
         body["seed"] = request.sampling.seed
+    if request.sampling.ignore_eos:
+        body["ignore_eos"] = True  # SGLang's extension of the OpenAI body (benchmarks only)
     if request.json_schema is not None:
         schema = copy.deepcopy(request.json_schema)
         if request.allowed_script:
             for prop in schema.get("properties", {}).values():
-                if isinstance(prop, dict) and prop.get("type") == "string":
-                    prop.setdefault("pattern", script_pattern(request.allowed_script))
+                if isinstance(prop, dict) and prop.get("type") == "string" and "pattern" not in prop:
+                    # xgrammar ignores minLength beside a pattern; the script pattern is non-empty itself
+                    prop.pop("minLength", None)
+                    prop["pattern"] = script_pattern(request.allowed_script)
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": str(schema.get("title", "output")), "schema": schema, "strict": True},

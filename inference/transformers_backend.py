@@ -16,6 +16,8 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from .constraints import (
     unescape_value,
 )
 from .errors import BackendUnavailable
-from .images import decode_image, pad_to_square
+from .images import decode_image, pad_to_square, sha256_hex
 from .prompt_format import END_OF_TEXT, EOT, IMAGE_TOKEN, render_chat
 from .scripts import class_from_pattern, script_class
 from .sections import string_fields
@@ -68,6 +70,7 @@ class TransformersBackend:
         batch_size: int = 8,
         model_name: str | None = None,
         torch_threads: int | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,24 +86,61 @@ class TransformersBackend:
             )
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = batch_size
+        device_ = resolve_device(device)
+        dtype_ = resolve_dtype(dtype, device_)
         config = json.loads((self.model_path / "config.json").read_text())
-        self.tiny = bool(config.get("taqrir_tiny"))
-        # The tiny random model never borrows a real model's name in provenance.
-        self.model_name = self.model_path.name if self.tiny else (model_name or self.model_path.name)
-        self.revision = checkpoint_revision(self.model_path)
-        self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+        tiny = bool(config.get("taqrir_tiny"))
+        processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
             str(self.model_path), local_files_only=True
         )
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(self.model_path), local_files_only=True, dtype=dtype_
+        ).to(device_)  # type: ignore[arg-type]
+        self._attach(
+            model, processor, device=device_, dtype=dtype_, batch_size=batch_size, tiny=tiny,
+            # The tiny random model never borrows a real model's name in provenance.
+            model_name=self.model_path.name if tiny else (model_name or self.model_path.name),
+            revision=checkpoint_revision(self.model_path), prefix_cache=prefix_cache,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        processor: Any,
+        *,
+        model_name: str,
+        revision: str,
+        batch_size: int = 8,
+        tiny: bool = False,
+        prefix_cache: bool = False,
+    ) -> TransformersBackend:
+        """A backend over a model already in memory (the GPU benchmark builds one on the device)."""
+        backend = cls.__new__(cls)
+        backend.model_path = Path(model_name)
+        parameter = next(model.parameters())
+        backend._attach(
+            model, processor, device=parameter.device, dtype=parameter.dtype, batch_size=batch_size,
+            tiny=tiny, model_name=model_name, revision=revision, prefix_cache=prefix_cache,
+        )
+        return backend
+
+    def _attach(
+        self, model: Any, processor: Any, *, device: torch.device, dtype: torch.dtype, batch_size: int,
+        tiny: bool, model_name: str, revision: str, prefix_cache: bool,
+    ) -> None:
+        self.device, self.dtype, self.batch_size, self.tiny = device, dtype, batch_size, tiny
+        self.model_name, self.revision = model_name, revision
+        self.prefix_cache = prefix_cache
+        self._prefix: _PrefixEntry | None = None
+        self.reused_prompt_tokens = 0
+        """Prompt tokens taken from the prefix cache instead of being computed (a running count)."""
+        self.processor = processor
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = EOT
-        self.model = LlavaForConditionalGeneration.from_pretrained(
-            str(self.model_path), local_files_only=True, dtype=self.dtype
-        ).to(self.device)  # type: ignore[arg-type]
+        self.model = model
         self.model.eval()
         self.image_token_id = int(self.model.config.image_token_index)
         if self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
@@ -176,10 +216,13 @@ class TransformersBackend:
         *,
         field: bool,
         seed_offset: int = 0,
+        image_keys: list[tuple[str, ...]] | None = None,
     ) -> tuple[list[list[int]], list[int]]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         enc = self._encode(prompts, images)
+        keys = image_keys or [() for _ in prompts]
+        cache = self._take_prefix(enc, keys) if self.prefix_cache else None
         prompt_len = int(enc["input_ids"].shape[1])
         processors = LogitsProcessorList()
         if masks is not None or field:
@@ -193,6 +236,10 @@ class TransformersBackend:
         kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
         if sampling.temperature > 0:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = max_new_tokens
+        if cache is not None:
+            kwargs[_cache_name()] = cache
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -200,18 +247,79 @@ class TransformersBackend:
             pad_token_id=self.tokenizer.pad_token_id,
             logits_processor=processors,
             stopping_criteria=stopping,
+            return_dict_in_generate=True,
             **kwargs,
         )
+        sequences = out.sequences
+        if self.prefix_cache:
+            self._keep_prefix(enc, keys, getattr(out, _cache_name(), None))
         prompt_counts = [int(n) for n in enc["attention_mask"].sum(dim=1)]
         generated: list[list[int]] = []
-        for row in out[:, prompt_len:].tolist():
+        for row in sequences[:, prompt_len:].tolist():
             ids: list[int] = []
             for token in row:
                 if token in self.end_ids or token == self.tokenizer.pad_token_id:
+                    if sampling.ignore_eos and token not in self.end_ids:
+                        ids.append(int(token))
+                        continue
                     break
                 ids.append(int(token))
             generated.append(ids)
         return generated, prompt_counts
+
+    # -- prefix cache ---------------------------------------------------------------------------
+    def clear_prefix_cache(self) -> None:
+        """Drop the kept prompt cache (it holds one batch's KV memory until the next batch)."""
+        self._prefix = None
+
+    def _take_prefix(self, enc: dict[str, torch.Tensor], keys: list[tuple[str, ...]]) -> Any:
+        """Reuse the last batch's prompt cache for the rows' common prefix; edits ``enc`` in place.
+
+        The last batch's rows must be the same studies in the same order (images compared by
+        digest, so a prefix never spans different images). The kept prefix is cut at one length
+        for all rows (the cache is one tensor per layer); each row's remaining tokens follow it,
+        padded *between* prefix and suffix with attention 0, and positions follow the attention
+        mask (transformers derives them from its cumulative sum), so every row sees its own
+        contiguous positions. Returns the cropped cache, or None when nothing can be reused.
+        """
+        entry, self._prefix = self._prefix, None
+        if entry is None or len(entry.rows) != len(keys):
+            return None
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        rows = [ids[r][mask[r].bool()].tolist() for r in range(ids.shape[0])]
+        drop = 0
+        for old, new, old_key, new_key in zip(entry.rows, rows, entry.keys, keys):
+            limit = len(old) if old_key == new_key else _first(old, self.image_token_id)
+            common = _common_prefix(old[:limit], new)
+            drop = max(drop, len(old) - common, len(old) - len(new) + 1)
+        keep = entry.input_ids.shape[1] - drop
+        suffixes = [new[max(0, len(old) - drop) :] for old, new in zip(entry.rows, rows)]
+        if keep < 16 or any(self.image_token_id in s for s in suffixes):
+            return None
+        width = max(len(s) for s in suffixes)
+        pad = int(self.tokenizer.pad_token_id)
+        tails = [[pad] * (width - len(s)) + s for s in suffixes]
+        tail_mask = [[0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+        device = ids.device
+        enc["input_ids"] = torch.cat([entry.input_ids[:, :keep], torch.tensor(tails, device=device)], dim=1)
+        enc["attention_mask"] = torch.cat(
+            [entry.attention_mask[:, :keep], torch.tensor(tail_mask, device=device, dtype=mask.dtype)], dim=1
+        )
+        for name in ("pixel_values", "image_sizes"):
+            enc.pop(name, None)  # the images are in the cache already
+        cache = entry.cache
+        current = int(cache.get_seq_length())
+        if keep < current:
+            cache.crop(keep - current)  # a negative count removes tokens in transformers 4.4x and 5.x
+        self.reused_prompt_tokens += int(entry.attention_mask[:, :keep].sum())
+        return cache
+
+    def _keep_prefix(self, enc: dict[str, torch.Tensor], keys: list[tuple[str, ...]], cache: Any) -> None:
+        if cache is None:
+            return
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        rows = [ids[r][mask[r].bool()].tolist() for r in range(ids.shape[0])]
+        self._prefix = _PrefixEntry(rows=rows, keys=list(keys), input_ids=ids, attention_mask=mask, cache=cache)
 
     def _row_masks(self, classes: list[str | None], *, quote_ends: bool) -> torch.Tensor | None:
         if all(c is None for c in classes) and not quote_ends:
@@ -223,11 +331,13 @@ class TransformersBackend:
         sampling = batch[0].sampling
         prompts = [render_chat(r.messages) for r in batch]
         images = [pad_to_square(decode_image(b)) for r in batch for b in r.images]
+        image_keys = [tuple(sha256_hex(b) for b in r.images) for r in batch]
         completion = [0] * len(batch)
         if batch[0].json_schema is None:
             classes = [script_class(r.allowed_script) if r.allowed_script else None for r in batch]
             generated, prompt_counts = self._run(
-                prompts, images, sampling, sampling.max_new_tokens, self._row_masks(classes, quote_ends=False), field=False
+                prompts, images, sampling, sampling.max_new_tokens, self._row_masks(classes, quote_ends=False),
+                field=False, image_keys=image_keys,
             )
             texts = [self._finish_text(ids, sampling) for ids in generated]
             completion = [len(ids) for ids in generated]
@@ -251,6 +361,7 @@ class TransformersBackend:
                 generated, counts = self._run(
                     [p + s for p, s in zip(prompts, skeletons)], images, sampling, per_field,
                     self._row_masks(classes, quote_ends=True), field=True, seed_offset=position,
+                    image_keys=image_keys,
                 )
                 if position == 0:
                     prompt_counts = counts
@@ -274,6 +385,38 @@ class TransformersBackend:
             if stop and stop in text:
                 text = text.split(stop, 1)[0]
         return str(text).strip()
+
+
+@dataclass
+class _PrefixEntry:
+    """The prompt cache of the last generated batch: its rows' tokens, image digests and padding."""
+
+    rows: list[list[int]]
+    keys: list[tuple[str, ...]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: Any
+
+
+@lru_cache(maxsize=1)
+def _cache_name() -> str:
+    """generate()'s name for the KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _first(row: list[int], token: int) -> int:
+    return row.index(token) if token in row else len(row)
 
 
 def _skeleton(done: dict[str, str], field: str) -> str:

@@ -21,10 +21,14 @@ class SamplingParams:
     max_new_tokens: int = 1024
     stop: tuple[str, ...] = ("<|eot_id|>",)
     seed: int | None = None
+    ignore_eos: bool = False
+    """Benchmarks only: generate exactly ``max_new_tokens`` (SGLang's ``ignore_eos``)."""
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        if not self.ignore_eos:  # provenance of real drafts keeps its shape
+            del data["ignore_eos"]
         return data
 
 

@@ -134,3 +134,54 @@ def test_settings_compose_into_taqrir_settings(tmp_path: Path) -> None:
     assert settings.inference.arabic_mode == "direct" and settings.inference.temperature == 0.1
     for name, field in InferenceSettings.model_fields.items():
         assert field.description, f"{name} has no description"
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_prefix_cache_reuses_the_english_prompt_and_changes_nothing(tiny_hf: Path, structured: bool) -> None:
+    """The Arabic request after the English one (the pipeline's order) reuses the English prompt's
+    KV cache, with rows of different suffix lengths in one batch; greedy output is unchanged."""
+    from inference.drafting import build_requests
+    from inference.types import ReportSections
+
+    prompts = load_prompts("v1")
+    settings = InferenceSettings(structured_output=structured)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=not structured)
+    studies = [[png_bytes(40 + i, 30, i)] for i in range(3)]
+    outputs = {}
+    for cached in (False, True):
+        backend = TransformersBackend(tiny_hf, device="cpu", prefix_cache=cached)
+        english = backend.generate([build_requests(prompts, s, CONTEXT, settings, sampling)[0] for s in studies])
+        after_english = backend.reused_prompt_tokens
+        arabic_requests = []
+        for i, images in enumerate(studies):
+            answer = ReportSections("lungs clear" + " x" * i, "normal")  # answers of different lengths
+            _, ar = build_requests(prompts, images, CONTEXT, settings, sampling, answer)
+            assert ar is not None
+            arabic_requests.append(ar)
+        arabic = backend.generate(arabic_requests)
+        outputs[cached] = [(r.text, r.prompt_tokens, r.completion_tokens) for r in english + arabic]
+        if cached:
+            english_prompt = min(r.prompt_tokens for r in english)
+            # at least the images and the whole question of every study came from the cache
+            assert backend.reused_prompt_tokens - after_english >= 3 * (english_prompt - 2)
+        else:
+            assert backend.reused_prompt_tokens == 0
+    assert outputs[True] == outputs[False]
+    if not structured:  # ignore_eos: exactly max_new_tokens each
+        assert all(count == 8 for _, _, count in outputs[True])
+
+
+def test_prefix_cache_never_spans_other_images(tiny_hf: Path) -> None:
+    """Same question, other images: only the text before the first image may come from the cache."""
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    messages = [Message("system", "You are a radiology assistant. " * 6), Message("user", "Describe the image.", 1)]
+    texts = {}
+    for cached in (False, True):
+        backend = TransformersBackend(tiny_hf, device="cpu", prefix_cache=cached)
+        backend.generate([GenerationRequest([png_bytes(30, 30, 1)], messages, sampling)])
+        before = backend.reused_prompt_tokens
+        (result,) = backend.generate([GenerationRequest([png_bytes(30, 30, 2)], messages, sampling)])
+        texts[cached] = result.text
+        reused = backend.reused_prompt_tokens - before
+        assert reused < result.prompt_tokens - 576  # never the image tokens of another image
+    assert texts[True] == texts[False]
