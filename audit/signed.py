@@ -121,7 +121,7 @@ class SignedText(_In):
     language: Language
     findings: str = ""
     impression: str = ""
-    text: str = Field("", description="Whole text; built from findings + impression when empty.")
+    text: str = Field(default="", description="Whole text; built from findings + impression when empty.")
 
     @model_validator(mode="after")
     def _has_text(self) -> SignedText:
@@ -141,16 +141,16 @@ class SignedReportIn(_In):
 
     source: Source
     source_id: str = Field(min_length=1, max_length=128)
-    source_version: str = Field("", max_length=64)
-    study_instance_uid: str | None = Field(None, max_length=64)
-    accession_number: str | None = Field(None, max_length=64)
+    source_version: str = Field(default="", max_length=64)
+    study_instance_uid: str | None = Field(default=None, max_length=64)
+    accession_number: str | None = Field(default=None, max_length=64)
     status: SignedStatus
     texts: tuple[SignedText, ...] = Field(min_length=1)
-    signer_name: str | None = Field(None, max_length=324)
-    signer_id: str | None = Field(None, max_length=128)
+    signer_name: str | None = Field(default=None, max_length=324)
+    signer_id: str | None = Field(default=None, max_length=128)
     signed_at: datetime | None = None
-    raw_ref: str | None = Field(None, max_length=256)
-    actor: str = Field("", max_length=256, description="Who sent it (calling AE, token subject, MLLP peer).")
+    raw_ref: str | None = Field(default=None, max_length=256)
+    actor: str = Field(default="", max_length=256, description="Who sent it (calling AE, token subject, MLLP peer).")
 
     @field_validator("study_instance_uid", "accession_number")
     @classmethod

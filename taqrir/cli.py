@@ -279,6 +279,28 @@ def studies(
         typer.echo(line)
 
 
+@app.command()
+def hl7(
+    port: Annotated[int | None, typer.Option(help="Override hl7.port.")] = None,
+    host: Annotated[str | None, typer.Option(help="Override hl7.host.")] = None,
+    replay: Annotated[bool, typer.Option("--replay", help="Process the kept, refused messages again and exit.")] = False,
+) -> None:
+    """Receive signed reports from the RIS: HL7 v2 ORU^R01 over MLLP (answers AA/AE/AR)."""
+    from integrations.hl7.server import Receiver, run
+
+    settings = get_settings()
+    if port is not None:
+        settings.hl7.port = port
+    if host is not None:
+        settings.hl7.host = host
+    engine = _engine()
+    if replay:
+        counts = Receiver(settings.hl7, engine).replay()
+        typer.echo("replayed: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to replay"))
+        return
+    run(settings.hl7, engine)
+
+
 @app.command("audit-verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain and report the first broken record, if any."""
