@@ -27,8 +27,8 @@ def oru(*, control_id: str = "MSG0001", accession: str = "ACC1001", status: str 
     segs = [
         msh,
         "PID|1||PAT001^^^HOSP||Doe^Jane||19700101|F",
-        f"OBR|1|PL001|{obr3 or accession}^RIS|71020^XR CHEST 2 VIEWS|||20261201110000|||||||||||{accession}"
-        f"||||20261201115500+0300|||{status}|||||||D1234&Radiologist&Amal",
+        (f"OBR|1|PL001|{obr3 or accession}^RIS|71020^XR CHEST 2 VIEWS|||20261201110000|||||||||||{accession}"
+         f"||||20261201115500+0300|||{status}|||||||D1234&Radiologist&Amal"),
     ]
     if zds:
         segs.append(f"ZDS|{zds}^RIS^Application^DICOM")
