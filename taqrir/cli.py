@@ -77,16 +77,22 @@ def listen(
     from workers.pipeline import Dispatcher, Sweeper
     from workers.service import PipelineContext
 
+    from integrations.dicom.signed_sr import SignedSrReader
+
     engine = _engine()
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    storage = LocalStorage.from_url(settings.storage_url)
+    signed_srs = SignedSrReader(engine, storage)  # verified SRs from the reporting system
     listener = Listener(
         settings=settings.listener,
         study_settings=settings.study,
         engine=engine,
-        storage=LocalStorage.from_url(settings.storage_url),
+        storage=storage,
         handoff=dispatcher.study_stable,
+        after_store=signed_srs,
     )
     bound = listener.start()
+    signed_srs.recover()
     sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
     sweeper.start()
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
@@ -142,9 +148,14 @@ def serve(
     procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"])
              for _ in range(workers)]
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    from integrations.dicom.signed_sr import SignedSrReader
+
+    storage = LocalStorage.from_url(settings.storage_url)
+    signed_srs = SignedSrReader(engine, storage)
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+                        storage=storage, handoff=dispatcher.study_stable, after_store=signed_srs)
     port = listener.start()
+    signed_srs.recover()
     sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
     sweeper.start()
     api = create_app(settings, engine)
