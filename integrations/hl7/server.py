@@ -4,19 +4,20 @@ MLLP (HL7 v2 "Minimal Lower Layer Protocol", release 2): each message is framed 
 ``<VT> message <FS><CR>`` on a TCP connection, and the sender waits for the ACK before sending the
 next one. Per message, in this order:
 
-1. the raw payload is committed to ``hl7_message`` (:class:`~integrations.hl7.inbox.Hl7Message`)
-   before anything is parsed, so nothing received is lost whatever happens next; if even that
-   fails (database down) the answer is AE 207 and the sender keeps the message and retries;
-2. it is read (:func:`~integrations.hl7.oru.parse_oru`) and stored as the study's signed report
+1. it is read (:func:`~integrations.hl7.oru.parse_oru`) and stored as the study's signed report
    (:func:`audit.signed.store_signed_report`, which is idempotent per MSH-10: the same control id
-   twice is stored once and answered AA both times);
-3. the row gets the answer, and a refusal is appended to the audit trail (``hl7.refused``);
-4. the ACK goes back: AA; AR for what is not an ORU^R01 this receiver takes (framing, message
-   type, version, control id); AE for a message it understood but could not store (no matching
-   study, bad status, no text, undecodable characters, internal error). MSA-3 and ERR carry the
-   reason.
+   twice is stored once and answered AA both times), in one transaction with the raw payload
+   (``hl7_message``, :class:`~integrations.hl7.inbox.Hl7Message`) and its audit records;
+2. a message that is refused is kept raw all the same, with its answer and an ``hl7.refused``
+   audit record, in a transaction of its own; if even that fails (database down) the answer is
+   AE 207. Either way nothing is lost: what is not answered AA stays with the sender (HL7 original
+   mode acknowledgement), and what was refused is in ``hl7_message`` for replay;
+3. the ACK goes back, after the commit: AA; AR for what is not an ORU^R01 this receiver takes
+   (framing, message type, version, control id); AE for a message it understood but could not
+   store (no matching study, bad status, no text, undecodable characters, internal error). MSA-3
+   and ERR carry the reason.
 
-``taqrir hl7 --replay`` runs the refused messages through steps 2-3 again (after the study
+``taqrir hl7 --replay`` runs the refused messages through steps 1-2 again (after the study
 arrived, or the RIS mapping was fixed). Database work runs in a worker thread; the event loop only
 frames bytes. python-hl7's asyncio MLLP server accepts the connections.
 """
@@ -83,50 +84,54 @@ class Receiver:
     def handle(self, raw: bytes, peer: str, *, framing_error: str = "") -> bytes:
         """Keep, process and answer one message; returns the encoded ACK (without MLLP frame)."""
         header = read_header(raw)
-        try:
-            msg_id = self._keep(raw, peer, header)
-        except SQLAlchemyError:
-            log.exception("could not keep an HL7 message from %s: answering AE so that it is resent", peer)
-            return self._encode(header, Outcome("AE", "Taqrir could not store the message (database "
-                                                      "unavailable); resend it later", "207"))
         if framing_error:
             outcome = Outcome("AR", framing_error, "100")
+            msg_id = self._refused(raw, peer, header, outcome)
         else:
-            outcome = self.process(raw, peer, msg_id)
-        self._answered(msg_id, header, outcome, peer)
+            msg_id, outcome = self.process(raw, peer, header)
         level = logging.INFO if outcome.ack == "AA" else logging.WARNING
-        log.log(level, "HL7 message %d (control id %s) from %s: %s %s", msg_id, header.control_id or "-", peer,
+        log.log(level, "HL7 message %s (control id %s) from %s: %s %s", msg_id, header.control_id or "-", peer,
                 outcome.ack, outcome.error_code)
         return self._encode(header, outcome)
 
-    def process(self, raw: bytes, peer: str, msg_id: int) -> Outcome:
-        """Read ``raw`` and store its signed report (steps 2 of the module docstring)."""
+    def process(self, raw: bytes, peer: str, header: Header, *, msg_id: int | None = None) -> tuple[int | None, Outcome]:
+        """Read ``raw`` and store its signed report. An accepted message is kept (a new
+        ``hl7_message`` row, or row ``msg_id`` on replay) in the same transaction as the report
+        and its audit record: one commit, and AA only after it. A refused one is kept with its
+        answer and an ``hl7.refused`` audit record in a transaction of its own. Returns the row id
+        (None when even keeping it failed: the answer is then AE 207, and the sender resends)."""
         try:
             oru = parse_oru(raw, default_encoding=self.settings.default_encoding, local=self.local)
         except Hl7Error as err:
-            return Outcome(err.ack, str(err), err.code, err.location)
+            outcome = Outcome(err.ack, str(err), err.code, err.location)
+            return self._refused(raw, peer, header, outcome, msg_id=msg_id), outcome
         try:
             with session_scope(self.engine) as s:
+                row = self._row(s, raw, peer, header, msg_id)
                 accession = self._accession(s, oru.accessions, oru.study_instance_uid)
-                signed = oru.signed_report(accession=accession, raw_ref=f"hl7_message:{msg_id}",
+                signed = oru.signed_report(accession=accession, raw_ref=f"hl7_message:{row.id}",
                                            actor=ACTOR_PREFIX + (oru.header.sending_application or peer))
                 result = store_signed_report(s, signed)
+                outcome = Outcome("AA", signed_ids=result.signed_ids, duplicate=result.duplicate)
+                if result.duplicate:
+                    outcome = Outcome("AA", f"message control id {oru.header.control_id} was already stored; "
+                                      "stored once", signed_ids=result.signed_ids, duplicate=True)
+                self._answer_row(row, outcome, replay=msg_id is not None)
+                s.add(row)
+                return row.id, outcome
         except NoMatchingStudy as err:
-            return Outcome("AE", str(err), "204", "OBR^1^18")
+            outcome = Outcome("AE", str(err), "204", "OBR^1^18")
         except AmbiguousStudy as err:
-            return Outcome("AE", str(err), "205", "OBR^1^18")
+            outcome = Outcome("AE", str(err), "205", "OBR^1^18")
         except SignedReportError as err:
-            return Outcome("AE", str(err), "207")
+            outcome = Outcome("AE", str(err), "207")
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-            return Outcome("AE", f"the report is not usable: {problems}"[:500], "102")
+            outcome = Outcome("AE", f"the report is not usable: {problems}"[:500], "102")
         except SQLAlchemyError:
-            log.exception("storing HL7 message %d failed", msg_id)
-            return Outcome("AE", "Taqrir could not store the report (internal error); resend it later", "207")
-        if result.duplicate:
-            return Outcome("AA", f"message control id {oru.header.control_id} was already stored; stored once",
-                           signed_ids=result.signed_ids, duplicate=True)
-        return Outcome("AA", "", signed_ids=result.signed_ids)
+            log.exception("storing an HL7 message from %s failed", peer)
+            outcome = Outcome("AE", "Taqrir could not store the report (internal error); resend it later", "207")
+        return self._refused(raw, peer, header, outcome, msg_id=msg_id), outcome
 
     @staticmethod
     def _accession(session: Any, candidates: Sequence[str], study_uid: str | None) -> str | None:
@@ -154,33 +159,42 @@ class Receiver:
 
     # -- the inbox -----------------------------------------------------------------------------
 
-    def _keep(self, raw: bytes, peer: str, header: Header) -> int:
-        with session_scope(self.engine) as s:
-            row = Hl7Message(peer=peer[:128], control_id=header.control_id or None,
-                             message_type=header.message_type[:32] or None,
-                             sending_application=header.sending_application[:128] or None, raw=raw)
-            s.add(row)
-            s.flush()
-            return row.id or 0
+    @staticmethod
+    def _row(session: Any, raw: bytes, peer: str, header: Header, msg_id: int | None) -> Hl7Message:
+        if msg_id is not None:
+            row = session.get(Hl7Message, msg_id)
+            if row is not None:
+                return row  # type: ignore[no-any-return]
+        row = Hl7Message(peer=peer[:128], control_id=header.control_id or None,
+                         message_type=header.message_type[:32] or None,
+                         sending_application=header.sending_application[:128] or None, raw=raw)
+        session.add(row)
+        session.flush()
+        return row
 
-    def _answered(self, msg_id: int, header: Header, outcome: Outcome, peer: str, *, replay: bool = False) -> None:
+    @staticmethod
+    def _answer_row(row: Hl7Message, outcome: Outcome, *, replay: bool) -> None:
+        row.ack_code, row.reason = outcome.ack, outcome.text or None
+        row.signed_ids = json.dumps(list(outcome.signed_ids))
+        if replay:
+            row.replayed_at = utcnow()
+
+    def _refused(self, raw: bytes, peer: str, header: Header, outcome: Outcome, *,
+                 msg_id: int | None = None) -> int | None:
+        """Keep a refused message with its answer, audited (``hl7.refused``)."""
         try:
             with session_scope(self.engine) as s:
-                row = s.get(Hl7Message, msg_id)
-                if row is None:
-                    return
-                row.ack_code, row.reason = outcome.ack, outcome.text or None
-                row.signed_ids = json.dumps(list(outcome.signed_ids))
-                if replay:
-                    row.replayed_at = utcnow()
+                row = self._row(s, raw, peer, header, msg_id)
+                self._answer_row(row, outcome, replay=msg_id is not None)
                 s.add(row)
-                if outcome.ack != "AA":
-                    record(s, action="hl7.refused", actor=ACTOR_PREFIX + (header.sending_application or peer),
-                           entity_type="Hl7Message", entity_id=str(msg_id), outcome="failure",
-                           details={"control_id": header.control_id, "ack": outcome.ack,
-                                    "code": outcome.error_code, "reason": outcome.text[:500], "replay": replay})
+                record(s, action="hl7.refused", actor=ACTOR_PREFIX + (header.sending_application or peer),
+                       entity_type="Hl7Message", entity_id=str(row.id), outcome="failure",
+                       details={"control_id": header.control_id, "ack": outcome.ack, "code": outcome.error_code,
+                                "reason": outcome.text[:500], "replay": msg_id is not None})
+                return row.id
         except SQLAlchemyError:
-            log.exception("could not record the answer to HL7 message %d (it is kept; replay it)", msg_id)
+            log.exception("could not keep a refused HL7 message from %s (the sender keeps it: not AA)", peer)
+            return None
 
     # -- replay --------------------------------------------------------------------------------
 
@@ -200,8 +214,7 @@ class Receiver:
                 if row is None:
                     continue
                 raw, peer = row.raw, row.peer
-            outcome = self.process(raw, peer, msg_id)
-            self._answered(msg_id, read_header(raw), outcome, peer, replay=True)
+            _, outcome = self.process(raw, peer, read_header(raw), msg_id=msg_id)
             counts[outcome.ack] = counts.get(outcome.ack, 0) + 1
         return counts
 
