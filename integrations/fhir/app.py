@@ -97,6 +97,7 @@ from .store import (
     review_report,
     utc,
 )
+from .signed import router as signed_router
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         headers["Location"] = f"{api.base_url}/DiagnosticReport/{resource_id}/_history/{outcome.version}"
         return fhir_response(resource_body("DiagnosticReport", outcome.report_json, api.mode), headers=headers)
 
+    app.include_router(signed_router)  # signed reports back from a RIS/EHR: POST, PUT DiagnosticReport
     return app
 
 
