@@ -138,6 +138,12 @@ def test_a_vendor_file_a_tolerant_reader_parses_is_accepted(
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
     assert np.array_equal(dcmread(stored).pixel_array, ds.pixel_array)
     assert row.number_of_frames == 10 and (row.rows, row.columns) == (430, 600)
+    # and it goes on to be drafted: its frames become key images
+    from workers.render import instances_from_files, render_study
+    from workers.render_config import RenderSettings
+
+    rendered = render_study(instances_from_files([stored]), RenderSettings())
+    assert rendered.key_images and not rendered.failures and not rendered.skipped
     _still_serving(listener)
 
 
