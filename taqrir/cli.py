@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .logs import configure_logging
-from .settings import Settings, load_settings
+from .settings import DEFAULT_DATA_DIR, Settings, load_settings, with_places
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -23,14 +24,25 @@ app.add_typer(db_app, name="db")
 _state: dict[str, Settings] = {}
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder of the embedded defaults (database, storage, keys); default data_dir "
+    "(TAQRIR_DATA_DIR).")]
+# One way to give a place and a port, in every command that serves: the same option names, the
+# settings (listener.host/port, api.host/port) as their defaults.
+DicomHostOpt = Annotated[str | None, typer.Option("--dicom-host", help="Address the DICOM listener binds (default listener.host).")]
+DicomPortOpt = Annotated[int | None, typer.Option("--dicom-port", help="DICOM listener port (default listener.port).")]
+ApiHostOpt = Annotated[str | None, typer.Option("--api-host", help="Address the FHIR API binds (default api.host).")]
+ApiPortOpt = Annotated[int | None, typer.Option("--api-port", help="FHIR API port (default api.port).")]
 
 
 @app.callback()
-def _main(config: ConfigOpt = None) -> None:
+def _main(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Taqrir: research drafts of bilingual imaging reports. Never a signed clinical report."""
     if config is not None:
         # Processes this one starts (Celery worker children, `serve`'s workers) read it too.
         os.environ["TAQRIR_CONFIG"] = str(config.resolve())
+    if data_dir is not None:
+        os.environ["TAQRIR_DATA_DIR"] = str(data_dir.resolve())
     settings = load_settings(config)
     _state["settings"] = settings
     configure_logging(settings.log_level, settings.log_format)
@@ -62,16 +74,15 @@ def db_upgrade() -> None:
 
 @app.command()
 def listen(
-    port: Annotated[int | None, typer.Option(help="Override listener.port.")] = None,
+    port: Annotated[int | None, typer.Option("--dicom-port", "--port", help="DICOM listener port (default listener.port).")] = None,
+    host: Annotated[str | None, typer.Option("--dicom-host", "--host", help="Address to bind (default listener.host).")] = None,
     ae_title: Annotated[str | None, typer.Option(help="Override listener.ae_title.")] = None,
 ) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) until interrupted."""
     from integrations.dicom.listener import Listener
     from integrations.dicom.storage import LocalStorage
 
-    settings = get_settings()
-    if port is not None:
-        settings.listener.port = port
+    settings = with_places(get_settings(), dicom_host=host, dicom_port=port)
     if ae_title is not None:
         settings.listener.ae_title = ae_title
     from workers.pipeline import Dispatcher, Sweeper
@@ -123,9 +134,13 @@ def worker(
 @app.command()
 def serve(
     workers: Annotated[int, typer.Option(help="Worker processes to start (all queues).")] = 2,
+    dicom_host: DicomHostOpt = None,
+    dicom_port: DicomPortOpt = None,
+    api_host: ApiHostOpt = None,
+    api_port: ApiPortOpt = None,
 ) -> None:
     """Listener, workers and FHIR API together: a single-host install with real Redis."""
-    import subprocess
+    import signal
     import sys
     import threading
 
@@ -140,12 +155,16 @@ def serve(
     from workers.pipeline import Dispatcher, Sweeper
     from workers.service import PipelineContext
 
-    settings = get_settings()
+    settings = with_places(get_settings(), dicom_host=dicom_host, dicom_port=dicom_port, api_host=api_host,
+                           api_port=api_port)
     if is_embedded(settings):
         raise typer.BadParameter("serve needs a real broker: set TAQRIR_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0 "
                                  "(or run `taqrir demo` for the embedded single-process version)")
     engine = _engine()
-    procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"])
+    # Each worker leads its own process group, so that stopping it reaches its pool children too
+    # (Celery's prefork pool), even if the worker itself dies without stopping them.
+    procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"],
+                              start_new_session=True)
              for _ in range(workers)]
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
     from integrations.dicom.signed_sr import SignedSrReader
@@ -154,31 +173,60 @@ def serve(
     signed_srs = SignedSrReader(engine, storage)
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
                         storage=storage, handoff=dispatcher.study_stable, after_store=signed_srs)
-    port = listener.start()
-    signed_srs.recover()
-    sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
-    sweeper.start()
-    api = create_app(settings, engine)
-
-    @api.get("/metrics", include_in_schema=False)
-    def _metrics() -> Response:
-        return Response(render_metrics(engine), media_type="text/plain; version=0.0.4")
-
-    server = uvicorn.Server(uvicorn.Config(api, host=settings.api.host, port=settings.api.port,
-                                           log_level=settings.log_level.lower(), access_log=False))
-    threading.Thread(target=server.run, name="api", daemon=True).start()
-    typer.echo(f"Taqrir serving: DICOM {settings.listener.ae_title}@{port}, FHIR {settings.api.base_url}, "
-               f"{workers} worker(s), metrics at /metrics (Ctrl-C to stop)")
+    # SIGTERM (systemd, docker, kill) ends serve as Ctrl-C does: through the finally below, which
+    # stops every child. Without a handler the process would die at once and leave its workers
+    # running, still connected to the broker.
+    signal.signal(signal.SIGTERM, lambda signum, frame: listener.request_stop())
     try:
+        port = listener.start()
+        signed_srs.recover()
+        sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
+        sweeper.start()
+        api = create_app(settings, engine)
+
+        @api.get("/metrics", include_in_schema=False)
+        def _metrics() -> Response:
+            return Response(render_metrics(engine), media_type="text/plain; version=0.0.4")
+
+        server = uvicorn.Server(uvicorn.Config(api, host=settings.api.host, port=settings.api.port,
+                                               log_level=settings.log_level.lower(), access_log=False))
+        api_thread = threading.Thread(target=server.run, name="api", daemon=True)
+        api_thread.start()
+        typer.echo(f"Taqrir serving: DICOM {settings.listener.ae_title}@{port}, FHIR {settings.api.base_url}, "
+                   f"{workers} worker(s), metrics at /metrics (Ctrl-C or SIGTERM to stop)")
         listener.wait()
-    finally:
         sweeper.stop()
-        listener.stop()
         server.should_exit = True
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        api_thread.join(timeout=10)
+    finally:
+        listener.stop()
+        stop_process_groups(procs, grace_s=settings.queue.shutdown_grace_s)
+        dispatcher.close()
+
+
+def stop_process_groups(procs: list[subprocess.Popen[bytes]], *, grace_s: float) -> None:
+    """SIGTERM each child's process group (a Celery worker and its pool: a warm shutdown that
+    lets running tasks finish), wait up to ``grace_s`` seconds, then SIGKILL what is left."""
+    import signal
+    import time
+
+    def signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    for p in procs:
+        signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        signal_group(p, signal.SIGKILL)  # the worker if it hung, and any pool child it left behind
+        p.wait()
 
 
 @app.command()
@@ -252,13 +300,25 @@ def metrics() -> None:
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database, storage and drafts.")] = Path("taqrir-demo"),
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Folder for the demo's database, storage and drafts (default: data_dir when set, as "
+        "TAQRIR_DATA_DIR or `taqrir --data-dir`; else ./taqrir-demo).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep what an earlier demo left in data_dir.")] = False,
+    dicom_port: DicomPortOpt = None,
+    api_port: ApiPortOpt = None,
 ) -> None:
     """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON."""
-    from .demo import run_demo
+    from .demo import DemoError, run_demo
 
-    raise typer.Exit(run_demo(data_dir=data_dir, keep=keep))
+    settings = get_settings()
+    if data_dir is None:
+        data_dir = settings.data_dir if settings.data_dir != DEFAULT_DATA_DIR else Path("taqrir-demo")
+    try:
+        code = run_demo(data_dir=data_dir, keep=keep, dicom_port=dicom_port, api_port=api_port)
+    except DemoError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def _mount_rooms() -> None:
@@ -266,7 +326,7 @@ def _mount_rooms() -> None:
     from integrations.fhir.cli import register
 
     app.add_typer(model_app, name="model", help="Checkpoints: prepare a released BiMediX2, make a tiny one, serve one.")
-    register(app, get_settings)
+    register(app, get_settings, with_places)
 
 
 _mount_rooms()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
+from .errors import TaqrirError
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -99,7 +100,30 @@ def _start_api(settings: Settings, engine: Engine) -> tuple[uvicorn.Server, thre
     return server, thread
 
 
-def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) -> int:
+class DemoError(TaqrirError):
+    """The demo cannot run as asked (its folder holds data it did not make)."""
+
+
+#: Written into the demo's folder: only a folder holding it is wiped by a later demo.
+DEMO_MARKER = ".taqrir-demo"
+
+
+def prepare_data_dir(data_dir: Path, *, keep: bool) -> None:
+    """Empty ``data_dir`` for a fresh demo (unless ``keep``), refusing to wipe a folder that an
+    earlier demo did not make: data_dir may come from TAQRIR_DATA_DIR, where real data lives."""
+    if data_dir.exists() and not keep and any(data_dir.iterdir()):
+        if not (data_dir / DEMO_MARKER).is_file():
+            raise DemoError(
+                f"{data_dir} holds data that no demo made (no {DEMO_MARKER} in it); the demo would wipe it. "
+                "Choose another folder (`taqrir demo --data-dir DIR`, or TAQRIR_DATA_DIR), or pass --keep"
+            )
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / DEMO_MARKER).write_text("made by `taqrir demo`; a later demo may wipe this folder\n", "utf-8")
+
+
+def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, dicom_port: int | None = None,
+             api_port: int | None = None) -> int:
     from integrations.dicom.index import Patient, Study, list_studies
     from integrations.dicom.listener import Listener
     from integrations.dicom.storage import LocalStorage
@@ -110,13 +134,12 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
     from .db import make_engine, session_scope, upgrade
 
     t_start = time.monotonic()
-    if data_dir.exists() and not keep:
-        shutil.rmtree(data_dir)
-    api_port = _free_port()
+    prepare_data_dir(data_dir, keep=keep)
+    api_port = api_port or _free_port()
     settings = load_settings(
         data_dir=data_dir,
         log_level="WARNING",
-        listener={"host": "127.0.0.1", "port": 0, "min_free_bytes": 0, "ae_title": "TAQRIR"},
+        listener={"host": "127.0.0.1", "port": dicom_port or 0, "min_free_bytes": 0, "ae_title": "TAQRIR"},
         study={"stable_after": 2.0, "sweep_interval": 0.5},
         queue={"broker_url": "memory://"},
         api={"host": "127.0.0.1", "port": api_port, "base_url": f"http://127.0.0.1:{api_port}/fhir"},
@@ -173,7 +196,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0) ->
     say("")
     say("Read the drafts through the FHIR API (the demo's own API answered this query just now):")
     _show_api(settings.api.base_url, bearer, say)
-    say(f"  TAQRIR_DATA_DIR={data_dir} .venv/bin/taqrir api &")
+    say(f"  .venv/bin/taqrir --data-dir {data_dir} api --api-port 8080 &   # or TAQRIR_DATA_DIR={data_dir}")
     say(f"  curl -H 'Authorization: Bearer {bearer}' 'http://127.0.0.1:8080/fhir/DiagnosticReport?_count=5'")
     say("")
     say("About the text: the tiny model has random weights, so its findings are meaningless words (English")

@@ -90,6 +90,10 @@ class QueueSettings(BaseModel):
     )
     max_retries: int = Field(5, ge=0, description="Retries of transient failures before a study fails.")
     retry_backoff: float = Field(2.0, gt=0, description="First retry delay in seconds; doubles each try.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="How long `taqrir serve` lets its workers finish running tasks after "
+        "SIGTERM/Ctrl-C (Celery warm shutdown) before killing them.",
+    )
 
 
 class Settings(BaseSettings):
@@ -133,6 +137,40 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+#: Where the embedded defaults live when nothing says otherwise.
+DEFAULT_DATA_DIR = Path(".taqrir")
+
+
+def with_places(
+    settings: Settings,
+    *,
+    dicom_host: str | None = None,
+    dicom_port: int | None = None,
+    api_host: str | None = None,
+    api_port: int | None = None,
+) -> Settings:
+    """Apply the command line's ``--dicom-host/--dicom-port/--api-host/--api-port`` (the same
+    names in ``listen``, ``api``, ``serve`` and ``demo``) over the settings, which stay the
+    defaults. A new API address also moves ``api.base_url`` unless it was configured explicitly
+    (a public URL behind a proxy is not ours to change)."""
+    if dicom_host is not None:
+        settings.listener.host = dicom_host
+    if dicom_port is not None:
+        settings.listener.port = dicom_port
+    if api_host is None and api_port is None:
+        return settings
+    derived = settings.api.base_url == f"http://{settings.api.host}:{settings.api.port}/fhir" or (
+        "base_url" not in settings.api.model_fields_set)
+    if api_host is not None:
+        settings.api.host = api_host
+    if api_port is not None:
+        settings.api.port = api_port
+    if derived:
+        shown = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
+        settings.api.base_url = f"http://{shown}:{settings.api.port}/fhir"
+    return settings
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("taqrir_config_file", default=None)

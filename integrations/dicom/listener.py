@@ -257,8 +257,13 @@ class Listener:
             self._server.shutdown()
             self._server = None
 
+    def request_stop(self) -> None:
+        """Make :meth:`wait` return (safe from a signal handler: it only sets an event); the
+        caller then calls :meth:`stop`."""
+        self._stop.set()
+
     def wait(self) -> None:
-        """Block until :meth:`stop` (or Ctrl-C)."""
+        """Block until :meth:`stop` or :meth:`request_stop` (or Ctrl-C)."""
         try:
             while not self._stop.wait(1.0):
                 pass

@@ -77,14 +77,22 @@ def token(settings: Settings, user: str, scopes: list[str], *, patient: str | No
     return issue_token(settings.api, settings.data_dir, user, scopes, patient=patient, ttl_s=ttl_s, name=name)
 
 
-def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
-    """Add the ``api`` and ``token`` commands to ``app``."""
+def register(app: typer.Typer, get_settings: Callable[[], Settings],
+             with_places: Callable[..., Settings] | None = None) -> None:
+    """Add the ``api`` and ``token`` commands to ``app``. ``with_places`` applies the command
+    line's address and port (the roof's one way of doing it, shared with listen/serve/demo)."""
 
     @app.command("api")
-    def api_command() -> None:
+    def api_command(
+        host: Annotated[str | None, typer.Option("--api-host", "--host", help="Address to bind (default api.host).")] = None,
+        port: Annotated[int | None, typer.Option("--api-port", "--port", help="TCP port (default api.port).")] = None,
+    ) -> None:
         """Serve the FHIR R4 API (research drafts)."""
+        settings = get_settings()
+        if with_places is not None:
+            settings = with_places(settings, api_host=host, api_port=port)
         try:
-            api(get_settings())
+            api(settings)
         except SchemaNotCurrent as err:
             typer.echo(f"taqrir api: {err}", err=True)
             raise typer.Exit(2) from err

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -14,7 +16,9 @@ from sqlalchemy.engine import Engine
 from integrations.dicom.ingest import ingest_file
 from integrations.dicom.listener import _configure_pydicom
 from integrations.dicom.storage import LocalStorage
-from tests.conftest import DICOM_DIR
+from taqrir.settings import load_settings, with_places
+from tests.conftest import DICOM_DIR, free_port
+from tests.factories.dcmtk import echoscu
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,3 +58,83 @@ def test_render_of_nothing_renderable_says_why_writes_provenance_and_fails(
     assert "unsupported transfer syntax 1.2.840.10008.1.2.4.111" in failure["reason"]
     assert [d["chosen"] for d in prov["decisions"]] == [True]
     assert not list(out.glob("*.png"))
+
+
+# -- one way to give a place and a port (item 30) --------------------------------------------
+
+def _wait_http(url: str, timeout: float = 60) -> int:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(url, timeout=2).status_code
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} never answered")
+
+
+def _start(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "taqrir", *args], env={**os.environ, **env}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _end(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.stdout.read() if proc.stdout else ""
+
+
+def test_api_takes_host_and_port_and_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "place"
+    env = {"TAQRIR_LOG_LEVEL": "WARNING"}
+    assert _taqrir("--data-dir", str(data), "db", "upgrade", env=env).returncode == 0
+    assert (data / "taqrir.db").is_file()  # the place given is the place used
+    port = free_port()
+    proc = _start("--data-dir", str(data), "api", "--host", "127.0.0.1", "--port", str(port), env=env)
+    try:
+        assert _wait_http(f"http://127.0.0.1:{port}/fhir/metadata") == 200
+    finally:
+        out = _end(proc)
+    assert "No such option" not in out
+
+
+def test_listen_takes_the_same_option_names(tmp_path: Path) -> None:
+    port = free_port()
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port),
+                  env={"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING"})
+    try:
+        deadline = time.monotonic() + 60
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
+            time.sleep(0.5)
+    finally:
+        _end(proc)
+    assert (tmp_path / "d" / "taqrir.db").is_file()
+
+
+def test_demo_honours_taqrir_data_dir_and_never_wipes_foreign_data(tmp_path: Path) -> None:
+    place = tmp_path / "clinic-data"
+    place.mkdir()
+    (place / "taqrir.db").write_bytes(b"real data")
+    run = _taqrir("demo", env={"TAQRIR_DATA_DIR": str(place)}, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"{place} holds data that no demo made" in run.stderr
+    assert (place / "taqrir.db").read_bytes() == b"real data"
+
+
+def test_places_and_ports_come_from_settings_unless_given() -> None:
+    settings = load_settings(api={"port": 9000, "base_url": "http://127.0.0.1:9000/fhir"},
+                             listener={"port": 4242})
+    same = with_places(settings)
+    assert (same.listener.port, same.api.port, same.api.base_url) == (4242, 9000, "http://127.0.0.1:9000/fhir")
+    moved = with_places(load_settings(), dicom_port=1104, api_host="0.0.0.0", api_port=8443)
+    assert (moved.listener.port, moved.api.host, moved.api.port) == (1104, "0.0.0.0", 8443)
+    assert moved.api.base_url == "http://127.0.0.1:8443/fhir"
+    public = with_places(load_settings(api={"base_url": "https://pacs.example.org/fhir"}), api_port=8443)
+    assert public.api.base_url == "https://pacs.example.org/fhir"  # configured explicitly: kept

@@ -89,6 +89,7 @@ def test_each_defect_is_refused_with_its_real_cause(
     _nothing_half_stored(listener, engine)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the undecodable text
 def test_text_the_index_cannot_hold(start_listener: Callable[..., Listener], engine: Engine, tmp_path: Path) -> None:
     """NUL inside a name (PostgreSQL text cannot hold it), an over-long description (cut to the
     column) and an IS beyond 32 bits are tolerated; an over-long Patient ID (an identity) is not."""
@@ -104,12 +105,26 @@ def test_text_the_index_cannot_hold(start_listener: Callable[..., Listener], eng
     ds.PatientID = "P" * 80
     long_id = tmp_path / "long_id.dcm"
     ds.save_as(long_id, enforce_file_format=False)
-    answers = send_raw_many(listener.port, [tolerated, long_id])  # type: ignore[attr-defined]
+    # text that does not decode in its character set (invalid UTF-8, a stray escape): read with
+    # replacement characters, as pydicom's tolerant reading does, and stored as received
+    ds = dcmread(CT)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".3"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ds.StudyInstanceUID + ".3", ds.SeriesInstanceUID + ".3"
+    ds.SpecificCharacterSet, ds.PatientID, ds.PatientName = "ISO_IR 192", "UTF8TEST", "QQQQQQ"
+    ds.StudyDescription = "DDDDDD"
+    undecodable = tmp_path / "undecodable.dcm"
+    ds.save_as(undecodable, enforce_file_format=False)
+    undecodable.write_bytes(undecodable.read_bytes().replace(b"QQQQQQ", b"Ab\xff\xfe\xc3(")
+                            .replace(b"DDDDDD", b"\x1b$B\xff\x00\x00"))
+    answers = send_raw_many(listener.port, [tolerated, long_id, undecodable])  # type: ignore[attr-defined]
     assert answers[0] == (0x0000, "")
     assert answers[1][0] == 0xC210 and answers[1][1].startswith("PatientID is 80 characters long")
+    assert answers[2] == (0x0000, "")
     with session_scope(engine) as s:
-        assert [p.name for p in s.exec(select(Patient)).all()] == ["Doe^Jane"]
-        (series,) = s.exec(select(Series)).all()
+        names = {p.patient_id: p.name for p in s.exec(select(Patient)).all()}
+        assert names[dcmread(CT).PatientID] == "Doe^Jane"
+        assert names["UTF8TEST"] == "Ab\ufffd\ufffd\ufffd("
+        series = next(r for r in s.exec(select(Series)).all() if r.series_instance_uid == dcmread(CT).SeriesInstanceUID)
         assert series.number is None and series.description and len(series.description) == 256
     _still_serving(listener)
     _nothing_half_stored(listener, engine)
@@ -138,6 +153,12 @@ def test_a_vendor_file_a_tolerant_reader_parses_is_accepted(
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
     assert np.array_equal(dcmread(stored).pixel_array, ds.pixel_array)
     assert row.number_of_frames == 10 and (row.rows, row.columns) == (430, 600)
+    # and it goes on to be drafted: its frames become key images
+    from workers.render import instances_from_files, render_study
+    from workers.render_config import RenderSettings
+
+    rendered = render_study(instances_from_files([stored]), RenderSettings())
+    assert rendered.key_images and not rendered.failures and not rendered.skipped
     _still_serving(listener)
 
 
