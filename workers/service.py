@@ -398,7 +398,8 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
         except IntegrityError:
             log.info("draft %s already stored by another delivery", draft_id)
             return draft_id
-        _supersede_older(s, study_pk, study_uid, version, draft_id)
+        # Older versions' drafts are superseded when this draft is *published* (publish_stage), with
+        # their FHIR reports in the same transaction: until then they are what integrators see.
         s.exec(update(Study).where(col(Study.id) == study_pk).values(attempts=0))
         record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                details={"study": study_uid, "version": version, "model": draft.model.model_name,
@@ -414,7 +415,8 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
 
 
 def _supersede_older(s: Session, study_pk: int, study_uid: str, version: int, by_draft_id: str) -> None:
-    """Mark the drafts of older versions of the study superseded by ``by_draft_id``, audited."""
+    """Mark the drafts of older versions of the study superseded by ``by_draft_id``, audited (in
+    the transaction that publishes ``by_draft_id``, which supersedes their FHIR reports too)."""
     older = s.exec(select(DraftRecord).where(col(DraftRecord.study_pk) == study_pk, col(DraftRecord.version) < version,
                                              col(DraftRecord.superseded).is_(False))).all()
     for rec in older:

@@ -72,7 +72,7 @@ from taqrir.settings import Settings
 from .auth import Principal
 from .auth import smart_configuration as smart_configuration_doc
 from .capability import capability_statement
-from .errors import FhirError, InvalidRequest, PreconditionRequired
+from .errors import AuditUnavailable, FhirError, InvalidRequest, PreconditionRequired
 from .fastpath import ID_PATTERN, FastPath
 from .interactions import (
     FhirApi,
@@ -299,9 +299,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    async def _audited(request: Request, resp: Response, status: int, reason: str) -> Response:
+    async def _audited(request: Request, resp: Response, status: int, reason: str, *, record: bool = True) -> Response:
         # Every refused or failed access is recorded, by this door as by the fast path (item 23).
-        if status != 503:
+        if record:
             await audit_failure(api, principal=getattr(request.state, "fhir_principal", None), method=request.method,
                                 path=request.url.path, pairs=list(request.query_params.multi_items()),
                                 status=status, reason=reason)
@@ -309,7 +309,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.exception_handler(FhirError)
     async def _fhir_error(request: Request, err: FhirError) -> Response:
-        return await _audited(request, error_response(err), err.status_code, failure_reason(err))
+        return await _audited(request, error_response(err), err.status_code, failure_reason(err),
+                              record=not isinstance(err, AuditUnavailable))  # the trail itself failed
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> Response:

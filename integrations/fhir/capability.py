@@ -21,10 +21,12 @@ REVIEW_DOC = (
     "POST [base]/DiagnosticReport/{id}/$review with a Parameters body: action (valueCode accept|edit|reject), "
     "for edit any of findings-en, impression-en, findings-ar, impression-ar (valueString). Header If-Match: "
     'W/"<current version>" is required (428 without, 412 when stale). Only a partial (machine) report can '
-    "be reviewed (409 otherwise). The machine version stays in the history; the review is stored as the next "
+    "be reviewed (409 otherwise; a draft superseded by a newer study version's draft: 409 business-rule naming it). "
+    "Edited sections: at most 32,768 characters each. The machine version stays in the history; the review is stored as the next "
     "version: accept/edit -> final with the reviewer (token 'sub'/'name') as resultsInterpreter, reject -> "
     "cancelled; a Provenance (agent verifier, entity revision = the previous version) and an audit record are "
-    "written. AIAST and the research labels stay on every version. Needs scope DiagnosticReport.u."
+    "written. A language whose text the edit left behind (a section edited in one language only) is dropped "
+    "from the reviewed version. AIAST and the research labels stay on every version. Needs scope DiagnosticReport.u."
 )
 
 
@@ -70,7 +72,8 @@ def capability_statement(base_url: str, software_version: str, date: str) -> Cap
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                          "code": "SMART-on-FHIR"}]}],
                 "description": "Bearer JWT with SMART v2 scopes: .r to read, .s to search, .u to review. "
-                               "/metadata is public; everything else needs a token. Every read and search is audited.",
+                               "/metadata and /.well-known/smart-configuration are public; everything else needs a token. Every read, "
+                               "search and refusal is audited.",
             },
             "resource": resources,
         }],

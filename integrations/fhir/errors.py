@@ -91,3 +91,17 @@ class AuditUnavailable(FhirError):
 
     status_code = 503
     issue_code = "transient"
+
+
+class QueryTooCostly(FhirError):
+    """A read that PostgreSQL's statement_timeout stopped (503, issue type too-costly)."""
+
+    status_code = 503
+    issue_code = "too-costly"
+
+
+class ClientGone(FhirError):
+    """The client disconnected before the answer (nginx's 499; nobody reads this response)."""
+
+    status_code = 499
+    issue_code = "incomplete"

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Principal
-from .errors import FhirError
+from .errors import AuditUnavailable, FhirError
 from .interactions import (
     FhirApi,
     audit_failure,
@@ -88,7 +88,7 @@ class FastPath:
                 response = await search_resources(self.api, principal, rtype, pairs, receive=receive)
         except FhirError as err:
             response = error_response(err)
-            if err.status_code != 503:  # 503: the audit trail itself is what failed
+            if not isinstance(err, AuditUnavailable):  # the audit trail itself is what failed
                 await audit_failure(self.api, principal=principal, method="GET", path=path, pairs=pairs,
                                     status=err.status_code, reason=failure_reason(err))
         await response(scope, receive, send)

@@ -30,7 +30,7 @@ from taqrir.settings import Settings
 
 from .access_log import AccessAuditor
 from .auth import Principal, TokenVerifier
-from .errors import AuditUnavailable, FhirError, NotAcceptable, NotFound
+from .errors import AuditUnavailable, ClientGone, FhirError, NotAcceptable, NotFound, QueryTooCostly
 from .pgreads import PgReads
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
 from .search import SearchResult, run_search
@@ -163,20 +163,6 @@ class OutsideCompartment(NotFound):
     def __init__(self, resource_type: str, resource_id: str) -> None:
         super().__init__(f"{resource_type}/{resource_id} is not known")
         self.audit_reason = f"{resource_type}/{resource_id} is outside the token's patient compartment"
-
-
-class QueryTooCostly(FhirError):
-    """A read that PostgreSQL's statement_timeout stopped (503, issue type too-costly)."""
-
-    status_code = 503
-    issue_code = "too-costly"
-
-
-class ClientGone(FhirError):
-    """The client disconnected before the answer (nginx's 499; nobody reads this response)."""
-
-    status_code = 499
-    issue_code = "incomplete"
 
 
 async def _disconnected(receive: Receive) -> None:

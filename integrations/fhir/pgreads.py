@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from .errors import NotFound
+from .errors import NotFound, QueryTooCostly
 from .search import Row, SearchResult, count_statement, page_statement
 from .search_params import SearchQuery
 from .store import _CURRENT, CurrentRow
@@ -196,6 +196,9 @@ class PgReads:
             async with self._connection() as conn:
                 try:
                     return await conn.fetch(sql, *args)  # type: ignore[no-any-return]
+                except asyncpg.QueryCanceledError as err:  # statement_timeout (api.statement_timeout_ms)
+                    raise QueryTooCostly("the read ran longer than the server allows (api.statement_timeout_ms) "
+                                         "and was stopped") from err
                 except CONNECTION_LOST:
                     if attempt == 2:
                         raise
