@@ -331,7 +331,7 @@ def sizing(shape: Shape, tokens: Tokens, *, bandwidth: float, flops: float, memo
     """The roofline's best static batch whose time stays within ``latency_s`` (all studies of a
     batch finish with it, so p99 = batch time) and whose KV cache fits beside the weights: studies
     per hour per GPU that no implementation can exceed on that device."""
-    weights = sum(v for k, v in shape.params.items() if k != "embed") * shape.bytes_per_param
+    weights = sum(shape.params.values()) * shape.bytes_per_param  # resident: the embedding too
     per_study = shape.kv_bytes_per_token * (tokens.prompt_ar + tokens.gen_ar)
     most = max(0, int((0.9 * memory - weights) // per_study))  # 10% for activations and the allocator
     best: dict[str, Any] = {"studies_in_flight": 0, "batch_s": 0.0, "studies_per_hour": 0.0}
