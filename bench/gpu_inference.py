@@ -276,7 +276,7 @@ def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *,
         torch.cuda.reset_peak_memory_stats(device)
     prompt_en = prompt_ar = computed_ar = 0.0
     for batch in range(point.batches):
-        study_images = [[png(512 + s % 7, 448, seed + batch * 1000 + s * 10 + i) for i in range(images)]
+        study_images = [[png(336 + s % 7, 294, seed + batch * 1000 + s * 10 + i) for i in range(images)]
                         for s in range(point.studies)]
         reused_before = backend.reused_prompt_tokens
         _sync(device)
@@ -513,7 +513,32 @@ def main(argv: list[str] | None = None) -> int:
         (first,) = backend.generate([english_request(prompts, [png(64, 64, 0)] * args.images, warm)])
         backend.generate([arabic_request(prompts, [png(64, 64, 0)] * args.images, warm, as_sections(first.text))])
 
+    import transformers
+
+    meta: dict[str, Any] = {
+        "model": name, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "dtype": str(dtype).removeprefix("torch."), "bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_tflops": flops / 1e12, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
+        "images_per_study": args.images, "english_tokens": gen_en, "arabic_tokens": gen_ar,
+        "build_s": build_s, "params": params, "params_total": sum(params.values()), "shape": asdict(shape),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    tokens = study_tokens(backend, prompts, args.images, gen_en, gen_ar)
+    memory = float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else 16e9
+    measured = {f"{meta['device_name']} (measured bandwidth and GEMM)": (bandwidth, flops, memory)}
+    bounds = sizing_rows(shape, tokens, measured, [float(x) for x in args.latency_s.split(",")], args.images)
     rows: list[dict[str, Any]] = []
+
+    def write() -> str:
+        """Written after every point, so a run cut short still leaves its table."""
+        meta["wall_s"] = time.perf_counter() - begun
+        table = markdown(meta, rows) + "\n" + sizing_markdown(bounds, tokens)
+        (args.out / "gpu_inference.md").write_text(table)
+        (args.out / "gpu_inference.json").write_text(
+            json.dumps({"meta": meta, "points": rows, "roofline_sizing": bounds, "tokens": asdict(tokens)}, indent=2))
+        return table
+
     last = 0.0
     for studies in inflight:
         for reuse in (True, False):
@@ -532,29 +557,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(point.summary())
             last = sum(point.seconds) if point.seconds else last
             log.info("%s", json.dumps(rows[-1]))
+            write()
         if rows[-1]["status"] == "out of memory" and rows[-2]["status"] == "out of memory":
             break
-
-    import transformers
-
-    meta = {
-        "model": name, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "dtype": str(dtype).removeprefix("torch."), "bandwidth_gb_s": bandwidth / 1e9,
-        "matmul_tflops": flops / 1e12, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
-        "images_per_study": args.images, "english_tokens": gen_en, "arabic_tokens": gen_ar,
-        "build_s": build_s, "params": params, "params_total": sum(params.values()), "shape": asdict(shape),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "wall_s": time.perf_counter() - begun,
-    }
-    tokens = study_tokens(backend, prompts, args.images, gen_en, gen_ar)
-    memory = float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else 16e9
-    measured = {f"{meta['device_name']} (measured bandwidth and GEMM)": (bandwidth, flops, memory)}
-    bounds = sizing_rows(shape, tokens, measured, [float(x) for x in args.latency_s.split(",")], args.images)
-    table = markdown(meta, rows) + "\n" + sizing_markdown(bounds, tokens)
-    (args.out / "gpu_inference.md").write_text(table)
-    (args.out / "gpu_inference.json").write_text(
-        json.dumps({"meta": meta, "points": rows, "roofline_sizing": bounds, "tokens": asdict(tokens)}, indent=2))
+    table = write()
     print(table)
     return 0
 
