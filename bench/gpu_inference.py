@@ -49,10 +49,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.prompts import PromptSet, arabic_translate_messages, english_messages, load_prompts  # noqa: E402
-from inference.tiny import write_tiny  # noqa: E402
-from inference.transformers_backend import TransformersBackend  # noqa: E402
-from inference.types import GenerationRequest, ReportSections, SamplingParams, StudyContext  # noqa: E402
+from inference.prompts import PromptSet, arabic_translate_messages, english_messages, load_prompts
+from inference.tiny import write_tiny
+from inference.transformers_backend import TransformersBackend
+from inference.types import GenerationRequest, ReportSections, SamplingParams, StudyContext
 
 # BiMediX2-8B = LLaVA-1.5 layout over Llama-3.1-8B and CLIP ViT-L/14-336 (MBZUAI/BiMediX2-8B config).
 LLAMA_31_8B: dict[str, Any] = {
@@ -105,7 +105,7 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
                 param.normal_(0.0, 0.02)
             elif name.endswith("weight"):
                 param.fill_(1.0)
-    return model.to(dtype).eval()
+    return model.eval()  # type: ignore[no-untyped-call]  # parameters made in dtype; rotary buffers stay fp32
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
@@ -276,7 +276,7 @@ def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *,
         torch.cuda.reset_peak_memory_stats(device)
     prompt_en = prompt_ar = computed_ar = 0.0
     for batch in range(point.batches):
-        study_images = [[png(512 + s % 7, 448, seed + batch * 1000 + s * 10 + i) for i in range(images)]
+        study_images = [[png(336 + s % 7, 294, seed + batch * 1000 + s * 10 + i) for i in range(images)]
                         for s in range(point.studies)]
         reused_before = backend.reused_prompt_tokens
         _sync(device)
@@ -306,21 +306,108 @@ def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *,
         point.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
 
+# Datasheet figures (NVIDIA H100 SXM5 80 GB and H200 SXM 141 GB): HBM bandwidth, dense bf16 tensor
+# throughput (no sparsity), memory. Bounds from these are upper limits, not measurements.
+DATASHEETS: dict[str, tuple[float, float, float]] = {
+    "H100 SXM (datasheet)": (3.35e12, 989e12, 80e9),
+    "H200 (datasheet)": (4.8e12, 989e12, 141e9),
+}
+
+
+@dataclass
+class Tokens:
+    """Tokens of one study: English prompt, Arabic prompt (all of it, and the part computed when the
+    English prompt is reused), and the fixed generated lengths."""
+
+    prompt_en: float
+    prompt_ar: float
+    computed_ar: float
+    gen_en: int
+    gen_ar: int
+
+
+def sizing(shape: Shape, tokens: Tokens, *, bandwidth: float, flops: float, memory: float,
+           latency_s: float, images: int) -> dict[str, Any]:
+    """The roofline's best static batch whose time stays within ``latency_s`` (all studies of a
+    batch finish with it, so p99 = batch time) and whose KV cache fits beside the weights: studies
+    per hour per GPU that no implementation can exceed on that device."""
+    weights = sum(shape.params.values()) * shape.bytes_per_param  # resident: the embedding too
+    per_study = shape.kv_bytes_per_token * (tokens.prompt_ar + tokens.gen_ar)
+    most = max(0, int((0.9 * memory - weights) // per_study))  # 10% for activations and the allocator
+    best: dict[str, Any] = {"studies_in_flight": 0, "batch_s": 0.0, "studies_per_hour": 0.0}
+    candidates = sorted({2**k for k in range(most.bit_length()) if 2**k <= most} | ({most} if most else set()))
+    for studies in candidates:
+        seconds = roofline_seconds(shape, studies=studies, images=images, prompt_en=tokens.prompt_en,
+                                   prompt_ar=tokens.prompt_ar, computed_ar=tokens.computed_ar, gen_en=tokens.gen_en,
+                                   gen_ar=tokens.gen_ar, bandwidth=bandwidth, flops=flops)
+        if seconds > latency_s:
+            break
+        best = {"studies_in_flight": studies, "batch_s": seconds, "studies_per_hour": 3600 * studies / seconds}
+    single = roofline_seconds(shape, studies=1, images=images, prompt_en=tokens.prompt_en, prompt_ar=tokens.prompt_ar,
+                              computed_ar=tokens.computed_ar, gen_en=tokens.gen_en, gen_ar=tokens.gen_ar,
+                              bandwidth=bandwidth, flops=flops)
+    return {"latency_s": latency_s, "max_in_memory": most, "one_study_s": single, **best}
+
+
+def sizing_markdown(rows: list[dict[str, Any]], tokens: Tokens) -> str:
+    lines = [
+        ("Roofline bounds (not measurements): BiMediX2-8B bf16, per study "
+        f"{tokens.prompt_en:.0f} English prompt tokens + {tokens.gen_en} generated, "
+        f"{tokens.prompt_ar:.0f} Arabic prompt tokens ({tokens.computed_ar:.0f} computed with prefix reuse) "
+        f"+ {tokens.gen_ar} generated; static batches, p99 = batch time."),
+        "",
+        "| device | prefix reuse | p99 limit | one study alone | studies in flight | batch time | studies/hour/GPU (bound) |",
+        "|:--|:--|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {'yes' if r['prefix_reuse'] else 'no'} | {r['latency_s']:.0f} s | {r['one_study_s']:.1f} s "
+            f"| {r['studies_in_flight']} (memory: {r['max_in_memory']}) | {r['batch_s']:.1f} s "
+            f"| {r['studies_per_hour']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sizing_rows(shape: Shape, tokens: Tokens, devices: dict[str, tuple[float, float, float]],
+                latencies: list[float], images: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, (bandwidth, flops, memory) in devices.items():
+        for latency in latencies:
+            for reuse in (True, False):
+                t = tokens if reuse else Tokens(tokens.prompt_en, tokens.prompt_ar, tokens.prompt_ar,
+                                                tokens.gen_en, tokens.gen_ar)
+                rows.append({"device": name, "prefix_reuse": reuse,
+                             **sizing(shape, t, bandwidth=bandwidth, flops=flops, memory=memory,
+                                      latency_s=latency, images=images)})
+    return rows
+
+
+def study_tokens(backend: TransformersBackend, prompts: PromptSet, images: int, gen_en: int, gen_ar: int) -> Tokens:
+    """Prompt tokens of one study as this tokenizer counts them; the English answer in the Arabic
+    prompt is counted as ``gen_en`` tokens; reuse keeps the English prompt but its last 2 tokens."""
+    pictures = [png(512, 448, i) for i in range(images)]
+    sampling = SamplingParams(max_new_tokens=1)
+    en = len(backend.count_prompt_tokens(english_request(prompts, pictures, sampling)))
+    ar = len(backend.count_prompt_tokens(arabic_request(prompts, pictures, sampling, ReportSections("x", "x"))))
+    ar += gen_en
+    return Tokens(prompt_en=en, prompt_ar=ar, computed_ar=ar - (en - 2), gen_en=gen_en, gen_ar=gen_ar)
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# Taqrir transformers backend, {meta['model']} on {meta['device_name']}",
         "",
-        f"- measured here: copy bandwidth {meta['bandwidth_gb_s']:.0f} GB/s (read+write), "
-        f"{meta['matmul_dtype']} GEMM {meta['matmul_tflops']:.1f} TFLOP/s ({meta['matmul_size']}^3)",
-        f"- per study: {meta['images_per_study']} key images; English {meta['english_tokens']} + Arabic "
-        f"{meta['arabic_tokens']} generated tokens, fixed (random weights never stop: ignore_eos)",
-        f"- model built on the device in {meta['build_s']:.1f} s; {meta['params_total'] / 1e9:.2f} B parameters; "
-        f"torch {meta['torch']}, transformers {meta['transformers']}",
+        (f"- measured here: copy bandwidth {meta['bandwidth_gb_s']:.0f} GB/s (read+write), "
+         f"{meta['matmul_dtype']} GEMM {meta['matmul_tflops']:.1f} TFLOP/s ({meta['matmul_size']}^3)"),
+        (f"- per study: {meta['images_per_study']} key images; English {meta['english_tokens']} + Arabic "
+         f"{meta['arabic_tokens']} generated tokens, fixed (random weights never stop: ignore_eos)"),
+        (f"- model built on the device in {meta['build_s']:.1f} s; {meta['params_total'] / 1e9:.2f} B parameters; "
+         f"torch {meta['torch']}, transformers {meta['transformers']}"),
         "- static batches: all studies of a batch finish together, so p50/p99 are over batch times",
         "- roofline ratio = lower-bound time from the measured bandwidth and GEMM rate / measured time",
         "",
-        "| studies in flight | prefix reuse | studies/s | prompt tok/s | generated tok/s | p50 s/study "
-        "| p99 s/study | English s | Arabic s | peak GiB | roofline ratio | status |",
+        ("| studies in flight | prefix reuse | studies/s | prompt tok/s | generated tok/s | p50 s/study "
+         "| p99 s/study | English s | Arabic s | peak GiB | roofline ratio | status |"),
         "|---:|:--|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|",
     ]
     for r in rows:
@@ -331,6 +418,41 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {r['roofline_ratio']:.1%} | {r['status']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def eight_b_shape(tiny_dir: Path) -> Shape:
+    """BiMediX2-8B's shape for the roofline, from the model built on the meta device (no memory)."""
+    config = model_config(tiny_dir, tiny=False)
+    return shape_of(config, parameter_counts(build_model(config, torch.device("meta"), torch.bfloat16)), torch.bfloat16)
+
+
+def shape_of(config: dict[str, Any], params: dict[str, int], dtype: torch.dtype) -> Shape:
+    text, vision = config["text_config"], config["vision_config"]
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    width = torch.finfo(dtype).bits // 8
+    return Shape(
+        params=params, bytes_per_param=width, layers=int(text["num_hidden_layers"]), hidden=int(text["hidden_size"]),
+        kv_bytes_per_token=2 * int(text["num_hidden_layers"]) * int(text["num_key_value_heads"]) * head_dim * width,
+        vision_tokens=(int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1,
+    )
+
+
+def sizing_only(args: argparse.Namespace) -> int:
+    gen_en, gen_ar = args.english_tokens or 300, args.arabic_tokens or 400
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="taqrir-sizing-") as tmp:
+        tiny_dir = write_tiny(Path(tmp) / "tiny-hf")
+        shape = eight_b_shape(tiny_dir)
+        backend = TransformersBackend(tiny_dir, device="cpu")
+        tokens = study_tokens(backend, load_prompts("v1"), args.images, gen_en, gen_ar)
+    latencies = [float(x) for x in args.latency_s.split(",")]
+    rows = sizing_rows(shape, tokens, DATASHEETS, latencies, args.images)
+    table = sizing_markdown(rows, tokens)
+    (args.out / "sizing.md").write_text(table)
+    (args.out / "sizing.json").write_text(json.dumps({"tokens": asdict(tokens), "shape": asdict(shape), "rows": rows},
+                                                     indent=2))
+    print(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", default=None, help="studies in flight to sweep (default 1,4,16,64,128; tiny: 1,2)")
     parser.add_argument("--batches", type=int, default=1, help="measured batches per point")
     parser.add_argument("--budget-s", type=float, default=380.0, help="skip sweep points that would end after this many seconds (from start)")
+    parser.add_argument("--sizing", action="store_true",
+                        help="only the roofline sizing for datasheet H100/H200 (CPU, seconds; no GPU needed)")
+    parser.add_argument("--latency-s", default="10,30", help="p99 limits per study for the sizing table")
     args = parser.parse_args(argv)
+    if args.sizing:
+        return sizing_only(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
     begun = time.perf_counter()
@@ -360,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = measure_bandwidth(device, 2 << 30)
         matmul_size = 8192
     else:
-        bandwidth = measure_bandwidth(device, 64 << 20)
-        matmul_size = 512
+        bandwidth = measure_bandwidth(device, 32 << 20)
+        matmul_size = 256
     flops = measure_matmul(device, dtype, matmul_size)
     log.info("device %s: copy %.0f GB/s, GEMM %.1f TFLOP/s", device, bandwidth / 1e9, flops / 1e12)
 
@@ -379,23 +506,39 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model built in %.1f s: %s", build_s, params)
     name = "tiny-bimedix2 (random)" if args.tiny else "BiMediX2-8B architecture (random weights)"
     backend = TransformersBackend.from_model(model, processor, model_name=name, revision="random", tiny=args.tiny)
-    text = config["text_config"]
-    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
-    vision = config["vision_config"]
-    shape = Shape(
-        params=params, bytes_per_param=torch.finfo(dtype).bits // 8, layers=int(text["num_hidden_layers"]),
-        hidden=int(text["hidden_size"]),
-        kv_bytes_per_token=2 * int(text["num_hidden_layers"]) * int(text["num_key_value_heads"]) * head_dim
-        * (torch.finfo(dtype).bits // 8),
-        vision_tokens=(int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1,
-    )
+    shape = shape_of(config, params, dtype)
     prompts = load_prompts("v1")
     with torch.inference_mode():  # warm-up: kernels, allocator, the token masks
         warm = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
         (first,) = backend.generate([english_request(prompts, [png(64, 64, 0)] * args.images, warm)])
         backend.generate([arabic_request(prompts, [png(64, 64, 0)] * args.images, warm, as_sections(first.text))])
 
+    import transformers
+
+    meta: dict[str, Any] = {
+        "model": name, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "dtype": str(dtype).removeprefix("torch."), "bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_tflops": flops / 1e12, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
+        "images_per_study": args.images, "english_tokens": gen_en, "arabic_tokens": gen_ar,
+        "build_s": build_s, "params": params, "params_total": sum(params.values()), "shape": asdict(shape),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    tokens = study_tokens(backend, prompts, args.images, gen_en, gen_ar)
+    memory = float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else 16e9
+    measured = {f"{meta['device_name']} (measured bandwidth and GEMM)": (bandwidth, flops, memory)}
+    bounds = sizing_rows(shape, tokens, measured, [float(x) for x in args.latency_s.split(",")], args.images)
     rows: list[dict[str, Any]] = []
+
+    def write() -> str:
+        """Written after every point, so a run cut short still leaves its table."""
+        meta["wall_s"] = time.perf_counter() - begun
+        table = markdown(meta, rows) + "\n" + sizing_markdown(bounds, tokens)
+        (args.out / "gpu_inference.md").write_text(table)
+        (args.out / "gpu_inference.json").write_text(
+            json.dumps({"meta": meta, "points": rows, "roofline_sizing": bounds, "tokens": asdict(tokens)}, indent=2))
+        return table
+
     last = 0.0
     for studies in inflight:
         for reuse in (True, False):
@@ -414,24 +557,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(point.summary())
             last = sum(point.seconds) if point.seconds else last
             log.info("%s", json.dumps(rows[-1]))
+            write()
         if rows[-1]["status"] == "out of memory" and rows[-2]["status"] == "out of memory":
             break
-
-    import transformers
-
-    meta = {
-        "model": name, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "dtype": str(dtype).removeprefix("torch."), "bandwidth_gb_s": bandwidth / 1e9,
-        "matmul_tflops": flops / 1e12, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
-        "images_per_study": args.images, "english_tokens": gen_en, "arabic_tokens": gen_ar,
-        "build_s": build_s, "params": params, "params_total": sum(params.values()), "shape": asdict(shape),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "wall_s": time.perf_counter() - begun,
-    }
-    table = markdown(meta, rows)
-    (args.out / "gpu_inference.md").write_text(table)
-    (args.out / "gpu_inference.json").write_text(json.dumps({"meta": meta, "points": rows}, indent=2))
+    table = write()
     print(table)
     return 0
 

@@ -95,4 +95,5 @@ def make_backend(settings: InferenceSettings, *, data_dir: Path) -> InferenceBac
         batch_size=settings.batch_size,
         model_name=settings.model_name if settings.model_path is not None else path.name,
         torch_threads=settings.torch_threads,
+        prefix_cache=settings.prefix_cache,
     )

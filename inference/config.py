@@ -62,6 +62,12 @@ class InferenceSettings(BaseModel):
         24, ge=1, description="max_new_tokens used when the tiny demo model answers (keeps the demo quick on CPU)."
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's default.")
+    prefix_cache: bool = Field(
+        False,
+        description="transformers backend: keep the last batch's prompt KV cache so the Arabic request reuses the "
+        "English prompt (images and question are not computed again; greedy output unchanged). Holds one batch's "
+        "KV memory between calls. SGLang does this itself (radix cache).",
+    )
 
     def sampling(self, *, tiny: bool = False) -> SamplingParams:
         """The sampling parameters these settings ask for (shorter answers for the tiny model)."""

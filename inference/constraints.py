@@ -5,7 +5,8 @@ string property of the schema, the prompt is followed by the skeleton so far (``
 the model writes the value, and the value ends at the first unescaped double quote or at
 end-of-turn. The backend then closes the skeleton with ``json.dumps``, so the answer is always a JSON
 object with exactly the schema's keys, whatever the model (even a random one) does. Within a value,
-a character class (from a script, or from a ``^[...]*$`` property ``pattern``) restricts tokens to
+a character class (from a script, from a script's own ``pattern`` or from a ``^[...]*$`` one; see
+:func:`inference.scripts.class_from_pattern`) restricts tokens to
 those whose text lies in the class: Arabic sections stay Arabic script, a real guard against
 code-switching. The first token of a value may not end it, so values are never empty.
 """

@@ -5,7 +5,10 @@ padded to a square with the CLIP mean colour before the processor (BiMediX2's tr
 preprocessing). bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU. Requests are grouped by
 sampling parameters and constraint kind and generated in left-padded batches. Structured output
 and script restriction use :mod:`inference.constraints` (field-by-field generation inside a JSON
-skeleton, per-row token masks).
+skeleton, per-row token masks). With ``prefix_cache`` the last batch's prompt KV cache is kept,
+and a batch whose prompts extend it (the Arabic request after the English one, the second field
+after the first) computes only the new tokens; images are compared by digest, so a cached prefix
+never covers another study's images. ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks).
 """
 
 from __future__ import annotations

@@ -88,3 +88,17 @@ def test_roofline_bound_is_lower_with_prefix_reuse(bench: ModuleType) -> None:
     assert reused < one < many < 64 * one
     # one study decodes 700 steps, each reading at least the 16 GB of weights
     assert one > 700 * 2 * 7.5e9 / 4.3e12
+
+
+def test_sizing_table_for_datasheet_gpus(bench: ModuleType, tmp_path: Path) -> None:
+    assert bench.main(["--sizing", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sizing.json").read_text())
+    rows = {(r["device"], r["prefix_reuse"], r["latency_s"]): r for r in data["rows"]}
+    h100, h200 = "H100 SXM (datasheet)", "H200 (datasheet)"
+    for (device, reuse, latency), row in rows.items():
+        assert 0 < row["batch_s"] <= latency and row["studies_in_flight"] <= row["max_in_memory"]
+        # one study alone cannot beat reading the 7.5 B non-embedding weights once per generated token
+        assert row["one_study_s"] > 700 * 15e9 / (3.35e12 if device == h100 else 4.8e12)
+        assert row["studies_per_hour"] >= rows[(device, False, latency)]["studies_per_hour"]
+    assert rows[(h200, True, 30.0)]["studies_per_hour"] > rows[(h100, True, 30.0)]["studies_per_hour"]
+    assert "not measurements" in (tmp_path / "sizing.md").read_text()

@@ -60,7 +60,10 @@ def test_body_is_an_openai_chat_completion_request(index: int) -> None:
     validated = pydantic.TypeAdapter(params.CompletionCreateParamsNonStreaming).validate_python(openai_body)
     messages = list(validated["messages"])  # Iterable fields validate as they are read
     assert len(messages) == len(body["messages"]) and {m["role"] for m in messages} <= {"system", "user", "assistant"}
-    from openai.types.chat import ChatCompletionContentPartImageParam, ChatCompletionContentPartTextParam
+    from openai.types.chat import (
+        ChatCompletionContentPartImageParam,
+        ChatCompletionContentPartTextParam,
+    )
 
     for message in body["messages"]:
         assert set(message) <= {"role", "content"}
@@ -70,7 +73,10 @@ def test_body_is_an_openai_chat_completion_request(index: int) -> None:
                 assert set(part) <= _keys(kind)
                 pydantic.TypeAdapter(kind).validate_python(part)
     if "response_format" in body:
-        from openai.types.shared_params.response_format_json_schema import JSONSchema, ResponseFormatJSONSchema
+        from openai.types.shared_params.response_format_json_schema import (
+            JSONSchema,
+            ResponseFormatJSONSchema,
+        )
 
         assert set(body["response_format"]) <= _keys(ResponseFormatJSONSchema)
         assert set(body["response_format"]["json_schema"]) <= _keys(JSONSchema)

@@ -185,3 +185,18 @@ def test_prefix_cache_never_spans_other_images(tiny_hf: Path) -> None:
         reused = backend.reused_prompt_tokens - before
         assert reused < result.prompt_tokens - 576  # never the image tokens of another image
     assert texts[True] == texts[False]
+
+
+def test_draft_with_the_prefix_cache_setting_is_the_same_draft(tiny_hf: Path) -> None:
+    images = [png_bytes(80, 50, 1)]
+    drafts = {}
+    for cached in (False, True):
+        settings = InferenceSettings(model_path=tiny_hf, temperature=0.0, device="cpu", prefix_cache=cached)
+        backend = make_backend(settings, data_dir=tiny_hf.parent)
+        assert isinstance(backend, TransformersBackend) and backend.prefix_cache is cached
+        report = draft_report(backend, images, CONTEXT, settings)
+        drafts[cached] = (report.english, report.arabic)
+        # the Arabic request took the images and the English question from the English request's cache
+        assert (backend.reused_prompt_tokens > 576) is cached
+        backend.close()
+    assert drafts[True] == drafts[False]
