@@ -150,3 +150,16 @@ def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
     assert recompute_all(engine) == (1, 2)
     with session_scope(engine) as s:
         assert {(d.review_outcome, d.reviewer) for d in s.exec(select(ReportDelta)).all()} == {("edited", "dr.amal")}
+
+
+def test_a_preliminary_never_supersedes_a_signed_report(engine: Engine) -> None:
+    seed(engine)
+    with session_scope(engine) as s:
+        store_signed_report(s, signed(source_id="P1", status="preliminary", texts=(EN,)))
+    with session_scope(engine) as s:
+        store_signed_report(s, signed(source_id="F1", texts=(EN,)))
+    with session_scope(engine) as s:
+        store_signed_report(s, signed(source_id="P2", status="preliminary", texts=(EN,)))
+    with session_scope(engine) as s:
+        rows = s.exec(select(SignedReport).order_by(SignedReport.id)).all()
+        assert [(r.source_id, r.current) for r in rows] == [("P1", False), ("F1", True), ("P2", False)]
