@@ -247,19 +247,21 @@ def store_signed_report(session: Session, signed: SignedReportIn) -> StoreResult
     now = utcnow()
     rows: list[SignedReport] = []
     for t in signed.texts:
-        session.exec(
-            update(SignedReport)
-            .where(col(SignedReport.study_pk) == study_pk, col(SignedReport.language) == t.language,
-                   col(SignedReport.current).is_(True))
-            .values(current=False)
-        )
+        current = True
+        same = (col(SignedReport.study_pk) == study_pk, col(SignedReport.language) == t.language,
+                col(SignedReport.current).is_(True))
+        if signed.status not in SIGNED_STATUSES and session.exec(
+                select(SignedReport.id).where(*same, col(SignedReport.status).in_(sorted(SIGNED_STATUSES)))).first():
+            current = False  # a preliminary report never supersedes a signed one
+        else:
+            session.exec(update(SignedReport).where(*same).values(current=False))
         row = SignedReport(
             study_pk=study_pk, study_instance_uid=study.study_instance_uid,
             accession_number=signed.accession_number or study.accession_number, source=signed.source,
             source_id=signed.source_id, source_version=signed.source_version, status=signed.status,
             language=t.language, findings=t.findings.strip(), impression=t.impression.strip(), text=t.whole(),
             signer_name=signed.signer_name, signer_id=signed.signer_id,
-            signed_at=as_utc(signed.signed_at) if signed.signed_at else None, received_at=now, current=True,
+            signed_at=as_utc(signed.signed_at) if signed.signed_at else None, received_at=now, current=current,
             raw_ref=signed.raw_ref, source_json=signed.source_json,
         )
         session.add(row)

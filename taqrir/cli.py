@@ -385,6 +385,15 @@ def hl7(
     run(settings.hl7, engine)
 
 
+@app.command()
+def deltas() -> None:
+    """Recompute every draft-versus-signed delta (idempotent; e.g. after late reviews)."""
+    from audit.deltas import recompute_all
+
+    studies, rows = recompute_all(_engine())
+    typer.echo(f"recomputed {rows} deltas of {studies} studies with a signed report")
+
+
 @app.command("audit-verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain and report the first broken record, if any."""

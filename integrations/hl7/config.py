@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import codecs
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, Field, field_validator
 
 
 class Hl7Settings(BaseModel):
@@ -26,3 +29,21 @@ class Hl7Settings(BaseModel):
     allowed_hosts: list[str] = Field(
         default_factory=list, description="Peer IP addresses or CIDR networks allowed to connect; empty allows any."
     )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"hl7.timezone {v!r} is not an IANA time zone (e.g. Asia/Riyadh, UTC)") from err
+        return v
+
+    @field_validator("default_encoding")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError as err:
+            raise ValueError(f"hl7.default_encoding {v!r} is not a Python codec (e.g. utf-8)") from err
+        return v

@@ -159,3 +159,13 @@ def test_corrected_report_supersedes(engine: Engine, mllp: Running) -> None:
     with session_scope(engine) as s:
         en = s.exec(select(SignedReport).where(SignedReport.language == "en").order_by(SignedReport.id)).all()
         assert [(r.status, r.current) for r in en] == [("final", False), ("corrected", True)]
+
+
+def test_arabic_in_iso_8859_6(engine: Engine, mllp: Running) -> None:
+    seed(engine)
+    msg = oru(control_id="ISO1", charset="8859/6", obx=[("TX", "&IMP", "انصباب جنبي أيسر صغير.", "F")])
+    answers = mllp_exchange(mllp.host, mllp.port, [frame(msg.encode("iso-8859-6"))])
+    assert _msa(answers[0])[:2] == ("AA", "ISO1") and b"8859/6" in answers[0]
+    with session_scope(engine) as s:
+        row = s.exec(select(SignedReport)).one()
+        assert (row.language, row.impression) == ("ar", "انصباب جنبي أيسر صغير.")
