@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from audit.config import AtnaSettings
 from inference.config import InferenceSettings
 from integrations.fhir.config import ApiSettings
 from workers.render_config import RenderSettings
@@ -111,6 +112,7 @@ class Settings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    atna: AtnaSettings = Field(default_factory=AtnaSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -70,6 +70,7 @@ from reporting.fhir.timing import instant
 from taqrir.db import session_scope, utcnow
 from taqrir.settings import Settings
 
+from .audit_routes import audit_router
 from .auth import Principal
 from .capability import capability_statement
 from .errors import FhirError, InvalidRequest, PreconditionRequired
@@ -251,6 +252,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     def capabilities() -> Response:
         """The CapabilityStatement (public, as SMART App Launch requires)."""
         return fhir_response(capability_body)
+
+    app.include_router(audit_router(api))  # before /fhir/{resource_type}: AuditEvent is not a stored type
 
     @app.get("/fhir/{resource_type}", tags=["search"], response_class=Response,
              responses={200: {"content": {"application/fhir+json": {}}}},
