@@ -44,9 +44,11 @@ def collector(tmp_path: Path, pki: Pki) -> Iterator[Rsyslog]:
 
 
 def _settings(collector: Rsyslog, pki: Pki, **kw: object) -> AtnaSettings:
-    base: dict[str, object] = dict(enabled=True, host="127.0.0.1", port=collector.port, server_name="localhost",
-                                   ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key, batch=20,
-                                   poll_s=0.05, retry_min_s=0.05, retry_max_s=0.4, settle_s=0.05, ack_timeout_s=5)
+    base: dict[str, object] = {
+        "enabled": True, "host": "127.0.0.1", "port": collector.port, "server_name": "localhost", "ca_file": pki.ca,
+        "cert_file": pki.client_cert, "key_file": pki.client_key, "batch": 20, "poll_s": 0.05, "retry_min_s": 0.05,
+        "retry_max_s": 0.4, "settle_s": 0.05, "ack_timeout_s": 5,
+    }
     base.update(kw)
     return AtnaSettings.model_validate(base)
 
