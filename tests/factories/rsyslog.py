@@ -27,7 +27,8 @@ class Rsyslog:
     """``rsyslogd -n -f CONF -i PIDFILE`` listening with TLS on ``port`` (stop and start at will)."""
 
     def __init__(self, folder: Path, port: int, pki: Pki) -> None:
-        if shutil.which("rsyslogd") is None:
+        self.binary = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if Path("/usr/sbin/rsyslogd").exists() else None)
+        if self.binary is None:
             raise RuntimeError("rsyslogd is not installed: apt-get install rsyslog rsyslog-gnutls (tests/run.sh does)")
         self.folder = folder
         self.port = port
@@ -55,7 +56,7 @@ action(type="omfile" file="{self.out}" template="raw")
     def start(self) -> None:
         self.pidfile.unlink(missing_ok=True)
         with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
+            self.proc = subprocess.Popen([self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
                                          stdout=err, stderr=err)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
