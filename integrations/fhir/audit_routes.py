@@ -49,10 +49,12 @@ from .responses import fhir_response
 RTYPE: Final = "AuditEvent"
 PARAMS: Final = frozenset({"date", "agent", "entity", "entity-type", "type", "subtype", "action", "_id",
                            "_count", "_sort", "_total", "_cursor", "_format"})
+_DIGITS: Final = re.compile(r"[0-9]{1,18}")
 _PREFIXES: Final = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 _DATE = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d+)?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$",
+    re.ASCII,
 )
 
 CAPABILITY: Final[dict[str, Any]] = {
@@ -145,6 +147,8 @@ def parse_audit_search(pairs: list[tuple[str, str]], page_max: int) -> RecordQue
     for key, raw in pairs:
         if key not in PARAMS:
             raise InvalidRequest(f"unknown search parameter {key!r} for AuditEvent; supported: {', '.join(sorted(PARAMS))}")
+        if "\x00" in raw or len(raw) > 2000:
+            raise InvalidRequest(f"search parameter {key} holds a NUL character or is longer than 2000 characters")
         values = [v for v in raw.split(",") if v != ""]
         if key in ("date", "agent", "entity", "entity-type", "type", "subtype", "action", "_id") and not values:
             raise InvalidRequest(f"search parameter {key} needs a value")
@@ -165,11 +169,11 @@ def parse_audit_search(pairs: list[tuple[str, str]], page_max: int) -> RecordQue
                     raise InvalidRequest(f"action must be C, R, U, D or E, not {bad[0]!r}")
                 q.kinds.append(tuple(_action_filter(v) for v in values))
             case "_id":
-                if not all(v.isdigit() for v in values):
+                if not all(_DIGITS.fullmatch(v) for v in values):
                     raise InvalidRequest("_id of an AuditEvent is its record number (digits)")
                 q.seqs.append(tuple(int(v) for v in values))
             case "_count":
-                if not raw.isdigit():
+                if not _DIGITS.fullmatch(raw) or len(raw) > 9:
                     raise InvalidRequest(f"_count must be a non-negative integer, not {raw!r}")
                 q.count = min(int(raw), page_max)
             case "_sort":
@@ -181,7 +185,7 @@ def parse_audit_search(pairs: list[tuple[str, str]], page_max: int) -> RecordQue
                     raise InvalidRequest("_total is none, estimate or accurate")
                 q.with_total = raw == "accurate"
             case "_cursor":
-                if not raw.isdigit():
+                if not _DIGITS.fullmatch(raw):
                     raise InvalidRequest("_cursor is the record number from a next link")
                 q.after = int(raw)
     return q
@@ -234,7 +238,7 @@ def audit_router(api: FhirApi) -> APIRouter:
         """One AuditEvent by id (the chain record's sequence number)."""
         principal = api.verifier.verify(authorization)
         require_audit_scope(principal, "r")
-        if not record_id.isdigit() or len(record_id) > 18:
+        if not _DIGITS.fullmatch(record_id):
             raise NotFound(f"AuditEvent/{record_id} is not known (ids are record numbers)")
         rec = await api.query(lambda conn: get_record(conn, int(record_id)))
         if rec is None:

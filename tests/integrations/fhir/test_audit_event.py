@@ -140,7 +140,8 @@ def test_search_parameters(fhir_server: Server) -> None:
     assert totalled["total"] == 2 and len(totalled["entry"]) == 1
 
     for bad in ({"date": "yesterday"}, {"date": "2026-12-05T08:00"}, {"foo": "1"}, {"_count": "x"},
-                {"action": "X"}, {"_sort": "agent"}):
+                {"action": "X"}, {"_sort": "agent"}, {"_id": "\u00b2"}, {"_cursor": "9" * 30}, {"agent": "a\x00b"},
+                {"date": "\u0662\u0660\u0662\u0666"}):
         resp = _get(fhir_server, "AuditEvent", **bad)
         assert resp.status_code == 400, bad
         assert resp.json()["resourceType"] == "OperationOutcome"
