@@ -291,6 +291,11 @@ class AtnaShipper:
         records = pending(self.engine, cursor, self.settings.batch)
         if not records:
             return 0
+        if self._conn is not None:
+            try:
+                self._conn.check_open(0)  # an idle connection the collector closed meanwhile
+            except ShipError:
+                self._drop()
         if self._conn is None:
             self._conn = self._connect()
         conn = self._conn
