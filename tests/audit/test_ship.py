@@ -3,6 +3,7 @@ on SQLite and PostgreSQL. The collector is stopped and restarted mid-stream."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -186,6 +187,17 @@ def test_client_certificate_the_collector_does_not_trust_is_refused(engine: Engi
     assert collector.received() == []
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures the root logger (a handler on the runner's stream): put it back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_collector_down_then_up_with_audit_ship_once(engine: Engine, db_url: str, tmp_path: Path, pki: Pki) -> None:
     """``taqrir audit-ship --once``: fails (exit 1) while the collector is down, then sends everything."""
     from taqrir.cli import app
