@@ -40,7 +40,7 @@ class AuditRecord(SQLModel, table=True):
     seq: int = Field(primary_key=True, description="Position in the chain, from 1, without gaps.")
     at: datetime = Field(index=True)
     action: str = Field(index=True, max_length=64, description="e.g. association.accepted, draft.read")
-    actor: str = Field(max_length=256, description="Who: a calling AE, a user, a worker.")
+    actor: str = Field(max_length=256, index=True, description="Who: a calling AE, a user, a worker.")
     entity_type: str = Field(default="", max_length=64, index=True)
     entity_id: str = Field(default="", max_length=256, index=True)
     outcome: str = Field(default="success", max_length=32)

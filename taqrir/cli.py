@@ -17,6 +17,8 @@ from .settings import DEFAULT_DATA_DIR, Settings, load_settings, with_places
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+    from audit.ship import AtnaShipper
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
@@ -60,6 +62,28 @@ def _engine() -> Engine:
     engine = make_engine(get_settings().database_url)
     upgrade(engine)
     return engine
+
+
+def _atna_shipper(settings: Settings, engine: Engine) -> AtnaShipper:
+    """The ATNA sender for ``settings.atna`` (see audit/ship.py)."""
+    import socket
+
+    from audit.atna import AtnaSource
+    from audit.ship import AtnaShipper
+
+    source = AtnaSource(source_id=settings.listener.ae_title, enterprise_site=settings.atna.enterprise_site,
+                        base_url=settings.api.base_url, hostname=settings.atna.hostname or socket.getfqdn(),
+                        app_name=settings.atna.app_name)
+    return AtnaShipper(settings.atna, engine, source)
+
+
+def _start_atna(settings: Settings, engine: Engine) -> AtnaShipper | None:
+    """Start the background ATNA sender when ``atna.enabled`` (``listen`` and ``serve``)."""
+    if not settings.atna.enabled:
+        return None
+    shipper = _atna_shipper(settings, engine)
+    shipper.start()
+    return shipper
 
 
 @db_app.command("upgrade")
@@ -106,9 +130,12 @@ def listen(
     signed_srs.recover()
     sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
     sweeper.start()
+    atna = _start_atna(settings, engine)
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
     listener.wait()
     sweeper.stop()
+    if atna is not None:
+        atna.stop()
     dispatcher.close()
 
 
@@ -182,6 +209,7 @@ def serve(
         signed_srs.recover()
         sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
         sweeper.start()
+        atna = _start_atna(settings, engine)
         api = create_app(settings, engine)
 
         @api.get("/metrics", include_in_schema=False)
@@ -196,6 +224,8 @@ def serve(
                    f"{workers} worker(s), metrics at /metrics (Ctrl-C or SIGTERM to stop)")
         listener.wait()
         sweeper.stop()
+        if atna is not None:
+            atna.stop()
         server.should_exit = True
         api_thread.join(timeout=10)
     finally:
@@ -420,6 +450,33 @@ def audit_export(out: Annotated[Path, typer.Argument(help="JSON Lines file to wr
     with session_scope(_engine()) as session, out.open("w", encoding="utf-8") as f:
         n = export_jsonl(session, f)
     typer.echo(f"wrote {n} records to {out}")
+
+
+@app.command("audit-ship")
+def audit_ship(
+    once: Annotated[bool, typer.Option("--once", help="Send what is pending, then exit (0 sent/caught up, 1 failed).")] = False,
+) -> None:
+    """Send the audit trail to the ATNA collector (atna.*) as RFC 5424 syslog over TLS, from its cursor."""
+    from audit.ship import ShipError
+
+    settings = get_settings()
+    if not settings.atna.host:
+        raise typer.BadParameter("set atna.host (TAQRIR_ATNA__HOST) to the collector; see README 'For auditors'")
+    shipper = _atna_shipper(settings, _engine())
+    if once:
+        try:
+            n = shipper.ship_all()
+        except ShipError as err:
+            typer.echo(f"ATNA shipping to {settings.atna.collector} failed ({'permanent' if err.permanent else 'transient'}): "
+                       f"{err}", err=True)
+            raise typer.Exit(1) from err
+        typer.echo(f"sent {n} audit records to {settings.atna.collector}; caught up")
+        return
+    typer.echo(f"shipping the audit trail to {settings.atna.collector} (Ctrl-C to stop)")
+    try:
+        shipper.run()
+    except KeyboardInterrupt:
+        shipper.stop()
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from sqlmodel import Session, SQLModel, create_engine
 MODEL_MODULES = (
     "integrations.dicom.index",
     "audit.chain",
+    "audit.ship",
     "workers.state",
     "integrations.fhir.store",
     "audit.signed",

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from audit.config import AtnaSettings
 from inference.config import InferenceSettings
 from integrations.fhir.config import ApiSettings
 from integrations.hl7.config import Hl7Settings
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
     hl7: Hl7Settings = Field(default_factory=Hl7Settings, description="HL7 v2 MLLP receiver (`taqrir hl7`).")
+    atna: AtnaSettings = Field(default_factory=AtnaSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

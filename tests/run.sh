@@ -2,7 +2,7 @@
 # Install what the test suite needs and run it. The README's test command; .ci/run calls it.
 #
 # Needs: Python 3.11+, and for the real peers and services Debian packages dcmtk, orthanc,
-# redis-server and postgresql (installed with apt-get when missing and running as root).
+# redis-server, postgresql, rsyslog and rsyslog-gnutls (installed with apt-get when missing and running as root).
 # PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) are started
 # when they are down. Extra arguments go to pytest (e.g. `bash tests/run.sh -k listener`).
 set -euo pipefail
@@ -14,6 +14,9 @@ command -v dcmsend >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
+# the ATNA collector of tests/audit/test_ship.py: rsyslogd with its TLS (gtls) stream driver
+command -v rsyslogd >/dev/null || need_pkgs+=(rsyslog)
+compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
     export DEBIAN_FRONTEND=noninteractive

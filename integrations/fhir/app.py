@@ -69,6 +69,7 @@ from reporting.fhir.timing import instant
 from taqrir.db import session_scope, utcnow
 from taqrir.settings import Settings
 
+from .audit_routes import audit_router
 from .auth import Principal
 from .auth import smart_configuration as smart_configuration_doc
 from .capability import capability_statement
@@ -346,6 +347,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     def smart_configuration() -> Response:
         """How SMART clients get a token (public, SMART App Launch 2.0 conformance.html)."""
         return Response(smart_body, media_type="application/json")
+    app.include_router(audit_router(api))  # before /fhir/{resource_type}: AuditEvent is not a stored type
 
     @app.get("/fhir/{resource_type}", tags=["search"], response_class=Response,
              responses=_responses(200, 400, 401, 403, 404, 406, 500, 503),

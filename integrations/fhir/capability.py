@@ -6,6 +6,7 @@ from typing import Any
 
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
+from .audit_routes import CAPABILITY as AUDIT_EVENT_CAPABILITY
 from .search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMS, SORTS
 from .store import RESOURCE_TYPES
 
@@ -53,6 +54,7 @@ def capability_statement(base_url: str, software_version: str, date: str) -> Cap
         if rtype == "DiagnosticReport":
             entry["operation"] = [{"name": "review", "definition": REVIEW_OPERATION, "documentation": REVIEW_DOC}]
         resources.append(entry)
+    resources.append(AUDIT_EVENT_CAPABILITY)
     data: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
