@@ -1,7 +1,7 @@
 """ATNA cursor per collector; index on audit_event.actor for AuditEvent search by agent
 
 Revision ID: 5e1c0a7b9d42
-Revises: 67c3dfaf14ce
+Revises: 19a35012f8f2
 Create Date: 2026-12-05 08:30:00
 """
 
