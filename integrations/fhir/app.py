@@ -86,7 +86,7 @@ from .interactions import (
     search_resources,
     version_headers,
 )
-from .responses import bundle_body, fhir_response, operation_outcome, resource_body
+from .responses import bundle_body, fhir_response, openapi_responses, operation_outcome, resource_body
 from .search_params import MAX_COUNT, parse_int
 from .store import (
     FhirDraft,
@@ -189,31 +189,7 @@ def _review_from_parameters(body: dict[str, Any], principal: Principal,
                   reviewed_at=utcnow(), edits=sections)
 
 
-_STATUS_DOC: dict[int, str] = {
-    200: "OK", 304: "Not Modified: If-None-Match names the current version",
-    400: "Bad Request: invalid or unsupported parameters, headers or body (OperationOutcome)",
-    401: "Unauthorized: no valid bearer token (WWW-Authenticate: Bearer)",
-    403: "Forbidden: the token's scopes do not allow the interaction",
-    404: "Not Found: unknown type, id or version, or outside a patient token's compartment",
-    406: "Not Acceptable: a format other than JSON was asked for (_format or Accept)",
-    409: "Conflict: the report is not an unreviewed current draft (reviewed, rejected or superseded)",
-    412: "Precondition Failed: If-Match names a version that is no longer current",
-    428: "Precondition Required: If-Match is missing",
-    500: "Internal Server Error (OperationOutcome; recorded in the audit trail)",
-    503: "Service Unavailable: the access could not be recorded in the audit trail; try again",
-}
 _PUBLIC_PATHS = frozenset({"/fhir/metadata", "/fhir/.well-known/smart-configuration"})
-
-
-def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of a route: the statuses it really answers (issue 11, item 24)."""
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        entry: dict[str, Any] = {"description": _STATUS_DOC[code]}
-        if code != 304:
-            entry["content"] = {"application/fhir+json": {}}
-        out[code] = entry
-    return out
 
 
 def _document_openapi(schema: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +203,9 @@ def _document_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                        "(see /fhir/.well-known/smart-configuration)"}
     for path, operations in schema.get("paths", {}).items():
         for op in operations.values():
-            op.get("responses", {}).pop("422", None)
+            responses = op.get("responses", {})
+            if responses.get("422", {}).get("description") == "Validation Error":
+                responses.pop("422")  # FastAPI's own: never sent (the handler answers 400)
             if path not in _PUBLIC_PATHS:
                 op["security"] = [{"bearer": []}]
     for name in ("HTTPValidationError", "ValidationError"):
@@ -336,7 +314,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return await _audited(request, operation_outcome(500, "exception", "internal server error"), 500,
                               f"internal server error: {type(err).__name__}")
 
-    @app.get("/fhir/metadata", tags=["capabilities"], response_class=Response, responses=_responses(200, 406))
+    @app.get("/fhir/metadata", tags=["capabilities"], response_class=Response, responses=openapi_responses(200, 406))
     def capabilities(request: Request) -> Response:
         """The CapabilityStatement (public, as SMART App Launch requires)."""
         negotiate(request.headers.get("accept"), request.query_params.get("_format"))
@@ -350,7 +328,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(audit_router(api))  # before /fhir/{resource_type}: AuditEvent is not a stored type
 
     @app.get("/fhir/{resource_type}", tags=["search"], response_class=Response,
-             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503),
+             responses=openapi_responses(200, 400, 401, 403, 404, 406, 500, 503),
              openapi_extra={"parameters": _SEARCH_OPENAPI})
     async def search(resource_type: ResourceType, request: Request, principal: PrincipalDep) -> Response:
         """Search (R4 http.html#search): Bundle searchset with total and next/previous links."""
@@ -359,7 +337,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return await search_resources(api, principal, resource_type.value, pairs, receive=request.receive)
 
     @app.get("/fhir/{resource_type}/{resource_id}", tags=["read"], response_class=Response,
-             responses=_responses(200, 304, 400, 401, 403, 404, 406, 500, 503))
+             responses=openapi_responses(200, 304, 400, 401, 403, 404, 406, 500, 503))
     async def read(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep, request: Request) -> Response:
         """Read the current version."""
         negotiate(request.headers.get("accept"), request.query_params.get("_format"))
@@ -367,7 +345,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                                    if_none_match=request.headers.get("if-none-match"))
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history", tags=["history"], response_class=Response,
-             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503))
+             responses=openapi_responses(200, 400, 401, 403, 404, 406, 500, 503))
     async def instance_history(resource_type: ResourceType, resource_id: IdPath, principal: PrincipalDep,
                                request: Request) -> Response:
         """Every version, newest first (Bundle history)."""
@@ -407,7 +385,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return fhir_response(body)
 
     @app.get("/fhir/{resource_type}/{resource_id}/_history/{version_id}", tags=["read"], response_class=Response,
-             responses=_responses(200, 400, 401, 403, 404, 406, 500, 503))
+             responses=openapi_responses(200, 400, 401, 403, 404, 406, 500, 503))
     async def vread(resource_type: ResourceType, resource_id: IdPath,
                     version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], principal: PrincipalDep,
                     request: Request) -> Response:
@@ -426,7 +404,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return fhir_response(resource_body(rtype, row.json_text, api.mode), headers=version_headers(row.version_id, row.last_updated))
 
     @app.post("/fhir/DiagnosticReport/{resource_id}/$review", tags=["review"], response_class=Response,
-              responses=_responses(200, 400, 401, 403, 404, 406, 409, 412, 428, 500, 503))
+              responses=openapi_responses(200, 400, 401, 403, 404, 406, 409, 412, 428, 500, 503))
     def review(resource_id: IdPath, principal: PrincipalDep,
                body: Annotated[dict[str, Any], Body(media_type="application/fhir+json")],
                if_match: Annotated[str | None, Header()] = None) -> Response:

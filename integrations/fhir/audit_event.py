@@ -20,8 +20,9 @@ shared with the ATNA syslog messages):
   lifecycle changes 110111 Procedure Record; drafts 110110 Patient Record.
 
 Where this differs from BALP: the chain does not keep the client's network address, OAuth client
-id or the raw query string (only the parameter *names*), so the ``client`` agent is absent and
-``entity[query].query`` holds ``<type>?<names>``; ``meta.profile`` therefore claims no BALP
+id, so the ``client`` agent is absent; ``entity[query].query`` holds ``<type>?<query string>``
+rebuilt from the recorded parameters and values (records older than that keep only the names);
+``meta.profile`` therefore claims no BALP
 profile. Records written by group commit that hold several accesses (see
 :mod:`integrations.fhir.access_log`) become one AuditEvent with an entity per access.
 
@@ -37,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from fhir.resources.R4B.auditevent import AuditEvent
 
@@ -147,8 +148,19 @@ def _study_entity(study_uid: str, detail: Mapping[str, Any] | None = None) -> di
     return entity
 
 
-def _query_entity(rtype: str, params: Sequence[str]) -> dict[str, Any]:
-    text = f"{rtype}?" + "&".join(params)
+def _query_text(params: object) -> str:
+    """The query string of a search record: ``[[name, value], ...]`` pairs (the form the API
+    records since searches keep their values) url-encoded, or bare names (older records)."""
+    if not isinstance(params, list):
+        return ""
+    pairs = [(str(p[0]), str(p[1])) for p in params if isinstance(p, list | tuple) and len(p) == 2]
+    if len(pairs) == len(params):
+        return urlencode(pairs)
+    return "&".join(str(p) for p in params)
+
+
+def _query_entity(rtype: str, query_string: str) -> dict[str, Any]:
+    text = f"{rtype}?{query_string}"
     return {
         "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
         "role": {"system": OBJECT_ROLE, "code": "24", "display": "Query"},
@@ -171,7 +183,7 @@ def _rest_entities(rec: ChainRecord, details: Mapping[str, Any], interaction: st
         rtype = str(ev.get("entity_type") or rec.entity_type)
         if interaction.startswith("search"):
             params = ev.get("params")
-            query = _query_entity(rtype, [str(p) for p in params] if isinstance(params, list) else [])
+            query = _query_entity(rtype, _query_text(params))
             if ev.get("total") is not None:
                 query["detail"] = [{"type": "total", "valueString": str(ev["total"])}]
             out.append(query)

@@ -44,7 +44,7 @@ from .audit_event import AuditSource, audit_event, audit_event_json
 from .auth import Principal
 from .errors import Forbidden, InvalidRequest, NotFound
 from .interactions import FhirApi
-from .responses import fhir_response
+from .responses import fhir_response, openapi_responses
 
 RTYPE: Final = "AuditEvent"
 PARAMS: Final = frozenset({"date", "agent", "entity", "entity-type", "type", "subtype", "action", "_id",
@@ -213,7 +213,8 @@ def audit_router(api: FhirApi) -> APIRouter:
             return str(audit_event(rec, source).model_dump_json())
         return json.dumps(audit_event_json(rec, source), ensure_ascii=False, separators=(",", ":"))
 
-    @router.get("/fhir/AuditEvent", response_class=Response, responses={200: {"content": {"application/fhir+json": {}}}})
+    @router.get("/fhir/AuditEvent", response_class=Response,
+                responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
     async def search_audit(request: Request, authorization: Annotated[str | None, Header()] = None) -> Response:
         """Search the audit trail (see the module docstring for the parameters)."""
         principal = api.verifier.verify(authorization)
@@ -233,7 +234,7 @@ def audit_router(api: FhirApi) -> APIRouter:
         return fhir_response(_bundle(entries, links, page.total))
 
     @router.get("/fhir/AuditEvent/{record_id}", response_class=Response,
-                responses={200: {"content": {"application/fhir+json": {}}}})
+                responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
     async def read_audit(record_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
         """One AuditEvent by id (the chain record's sequence number)."""
         principal = api.verifier.verify(authorization)

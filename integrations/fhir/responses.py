@@ -104,3 +104,31 @@ def bundle_body(
     if entry_list:
         head["entry"] = entry_list
     return str(Bundle.model_validate(head).model_dump_json())
+
+
+STATUS_DOC: dict[int, str] = {
+    200: "OK", 201: "Created",
+    304: "Not Modified: If-None-Match names the current version",
+    400: "Bad Request: invalid or unsupported parameters, headers or body (OperationOutcome)",
+    401: "Unauthorized: no valid bearer token (WWW-Authenticate: Bearer)",
+    403: "Forbidden: the token's scopes do not allow the interaction",
+    404: "Not Found: unknown type, id or version, or outside a patient token's compartment",
+    406: "Not Acceptable: a format other than JSON was asked for (_format or Accept)",
+    409: "Conflict: the report is not an unreviewed current draft (reviewed, rejected or superseded)",
+    412: "Precondition Failed: If-Match names a version that is no longer current",
+    422: "Unprocessable Entity: a valid resource that breaks a business rule (e.g. no matching study)",
+    428: "Precondition Required: If-Match is missing",
+    500: "Internal Server Error (OperationOutcome; recorded in the audit trail)",
+    503: "Service Unavailable: the access could not be recorded in the audit trail; try again",
+}
+
+
+def openapi_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route: the statuses it really answers (issue 11, item 24)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"description": STATUS_DOC[code]}
+        if code != 304:
+            entry["content"] = {"application/fhir+json": {}}
+        out[code] = entry
+    return out

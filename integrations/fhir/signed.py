@@ -63,7 +63,7 @@ from .auth import Principal
 from .errors import FhirError, Forbidden, InvalidRequest
 from .fastpath import ID_PATTERN
 from .interactions import FhirApi
-from .responses import fhir_response
+from .responses import fhir_response, openapi_responses
 from .store import FhirResource
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def _store(api: FhirApi, principal: Principal, body: dict[str, Any], resource_id
 
 
 @router.post("/fhir/DiagnosticReport", response_class=Response, status_code=201,
-             responses={201: {"content": {"application/fhir+json": {}}}})
+             responses=openapi_responses(200, 201, 400, 401, 403, 422, 500, 503))
 def create_signed(request: Request, principal: PrincipalDep, body: BodyDep) -> Response:
     """A RIS/EHR sends a signed report (final, amended, corrected): stored beside the study's drafts.
 
@@ -294,7 +294,7 @@ def create_signed(request: Request, principal: PrincipalDep, body: BodyDep) -> R
 
 
 @router.put("/fhir/DiagnosticReport/{resource_id}", response_class=Response,
-            responses={200: {"content": {"application/fhir+json": {}}}})
+            responses=openapi_responses(200, 201, 400, 401, 403, 422, 500, 503))
 def update_signed(resource_id: IdPath, request: Request, principal: PrincipalDep, body: BodyDep) -> Response:
     """A RIS/EHR creates or updates its signed report under its own id; a PUT to a Taqrir draft's
     report id is stored beside that draft (the draft's DiagnosticReport is left unchanged)."""

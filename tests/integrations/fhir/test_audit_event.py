@@ -92,7 +92,7 @@ def test_search_pages_read_and_every_event_is_valid(fhir_server: Server) -> None
 
     query = next(e for e in events if _ext(e)["action"] == "fhir.search")
     q = next(x for x in query["entity"] if x["role"]["code"] == "24")
-    assert base64.b64decode(q["query"]).decode() == "DiagnosticReport?status"
+    assert base64.b64decode(q["query"]).decode() == "DiagnosticReport?status=partial"
     assert {a["type"]["coding"][0]["code"] for a in query["agent"]} == {"IRCP", "110152"}
 
     one = _get(fhir_server, f"AuditEvent/{p['id']}")

@@ -58,7 +58,7 @@ def test_28_readme_token_examples_are_valid() -> None:
     for readme in (REPO / "README.md", REPO / "integrations" / "fhir" / "README.md"):
         for line in readme.read_text().splitlines():
             if "taqrir token" in line:
-                for scope in re.findall(r"(?:--scope|-s)[ =]`?([A-Za-z*][^\s`'\"]*)", line):
+                for scope in re.findall(r"(?:--scope|-s)[ =]`?([A-Za-z*][^\s`'\")]*)", line):
                     check_scope(scope)
                     checked += 1
     assert checked >= 1
