@@ -25,6 +25,7 @@ MODEL_MODULES = (
     "audit.chain",
     "workers.state",
     "integrations.fhir.store",
+    "integrations.dicom.outbox",
 )
 
 

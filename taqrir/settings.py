@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from inference.config import InferenceSettings
+from integrations.dicom.destinations import ExportSettings
 from integrations.fhir.config import ApiSettings
 from workers.render_config import RenderSettings
 
@@ -111,6 +112,7 @@ class Settings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
