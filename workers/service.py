@@ -495,6 +495,34 @@ def export_dir(settings: Settings, draft: Draft) -> Path:
     return settings.data_dir / "drafts" / draft.study.study_instance_uid / f"v{draft.study.version}"
 
 
+# -- stage 4: export to PACS destinations ---------------------------------------------------
+
+def export_stage(ctx: PipelineContext, row_id: int) -> str | None:
+    """Deliver one outbox row (``integrations.dicom.export``); returns its new state, None when
+    it was not due or another worker holds it. Failures are recorded on the row, never raised."""
+    from integrations.dicom.export import deliver
+
+    done = deliver(ctx.engine, ctx.settings.export, [row_id], storage_root=ctx.storage.root)
+    return done[0].state.value if done else None
+
+
+def exports_of_draft(engine: Engine, draft_id: str) -> list[int]:
+    """Outbox rows a publish just queued (sent at once; the sweep covers a lost message)."""
+    from integrations.dicom.outbox import rows_of_draft
+
+    with session_scope(engine) as s:
+        return rows_of_draft(s, draft_id)
+
+
+def due_exports(ctx: PipelineContext) -> list[int]:
+    """Outbox rows whose attempt is due and whose task was not sent recently (the sweep's)."""
+    from integrations.dicom.outbox import take_due
+
+    with session_scope(ctx.engine) as s:
+        return take_due(s, lease_s=ctx.settings.export.sending_lease,
+                        redispatch_after_s=ctx.settings.queue.requeue_after)
+
+
 # -- recovery -----------------------------------------------------------------------------
 
 STAGE_OF = {

@@ -97,6 +97,7 @@ class OutboxItem(SQLModel, table=True):
     attempts: int = SQLField(default=0, description="Attempts started (each claim counts).")
     next_attempt_at: datetime = SQLField(default_factory=utcnow, index=True)
     claimed_at: datetime | None = SQLField(default=None, description="When the current 'sending' began.")
+    dispatched_at: datetime | None = SQLField(default=None, description="When the sweep last sent its task.")
     first_failure_at: datetime | None = SQLField(default=None, description="Start of the current run of failures.")
     last_error: str | None = SQLField(default=None, sa_column=Column(Text))
     last_status: int | None = SQLField(default=None, description="Last DIMSE status the PACS answered.")
@@ -193,7 +194,7 @@ def claim(session: Session, row_id: int, *, lease_s: float) -> OutboxItem | None
     res = session.exec(update(OutboxItem).where(col(OutboxItem.id) == row_id, col(OutboxItem.state) == row.state,
                                                 col(OutboxItem.attempts) == row.attempts)
                        .values(state=OutboxState.sending.value, attempts=row.attempts + 1, claimed_at=now,
-                               updated_at=now))
+                               dispatched_at=None, updated_at=now))
     if not res.rowcount:
         return None
     session.refresh(row)
@@ -301,6 +302,23 @@ def due_rows(session: Session, *, lease_s: float, limit: int = 500) -> list[int]
             ))
             .order_by(col(OutboxItem.next_attempt_at)).limit(limit))
     return [i for i in session.exec(stmt).all() if i is not None]
+
+
+def take_due(session: Session, *, lease_s: float, redispatch_after_s: float, limit: int = 500) -> list[int]:
+    """The sweep's share of :func:`due_rows`: rows whose task was not sent in the last
+    ``redispatch_after_s`` (a message may sit in a busy queue), stamped as sent now so that
+    concurrent sweepers and the next sweep do not send it again."""
+    now = utcnow()
+    out = []
+    for row_id in due_rows(session, lease_s=lease_s, limit=limit):
+        res = session.exec(update(OutboxItem).where(
+            col(OutboxItem.id) == row_id,
+            or_(col(OutboxItem.dispatched_at).is_(None),
+                col(OutboxItem.dispatched_at) <= now - timedelta(seconds=redispatch_after_s)))
+            .values(dispatched_at=now))
+        if res.rowcount:
+            out.append(row_id)
+    return out
 
 
 def rows_of_draft(session: Session, draft_id: str) -> list[int]:

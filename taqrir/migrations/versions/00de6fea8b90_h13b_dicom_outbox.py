@@ -2,7 +2,7 @@
 
 Revision ID: 00de6fea8b90
 Revises: 67c3dfaf14ce
-Create Date: 2026-12-05 08:02:02.112147
+Create Date: 2026-12-05 08:03:54.717034
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('claimed_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('dispatched_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('first_failure_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('last_status', sa.Integer(), nullable=True),
