@@ -12,6 +12,7 @@
 from reporting.dicom.equipment import Equipment
 from reporting.dicom.errors import DicomObjectError, NoKeyImages, UnknownSopClass
 from reporting.dicom.kos import build_kos
+from reporting.dicom.pdf import build_encapsulated_pdf, render_report_pdf
 from reporting.dicom.source import SourceAttributes
 from reporting.dicom.sr import build_draft_sr
 from reporting.dicom.uids import ObjectUids, device_uid, object_uids
@@ -26,8 +27,10 @@ __all__ = [
     "UnknownSopClass",
     "Verification",
     "build_draft_sr",
+    "build_encapsulated_pdf",
     "build_kos",
     "build_verified_sr",
     "device_uid",
     "object_uids",
+    "render_report_pdf",
 ]
