@@ -2,7 +2,8 @@
 # Install what the test suite needs and run it. The README's test command; .ci/run calls it.
 #
 # Needs: Python 3.11+, and for the real peers and services Debian packages dcmtk, orthanc,
-# redis-server and postgresql (installed with apt-get when missing and running as root).
+# redis-server and postgresql, dicom3tools, poppler-utils, fonts-noto-core, fonts-hosny-amiri and
+# Pango (WeasyPrint) (installed with apt-get when missing and running as root).
 # PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) are started
 # when they are down. Extra arguments go to pytest (e.g. `bash tests/run.sh -k listener`).
 set -euo pipefail
@@ -14,6 +15,12 @@ command -v dcmsend >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
+# DICOM object checks (dciodvfy), PDF text/raster checks, the PDF's fonts and WeasyPrint's Pango
+command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+command -v pdftotext >/dev/null || need_pkgs+=(poppler-utils)
+[ -f /usr/share/fonts/truetype/noto/NotoNaskhArabic-Regular.ttf ] || need_pkgs+=(fonts-noto-core)
+[ -d /usr/share/fonts/opentype/fonts-hosny-amiri ] || need_pkgs+=(fonts-hosny-amiri)
+ldconfig -p 2>/dev/null | grep -q libpangoft2-1.0 || need_pkgs+=(libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
     export DEBIAN_FRONTEND=noninteractive
