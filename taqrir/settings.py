@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from inference.config import InferenceSettings
 from integrations.fhir.config import ApiSettings
+from reporting.dicom_config import DicomObjectSettings
 from workers.render_config import RenderSettings
 
 from .errors import ConfigError
@@ -111,6 +112,7 @@ class Settings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    dicom_objects: DicomObjectSettings = Field(default_factory=DicomObjectSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
