@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from inference.config import InferenceSettings
 from integrations.dicom.destinations import ExportSettings
 from integrations.fhir.config import ApiSettings
+from reporting.dicom_config import DicomObjectSettings
 from workers.render_config import RenderSettings
 
 from .errors import ConfigError
@@ -112,6 +113,7 @@ class Settings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    dicom_objects: DicomObjectSettings = Field(default_factory=DicomObjectSettings)  # type: ignore[arg-type]
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")

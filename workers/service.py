@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -55,6 +55,9 @@ from taqrir.settings import Settings
 from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
 from workers.render.output import provenance
 from workers.state import DraftRecord, KeyImageSet
+
+if TYPE_CHECKING:
+    from workers.dicom_objects import WrittenObject
 
 log = logging.getLogger(__name__)
 
@@ -439,13 +442,19 @@ def _add_stage_time(engine: Engine, draft_id: str, **times: float) -> None:
 # -- stage 3: publish ------------------------------------------------------------------------
 
 def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
-    """Make the draft available as FHIR resources and JSON files (once). Returns the report id.
+    """Make the draft available as FHIR resources, JSON files and DICOM objects (once). Returns
+    the report id.
 
-    Order: resources (idempotent), then the files (atomically), then ``published_at``; a crash
-    anywhere leaves the draft unpublished, and the sweep publishes it again.
+    Order: resources (idempotent), then the files (atomically: JSON, then ``sr.dcm``,
+    ``report.pdf``, ``kos.dcm`` beside them and the DICOM files in storage), then the export
+    outbox rows and ``published_at`` in one transaction; a crash anywhere leaves the draft
+    unpublished, and the sweep publishes it again (same UIDs, same files).
     """
     from integrations.fhir.store import fetch_current, publish_draft
 
+    objects_on = ctx.settings.dicom_objects.enabled
+    if objects_on:
+        from workers.dicom_objects import key_image_pngs, read_source, write_draft_objects
     t0 = time.perf_counter()
     with session_scope(ctx.engine) as s:
         rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).first()
@@ -458,6 +467,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         draft = Draft.model_validate_json(rec.draft_json)
         report_id = publish_draft(s, draft, actor=ACTOR)
         resources = {rt: fetch_current(s, rt, rid).json_text for rt, rid in _published_ids(draft, report_id)}
+        inputs = (read_source(ctx.storage, s, draft), key_image_pngs(ctx.storage, s, draft)) if objects_on else None
     out = export_dir(ctx.settings, draft)
     out.mkdir(parents=True, exist_ok=True)
     files = {"draft.json": draft.model_dump_json(indent=2)}
@@ -466,11 +476,40 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, "utf-8")
         os.replace(tmp, out / name)
+    # DICOM SR, report PDF and KOS (issue 13): built and written (deterministically, so a rerun
+    # rewrites the same files) before the draft is marked published; queued for export in the
+    # same transaction as that mark.
+    written = write_draft_objects(ctx.settings, ctx.storage, draft, *inputs, out) if inputs else []
     with session_scope(ctx.engine) as s:
+        if written:
+            enqueue_export(s, ctx.settings, draft, written)
+            record(s, action="draft.dicom_objects", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
+                   details={"study": draft.study.study_instance_uid,
+                            "objects": {o.kind: o.sop_instance_uid for o in written}})
         s.exec(update(DraftRecord).where(col(DraftRecord.draft_id) == draft_id)
                .values(published_at=utcnow(), fhir_report_id=report_id, publish_error=None))
     _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)
     return report_id
+
+
+def enqueue_export(session: Session, settings: Settings, draft: Draft, objects: Sequence[WrittenObject]) -> int:
+    """Queue a draft's written DICOM objects for every export destination that takes them, in
+    the caller's transaction. The outbox lives in ``integrations.dicom.outbox`` (issue 13, the
+    sending half); until it is there this queues nothing. Returns the number of outbox rows."""
+    try:
+        from integrations.dicom.outbox import OutboxObject, enqueue_objects
+    except ImportError:
+        log.debug("no export outbox in this build: %d objects of draft %s not queued", len(objects), draft.draft_id)
+        return 0
+    export = getattr(settings, "export", None)
+    rows = enqueue_objects(
+        session, draft_id=draft.draft_id, study_instance_uid=draft.study.study_instance_uid,
+        objects=[OutboxObject.model_validate({"kind": o.kind, "sop_class_uid": o.sop_class_uid,
+                                              "sop_instance_uid": o.sop_instance_uid, "location": o.storage_key})
+                 for o in objects],
+        destinations=getattr(export, "destinations", None),
+    )
+    return len(rows)
 
 
 def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:

@@ -18,7 +18,6 @@ from typing import Final, Literal
 from highdicom.sr import PersonObserverIdentifyingAttributes
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
-from pydicom.valuerep import PersonName
 
 from reporting.dicom.equipment import Equipment, dicom_dt, lo
 from reporting.dicom.errors import DicomObjectError
@@ -52,14 +51,23 @@ class Verification(BaseModel):
     revision: str = Field("", description="Tells several verified revisions of one draft apart (e.g. report version).")
 
 
-def _person_name(name: str) -> str:
-    """A display name as a PN value: ``Family^Given`` kept, ``Given Family`` -> ``Family^Given``."""
+_PREFIXES: Final = {"dr", "dr.", "prof", "prof.", "mr", "mr.", "mrs", "mrs.", "ms", "ms."}
+
+
+def person_name(name: str) -> str:
+    """A display name as a PN value (PS3.5 6.2.1.1): ``Family^Given`` is kept; ``Dr Amal Haddad``
+    becomes ``Haddad^Amal^^Dr``; a single word becomes ``Word^`` (family name only)."""
     if "^" in name or "=" in name:
         return name
     parts = name.split()
+    prefix = ""
+    if len(parts) > 1 and parts[0].lower() in _PREFIXES:
+        prefix, parts = parts[0], parts[1:]
     if len(parts) >= 2:
-        return f"{parts[-1]}^{' '.join(parts[:-1])}"
-    return f"{name}^"
+        value = f"{parts[-1]}^{' '.join(parts[:-1])}"
+    else:
+        value = f"{parts[0] if parts else name}^"
+    return f"{value}^^{prefix}" if prefix else value
 
 
 def build_verified_sr(draft: Draft, source: SourceAttributes, equipment: Equipment,
@@ -67,11 +75,11 @@ def build_verified_sr(draft: Draft, source: SourceAttributes, equipment: Equipme
     """The verified revision of ``draft``'s SR. :class:`DicomObjectError` for a rejection."""
     if verification.action == "reject":
         raise DicomObjectError(f"draft {draft.draft_id} was rejected: a rejection makes no verified SR")
-    pn = _person_name(verification.reviewer_name)
+    pn = person_name(verification.reviewer_name)
     when = verification.verified_at
     da, tm = dicom_dt(when)
     at = f"{da[:4]}-{da[4:6]}-{da[6:]} {tm[:2]}:{tm[2:4]}"
-    display = str(PersonName(pn).given_name + " " + PersonName(pn).family_name).strip() or verification.reviewer_name
+    display = verification.reviewer_name
     notes = {lang: [_NOTE[lang].format(who=display, org=verification.organization,
                                        action=_ACTION[lang][verification.action], at=at)]
              for lang in verification.sections}

@@ -82,3 +82,12 @@ def test_verifier_needs_a_name_and_organisation() -> None:
         _verification(organization="")
     with pytest.raises(ValueError):
         _verification(reviewer_name="")
+
+
+def test_person_names() -> None:
+    from reporting.dicom.verified import person_name
+
+    assert person_name("Dr Amal Haddad") == "Haddad^Amal^^Dr"
+    assert person_name("Layla Haddad") == "Haddad^Layla"
+    assert person_name("Haddad^Layla") == "Haddad^Layla"
+    assert person_name("dr.omar") == "dr.omar^"
