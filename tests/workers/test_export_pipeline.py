@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from integrations.dicom.outbox import OutboxItem
+from reporting.draft import Draft
 from taqrir.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, SECTIONS
@@ -35,11 +36,11 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
     server.stop(kill=True)
 
 
-def test_a_drafted_study_reaches_the_pacs_as_sr_pdf_and_kos(engine: Engine, tmp_path: Path,
-                                                            pacs: OrthancServer) -> None:
+def publish_to_pacs(engine: Engine, tmp_path: Path, pacs: OrthancServer) -> tuple[Draft, list[OutboxItem]]:
+    """The PACS holds a CT study; Taqrir drafts it (fixed text), publishes it through the tasks
+    (embedded mode) and the outbox sends its objects to the PACS. Returns the draft and its rows."""
     for f in CT_3SLICE:  # the PACS holds the study it routed to Taqrir
         pacs.upload(f.read_bytes())
-    [study_id] = pacs.get("/studies")
     settings = load_settings(
         data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
         export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
@@ -53,7 +54,13 @@ def test_a_drafted_study_reaches_the_pacs_as_sr_pdf_and_kos(engine: Engine, tmp_
         dispatcher.close()
         set_context(None)
     with session_scope(engine) as s:
-        rows = s.exec(select(OutboxItem)).all()
+        return draft, list(s.exec(select(OutboxItem)).all())
+
+
+def test_a_drafted_study_reaches_the_pacs_as_sr_pdf_and_kos(engine: Engine, tmp_path: Path,
+                                                            pacs: OrthancServer) -> None:
+    _draft, rows = publish_to_pacs(engine, tmp_path, pacs)
+    [study_id] = pacs.get("/studies")
     assert sorted(r.kind for r in rows) == ["kos", "pdf", "sr"]
     assert all(r.state == "sent" and r.attempts == 1 for r in rows), [(r.kind, r.last_error) for r in rows]
     # Orthanc: the three objects in the source study, each once
