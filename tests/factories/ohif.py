@@ -83,7 +83,7 @@ class OhifServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+            def do_GET(self) -> None:  # the http.server interface
                 path = urlsplit(self.path).path
                 if path.startswith(_FORWARD):
                     headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
