@@ -238,7 +238,7 @@ def request_commitment(dest: Destination, settings: ExportSettings, items: Seque
     """Storage Commitment Push Model N-ACTION (PS3.4 J.3.2) for ``items``; the PACS answers later
     with an N-EVENT-REPORT, usually on an association it opens to our listener."""
     assoc = associate(dest, settings, [], commitment=True)
-    transaction_uid = str(generate_uid())
+    transaction_uid = str(generate_uid(prefix=None))  # 2.25 + a UUID (PS3.5 B.2): ours, unique
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     refs = []

@@ -288,3 +288,40 @@ def test_cli_lists_the_outbox_and_replays_dead_rows_once_the_pacs_is_fixed(
     metrics = CliRunner().invoke(app, ["metrics"], env=env)
     assert 'taqrir_export_objects{destination="strict",state="sent"} 2.0' in metrics.output
     assert 'taqrir_export_attempts_total{destination="strict"} 4.0' in metrics.output
+
+
+def test_storage_commitment_is_requested_and_recorded_per_object(
+        engine: Engine, tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]) -> None:
+    pacs = orthanc_factory(known_aes={"taqrir": ("TAQRIR", free_port())})
+    settings = ExportSettings(destinations=[_dest(pacs, storage_commitment=True)])
+    ids = _queue(engine, _objects(tmp_path), settings.destinations)
+    assert {d.state.value for d in deliver(engine, settings, ids)} == {"sent"}
+    rows = _rows(engine).values()
+    assert {r.commitment for r in rows} == {"requested"}
+    [uid] = {r.commitment_uid for r in rows}
+    assert uid and uid.startswith("2.25.")
+    # the N-EVENT-REPORT's results, as the listener hands them over, land on the rows
+    from integrations.dicom.outbox import record_commitment
+
+    [first, second] = sorted(rows, key=lambda r: r.id or 0)
+    with session_scope(engine) as s:
+        assert record_commitment(s, transaction_uid=uid, committed=[first.sop_instance_uid],
+                                 failed=[(second.sop_instance_uid, 0x0110)], peer=pacs.aet) == 2
+    after = _rows(engine)
+    assert after[first.id or 0].commitment == "committed"
+    assert after[second.id or 0].commitment == "failed" and "0x0110" in (after[second.id or 0].last_error or "")
+
+
+def test_missing_file_and_removed_destination_are_dead_with_the_reason(engine: Engine, tmp_path: Path) -> None:
+    gone = Destination(name="gone", ae_title="GONE", host="127.0.0.1", port=free_port())
+    here = Destination(name="here", ae_title="HERE", host="127.0.0.1", port=free_port())
+    [obj] = _objects(tmp_path)[:1]
+    missing = obj.model_copy(update={"location": str(tmp_path / "nowhere.dcm"), "sop_instance_uid": "2.25.42"})
+    ids = _queue(engine, [obj, missing], [gone, here])
+    deliver(engine, ExportSettings(destinations=[here]), ids)  # "gone" was removed from the settings
+    rows = _rows(engine).values()
+    assert {(r.destination, r.sop_instance_uid == "2.25.42", r.state) for r in rows} == {
+        ("gone", False, "dead"), ("gone", True, "dead"), ("here", False, "failed"), ("here", True, "dead")}
+    reasons = {r.last_error for r in rows if r.state == "dead"}
+    assert any("no longer in export.destinations" in (x or "") for x in reasons)
+    assert any("is missing" in (x or "") for x in reasons)
