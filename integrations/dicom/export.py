@@ -30,6 +30,7 @@ from .outbox import (
     mark_dead,
     mark_failed,
     mark_sent,
+    note_commitment_requested,
 )
 from .scu import (
     ExportError,
@@ -37,6 +38,7 @@ from .scu import (
     SendItem,
     SendResult,
     TransientExportError,
+    new_transaction_uid,
     request_commitment,
     send_files,
 )
@@ -109,13 +111,13 @@ def _deliver_group(engine: Engine, settings: ExportSettings, name: str, rows: li
                 results[row.id] = TransientExportError(f"unexpected {type(err).__name__}: {err}")
     send_s = time.perf_counter() - t0
     commitment: tuple[CommitmentState, str | None] | None = None
-    ok = []
+    ok: list[tuple[OutboxItem, SendItem]] = []
     for row, item in sendable:
         answer = results[row.id or 0]
         if isinstance(answer, SendResult) and answer.error is None:
-            ok.append(item)
+            ok.append((row, item))
     if dest is not None and dest.storage_commitment and ok:
-        commitment = _ask_commitment(dest.name, settings, ok)
+        commitment = _ask_commitment(engine, dest.name, settings, ok)
     out = []
     with session_scope(engine) as s:
         for row in rows:
@@ -141,15 +143,21 @@ def _deliver_group(engine: Engine, settings: ExportSettings, name: str, rows: li
     return out
 
 
-def _ask_commitment(name: str, settings: ExportSettings, items: list[SendItem]) -> tuple[CommitmentState, str | None]:
+def _ask_commitment(engine: Engine, name: str, settings: ExportSettings,
+                    sent: list[tuple[OutboxItem, SendItem]]) -> tuple[CommitmentState, str | None]:
+    """N-ACTION for the sent objects. The transaction UID is on the rows before the request goes
+    out: the PACS may report back (to the listener) before the N-ACTION response arrives."""
     dest = settings.destination(name)
     assert dest is not None
+    transaction_uid = new_transaction_uid()
+    with session_scope(engine) as s:
+        note_commitment_requested(s, [row.id or 0 for row, _ in sent], transaction_uid)
     try:
-        req = request_commitment(dest, settings, items)
+        request_commitment(dest, settings, [item for _, item in sent], transaction_uid)
     except PermanentExportError as err:
         log.warning("storage commitment to %s refused: %s", name, err)
-        return CommitmentState.unsupported, None
+        return CommitmentState.unsupported, transaction_uid
     except ExportError as err:
         log.warning("storage commitment to %s failed: %s", name, err)
-        return CommitmentState.failed, None
-    return CommitmentState.requested, req.transaction_uid
+        return CommitmentState.failed, transaction_uid
+    return CommitmentState.requested, transaction_uid

@@ -222,14 +222,25 @@ def _finish(session: Session, row: OutboxItem, *, action: str, outcome: str, det
 
 def mark_sent(session: Session, row: OutboxItem, *, status: int, comment: str = "",
               commitment: CommitmentState | None = None, commitment_uid: str | None = None) -> bool:
-    """sending -> sent (audited)."""
+    """sending -> sent (audited). A commitment still ``requested`` is left as it is on the row (the
+    PACS's report may already have arrived); a request that failed is recorded."""
     now = utcnow()
+    extra: dict[str, object] = {}
+    if commitment is not None and commitment is not CommitmentState.requested:
+        extra = {"commitment": commitment.value, "commitment_uid": commitment_uid, "commitment_at": now}
     return _finish(session, row, action="export.sent", outcome="success",
-                   details={"status": f"0x{status:04X}", "comment": comment[:200]},
+                   details={"status": f"0x{status:04X}", "comment": comment[:200],
+                            "commitment": commitment.value if commitment else None},
                    state=OutboxState.sent.value, sent_at=now, last_status=status, last_error=None,
-                   first_failure_at=None,
-                   commitment=commitment.value if commitment else None, commitment_uid=commitment_uid,
-                   commitment_at=now if commitment else None)
+                   first_failure_at=None, **extra)
+
+
+def note_commitment_requested(session: Session, row_ids: Sequence[int], transaction_uid: str) -> None:
+    """Storage Commitment about to be asked for these rows under ``transaction_uid``."""
+    now = utcnow()
+    session.exec(update(OutboxItem).where(col(OutboxItem.id).in_(list(row_ids)))
+                 .values(commitment=CommitmentState.requested.value, commitment_uid=transaction_uid,
+                         commitment_at=now))
 
 
 def mark_failed(session: Session, row: OutboxItem, *, reason: str, status: int | None, retry_in_s: float,
@@ -285,6 +296,27 @@ def record_commitment(session: Session, *, transaction_uid: str, committed: Sequ
            details={"committed": len(committed), "failed": [[u, f"0x{r:04X}"] for u, r in failed],
                     "rows": changed, "known_transaction": bool(rows)})
     return changed
+
+
+def read_commitment_report(path: Path, event_type_id: int) -> tuple[str, list[str], list[tuple[str, int]]]:
+    """(transaction UID, committed SOP Instance UIDs, (failed UID, failure reason)) from an
+    N-EVENT-REPORT dataset (PS3.4 J.3.3.1: event type 1 all committed, 2 some failed). Raises
+    ValueError when it is not one."""
+    from pydicom import dcmread
+
+    if event_type_id not in (1, 2):
+        raise ValueError(f"event type {event_type_id} is not a storage commitment result")
+    try:
+        ds = dcmread(path)
+    except Exception as err:
+        raise ValueError(f"dataset unreadable: {type(err).__name__}") from err
+    uid = str(ds.get("TransactionUID", "") or "")
+    if not uid:
+        raise ValueError("no Transaction UID")
+    committed = [str(i.ReferencedSOPInstanceUID) for i in ds.get("ReferencedSOPSequence", [])]
+    failed = [(str(i.ReferencedSOPInstanceUID), int(i.get("FailureReason", 0x0110) or 0x0110))
+              for i in ds.get("FailedSOPSequence", [])]
+    return uid, committed, failed
 
 
 # -- what is due, what is lost, what a person replays -----------------------------------------

@@ -234,11 +234,16 @@ def _store_one(assoc: Association, dest: Destination, item: SendItem) -> SendRes
     return SendResult(item, status, comment, error=failure)
 
 
-def request_commitment(dest: Destination, settings: ExportSettings, items: Sequence[SendItem]) -> CommitmentRequest:
+def new_transaction_uid() -> str:
+    """A Storage Commitment Transaction UID: 2.25 + a UUID (PS3.5 B.2), unique and ours."""
+    return str(generate_uid(prefix=None))
+
+
+def request_commitment(dest: Destination, settings: ExportSettings, items: Sequence[SendItem],
+                       transaction_uid: str) -> CommitmentRequest:
     """Storage Commitment Push Model N-ACTION (PS3.4 J.3.2) for ``items``; the PACS answers later
     with an N-EVENT-REPORT, usually on an association it opens to our listener."""
     assoc = associate(dest, settings, [], commitment=True)
-    transaction_uid = str(generate_uid(prefix=None))  # 2.25 + a UUID (PS3.5 B.2): ours, unique
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     refs = []
@@ -265,6 +270,6 @@ def request_commitment(dest: Destination, settings: ExportSettings, items: Seque
 
 __all__ = [
     "CommitmentRequest", "ExportError", "Outcome", "PermanentExportError", "SendItem", "SendResult",
-    "TransientExportError", "associate", "classify_rejection", "classify_status", "request_commitment",
+    "TransientExportError", "associate", "classify_rejection", "classify_status", "new_transaction_uid", "request_commitment",
     "send_files",
 ]

@@ -325,3 +325,21 @@ def test_missing_file_and_removed_destination_are_dead_with_the_reason(engine: E
     reasons = {r.last_error for r in rows if r.state == "dead"}
     assert any("no longer in export.destinations" in (x or "") for x in reasons)
     assert any("is missing" in (x or "") for x in reasons)
+
+
+def test_storage_commitment_result_comes_back_to_the_listener(
+        engine: Engine, tmp_path: Path, start_listener: Callable[..., Any],
+        orthanc_factory: Callable[..., OrthancServer]) -> None:
+    listener = start_listener()
+    pacs = orthanc_factory(known_aes={"taqrir": ("TAQRIR", listener.port)})
+    settings = ExportSettings(destinations=[_dest(pacs, storage_commitment=True)])
+    ids = _queue(engine, _objects(tmp_path), settings.destinations)
+    assert {d.state.value for d in deliver(engine, settings, ids)} == {"sent"}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and {r.commitment for r in _rows(engine).values()} != {"committed"}:
+        time.sleep(0.2)
+    assert {r.commitment for r in _rows(engine).values()} == {"committed"}
+    with session_scope(engine) as s:
+        [event] = s.exec(select(AuditRecord).where(AuditRecord.action == "export.commitment")).all()
+    assert event.actor == "PACS" or event.actor == pacs.aet
+    assert json.loads(event.details)["rows"] == 2
