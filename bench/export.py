@@ -9,8 +9,11 @@ into /dev/shm. Every sender gets its own copies, so Orthanc (Debian, on loopback
 /dev/shm) stores new instances each time. Senders:
 
 - ``storescu``: DCMTK, all files over one association (``TCP_NODELAY=1``).
-- ``outbox, one task per object``: what the ``export`` task does for each outbox row: claim
-  (compare-and-set + audit record), one association, C-STORE, result row + audit record.
+- ``outbox, 1 association per object``: each outbox row alone: claim (compare-and-set + audit
+  record), one association, C-STORE, result row + audit record.
+- ``outbox, export tasks``: what the ``export`` task does for each row: the row and the due rows
+  of its draft and destination (SR, PDF, KOS) on one association; the siblings' own tasks then
+  find them sent.
 - ``outbox, batch``: :func:`integrations.dicom.export.deliver` with every row at once (one
   association per destination), the same bookkeeping per row.
 
@@ -37,7 +40,7 @@ from pydicom.uid import generate_uid
 
 from integrations.dicom.destinations import Destination, ExportSettings, ObjectKind
 from integrations.dicom.export import deliver
-from integrations.dicom.outbox import OutboxObject, enqueue_objects
+from integrations.dicom.outbox import OutboxObject, enqueue_objects, with_siblings
 from reporting.dicom import Equipment, SourceAttributes
 from reporting.dicom.objects import build_draft_objects, part10
 from taqrir.db import make_engine, session_scope, upgrade
@@ -88,22 +91,34 @@ def storescu(port: int, files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def outbox(db_url: str, port: int, files: list[Path], *, batch: bool) -> float:
+def outbox(db_url: str, port: int, files: list[Path], *, mode: str) -> float:
+    """Queue ``files`` (three per draft) and deliver them as ``mode`` says: ``object`` (one
+    association per object), ``task`` (what the export task does: the row and the due rows of its
+    draft and destination together) or ``batch`` (every row in one call)."""
     if db_url.startswith("postgresql"):
         reset_postgres_schema(db_url)
     engine = make_engine(db_url)
     upgrade(engine)
     settings = ExportSettings(destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)])
-    objects = []
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        objects.append(OutboxObject(kind=KINDS[str(ds.SOPClassUID)], sop_class_uid=str(ds.SOPClassUID),
-                                    sop_instance_uid=str(ds.SOPInstanceUID), location=str(f)))
-    with session_scope(engine) as s:
-        ids = enqueue_objects(s, draft_id="bench", study_instance_uid="1.2.3", objects=objects,
-                              destinations=settings.destinations)
+    ids: list[int] = []
+    for start in range(0, len(files), 3):
+        objects = []
+        for f in files[start:start + 3]:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            objects.append(OutboxObject(kind=KINDS[str(ds.SOPClassUID)], sop_class_uid=str(ds.SOPClassUID),
+                                        sop_instance_uid=str(ds.SOPInstanceUID), location=str(f)))
+        with session_scope(engine) as s:
+            ids += enqueue_objects(s, draft_id=f"bench-{start // 3}", study_instance_uid="1.2.3", objects=objects,
+                                   destinations=settings.destinations)
     t0 = time.perf_counter()
-    done = deliver(engine, settings, ids) if batch else [d for i in ids for d in deliver(engine, settings, [i])]
+    done = []
+    if mode == "batch":
+        done = deliver(engine, settings, ids)
+    else:
+        for i in ids:
+            with session_scope(engine) as s:
+                rows = with_siblings(s, i) if mode == "task" else [i]
+            done += deliver(engine, settings, rows)
     elapsed = time.perf_counter() - t0
     bad = [d for d in done if d.state.value != "sent"]
     assert len(done) == len(ids) and not bad, bad[:3]
@@ -127,10 +142,12 @@ def main() -> None:
         pacs.start()
         senders: dict[str, Callable[[list[Path], int], float]] = {
             "storescu (1 association)": lambda files, _r: storescu(pacs.dicom_port, files),
-            "outbox, one task per object": lambda files, r: outbox(
-                args.database_url or f"sqlite:///{work}/outbox-task-{r}.db", pacs.dicom_port, files, batch=False),
+            "outbox, 1 association per object": lambda files, r: outbox(
+                args.database_url or f"sqlite:///{work}/outbox-object-{r}.db", pacs.dicom_port, files, mode="object"),
+            "outbox, export tasks": lambda files, r: outbox(
+                args.database_url or f"sqlite:///{work}/outbox-task-{r}.db", pacs.dicom_port, files, mode="task"),
             "outbox, batch (1 association)": lambda files, r: outbox(
-                args.database_url or f"sqlite:///{work}/outbox-batch-{r}.db", pacs.dicom_port, files, batch=True),
+                args.database_url or f"sqlite:///{work}/outbox-batch-{r}.db", pacs.dicom_port, files, mode="batch"),
         }
         times: dict[str, list[float]] = {k: [] for k in senders}
         files_n, mb = 0, 0.0

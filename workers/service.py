@@ -537,12 +537,16 @@ def export_dir(settings: Settings, draft: Draft) -> Path:
 # -- stage 4: export to PACS destinations ---------------------------------------------------
 
 def export_stage(ctx: PipelineContext, row_id: int) -> str | None:
-    """Deliver one outbox row (``integrations.dicom.export``); returns its new state, None when
-    it was not due or another worker holds it. Failures are recorded on the row, never raised."""
+    """Deliver one outbox row (``integrations.dicom.export``), with the due rows of the same draft
+    and destination on the same association; returns the row's new state, None when it was not
+    due or another worker holds it. Failures are recorded on the rows, never raised."""
     from integrations.dicom.export import deliver
+    from integrations.dicom.outbox import with_siblings
 
-    done = deliver(ctx.engine, ctx.settings.export, [row_id], storage_root=ctx.storage.root)
-    return done[0].state.value if done else None
+    with session_scope(ctx.engine) as s:
+        rows = with_siblings(s, row_id)
+    done = deliver(ctx.engine, ctx.settings.export, rows, storage_root=ctx.storage.root)
+    return next((d.state.value for d in done if d.row_id == row_id), None)
 
 
 def exports_of_draft(engine: Engine, draft_id: str) -> list[int]:
