@@ -258,6 +258,20 @@ def test_destination_down_for_days_backs_off_to_the_cap_and_never_delays_another
     silent.close()
 
 
+@pytest.fixture
+def _keep_logging() -> Iterator[None]:
+    """The CLI's entry point configures the root logger onto CliRunner's stream, which is closed
+    after the run: put the test session's handlers back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_keep_logging")
 def test_cli_lists_the_outbox_and_replays_dead_rows_once_the_pacs_is_fixed(
         engine: Engine, db_url: str, tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]) -> None:
     from typer.testing import CliRunner
