@@ -71,13 +71,16 @@ EMPTY: Final[dict[Language, str]] = {"en": "(no text)", "ar": "(لا يوجد ن
 
 
 def thumbnail(png: bytes, size: int = THUMBNAIL_PX) -> bytes:
-    """A key image scaled to fit ``size`` pixels (PNG), so that the PDF stays small."""
+    """A key image scaled to fit ``size`` pixels, as JPEG (quality 90): the PDF embeds JPEG as
+    is (DCTDecode), where a PNG would be decoded and compressed again; a printed 40 mm preview
+    loses nothing visible. The model's PNG stays the reference (its SHA-256 is recorded)."""
     with Image.open(io.BytesIO(png)) as im:
         im.load()
-        copy = im.convert("L") if im.mode in ("I", "I;16", "F") else im.copy()
+        copy = im.convert("L") if im.mode in ("I", "I;16", "F", "1") else im.convert("RGB") \
+            if im.mode not in ("L", "RGB") else im.copy()
         copy.thumbnail((size, size))
         out = io.BytesIO()
-        copy.save(out, format="PNG", optimize=True)
+        copy.save(out, format="JPEG", quality=90)
         return out.getvalue()
 
 
@@ -159,7 +162,7 @@ def _images(draft: Draft, pngs: Mapping[str, bytes]) -> str:
             picture = '<div class="missing">image not available</div>'
         else:
             data = base64.b64encode(thumbnail(png)).decode("ascii")
-            picture = f'<img src="data:image/png;base64,{data}" alt="{_e(ki.label)}"/>'
+            picture = f'<img src="data:image/jpeg;base64,{data}" alt="{_e(ki.label)}"/>'
         caption = _e(ki.label or "key image") + (f" ({_e(ki.window)})" if ki.window else "")
         figures.append(f"<figure>{picture}<figcaption><bdi>{caption}</bdi></figcaption></figure>")
     return '<div class="images">' + "".join(figures) + "</div>"

@@ -158,3 +158,14 @@ def test_source_of_another_study_is_refused() -> None:
     other = SourceAttributes.from_study_ref(draft.study).model_copy(update={"study_instance_uid": "1.2.3"})
     with pytest.raises(ValueError, match="source attributes are of study 1.2.3"):
         build_draft_sr(draft, other, EQUIPMENT)
+
+
+def test_source_values_are_validated_or_dropped() -> None:
+    ds = pydicom.dcmread(ARABIC_NAME, stop_before_pixels=True)
+    ds.StudyDate, ds.StudyTime, ds.PatientSex, ds.PatientBirthDate = "1994.01.30", "11:25:01", "X", "19999"
+    source = SourceAttributes.from_dataset(ds)
+    assert (source.study_date, source.study_time, source.patient_sex, source.patient_birth_date) == (
+        "19940130", "112501", "", "")
+    del ds.StudyInstanceUID
+    with pytest.raises(ValueError, match="Study Instance UID"):
+        SourceAttributes.from_dataset(ds)
