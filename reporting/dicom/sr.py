@@ -19,6 +19,9 @@ one TEXT item per sentence (long sentences cut at a word boundary every
 :data:`FINDING_ITEM_CHARS` characters) and each impression paragraph as one item: a radiologist
 reads short lines, never a line scrolling off the screen, and other viewers lose nothing.
 
+Arabic TEXT values are wrapped in Unicode right-to-left isolates (:func:`directional`) so that
+viewers which lay text out left to right still show them in Arabic order.
+
 Enhanced SR (not Comprehensive) because the tree holds no coordinates: it is the most widely
 accepted SR class that still allows the coded TID 4019 items. Content items come from
 highdicom's ``ContainerContentItem``/``TextContentItem`` and templates; the document modules
@@ -74,6 +77,22 @@ EMPTY_TEXT: Final[dict[Language, str]] = {"en": "[no text]", "ar": "[لا يوج
 
 _SENTENCE_END = re.compile(r"(?<=[.!?؟。])\s+")
 
+#: Unicode bidirectional isolates (UAX #9, 2.7): RIGHT-TO-LEFT ISOLATE ... POP DIRECTIONAL ISOLATE.
+RLI: Final = "\u2067"
+PDI: Final = "\u2069"
+
+
+def directional(text: str, lang: Language) -> str:
+    """Arabic text wrapped in a right-to-left isolate.
+
+    Viewers lay SR text out left to right: OHIF's SR viewport, seen in its screenshots here, put
+    an Arabic sentence's full stop on the wrong side and, where Latin text sits inside Arabic
+    ("(BiMediX2)"), showed the Arabic phrases in the wrong order. Inside RLI ... PDI the Unicode
+    Bidirectional Algorithm orders the text right to left whatever the surrounding direction;
+    the marks are invisible, and a reader that compares text strips U+2066..U+2069.
+    """
+    return f"{RLI}{text}{PDI}" if lang == "ar" and text else text
+
 
 def _chunks(sentence: str, limit: int) -> list[str]:
     """A sentence cut at spaces into pieces of at most ``limit`` characters (a word longer than
@@ -122,12 +141,13 @@ def _section(concept: Code, item_concept: Code, lines: list[str], lang: Language
     section = ContainerContentItem(name=concept, relationship_type="CONTAINS", is_content_continuous=False)
     section.ContentSequence = Sequence([_language(lang)])
     for line in lines or [EMPTY_TEXT[lang]]:
-        section.ContentSequence.append(TextContentItem(name=item_concept, value=line, relationship_type="CONTAINS"))
+        section.ContentSequence.append(TextContentItem(name=item_concept, value=directional(line, lang),
+                                                       relationship_type="CONTAINS"))
     return section
 
 
 def _comment(text: str, lang: Language) -> TextContentItem:
-    item = TextContentItem(name=COMMENT, value=text, relationship_type="CONTAINS")
+    item = TextContentItem(name=COMMENT, value=directional(text, lang), relationship_type="CONTAINS")
     item.ContentSequence = Sequence([_language(lang)])
     return item
 

@@ -30,8 +30,13 @@ def _language(item: Dataset) -> str | None:
     return None
 
 
+def _plain(value: object) -> str:
+    """A TEXT value without the right-to-left isolate marks the SR puts around Arabic."""
+    return str(value).removeprefix("\u2067").removesuffix("\u2069")
+
+
 def _texts(item: Dataset, code: str) -> list[str]:
-    return [str(c.TextValue) for c in item.ContentSequence if c.ValueType == "TEXT" and _code(c)[0] == code]
+    return [_plain(c.TextValue) for c in item.ContentSequence if c.ValueType == "TEXT" and _code(c)[0] == code]
 
 
 def test_draft_sr_tree_flags_and_labels(tmp_path: Path) -> None:
@@ -59,7 +64,10 @@ def test_draft_sr_tree_flags_and_labels(tmp_path: Path) -> None:
     assert _texts(by[("121070", "ar")], "121071")[0] == "الرئتان سليمتان."
     # disclaimer in both languages as content
     comments = {_language(i): str(i.TextValue) for i in ds.ContentSequence if _code(i) == ("121106", "DCM")}
-    assert comments == {"en": DISCLAIMER["en"], "ar": DISCLAIMER["ar"]}
+    # Arabic inside a right-to-left isolate (viewers lay text out left to right), English as is
+    assert comments == {"en": DISCLAIMER["en"], "ar": "\u2067" + DISCLAIMER["ar"] + "\u2069"}
+    ar_findings = [str(c.TextValue) for c in by[("121070", "ar")].ContentSequence if c.ValueType == "TEXT"]
+    assert all(v.startswith("\u2067") and v.endswith("\u2069") for v in ar_findings)
     # algorithm: TID 4019 and the IHE AIR contributing equipment item
     algo = {_code(i)[0]: str(i.TextValue) for i in ds.ContentSequence if _code(i)[0] in ("111001", "111003")}
     assert algo == {"111001": draft.model.model_name, "111003": draft.model.model_revision}
