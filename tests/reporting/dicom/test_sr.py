@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from reporting.dicom import Equipment, SourceAttributes, build_draft_sr, device_uid, object_uids
-from reporting.dicom.sr import FINDING_ITEM_CHARS, finding_lines
+from reporting.dicom.sr import FINDING_LINE_CHARS, finding_lines
 from reporting.draft import Sections
 from reporting.labels import DISCLAIMER
 from tests.factories.drafts import ARABIC_NAME, SECTIONS, draft_from_dicom, sample_draft
@@ -128,8 +128,9 @@ def test_very_long_text_becomes_short_finding_lines(tmp_path: Path) -> None:
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     findings = next(i for i in ds.ContentSequence if _code(i)[0] == "121070")
     lines = _texts(findings, "121071")
-    assert max(len(x) for x in lines) <= FINDING_ITEM_CHARS
-    assert " ".join(lines).replace(" ", "") == (long_sentence + "." + unbroken).replace(" ", "")
+    assert len(lines) == 2  # one item per sentence, long ones broken into short lines
+    assert max(len(row) for item in lines for row in item.split("\r\n")) <= FINDING_LINE_CHARS
+    assert " ".join(lines).replace("\r\n", " ").replace(" ", "") == (long_sentence + "." + unbroken).replace(" ", "")
     impression = next(i for i in ds.ContentSequence if _code(i)[0] == "121072")
     assert _texts(impression, "121073") == [long_sentence]  # impressions wrap in viewers: kept whole
 
@@ -138,6 +139,7 @@ def test_finding_lines_split_sentences_in_both_scripts() -> None:
     assert finding_lines("A. B?\nC") == ["A.", "B?", "C"]
     assert finding_lines("هل يوجد كسر؟ لا. العظام سليمة") == ["هل يوجد كسر؟", "لا.", "العظام سليمة"]
     assert finding_lines("  \n ") == []
+    assert finding_lines("one two three four", limit=9) == ["one two\r\nthree\r\nfour"]
 
 
 def test_legacy_charset_patient_name_is_reencoded_to_utf8(tmp_path: Path) -> None:
@@ -177,3 +179,10 @@ def test_source_values_are_validated_or_dropped() -> None:
     del ds.StudyInstanceUID
     with pytest.raises(ValueError, match="Study Instance UID"):
         SourceAttributes.from_dataset(ds)
+
+
+def test_each_arabic_line_is_its_own_isolate() -> None:
+    from reporting.dicom.sr import directional
+
+    assert directional("نص\r\nآخر", "ar") == "\u2067نص\u2069\r\n\u2067آخر\u2069"
+    assert directional("text", "en") == "text" and directional("", "ar") == ""
