@@ -35,6 +35,7 @@ the caller's business. Building the PDF is the slow part (see ``bench/dicom_obje
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
@@ -168,11 +169,17 @@ def _images(draft: Draft, pngs: Mapping[str, bytes]) -> str:
     return '<div class="images">' + "".join(figures) + "</div>"
 
 
+@functools.cache
+def _stylesheet() -> str:
+    """The page's CSS (package data, ``report.css``), read once per process."""
+    return resources.files("reporting.dicom").joinpath("report.css").read_text("utf-8")
+
+
 def report_html(draft: Draft, source: SourceAttributes, key_image_pngs: Mapping[str, bytes],
                 *, sections: Mapping[Language, Sections] | None = None, review_note: str = "") -> str:
     """The report page as HTML (what :func:`render_report_pdf` prints)."""
     text = dict(sections or draft.sections)
-    css = resources.files("reporting.dicom").joinpath("report.css").read_text("utf-8")
+    css = _stylesheet()
     langs: list[Language] = [lang for lang in ("en", "ar") if lang in text]
     review = f'<p class="review">{_e(review_note)}</p>' if review_note else ""
     model = draft.model
