@@ -231,7 +231,7 @@ def demo(
     data_dir: Annotated[Path, typer.Option(help="Folder for the demo's database, storage and drafts.")] = Path("taqrir-demo"),
     keep: Annotated[bool, typer.Option(help="Keep what an earlier demo left in data_dir.")] = False,
 ) -> None:
-    """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON."""
+    """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON and DICOM SR/PDF/KOS."""
     from .demo import run_demo
 
     raise typer.Exit(run_demo(data_dir=data_dir, keep=keep))

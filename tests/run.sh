@@ -20,7 +20,8 @@ command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
 command -v pdftotext >/dev/null || need_pkgs+=(poppler-utils)
 [ -f /usr/share/fonts/truetype/noto/NotoNaskhArabic-Regular.ttf ] || need_pkgs+=(fonts-noto-core)
 [ -d /usr/share/fonts/opentype/fonts-hosny-amiri ] || need_pkgs+=(fonts-hosny-amiri)
-ldconfig -p 2>/dev/null | grep -q libpangoft2-1.0 || need_pkgs+=(libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0)
+compgen -G "/usr/lib/*/libpangoft2-1.0.so.0" >/dev/null || need_pkgs+=(libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0)
+
 # The viewer test (tests/viewer): OHIF served against Orthanc's DICOMweb plugin, in headless Chromium
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
 command -v node >/dev/null || need_pkgs+=(nodejs)

@@ -71,50 +71,68 @@ def equipment(settings: Settings) -> Equipment:
     return Equipment(software_version=version, institution_name=settings.dicom_objects.institution_name)
 
 
-def read_source(storage: LocalStorage, session: Session, draft: Draft) -> SourceAttributes:
+@dataclass(frozen=True)
+class ObjectInputs:
+    """Where the builders' inputs are on disk, looked up in the database (no file read yet), so
+    that the files are read outside the caller's transaction."""
+
+    source_paths: tuple[Path, ...]
+    """A few stored instances of the study (the first readable header is used)."""
+    key_images: tuple[tuple[str, Path], ...]
+    """``(SHA-256, path)`` of each key-image PNG the model saw."""
+
+
+def locate_inputs(storage: LocalStorage, session: Session, draft: Draft) -> ObjectInputs:
+    """The stored instance files and key-image PNGs of ``draft``'s study version (database only)."""
+    study = session.exec(select(Study).where(Study.study_instance_uid == draft.study.study_instance_uid)).first()
+    if study is None:
+        return ObjectInputs((), ())
+    keys = session.exec(select(Instance.storage_key).where(Instance.study_pk == study.id)
+                        .order_by(col(Instance.id)).limit(3)).all()
+    kis = session.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id,
+                                                 KeyImageSet.version == draft.study.version,
+                                                 KeyImageSet.config_sha256 == draft.pipeline_config_sha256)).first()
+    wanted = {k.sha256 for k in draft.key_images}
+    images: list[tuple[str, Path]] = []
+    if kis is not None:
+        folder = storage.path(kis.folder_key)
+        images = [(ki["sha256"], folder / ki["file"]) for ki in json.loads(kis.manifest).get("key_images", [])
+                  if ki.get("sha256") in wanted]
+    return ObjectInputs(tuple(storage.path(k) for k in keys), tuple(images))
+
+
+def load_source(inputs: ObjectInputs, draft: Draft) -> SourceAttributes:
     """The patient/study attributes of the draft's study, from the header of one of its stored
     instances (decoded from its character set). Falls back to the index's copy when no instance
     file can be read (logged): the objects then carry what the index kept."""
-    study = session.exec(select(Study).where(Study.study_instance_uid == draft.study.study_instance_uid)).first()
-    if study is not None:
-        rows = session.exec(select(Instance.storage_key).where(Instance.study_pk == study.id)
-                            .order_by(col(Instance.id)).limit(3)).all()
-        for key in rows:
-            try:
-                ds = pydicom.dcmread(storage.path(key), stop_before_pixels=True)
-                return SourceAttributes.from_dataset(ds)
-            except (OSError, InvalidDicomError, ValueError) as err:
-                log.warning("source header of study %s unreadable (%s); trying another instance",
-                            draft.study.study_instance_uid, type(err).__name__)
+    for path in inputs.source_paths:
+        try:
+            return SourceAttributes.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError, ValueError) as err:
+            log.warning("source header of study %s unreadable (%s); trying another instance",
+                        draft.study.study_instance_uid, type(err).__name__)
     log.warning("no readable instance of study %s: objects carry the index's patient/study attributes",
                 draft.study.study_instance_uid)
     return SourceAttributes.from_study_ref(draft.study)
 
 
-def key_image_pngs(storage: LocalStorage, session: Session, draft: Draft) -> dict[str, bytes]:
-    """The key-image PNGs of the draft (by SHA-256), read from the rendered set it was made from.
-    A PNG that is missing or whose bytes no longer match its SHA-256 is left out (the PDF then
-    says "image not available")."""
-    study = session.exec(select(Study).where(Study.study_instance_uid == draft.study.study_instance_uid)).first()
-    if study is None:
-        return {}
-    kis = session.exec(select(KeyImageSet).where(KeyImageSet.study_pk == study.id,
-                                                 KeyImageSet.version == draft.study.version,
-                                                 KeyImageSet.config_sha256 == draft.pipeline_config_sha256)).first()
-    if kis is None:
-        return {}
-    wanted = {k.sha256 for k in draft.key_images}
+def load_key_images(inputs: ObjectInputs) -> dict[str, bytes]:
+    """The key-image PNGs by SHA-256. A PNG that is missing or whose bytes no longer match its
+    SHA-256 is left out (the PDF then says "image not available")."""
     out: dict[str, bytes] = {}
-    for ki in json.loads(kis.manifest).get("key_images", []):
-        if ki.get("sha256") not in wanted:
-            continue
+    for sha256, path in inputs.key_images:
         try:
-            data = storage.path(kis.folder_key).joinpath(ki["file"]).read_bytes()
+            data = path.read_bytes()
         except OSError:
             continue
-        if hashlib.sha256(data).hexdigest() == ki["sha256"]:
-            out[ki["sha256"]] = data
+        if hashlib.sha256(data).hexdigest() == sha256:
+            out[sha256] = data
     return out
+
+
+def read_source(storage: LocalStorage, session: Session, draft: Draft) -> SourceAttributes:
+    """:func:`locate_inputs` + :func:`load_source` in one call."""
+    return load_source(locate_inputs(storage, session, draft), draft)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -149,9 +167,10 @@ def storage_folder(draft: Draft) -> str:
     return f"exports/{draft.study.study_instance_uid}/{draft.draft_id}"
 
 
-def write_draft_objects(settings: Settings, storage: LocalStorage, draft: Draft, source: SourceAttributes,
-                        pngs: dict[str, bytes], out: Path) -> list[WrittenObject]:
-    """Build the draft's SR, PDF and KOS and write them (export folder and storage)."""
+def write_draft_objects(settings: Settings, storage: LocalStorage, draft: Draft, inputs: ObjectInputs,
+                        out: Path) -> list[WrittenObject]:
+    """Read the inputs, build the draft's SR, PDF and KOS and write them (export folder and storage)."""
+    source, pngs = load_source(inputs, draft), load_key_images(inputs)
     objects = build_draft_objects(draft, source, equipment(settings), pngs)
     folder = storage_folder(draft)
     written: list[WrittenObject] = []

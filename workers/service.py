@@ -454,7 +454,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
 
     objects_on = ctx.settings.dicom_objects.enabled
     if objects_on:
-        from workers.dicom_objects import key_image_pngs, read_source, write_draft_objects
+        from workers.dicom_objects import locate_inputs, write_draft_objects
     t0 = time.perf_counter()
     with session_scope(ctx.engine) as s:
         rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).first()
@@ -467,7 +467,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         draft = Draft.model_validate_json(rec.draft_json)
         report_id = publish_draft(s, draft, actor=ACTOR)
         resources = {rt: fetch_current(s, rt, rid).json_text for rt, rid in _published_ids(draft, report_id)}
-        inputs = (read_source(ctx.storage, s, draft), key_image_pngs(ctx.storage, s, draft)) if objects_on else None
+        inputs = locate_inputs(ctx.storage, s, draft) if objects_on else None  # files are read below
     out = export_dir(ctx.settings, draft)
     out.mkdir(parents=True, exist_ok=True)
     files = {"draft.json": draft.model_dump_json(indent=2)}
@@ -479,7 +479,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     # DICOM SR, report PDF and KOS (issue 13): built and written (deterministically, so a rerun
     # rewrites the same files) before the draft is marked published; queued for export in the
     # same transaction as that mark.
-    written = write_draft_objects(ctx.settings, ctx.storage, draft, *inputs, out) if inputs else []
+    written = write_draft_objects(ctx.settings, ctx.storage, draft, inputs, out) if inputs is not None else []
     with session_scope(ctx.engine) as s:
         if written:
             enqueue_export(s, ctx.settings, draft, written)

@@ -35,6 +35,7 @@ the caller's business. Building the PDF is the slow part (see ``bench/dicom_obje
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
@@ -71,13 +72,16 @@ EMPTY: Final[dict[Language, str]] = {"en": "(no text)", "ar": "(لا يوجد ن
 
 
 def thumbnail(png: bytes, size: int = THUMBNAIL_PX) -> bytes:
-    """A key image scaled to fit ``size`` pixels (PNG), so that the PDF stays small."""
+    """A key image scaled to fit ``size`` pixels, as JPEG (quality 90): the PDF embeds JPEG as
+    is (DCTDecode), where a PNG would be decoded and compressed again; a printed 40 mm preview
+    loses nothing visible. The model's PNG stays the reference (its SHA-256 is recorded)."""
     with Image.open(io.BytesIO(png)) as im:
         im.load()
-        copy = im.convert("L") if im.mode in ("I", "I;16", "F") else im.copy()
+        copy = im.convert("L") if im.mode in ("I", "I;16", "F", "1") else im.convert("RGB") \
+            if im.mode not in ("L", "RGB") else im.copy()
         copy.thumbnail((size, size))
         out = io.BytesIO()
-        copy.save(out, format="PNG", optimize=True)
+        copy.save(out, format="JPEG", quality=90)
         return out.getvalue()
 
 
@@ -159,17 +163,23 @@ def _images(draft: Draft, pngs: Mapping[str, bytes]) -> str:
             picture = '<div class="missing">image not available</div>'
         else:
             data = base64.b64encode(thumbnail(png)).decode("ascii")
-            picture = f'<img src="data:image/png;base64,{data}" alt="{_e(ki.label)}"/>'
+            picture = f'<img src="data:image/jpeg;base64,{data}" alt="{_e(ki.label)}"/>'
         caption = _e(ki.label or "key image") + (f" ({_e(ki.window)})" if ki.window else "")
         figures.append(f"<figure>{picture}<figcaption><bdi>{caption}</bdi></figcaption></figure>")
     return '<div class="images">' + "".join(figures) + "</div>"
+
+
+@functools.cache
+def _stylesheet() -> str:
+    """The page's CSS (package data, ``report.css``), read once per process."""
+    return resources.files("reporting.dicom").joinpath("report.css").read_text("utf-8")
 
 
 def report_html(draft: Draft, source: SourceAttributes, key_image_pngs: Mapping[str, bytes],
                 *, sections: Mapping[Language, Sections] | None = None, review_note: str = "") -> str:
     """The report page as HTML (what :func:`render_report_pdf` prints)."""
     text = dict(sections or draft.sections)
-    css = resources.files("reporting.dicom").joinpath("report.css").read_text("utf-8")
+    css = _stylesheet()
     langs: list[Language] = [lang for lang in ("en", "ar") if lang in text]
     review = f'<p class="review">{_e(review_note)}</p>' if review_note else ""
     model = draft.model

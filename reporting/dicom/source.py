@@ -72,10 +72,10 @@ class SourceAttributes(BaseModel):
             patient_id=_text(ds.get("PatientID"))[:64],
             issuer_of_patient_id=_text(ds.get("IssuerOfPatientID"))[:64],
             patient_name=_person(ds.get("PatientName")),
-            patient_birth_date=_valid(_DA, _text(ds.get("PatientBirthDate"))),
+            patient_birth_date=_date(_text(ds.get("PatientBirthDate"))),
             patient_sex=_sex(_text(ds.get("PatientSex"))),
             patient_age=_valid(_AS, _text(ds.get("PatientAge"))),
-            study_date=_valid(_DA, _text(ds.get("StudyDate"))),
+            study_date=_date(_text(ds.get("StudyDate"))),
             study_time=_valid(_TM, _text(ds.get("StudyTime")).replace(":", "")),
             study_id=_text(ds.get("StudyID"))[:16],
             accession_number=_text(ds.get("AccessionNumber"))[:16],
@@ -150,6 +150,12 @@ def _person(value: Any) -> str:
 
 def _valid(pattern: re.Pattern[str], value: str) -> str:
     return value if pattern.match(value) else ""
+
+
+def _date(value: str) -> str:
+    """A DA value; the ACR-NEMA form ``YYYY.MM.DD`` (PS3.5 6.2, still found in old files) becomes
+    ``YYYYMMDD``; anything else invalid is dropped."""
+    return _valid(_DA, value.replace(".", "") if len(value) == 10 else value)
 
 
 def _sex(value: str) -> str:

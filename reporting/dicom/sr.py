@@ -13,11 +13,15 @@ the model's Device UID) and is identified by TID 4019 "Algorithm Identification"
 checkpoint revision, parameters = prompt template and sampling), as IHE AI Results asks; the
 same algorithm is a Contributing Equipment item (see :mod:`reporting.dicom.equipment`).
 
-Line layout for viewers: OHIF lays out TEXT under 121071 "Finding" on one line without wrapping
-and wraps 121073 "Impression" (see the project's integration notes). So findings are written as
-one TEXT item per sentence (long sentences cut at a word boundary every
-:data:`FINDING_ITEM_CHARS` characters) and each impression paragraph as one item: a radiologist
-reads short lines, never a line scrolling off the screen, and other viewers lose nothing.
+Line layout for viewers: OHIF shows TEXT under 121071 "Finding" as preformatted text (line
+breaks kept, long lines not wrapped; its screenshots here) and wraps 121073 "Impression". So
+findings are written as one TEXT item per sentence, a sentence longer than
+:data:`FINDING_LINE_CHARS` characters broken at word boundaries with CR LF (the text line
+terminator of PS3.5 6.1.3); each impression paragraph is one item. A radiologist reads short
+lines, never a line running off the screen, and other viewers lose nothing.
+
+Arabic TEXT values are wrapped in Unicode right-to-left isolates (:func:`directional`) so that
+viewers which lay text out left to right still show them in Arabic order.
 
 Enhanced SR (not Comprehensive) because the tree holds no coordinates: it is the most widely
 accepted SR class that still allows the coded TID 4019 items. Content items come from
@@ -68,11 +72,30 @@ from reporting.labels import DISCLAIMER
 
 SR_SOP_CLASS: Final = str(EnhancedSRStorage)
 DRAFT_SERIES_DESCRIPTION: Final = f"{RESEARCH_LABEL} - Taqrir SR"
-FINDING_ITEM_CHARS: Final = 160
+FINDING_LINE_CHARS: Final = 90
 EMPTY_TEXT: Final[dict[Language, str]] = {"en": "[no text]", "ar": "[لا يوجد نص]"}
 """Shown in place of a section the model left empty: visible, never invented content."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?؟。])\s+")
+
+#: Unicode bidirectional isolates (UAX #9, 2.7): RIGHT-TO-LEFT ISOLATE ... POP DIRECTIONAL ISOLATE.
+RLI: Final = "\u2067"
+PDI: Final = "\u2069"
+
+
+def directional(text: str, lang: Language) -> str:
+    """Arabic text wrapped in a right-to-left isolate.
+
+    Viewers lay SR text out left to right: OHIF's SR viewport, seen in its screenshots here, put
+    an Arabic sentence's full stop on the wrong side and, where Latin text sits inside Arabic
+    ("(BiMediX2)"), showed the Arabic phrases in the wrong order. Inside RLI ... PDI the Unicode
+    Bidirectional Algorithm orders the text right to left whatever the surrounding direction;
+    the marks are invisible, and a reader that compares text strips U+2066..U+2069. A line break
+    ends an isolate (it separates paragraphs), so each line gets its own.
+    """
+    if lang != "ar" or not text:
+        return text
+    return "\r\n".join(f"{RLI}{line}{PDI}" for line in text.split("\r\n"))
 
 
 def _chunks(sentence: str, limit: int) -> list[str]:
@@ -98,14 +121,15 @@ def _chunks(sentence: str, limit: int) -> list[str]:
     return out
 
 
-def finding_lines(text: str, limit: int = FINDING_ITEM_CHARS) -> list[str]:
-    """Findings text as short lines: one per sentence, long sentences cut at word boundaries."""
-    lines: list[str] = []
+def finding_lines(text: str, limit: int = FINDING_LINE_CHARS) -> list[str]:
+    """Findings text as one item per sentence, a long sentence broken into lines of at most
+    ``limit`` characters (CR LF) at word boundaries."""
+    items: list[str] = []
     for paragraph in text.splitlines():
         for sentence in _SENTENCE_END.split(paragraph.strip()):
             if sentence.strip():
-                lines.extend(_chunks(sentence.strip(), limit))
-    return lines
+                items.append("\r\n".join(_chunks(sentence.strip(), limit)))
+    return items
 
 
 def impression_paragraphs(text: str) -> list[str]:
@@ -122,12 +146,13 @@ def _section(concept: Code, item_concept: Code, lines: list[str], lang: Language
     section = ContainerContentItem(name=concept, relationship_type="CONTAINS", is_content_continuous=False)
     section.ContentSequence = Sequence([_language(lang)])
     for line in lines or [EMPTY_TEXT[lang]]:
-        section.ContentSequence.append(TextContentItem(name=item_concept, value=line, relationship_type="CONTAINS"))
+        section.ContentSequence.append(TextContentItem(name=item_concept, value=directional(line, lang),
+                                                       relationship_type="CONTAINS"))
     return section
 
 
 def _comment(text: str, lang: Language) -> TextContentItem:
-    item = TextContentItem(name=COMMENT, value=text, relationship_type="CONTAINS")
+    item = TextContentItem(name=COMMENT, value=directional(text, lang), relationship_type="CONTAINS")
     item.ContentSequence = Sequence([_language(lang)])
     return item
 

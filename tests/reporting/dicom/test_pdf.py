@@ -120,8 +120,10 @@ def test_very_long_text_flows_onto_more_pages(tmp_path: Path) -> None:
     (tmp_path / "r.pdf").write_bytes(pdf)
     assert _pages(tmp_path / "r.pdf") > 1
     footer = ("Taqrir - AI draft, unverified, research only - not for clinical use", "/")
+    # the English column's lines, in order across pages (the footer and the Arabic column left out)
     lines = [ln for ln in pdf_text(tmp_path / "r.pdf").splitlines() if not ln.strip().startswith(footer[0])
-             and not (footer[1] in ln and ln.replace("/", "").strip().isdigit())]
+             and not (footer[1] in ln and ln.replace("/", "").strip().isdigit())
+             and not any("\u0600" <= ch <= "\u06ff" for ch in ln)]
     text = letters("\n".join(lines))
     positions = [text.find(letters(f"Sentence {i} describes a finding in detail.")) for i in range(400)]
     assert -1 not in positions and positions == sorted(positions)

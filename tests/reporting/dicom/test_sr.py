@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from reporting.dicom import Equipment, SourceAttributes, build_draft_sr, device_uid, object_uids
-from reporting.dicom.sr import FINDING_ITEM_CHARS, finding_lines
+from reporting.dicom.sr import FINDING_LINE_CHARS, finding_lines
 from reporting.draft import Sections
 from reporting.labels import DISCLAIMER
 from tests.factories.drafts import ARABIC_NAME, SECTIONS, draft_from_dicom, sample_draft
@@ -30,8 +30,13 @@ def _language(item: Dataset) -> str | None:
     return None
 
 
+def _plain(value: object) -> str:
+    """A TEXT value without the right-to-left isolate marks the SR puts around Arabic."""
+    return str(value).removeprefix("\u2067").removesuffix("\u2069")
+
+
 def _texts(item: Dataset, code: str) -> list[str]:
-    return [str(c.TextValue) for c in item.ContentSequence if c.ValueType == "TEXT" and _code(c)[0] == code]
+    return [_plain(c.TextValue) for c in item.ContentSequence if c.ValueType == "TEXT" and _code(c)[0] == code]
 
 
 def test_draft_sr_tree_flags_and_labels(tmp_path: Path) -> None:
@@ -59,7 +64,10 @@ def test_draft_sr_tree_flags_and_labels(tmp_path: Path) -> None:
     assert _texts(by[("121070", "ar")], "121071")[0] == "الرئتان سليمتان."
     # disclaimer in both languages as content
     comments = {_language(i): str(i.TextValue) for i in ds.ContentSequence if _code(i) == ("121106", "DCM")}
-    assert comments == {"en": DISCLAIMER["en"], "ar": DISCLAIMER["ar"]}
+    # Arabic inside a right-to-left isolate (viewers lay text out left to right), English as is
+    assert comments == {"en": DISCLAIMER["en"], "ar": "\u2067" + DISCLAIMER["ar"] + "\u2069"}
+    ar_findings = [str(c.TextValue) for c in by[("121070", "ar")].ContentSequence if c.ValueType == "TEXT"]
+    assert all(v.startswith("\u2067") and v.endswith("\u2069") for v in ar_findings)
     # algorithm: TID 4019 and the IHE AIR contributing equipment item
     algo = {_code(i)[0]: str(i.TextValue) for i in ds.ContentSequence if _code(i)[0] in ("111001", "111003")}
     assert algo == {"111001": draft.model.model_name, "111003": draft.model.model_revision}
@@ -120,8 +128,9 @@ def test_very_long_text_becomes_short_finding_lines(tmp_path: Path) -> None:
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     findings = next(i for i in ds.ContentSequence if _code(i)[0] == "121070")
     lines = _texts(findings, "121071")
-    assert max(len(x) for x in lines) <= FINDING_ITEM_CHARS
-    assert " ".join(lines).replace(" ", "") == (long_sentence + "." + unbroken).replace(" ", "")
+    assert len(lines) == 2  # one item per sentence, long ones broken into short lines
+    assert max(len(row) for item in lines for row in item.split("\r\n")) <= FINDING_LINE_CHARS
+    assert " ".join(lines).replace("\r\n", " ").replace(" ", "") == (long_sentence + "." + unbroken).replace(" ", "")
     impression = next(i for i in ds.ContentSequence if _code(i)[0] == "121072")
     assert _texts(impression, "121073") == [long_sentence]  # impressions wrap in viewers: kept whole
 
@@ -130,6 +139,7 @@ def test_finding_lines_split_sentences_in_both_scripts() -> None:
     assert finding_lines("A. B?\nC") == ["A.", "B?", "C"]
     assert finding_lines("هل يوجد كسر؟ لا. العظام سليمة") == ["هل يوجد كسر؟", "لا.", "العظام سليمة"]
     assert finding_lines("  \n ") == []
+    assert finding_lines("one two three four", limit=9) == ["one two\r\nthree\r\nfour"]
 
 
 def test_legacy_charset_patient_name_is_reencoded_to_utf8(tmp_path: Path) -> None:
@@ -158,3 +168,21 @@ def test_source_of_another_study_is_refused() -> None:
     other = SourceAttributes.from_study_ref(draft.study).model_copy(update={"study_instance_uid": "1.2.3"})
     with pytest.raises(ValueError, match="source attributes are of study 1.2.3"):
         build_draft_sr(draft, other, EQUIPMENT)
+
+
+def test_source_values_are_validated_or_dropped() -> None:
+    ds = pydicom.dcmread(ARABIC_NAME, stop_before_pixels=True)
+    ds.StudyDate, ds.StudyTime, ds.PatientSex, ds.PatientBirthDate = "1994.01.30", "11:25:01", "X", "19999"
+    source = SourceAttributes.from_dataset(ds)
+    assert (source.study_date, source.study_time, source.patient_sex, source.patient_birth_date) == (
+        "19940130", "112501", "", "")
+    del ds.StudyInstanceUID
+    with pytest.raises(ValueError, match="Study Instance UID"):
+        SourceAttributes.from_dataset(ds)
+
+
+def test_each_arabic_line_is_its_own_isolate() -> None:
+    from reporting.dicom.sr import directional
+
+    assert directional("نص\r\nآخر", "ar") == "\u2067نص\u2069\r\n\u2067آخر\u2069"
+    assert directional("text", "en") == "text" and directional("", "ar") == ""
