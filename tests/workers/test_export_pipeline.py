@@ -36,10 +36,11 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
     server.stop(kill=True)
 
 
-def publish_to_pacs(engine: Engine, tmp_path: Path, pacs: OrthancServer) -> tuple[Draft, list[OutboxItem]]:
+def publish_to_pacs(engine: Engine, tmp_path: Path, pacs: OrthancServer, *,
+                    upload: bool = True) -> tuple[Draft, list[OutboxItem]]:
     """The PACS holds a CT study; Taqrir drafts it (fixed text), publishes it through the tasks
     (embedded mode) and the outbox sends its objects to the PACS. Returns the draft and its rows."""
-    for f in CT_3SLICE:  # the PACS holds the study it routed to Taqrir
+    for f in CT_3SLICE if upload else []:  # the PACS holds the study it routed to Taqrir
         pacs.upload(f.read_bytes())
     settings = load_settings(
         data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
@@ -83,3 +84,38 @@ def test_a_drafted_study_reaches_the_pacs_as_sr_pdf_and_kos(engine: Engine, tmp_
     assert letters(SECTIONS["ar"].findings.split("\n")[0]) in arabic
     assert letters(SECTIONS["ar"].impression) in arabic
     assert "AI DRAFT - UNVERIFIED - RESEARCH ONLY" in pdf_text(tmp_path / "from-pacs.pdf")
+
+
+def test_the_sweep_sends_what_is_due_after_the_pacs_comes_back(engine: Engine, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sqlmodel import update
+
+    from taqrir.db import utcnow
+
+    pacs = OrthancServer(tmp_path / "orthanc", aet="PACS")  # down while the draft is published
+    try:
+        _draft, rows = publish_to_pacs(engine, tmp_path, pacs, upload=False)
+        assert {r.state for r in rows} == {"failed"} and all(r.attempts == 1 for r in rows)
+        pacs.start()
+        settings = load_settings(
+            data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
+            export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": pacs.dicom_port}]})
+        dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+        try:
+            assert dispatcher.sweep() == 0  # not due yet: the backoff holds
+            with session_scope(engine) as s:
+                s.exec(update(OutboxItem).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+            assert dispatcher.sweep() == 3
+            dispatcher.wait_idle()
+        finally:
+            dispatcher.close()
+            set_context(None)
+        with session_scope(engine) as s:
+            after = s.exec(select(OutboxItem)).all()
+        assert {r.state for r in after} == {"sent"} and all(r.attempts == 2 for r in after)
+        assert sorted(pacs.instance_tags(pacs.find_instance(r.sop_instance_uid)[0])["Modality"] for r in after) == [
+            "DOC", "KO", "SR"]
+    finally:
+        pacs.stop(kill=True)
