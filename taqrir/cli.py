@@ -141,7 +141,7 @@ def listen(
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues: render, infer, publish.")] = "render,infer,publish",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: render, infer, publish, export.")] = "render,infer,publish,export",
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
 ) -> None:
     """Run a Celery worker for the drafting pipeline (needs a real broker, e.g. Redis)."""
@@ -190,7 +190,7 @@ def serve(
     engine = _engine()
     # Each worker leads its own process group, so that stopping it reaches its pool children too
     # (Celery's prefork pool), even if the worker itself dies without stopping them.
-    procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"],
+    procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish,export"],
                               start_new_session=True)
              for _ in range(workers)]
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
@@ -337,7 +337,7 @@ def demo(
     dicom_port: DicomPortOpt = None,
     api_port: ApiPortOpt = None,
 ) -> None:
-    """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON."""
+    """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON and DICOM SR/PDF/KOS."""
     from .demo import DemoError, run_demo
 
     settings = get_settings()
@@ -422,6 +422,81 @@ def deltas() -> None:
 
     studies, rows = recompute_all(_engine())
     typer.echo(f"recomputed {rows} deltas of {studies} studies with a signed report")
+
+
+outbox_app = typer.Typer(help="Draft objects queued for PACS destinations (C-STORE).", invoke_without_command=True)
+app.add_typer(outbox_app, name="outbox")
+
+
+@outbox_app.callback()
+def outbox_list(
+    ctx: typer.Context,
+    state: Annotated[list[str] | None, typer.Option("--state", "-s", help="Only these states (repeatable): "
+                                                     "pending, sending, sent, failed, dead.")] = None,
+    limit: Annotated[int, typer.Option(help="How many rows, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """List outbox rows: what is pending, failed (retrying), dead (with why) and sent."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from integrations.dicom.outbox import OutboxState, counts, list_rows
+
+    from .db import session_scope
+
+    bad = set(state or []) - {s.value for s in OutboxState}
+    if bad:
+        raise typer.BadParameter(f"unknown states {sorted(bad)}")
+    with session_scope(_engine()) as session:
+        rows = list_rows(session, states=state or [], limit=limit)
+        totals = counts(session)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r.model_dump(mode="json"), ensure_ascii=False))
+        return
+    by_dest: dict[str, dict[str, int]] = {}
+    for (dest, st), (n, _attempts) in totals.items():
+        by_dest.setdefault(dest, {})[st] = n
+    for dest, states in sorted(by_dest.items()):
+        typer.echo(f"{dest}: " + ", ".join(f"{n} {st}" for st, n in sorted(states.items())))
+    if not rows:
+        typer.echo("the outbox is empty" if not totals else "no rows in these states")
+        return
+    typer.echo(f"{'ID':>6} {'STATE':<8} {'TRIES':>5} {'DESTINATION':<14} {'KIND':<11} {'NEXT TRY (UTC)':<19} SOP INSTANCE UID")
+    for r in rows:
+        nxt = r.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if r.state in ("pending", "failed") else ""
+        typer.echo(f"{r.id:>6} {r.state:<8} {r.attempts:>5} {r.destination[:14]:<14} {r.kind:<11} {nxt:<19} "
+                   f"{r.sop_instance_uid}")
+        if r.last_error and r.state in ("failed", "dead"):
+            typer.echo(f"{'':>6} reason: {r.last_error[:300]}")
+        if r.commitment:
+            typer.echo(f"{'':>6} storage commitment: {r.commitment}")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[list[int] | None, typer.Argument(help="Outbox row ids (see `taqrir outbox`).")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Replay every dead row (after fixing the cause).")] = False,
+) -> None:
+    """Replay outbox rows now: the named ones, every dead one (--dead), or every failed one."""
+    from integrations.dicom.outbox import replay
+    from workers.pipeline import Dispatcher
+    from workers.service import PipelineContext
+
+    from .db import session_scope
+
+    settings = get_settings()
+    engine = _engine()
+    with session_scope(engine) as session:
+        replayed = replay(session, ids=ids or [], dead=dead, actor=f"cli:{os.environ.get('USER', 'unknown')}")
+    if not replayed:
+        typer.echo("nothing to replay (sent and sending rows are left alone)")
+        return
+    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    for row_id in replayed:
+        dispatcher.export(row_id)
+    dispatcher.wait_idle()
+    dispatcher.close()
+    typer.echo(f"replayed {len(replayed)} row(s): {', '.join(map(str, replayed))}")
 
 
 @app.command("audit-verify")

@@ -29,6 +29,7 @@ MODEL_MODULES = (
     "audit.signed",
     "audit.deltas",
     "integrations.hl7.inbox",
+    "integrations.dicom.outbox",
 )
 
 

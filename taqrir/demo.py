@@ -3,7 +3,8 @@
 Real DICOM studies (from the repository's public test corpus) travel over the network (DICOM
 C-STORE on loopback) to the listener; studies become stable, key images are rendered, the local
 tiny model drafts English and Arabic sections, drafts become FHIR resources served by the API and
-written as JSON files. The tiny model has random weights: its text is meaningless by design.
+written as JSON files and as DICOM objects (a bilingual SR, an encapsulated report PDF and a key
+image selection, ``sr.dcm``/``report.pdf``/``kos.dcm`` beside the JSON). The tiny model has random weights: its text is meaningless by design.
 """
 
 from __future__ import annotations
@@ -242,7 +243,11 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
                 times = json.loads(rec.stage_times)
                 say(f"  {title}: drafted from {len(draft.key_images)} key images "
                     f"(render {times.get('render_s', 0):.2f}s, model {times.get('infer_s', 0):.2f}s)")
-                say(f"      {export_dir(settings, draft)}/  draft.json, DiagnosticReport.json, Patient.json")
+                out = export_dir(settings, draft)
+                say(f"      {out}/  draft.json, DiagnosticReport.json, Patient.json")
+                dicom = [n for n in ("sr.dcm", "report.pdf", "kos.dcm") if (out / n).is_file()]
+                if dicom:
+                    say(f"      {out}/  {', '.join(dicom)}  (DICOM SR, report PDF, key images)")
             else:
                 say(f"  {title}: {study.state}: {(study.failure_reason or '')[:160]}")
     if first is not None:
@@ -250,6 +255,11 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
         say("One draft, as stored (FHIR status 'partial', labelled AI-asserted and research-only):")
         say(f"  EN impression: {first.sections['en'].impression[:150]}")
         say(f"  AR impression: {first.sections['ar'].impression[:150]}")
+        out = export_dir(settings, first)
+        if (out / "sr.dcm").is_file():
+            say("The same draft as DICOM objects for the PACS (research-labelled, VerificationFlag UNVERIFIED):")
+            say(f"  {out / 'report.pdf'}  (open in any PDF reader; English and Arabic on one page)")
+            say(f"  dsrdump {out / 'sr.dcm'}  (the bilingual SR tree); {out / 'kos.dcm'}: the key images")
 
 
 def _show_api(base_url: str, bearer: str, say: Callable[[str], None]) -> None:

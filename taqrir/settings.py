@@ -19,8 +19,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from audit.config import AtnaSettings
 from inference.config import InferenceSettings
+from integrations.dicom.destinations import ExportSettings
 from integrations.fhir.config import ApiSettings
 from integrations.hl7.config import Hl7Settings
+from reporting.dicom_config import DicomObjectSettings
 from workers.render_config import RenderSettings
 
 from .errors import ConfigError
@@ -119,6 +121,8 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
     hl7: Hl7Settings = Field(default_factory=Hl7Settings, description="HL7 v2 MLLP receiver (`taqrir hl7`).")
     atna: AtnaSettings = Field(default_factory=AtnaSettings)  # type: ignore[arg-type]
+    dicom_objects: DicomObjectSettings = Field(default_factory=DicomObjectSettings)  # type: ignore[arg-type]
+    export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

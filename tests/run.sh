@@ -2,7 +2,9 @@
 # Install what the test suite needs and run it. The README's test command; .ci/run calls it.
 #
 # Needs: Python 3.11+, and for the real peers and services Debian packages dcmtk, orthanc,
-# redis-server, postgresql, rsyslog and rsyslog-gnutls (installed with apt-get when missing and running as root).
+# orthanc-dicomweb, redis-server, postgresql, rsyslog, rsyslog-gnutls, nodejs, npm, chromium,
+# dicom3tools, poppler-utils, fonts-noto-core, fonts-hosny-amiri and Pango (for WeasyPrint),
+# installed with apt-get when missing and running as root.
 # PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) are started
 # when they are down. Extra arguments go to pytest (e.g. `bash tests/run.sh -k listener`).
 set -euo pipefail
@@ -17,6 +19,18 @@ command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
 # the ATNA collector of tests/audit/test_ship.py: rsyslogd with its TLS (gtls) stream driver
 command -v rsyslogd >/dev/null || need_pkgs+=(rsyslog)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)
+# DICOM object checks (dciodvfy), PDF text/raster checks, the PDF's fonts and WeasyPrint's Pango
+command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+command -v pdftotext >/dev/null || need_pkgs+=(poppler-utils)
+[ -f /usr/share/fonts/truetype/noto/NotoNaskhArabic-Regular.ttf ] || need_pkgs+=(fonts-noto-core)
+[ -d /usr/share/fonts/opentype/fonts-hosny-amiri ] || need_pkgs+=(fonts-hosny-amiri)
+compgen -G "/usr/lib/*/libpangoft2-1.0.so.0" >/dev/null || need_pkgs+=(libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0)
+
+# The viewer test (tests/viewer): OHIF served against Orthanc's DICOMweb plugin, in headless Chromium
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
+command -v node >/dev/null || need_pkgs+=(nodejs)
+command -v npm >/dev/null || need_pkgs+=(npm)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -37,6 +51,19 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+fi
+
+# npm pieces of the viewer test, into ignored folders: puppeteer-core (package-lock.json, `npm ci`;
+# it drives Debian's Chromium, so no browser download) and OHIF v3's prebuilt dist/ (`npm pack`:
+# the tarball alone, not the app's build dependencies).
+OHIF_VERSION=3.13.2
+if [ ! -d tests/viewer/node_modules/puppeteer-core ]; then
+  PUPPETEER_SKIP_DOWNLOAD=1 npm ci --prefix tests/viewer --no-audit --no-fund >/dev/null
+fi
+if [ ! -f tests/viewer/ohif/package/dist/index.html ]; then
+  mkdir -p tests/viewer/ohif
+  (cd tests/viewer/ohif && npm pack "@ohif/app@${OHIF_VERSION}" >/dev/null && tar xzf "ohif-app-${OHIF_VERSION}.tgz" \
+    && rm "ohif-app-${OHIF_VERSION}.tgz")
 fi
 
 PY=${PYTHON:-python3}

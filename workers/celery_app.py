@@ -2,8 +2,8 @@
 :func:`configure` applies the settings in each entry point.
 
 Queues let hosts specialise: ``render`` (CPU), ``infer`` (GPU hosts or hosts near the SGLang
-server), ``publish`` (I/O). Reliability choices: tasks acknowledge late and are rejected (so
-redelivered) when their worker dies; a worker prefetches one message at a time. The database,
+server), ``publish`` (I/O), ``export`` (C-STORE of draft objects to PACS destinations).
+Reliability choices: tasks acknowledge late and are rejected (so redelivered) when their worker dies; a worker prefetches one message at a time. The database,
 not the broker, is the source of truth: a sweep re-enqueues work whose message was lost
 (:func:`workers.service.stale_work`). ``memory://`` runs the same tasks eagerly in-process, for
 the embedded demo that needs no server.
@@ -15,7 +15,7 @@ from celery import Celery
 
 from taqrir.settings import Settings
 
-QUEUES = ("render", "infer", "publish")
+QUEUES = ("render", "infer", "publish", "export")
 
 celery_app = Celery("taqrir", include=["workers.tasks"])
 
@@ -47,6 +47,7 @@ def configure(settings: Settings) -> Celery:
             "taqrir.render": {"queue": "render"},
             "taqrir.infer": {"queue": "infer"},
             "taqrir.publish": {"queue": "publish"},
+            "taqrir.export": {"queue": "export"},
         },
         # Unacked messages come back after this on Redis; the DB sweep usually acts first.
         broker_transport_options={"visibility_timeout": max(int(settings.queue.requeue_after) * 2, 60)},

@@ -2,7 +2,8 @@
 
 The database is the source of truth across hosts, so counts come from it rather than from
 per-process counters: studies by state (queue depth is ``stable``+``queued``+``rendering``+``inferring``),
-drafts made, and time spent per stage (from the stage times each draft records).
+drafts made, time spent per stage (from the stage times each draft records), and the export outbox
+per destination.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from integrations.dicom.index import Instance, Study, StudyState
+from integrations.dicom.outbox import OutboxState, counts
 from taqrir.db import session_scope
 
 from .state import DraftRecord
@@ -52,7 +54,30 @@ class PipelineCollector(Collector):
         yield stage
 
 
+class ExportCollector(Collector):
+    """The outbox per destination: rows by state (``dead`` needs a person; ``failed`` is
+    retrying) and attempts made, so an alert can fire on a destination that stopped taking."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        with session_scope(self.engine) as s:
+            by = counts(s)
+        objects = GaugeMetricFamily("taqrir_export_objects", "Outbox rows by destination and state",
+                                    labels=["destination", "state"])
+        attempts = CounterMetricFamily("taqrir_export_attempts", "C-STORE attempts made, by destination",
+                                       labels=["destination"])
+        for dest in sorted({d for d, _ in by}):
+            for state in OutboxState:
+                objects.add_metric([dest, state.value], by.get((dest, state.value), (0, 0))[0])
+            attempts.add_metric([dest], sum(a for (d, _), (_n, a) in by.items() if d == dest))
+        yield objects
+        yield attempts
+
+
 def render_metrics(engine: Engine) -> bytes:
     registry = CollectorRegistry()
     registry.register(PipelineCollector(engine))
+    registry.register(ExportCollector(engine))
     return generate_latest(registry)

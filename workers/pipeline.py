@@ -62,8 +62,14 @@ class Dispatcher:
 
         self._send(lambda: publish_task.delay(draft_id))
 
+    def export(self, row_id: int) -> None:
+        from .tasks import export_task
+
+        self._send(lambda: export_task.delay(row_id))
+
     def sweep(self) -> int:
-        """Re-enqueue work whose message was lost. Returns how many items were re-sent."""
+        """Re-enqueue work whose message was lost, and outbox rows whose (re)try is due. Returns
+        how many items were sent."""
         studies, drafts = service.stale_work(get_context().engine, older_than_s=self.settings.queue.requeue_after)
         for uid, version, stage in studies:
             log.warning("re-enqueuing %s v%d at %s: no progress for %.0fs", uid, version, stage,
@@ -71,7 +77,10 @@ class Dispatcher:
             self.resend(uid, version, stage)
         for draft_id in drafts:
             self.republish(draft_id)
-        return len(studies) + len(drafts)
+        exports = service.due_exports(get_context())
+        for row_id in exports:
+            self.export(row_id)
+        return len(studies) + len(drafts) + len(exports)
 
     def wait_idle(self) -> None:
         if self._pool is not None:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -56,6 +56,9 @@ from taqrir.settings import Settings
 from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
 from workers.render.output import provenance
 from workers.state import DraftRecord, KeyImageSet
+
+if TYPE_CHECKING:
+    from workers.dicom_objects import WrittenObject
 
 log = logging.getLogger(__name__)
 
@@ -454,13 +457,19 @@ def _add_stage_time(engine: Engine, draft_id: str, **times: float) -> None:
 # -- stage 3: publish ------------------------------------------------------------------------
 
 def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
-    """Make the draft available as FHIR resources and JSON files (once). Returns the report id.
+    """Make the draft available as FHIR resources, JSON files and DICOM objects (once). Returns
+    the report id.
 
-    Order: resources (idempotent), then the files (atomically), then ``published_at``; a crash
-    anywhere leaves the draft unpublished, and the sweep publishes it again.
+    Order: resources (idempotent), then the files (atomically: JSON, then ``sr.dcm``,
+    ``report.pdf``, ``kos.dcm`` beside them and the DICOM files in storage), then the export
+    outbox rows and ``published_at`` in one transaction; a crash anywhere leaves the draft
+    unpublished, and the sweep publishes it again (same UIDs, same files).
     """
     from integrations.fhir.store import fetch_current, publish_draft
 
+    objects_on = ctx.settings.dicom_objects.enabled
+    if objects_on:
+        from workers.dicom_objects import locate_inputs, write_draft_objects
     t0 = time.perf_counter()
     with session_scope(ctx.engine) as s:
         rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).first()
@@ -477,6 +486,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         report_id = publish_draft(s, draft, actor=ACTOR)
         _supersede_older(s, rec.study_pk, rec.study_instance_uid, rec.version, draft_id)
         resources = {rt: fetch_current(s, rt, rid).json_text for rt, rid in _published_ids(draft, report_id)}
+        inputs = locate_inputs(ctx.storage, s, draft) if objects_on else None  # files are read below
     out = export_dir(ctx.settings, draft)
     out.mkdir(parents=True, exist_ok=True)
     files = {"draft.json": draft.model_dump_json(indent=2)}
@@ -485,11 +495,40 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, "utf-8")
         os.replace(tmp, out / name)
+    # DICOM SR, report PDF and KOS (issue 13): built and written (deterministically, so a rerun
+    # rewrites the same files) before the draft is marked published; queued for export in the
+    # same transaction as that mark.
+    written = write_draft_objects(ctx.settings, ctx.storage, draft, inputs, out) if inputs is not None else []
     with session_scope(ctx.engine) as s:
+        if written:
+            enqueue_export(s, ctx.settings, draft, written)
+            record(s, action="draft.dicom_objects", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
+                   details={"study": draft.study.study_instance_uid,
+                            "objects": {o.kind: o.sop_instance_uid for o in written}})
         s.exec(update(DraftRecord).where(col(DraftRecord.draft_id) == draft_id)
                .values(published_at=utcnow(), fhir_report_id=report_id, publish_error=None))
     _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)
     return report_id
+
+
+def enqueue_export(session: Session, settings: Settings, draft: Draft, objects: Sequence[WrittenObject]) -> int:
+    """Queue a draft's written DICOM objects for every export destination that takes them, in
+    the caller's transaction. The outbox lives in ``integrations.dicom.outbox`` (issue 13, the
+    sending half); until it is there this queues nothing. Returns the number of outbox rows."""
+    try:
+        from integrations.dicom.outbox import OutboxObject, enqueue_objects
+    except ImportError:
+        log.debug("no export outbox in this build: %d objects of draft %s not queued", len(objects), draft.draft_id)
+        return 0
+    export = getattr(settings, "export", None)
+    rows = enqueue_objects(
+        session, draft_id=draft.draft_id, study_instance_uid=draft.study.study_instance_uid,
+        objects=[OutboxObject.model_validate({"kind": o.kind, "sop_class_uid": o.sop_class_uid,
+                                              "sop_instance_uid": o.sop_instance_uid, "location": o.storage_key})
+                 for o in objects],
+        destinations=getattr(export, "destinations", None),
+    )
+    return len(rows)
 
 
 def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:
@@ -512,6 +551,38 @@ def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
 def export_dir(settings: Settings, draft: Draft) -> Path:
     """Where a draft's JSON files are written for people to open."""
     return settings.data_dir / "drafts" / draft.study.study_instance_uid / f"v{draft.study.version}"
+
+
+# -- stage 4: export to PACS destinations ---------------------------------------------------
+
+def export_stage(ctx: PipelineContext, row_id: int) -> str | None:
+    """Deliver one outbox row (``integrations.dicom.export``), with the due rows of the same draft
+    and destination on the same association; returns the row's new state, None when it was not
+    due or another worker holds it. Failures are recorded on the rows, never raised."""
+    from integrations.dicom.export import deliver
+    from integrations.dicom.outbox import with_siblings
+
+    with session_scope(ctx.engine) as s:
+        rows = with_siblings(s, row_id)
+    done = deliver(ctx.engine, ctx.settings.export, rows, storage_root=ctx.storage.root)
+    return next((d.state.value for d in done if d.row_id == row_id), None)
+
+
+def exports_of_draft(engine: Engine, draft_id: str) -> list[int]:
+    """Outbox rows a publish just queued (sent at once; the sweep covers a lost message)."""
+    from integrations.dicom.outbox import rows_of_draft
+
+    with session_scope(engine) as s:
+        return rows_of_draft(s, draft_id)
+
+
+def due_exports(ctx: PipelineContext) -> list[int]:
+    """Outbox rows whose attempt is due and whose task was not sent recently (the sweep's)."""
+    from integrations.dicom.outbox import take_due
+
+    with session_scope(ctx.engine) as s:
+        return take_due(s, lease_s=ctx.settings.export.sending_lease,
+                        redispatch_after_s=ctx.settings.queue.requeue_after)
 
 
 # -- recovery -----------------------------------------------------------------------------

@@ -72,7 +72,10 @@ def infer_task(self: Task, study_uid: str, version: int) -> None:
 @celery_app.task(bind=True, name="taqrir.publish", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # Celery is untyped
 def publish_task(self: Task, draft_id: str) -> Any:
     try:
-        return service.publish_stage(get_context(), draft_id)
+        report_id = service.publish_stage(get_context(), draft_id)
+        for row_id in service.exports_of_draft(get_context().engine, draft_id):
+            export_task.delay(row_id)
+        return report_id
     except service.StudyGone as err:
         log.info("publish %s dropped: %s", draft_id, err)
         return None
@@ -85,4 +88,15 @@ def publish_task(self: Task, draft_id: str) -> Any:
     except Exception as err:  # noqa: BLE001 - e.g. a resource the builders reject: stop resending
         log.exception("publish of %s failed", draft_id)
         service.publish_failed(get_context().engine, draft_id, f"{type(err).__name__}: {err}")
+        return None
+
+
+@celery_app.task(bind=True, name="taqrir.export", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]  # Celery is untyped
+def export_task(self: Task, row_id: int) -> str | None:
+    """Deliver one outbox row. Delivery failures are recorded on the row (retried by the sweep when
+    due, or dead); a database outage leaves the row to the sweep (lease) rather than retrying here."""
+    try:
+        return service.export_stage(get_context(), row_id)
+    except OperationalError as err:
+        log.warning("export of outbox row %d left to the sweep: database unavailable (%s)", row_id, type(err).__name__)
         return None

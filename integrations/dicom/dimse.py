@@ -21,6 +21,8 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
 NO_DATASET = 0x0101
 
 _US = struct.Struct("<H")
@@ -43,6 +45,7 @@ class Command:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     move_originator_ae: str
+    event_type_id: int = 0
 
 
 def _text(raw: bytes) -> str:
@@ -80,6 +83,7 @@ def decode_command(data: bytes) -> Command:
         affected_sop_class_uid=_text(values.get(0x0002, b"")),
         affected_sop_instance_uid=_text(values.get(0x1000, b"")),
         move_originator_ae=_text(values.get(0x1030, b"")),
+        event_type_id=int(_US.unpack(values[0x1002])[0]) if len(values.get(0x1002, b"")) == 2 else 0,
     )
 
 
@@ -105,6 +109,7 @@ def encode_response(
     sop_class_uid: str = "",
     sop_instance_uid: str = "",
     error_comment: str = "",
+    event_type_id: int | None = None,
 ) -> bytes:
     """A response command set (no dataset), elements in ascending tag order as PS3.7 requires."""
     body = b""
@@ -119,6 +124,8 @@ def encode_response(
         body += _element(0x0902, _padded(error_comment[:64]))
     if sop_instance_uid:
         body += _element(0x1000, _uid(sop_instance_uid))
+    if event_type_id is not None:  # N-EVENT-REPORT-RSP (PS3.7 10.3.1)
+        body += _element(0x1002, _US.pack(event_type_id))
     return _element(0x0000, _UL.pack(len(body))) + body
 
 

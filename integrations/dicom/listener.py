@@ -52,6 +52,7 @@ from .errors import (
     StorageFailure,
 )
 from .ingest import IngestResult, ingest_file, record_rejection
+from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
 from .stability import Handoff, log_handoff, sweep_stable
 from .storage import LocalStorage, StagingFile
@@ -152,6 +153,22 @@ class Listener:
                        entity_id=host, outcome="failure", details={"address": host, "reason": "host not allowed"})
         except Exception:  # noqa: BLE001
             log.exception("could not audit a refused host")
+
+    def commitment_report(self, calling_ae: str, event_type_id: int, staged: Path) -> tuple[int, str]:
+        """Storage Commitment results from a PACS (N-EVENT-REPORT, PS3.4 J.3.3) onto the outbox
+        rows of that transaction (:func:`.outbox.record_commitment`)."""
+        try:
+            result = read_commitment_report(staged, event_type_id)
+            with session_scope(self.engine) as session:
+                record_commitment(session, transaction_uid=result[0], committed=result[1], failed=result[2],
+                                  peer=calling_ae)
+        except ValueError as err:
+            log.warning("storage commitment report from %s not understood: %s", calling_ae, err)
+            return STATUS_PROCESSING_FAILURE, str(err)[:64]
+        except Exception:  # answer the sender, keep serving
+            log.exception("storage commitment report from %s failed", calling_ae)
+            return STATUS_PROCESSING_FAILURE, "processing failure"
+        return STATUS_SUCCESS, ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _config(self) -> ScpConfig:

@@ -62,6 +62,8 @@ IMPLEMENTATION_CLASS_UID = "2.25.167453061934591254788203146738213307461"
 IMPLEMENTATION_VERSION = "TAQRIR_1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model (PS3.4 J.3): results come back to us as N-EVENT-REPORT.
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 _VERIFICATION_SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]
 
 #: An A-ASSOCIATE-RQ larger than this is not a real one (128 contexts with 30 syntaxes each stay
@@ -94,6 +96,10 @@ class ScpHandler(Protocol):
 
     def refused_host(self, host: str) -> None:
         """Audit a connection from a host outside the allow-list. Never raises."""
+
+    def commitment_report(self, calling_ae: str, event_type_id: int, staged: Path) -> tuple[int, str]:
+        """A Storage Commitment result (N-EVENT-REPORT, its dataset staged as a Part 10 file);
+        returns (DIMSE status, error comment). Never raises."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,8 @@ class Association:
             if isinstance(item, MaximumLengthNotification):
                 self._peer_max_pdv = max(0, int(item.maximum_length_received or 0) - 6)
         results, reply_roles = negotiate_unrestricted(
-            rq.presentation_context_definition_list, [self.server.verification_context], roles)
+            rq.presentation_context_definition_list,
+            [self.server.verification_context, self.server.commitment_context], roles)
         self._contexts = {int(cx.context_id or 0): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in results if cx.result == 0x00}
         ac = A_ASSOCIATE()
@@ -386,7 +393,8 @@ class Association:
             self._respond(context_id, dimse.encode_response(dimse.C_ECHO_RSP, cmd.message_id, 0x0000,
                                                              sop_class_uid=VERIFICATION))
             return
-        if cmd.command_field != dimse.C_STORE_RQ or abstract == VERIFICATION:
+        is_report = cmd.command_field == dimse.N_EVENT_REPORT_RQ and abstract == STORAGE_COMMITMENT
+        if (cmd.command_field != dimse.C_STORE_RQ or abstract == VERIFICATION) and not is_report:
             if cmd.has_dataset:  # take the dataset off the wire, then answer
                 self._store = _Store(context_id, cmd, None, (STATUS_UNRECOGNIZED_OPERATION, "operation not supported"))
                 return
@@ -433,17 +441,28 @@ class Association:
             except (OSError, ValueError) as err:
                 store.failure = (0xA700, f"cannot write the instance: {err}")
             else:
-                store.failure = self.handler.store(self.calling_ae, cmd.affected_sop_class_uid or abstract,
-                                                   cmd.affected_sop_instance_uid, store.path)  # type: ignore[arg-type]
+                store.failure = self._handle(cmd, abstract, store.path)  # type: ignore[arg-type]
         status, comment = store.failure
         self._close_writer(store)
         if store.path is not None:
             store.path.unlink(missing_ok=True)  # still there unless the handler moved it into storage
         if cmd.command_field == dimse.C_STORE_RQ and abstract != VERIFICATION:
             self._respond(store.context_id, self._store_response(cmd, abstract, status, comment))
+        elif cmd.command_field == dimse.N_EVENT_REPORT_RQ:
+            self._respond(store.context_id, dimse.encode_response(
+                dimse.N_EVENT_REPORT_RSP, cmd.message_id, status, sop_class_uid=abstract,
+                sop_instance_uid=cmd.affected_sop_instance_uid, error_comment=comment if status else "",
+                event_type_id=cmd.event_type_id))
         else:
             self._respond(store.context_id, dimse.encode_response(
                 (cmd.command_field | 0x8000) & 0xFFFF, cmd.message_id, status, error_comment=comment))
+
+    def _handle(self, cmd: dimse.Command, abstract: str, path: Path) -> tuple[int, str]:
+        """The service's answer to a received dataset: a stored instance, or a commitment result."""
+        if cmd.command_field == dimse.N_EVENT_REPORT_RQ:
+            return self.handler.commitment_report(self.calling_ae, cmd.event_type_id, path)
+        return self.handler.store(self.calling_ae, cmd.affected_sop_class_uid or abstract,
+                                  cmd.affected_sop_instance_uid, path)
 
     @staticmethod
     def _store_response(cmd: dimse.Command, abstract: str, status: int, comment: str) -> bytes:
@@ -489,6 +508,11 @@ class StorageScp:
         self.handler = handler
         self.slots = _Slots(config.max_associations)
         self.verification_context = build_context(VERIFICATION, _VERIFICATION_SYNTAXES)
+        # A PACS reports Storage Commitment results on an association it opens, usually taking
+        # the SCP role for the SOP class (SCP/SCU role selection, PS3.7 D.3.3.4): allow either.
+        self.commitment_context = build_context(STORAGE_COMMITMENT, _VERIFICATION_SYNTAXES)
+        self.commitment_context.scu_role = True
+        self.commitment_context.scp_role = True
         # Connections not yet associated are capped too (half-open peers hold no slot, but each
         # holds a thread until acse_timeout): beyond this, new connections are closed at once.
         self._max_connections = 4 * config.max_associations + 16

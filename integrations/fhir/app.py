@@ -421,6 +421,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             sections = {} if drow is None else _draft_sections(drow.draft_json)
             rv = _review_from_parameters(body, principal, sections)
             outcome = review_report(session, resource_id, rv, if_match=expected, study_timezone=api.study_timezone)
+            if drow is not None and rv.action != "reject":  # the verified SR, in this transaction (issue 13)
+                from workers.dicom_objects import store_verified_sr
+                store_verified_sr(session, api.settings, Draft.model_validate_json(drow.draft_json), rv,
+                                  report_version=outcome.version)
             current = get_current(session, "DiagnosticReport", resource_id)
             headers = version_headers(outcome.version, current.last_updated)
         headers["Location"] = f"{api.base_url}/DiagnosticReport/{resource_id}/_history/{outcome.version}"

@@ -13,6 +13,8 @@ def test_example_config_loads() -> None:
     assert s.queue.broker_url.startswith("redis://")
     assert s.listener.allowed_calling_aes == ["PACS1", "PACS2"]
     assert s.log_format == "json"
+    assert [d.name for d in s.export.destinations] == ["main-pacs", "research-archive"]
+    assert s.export.destinations[1].takes("pdf") and not s.export.destinations[1].takes("kos")
 
 
 def test_systemd_units_call_real_commands() -> None:

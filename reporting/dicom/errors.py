@@ -1,0 +1,20 @@
+"""Errors of the DICOM object builders (bad input a builder cannot make a valid object from)."""
+
+from __future__ import annotations
+
+from taqrir.errors import PermanentError
+
+
+class DicomObjectError(PermanentError):
+    """The input cannot become a valid DICOM object; the message says which input and what to do.
+
+    Permanent: building the same draft again gives the same answer.
+    """
+
+
+class NoKeyImages(DicomObjectError):
+    """A Key Object Selection needs at least one image (PS3.16 TID 2010, row 5: 1-n)."""
+
+
+class UnknownSopClass(DicomObjectError):
+    """A key image's SOP Class is unknown, so no reference to it can be written (PS3.3 C.17.2)."""

@@ -1,0 +1,121 @@
+"""End to end: a drafted study is published through the pipeline's tasks (embedded mode), its SR,
+PDF and KOS go through the outbox to a real PACS (Orthanc), and land in the study there; the PDF
+read back from Orthanc gives the draft's Arabic in logical order (pdftotext)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from integrations.dicom.outbox import OutboxItem
+from reporting.draft import Draft
+from taqrir.db import session_scope
+from taqrir.settings import load_settings
+from tests.factories.drafts import CT_3SLICE, SECTIONS
+from tests.factories.orthanc import OrthancServer
+from tests.reporting.dicom.pdftext import arabic_column_text, letters, pdf_text
+from tests.workers.test_dicom_objects import _drafted
+from workers.context import set_context
+from workers.pipeline import Dispatcher
+from workers.service import PipelineContext
+
+SR, PDF, KOS = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
+    server = OrthancServer(tmp_path / "orthanc", aet="PACS")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+def publish_to_pacs(engine: Engine, tmp_path: Path, pacs: OrthancServer, *,
+                    upload: bool = True) -> tuple[Draft, list[OutboxItem]]:
+    """The PACS holds a CT study; Taqrir drafts it (fixed text), publishes it through the tasks
+    (embedded mode) and the outbox sends its objects to the PACS. Returns the draft and its rows."""
+    for f in CT_3SLICE if upload else []:  # the PACS holds the study it routed to Taqrir
+        pacs.upload(f.read_bytes())
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
+        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
+    ctx = PipelineContext.from_settings(settings, engine)
+    draft = _drafted(ctx, CT_3SLICE)
+    dispatcher = Dispatcher(settings, ctx)
+    try:
+        dispatcher.republish(draft.draft_id)  # the publish task, then one export task per object
+        dispatcher.wait_idle()
+    finally:
+        dispatcher.close()
+        set_context(None)
+    with session_scope(engine) as s:
+        return draft, list(s.exec(select(OutboxItem)).all())
+
+
+def test_a_drafted_study_reaches_the_pacs_as_sr_pdf_and_kos(engine: Engine, tmp_path: Path,
+                                                            pacs: OrthancServer) -> None:
+    _draft, rows = publish_to_pacs(engine, tmp_path, pacs)
+    [study_id] = pacs.get("/studies")
+    assert sorted(r.kind for r in rows) == ["kos", "pdf", "sr"]
+    assert all(r.state == "sent" and r.attempts == 1 for r in rows), [(r.kind, r.last_error) for r in rows]
+    # Orthanc: the three objects in the source study, each once
+    by_class: dict[str, str] = {}
+    for r in rows:
+        [inst] = pacs.find_instance(r.sop_instance_uid)
+        assert pacs.get(f"/instances/{inst}/study")["ID"] == study_id
+        by_class[pacs.instance_tags(inst)["SOPClassUID"]] = inst
+    assert set(by_class) == {SR, PDF, KOS}
+    modalities = sorted(pacs.get(f"/series/{s}")["MainDicomTags"]["Modality"]
+                        for s in pacs.get(f"/studies/{study_id}")["Series"])
+    assert modalities == ["CT", "DOC", "KO", "SR"]
+    sr_tags = pacs.instance_tags(by_class[SR])
+    assert sr_tags["VerificationFlag"] == "UNVERIFIED"
+    # the PDF as the PACS gives it back, read by poppler: Arabic in logical order
+    ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(by_class[PDF])))
+    pdf = bytes(ds.EncapsulatedDocument)[: int(ds.get("EncapsulatedDocumentLength") or len(ds.EncapsulatedDocument))]
+    (tmp_path / "from-pacs.pdf").write_bytes(pdf)
+    arabic = letters(arabic_column_text(tmp_path / "from-pacs.pdf"))
+    assert letters(SECTIONS["ar"].findings.split("\n")[0]) in arabic
+    assert letters(SECTIONS["ar"].impression) in arabic
+    assert "AI DRAFT - UNVERIFIED - RESEARCH ONLY" in pdf_text(tmp_path / "from-pacs.pdf")
+
+
+def test_the_sweep_sends_what_is_due_after_the_pacs_comes_back(engine: Engine, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sqlmodel import update
+
+    from taqrir.db import utcnow
+
+    pacs = OrthancServer(tmp_path / "orthanc", aet="PACS")  # down while the draft is published
+    try:
+        _draft, rows = publish_to_pacs(engine, tmp_path, pacs, upload=False)
+        assert {r.state for r in rows} == {"failed"} and all(r.attempts == 1 for r in rows)
+        pacs.start()
+        settings = load_settings(
+            data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
+            export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": pacs.dicom_port}]})
+        dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+        try:
+            assert dispatcher.sweep() == 0  # not due yet: the backoff holds
+            with session_scope(engine) as s:
+                s.exec(update(OutboxItem).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+            assert dispatcher.sweep() == 3
+            dispatcher.wait_idle()
+        finally:
+            dispatcher.close()
+            set_context(None)
+        with session_scope(engine) as s:
+            after = s.exec(select(OutboxItem)).all()
+        assert {r.state for r in after} == {"sent"} and all(r.attempts == 2 for r in after)
+        assert sorted(pacs.instance_tags(pacs.find_instance(r.sop_instance_uid)[0])["Modality"] for r in after) == [
+            "DOC", "KO", "SR"]
+    finally:
+        pacs.stop(kill=True)
