@@ -578,9 +578,10 @@ def exports_of_draft(engine: Engine, draft_id: str) -> list[int]:
 
 def due_exports(ctx: PipelineContext) -> list[int]:
     """Outbox rows whose attempt is due and whose task was not sent recently (the sweep's)."""
-    from integrations.dicom.outbox import take_due
+    from integrations.dicom.outbox import expire_commitments, take_due
 
     with session_scope(ctx.engine) as s:
+        expire_commitments(s, timeout_s=ctx.settings.export.commitment_timeout)
         return take_due(s, lease_s=ctx.settings.export.sending_lease,
                         redispatch_after_s=ctx.settings.queue.requeue_after)
 

@@ -298,6 +298,32 @@ def record_commitment(session: Session, *, transaction_uid: str, committed: Sequ
     return changed
 
 
+def expire_commitments(session: Session, *, timeout_s: float) -> int:
+    """Storage Commitment requests left unanswered for ``timeout_s`` become ``timed_out`` (audited,
+    one record per transaction). The object itself was stored (C-STORE success); only the PACS's
+    promise to keep it is missing, so the row stays ``sent`` and a person decides (``taqrir outbox
+    retry ID`` sends it again). Returns how many rows changed."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    rows = session.exec(select(OutboxItem).where(col(OutboxItem.commitment) == CommitmentState.requested.value,
+                                                 col(OutboxItem.commitment_at) < cutoff)).all()
+    by_uid: dict[str, list[OutboxItem]] = {}
+    for row in rows:
+        by_uid.setdefault(row.commitment_uid or "", []).append(row)
+    now = utcnow()
+    changed = 0
+    for uid, group in by_uid.items():
+        res = session.exec(update(OutboxItem).where(col(OutboxItem.id).in_([r.id for r in group]),
+                                                    col(OutboxItem.commitment) == CommitmentState.requested.value)
+                           .values(commitment=CommitmentState.timed_out.value, commitment_at=now, updated_at=now))
+        if res.rowcount:
+            changed += res.rowcount
+            record(session, action="export.commitment", actor=ACTOR, entity_type="StorageCommitment",
+                   entity_id=uid, outcome="failure",
+                   details={"timed_out_after_s": timeout_s, "rows": [r.id for r in group],
+                            "destinations": sorted({r.destination for r in group})})
+    return changed
+
+
 def read_commitment_report(path: Path, event_type_id: int) -> tuple[str, list[str], list[tuple[str, int]]]:
     """(transaction UID, committed SOP Instance UIDs, (failed UID, failure reason)) from an
     N-EVENT-REPORT dataset (PS3.4 J.3.3.1: event type 1 all committed, 2 some failed). Raises

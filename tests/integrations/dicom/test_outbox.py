@@ -16,6 +16,9 @@ from integrations.dicom.outbox import (
     claim,
     due_rows,
     enqueue_objects,
+    expire_commitments,
+    note_commitment_requested,
+    record_commitment,
     mark_dead,
     mark_failed,
     mark_sent,
@@ -119,3 +122,26 @@ def test_backoff_is_capped() -> None:
     cfg = ExportSettings(backoff_initial=30, backoff_factor=2, backoff_max=3600)
     assert [cfg.backoff(n) for n in (1, 2, 3)] == [30, 60, 120]
     assert cfg.backoff(50) == 3600
+
+
+def test_unanswered_commitment_times_out_answered_ones_stay(engine: Engine) -> None:
+    with session_scope(engine) as s:
+        ids = enqueue_objects(s, draft_id="d1", study_instance_uid="1.2.3", objects=OBJECTS, destinations=[PACS])
+    with session_scope(engine) as s:
+        note_commitment_requested(s, [ids[0]], "2.25.100")
+        note_commitment_requested(s, [ids[1]], "2.25.200")
+        assert record_commitment(s, transaction_uid="2.25.200", committed=["2.25.2"], failed=[], peer="ORTHANC") == 1
+    with session_scope(engine) as s:  # not yet due
+        assert expire_commitments(s, timeout_s=300) == 0
+    with session_scope(engine) as s:
+        s.exec(update(OutboxItem).where(OutboxItem.id == ids[0])  # type: ignore[arg-type]
+               .values(commitment_at=utcnow() - timedelta(seconds=301)))
+    with session_scope(engine) as s:
+        assert expire_commitments(s, timeout_s=300) == 1
+        assert expire_commitments(s, timeout_s=300) == 0  # once
+        rows = {r.id: r for r in s.exec(select(OutboxItem)).all()}
+        recs = s.exec(select(AuditRecord).where(AuditRecord.action == "export.commitment",
+                                                AuditRecord.entity_id == "2.25.100")).all()
+        assert verify(s).ok
+    assert rows[ids[0]].commitment == "timed_out" and rows[ids[1]].commitment == "committed"
+    assert len(recs) == 1 and recs[0].outcome == "failure"
