@@ -25,6 +25,9 @@ MODEL_MODULES = (
     "audit.chain",
     "workers.state",
     "integrations.fhir.store",
+    "audit.signed",
+    "audit.deltas",
+    "integrations.hl7.inbox",
 )
 
 
