@@ -255,27 +255,40 @@ def studies(
 ) -> None:
     """List received studies with their state."""
     from integrations.dicom.index import list_studies
+    from reporting.consistency import ConsistencyResult
+    from workers.state import consistency_of_current_drafts
 
     from .db import session_scope
 
     with session_scope(_engine()) as session:
         rows = list_studies(session, limit=limit)
+        stored = consistency_of_current_drafts(session, [(st.id or 0, st.version) for st, *_ in rows])
+    checks = {pk: ConsistencyResult.model_validate_json(text) if text else None for pk, text in stored.items()}
     if as_json:
         for study, patient, count, mods in rows:
+            check = checks.get(study.id or 0)
             typer.echo(json.dumps({
                 "study_instance_uid": study.study_instance_uid, "patient_id": patient.patient_id,
                 "modalities": mods, "instances": count, "state": study.state, "version": study.version,
                 "last_received_at": study.last_received_at.isoformat(), "failure_reason": study.failure_reason,
+                "consistency": check.model_dump(mode="json") if check else None,
             }, ensure_ascii=False))
         return
     if not rows:
         typer.echo("no studies received yet")
         return
-    typer.echo(f"{'STATE':<10} {'VER':>3} {'INST':>5} {'MODALITY':<10} {'PATIENT':<16} STUDY UID")
+    typer.echo(f"{'STATE':<10} {'VER':>3} {'INST':>5} {'MODALITY':<10} {'PATIENT':<16} {'EN/AR':<8} STUDY UID")
     for study, patient, count, mods in rows:
-        line = f"{study.state:<10} {study.version:>3} {count:>5} {','.join(mods)[:10]:<10} {patient.patient_id[:16]:<16} {study.study_instance_uid}"
+        check = checks.get(study.id or 0)
+        verdict = "-" if check is None else "ok" if check.consistent else f"{len(check.mismatches)} diff"
+        line = (f"{study.state:<10} {study.version:>3} {count:>5} {','.join(mods)[:10]:<10} "
+                f"{patient.patient_id[:16]:<16} {verdict:<8} {study.study_instance_uid}")
         if study.failure_reason:
             line += f"\n{'':>10} reason: {study.failure_reason[:200]}"
+        if check is not None and not check.consistent:
+            for m in check.mismatches[:5]:
+                line += (f"\n{'':>10} EN/AR {m.kind} in {m.section}: {m.detail}"
+                         + (f" (en: {m.english or '-'} | ar: {m.arabic or '-'})" if m.english or m.arabic else ""))
         typer.echo(line)
 
 

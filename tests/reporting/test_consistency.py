@@ -156,3 +156,33 @@ def test_check_sections_of_a_draft() -> None:
 @pytest.mark.parametrize("text", ["", "   ", "١٢٣", "...", "x x x"])
 def test_odd_text_does_not_break_it(text: str) -> None:
     compare(text, text)
+
+
+def test_the_verdict_rides_on_the_fhir_report_and_stays_valid_r4() -> None:
+    import json as _json
+
+    from reporting.fhir import Review, build_resources, build_reviewed_report
+    from reporting.fhir.consistency import consistency_of
+    from tests.factories.drafts import CT_3SLICE, draft_from_dicom
+    from tests.fhir_validator.validator import assert_valid_r4
+
+    draft = draft_from_dicom(CT_3SLICE, sections={
+        "en": Sections(findings="Small left pleural effusion.", impression="No fracture."),
+        "ar": Sections(findings="انصباب جنبي صغير في الجهة اليمنى.", impression="لا يوجد كسر."),
+    })
+    report = _json.loads(build_resources(draft).report.model_dump_json())
+    assert_valid_r4(report)
+    ext = consistency_of(report)
+    assert ext is not None
+    subs = ext["extension"]
+    assert subs[0] == {"url": "status", "valueCode": "inconsistent"}
+    (mismatch,) = [s for s in subs if s["url"] == "mismatch"]
+    assert {"url": "kind", "valueCode": "laterality"} in mismatch["extension"]
+    # the clinician fixes the Arabic: the reviewed version says its languages now agree
+    from datetime import UTC, datetime
+
+    fixed = Review(action="edit", reviewer_id="dr-a", reviewed_at=datetime(2026, 12, 1, tzinfo=UTC),
+                   edits={"ar": Sections(findings="انصباب جنبي صغير في الجهة اليسرى.", impression="لا يوجد كسر.")})
+    reviewed = _json.loads(build_reviewed_report(draft, fixed).model_dump_json())
+    assert_valid_r4(reviewed)
+    assert consistency_of(reviewed)["extension"][0] == {"url": "status", "valueCode": "consistent"}  # type: ignore[index]
