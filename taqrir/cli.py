@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
+research_app = typer.Typer(no_args_is_help=True, help="Research audits: a de-identified export and its report.")
+app.add_typer(research_app, name="research")
 
 _state: dict[str, Settings] = {}
 
@@ -318,6 +320,43 @@ def audit_export(out: Annotated[Path, typer.Argument(help="JSON Lines file to wr
     with session_scope(_engine()) as session, out.open("w", encoding="utf-8") as f:
         n = export_jsonl(session, f)
     typer.echo(f"wrote {n} records to {out}")
+
+
+@research_app.command("export")
+def research_export(
+    out: Annotated[Path, typer.Argument(help="Folder for drafts.parquet, drafts.jsonl, the data dictionary and manifest.")],
+    since: Annotated[str | None, typer.Option(help="Only drafts made at or after this ISO date or date-time (UTC).")] = None,
+    modality: Annotated[str | None, typer.Option(help="Only studies with a series of this modality (e.g. CT).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an export already in OUT.")] = False,
+) -> None:
+    """Export every draft version, de-identified, as Parquet and JSON Lines (one row per version)."""
+    from audit.research.export import ExportFilter, ResearchError, export, parse_since
+
+    settings = get_settings()
+    try:
+        summary = export(_engine(), settings.research, out, ExportFilter(parse_since(since), modality),
+                         overwrite=overwrite)
+    except ResearchError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"exported {summary.rows} draft versions to {out} in {summary.seconds:.1f} s "
+               f"(export {summary.export_id}; data dictionary in {out / 'data-dictionary.md'})")
+
+
+@research_app.command("report")
+def research_report(
+    out: Annotated[Path, typer.Argument(help="Folder of a research export; report.html is written there.")],
+) -> None:
+    """One self-contained HTML page of plots (acceptance, edits, latency, consistency, volume)."""
+    from audit.research.export import ResearchError
+    from audit.research.report import write_report
+
+    try:
+        summary = write_report(_engine(), out)
+    except ResearchError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"report of {summary.rows} draft versions written to {summary.path}")
 
 
 def main() -> None:
