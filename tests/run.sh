@@ -14,6 +14,7 @@ command -v dcmsend >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
+command -v chromium >/dev/null || need_pkgs+=(chromium)  # renders the research report in tests
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")  # before pyplot: no display, same output everywhere
 
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 from .export import MANIFEST, PARQUET, ResearchError
 
 log = logging.getLogger(__name__)
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache and category chatter
 
 REPORT = "report.html"
 OUTCOMES = ("accepted", "edited", "rejected", "none")
@@ -49,12 +51,12 @@ class Panel:
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _fig(width: float = 7.5, height: float = 3.4) -> tuple[Figure, Any]:
+def _fig(width: float = 7.5, height: float = 3.0) -> tuple[Figure, Any]:
     fig, ax = plt.subplots(figsize=(width, height))
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", alpha=0.3)
@@ -136,22 +138,27 @@ def edited_panel(df: pd.DataFrame) -> Panel:
     long = _signed_long(df)
     if long.empty:
         return Panel(title, caption, empty="No signed reports yet, so nothing to compare the drafts with.")
-    fig, ax = _fig()
-    labels, data, colours = [], [], []
-    for mod in sorted(long["modality"].unique()):
-        for lang in ("en", "ar"):
+    fig, ax = _fig(9.5, 3.0)
+    data, colours, positions, centres, names = [], [], [], [], []
+    for i, mod in enumerate(sorted(long["modality"].unique())):
+        for k, lang in enumerate(("en", "ar")):
             vals = long.loc[(long["modality"] == mod) & (long["language"] == lang), "percent_edited"]
             if len(vals):
-                labels.append(f"{mod}\n{lang} (n={len(vals)})")
                 data.append(vals.tolist())
                 colours.append(LANG_COLOURS[lang])
-    box = ax.boxplot(data, patch_artist=True, widths=0.6)
+                positions.append(3 * i + k)
+        centres.append(3 * i + 0.5)
+        names.append(f"{mod}\n(n={int(long.loc[long['modality'] == mod].groupby('language').size().max())})")
+    box = ax.boxplot(data, positions=positions, patch_artist=True, widths=0.8,
+                     medianprops={"color": "black"}, flierprops={"markersize": 3})
     for patch, c in zip(box["boxes"], colours, strict=True):
         patch.set_facecolor(c)
-        patch.set_alpha(0.55)
-    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+        patch.set_alpha(0.6)
+    ax.set_xticks(centres, names, fontsize=8)
     ax.set_ylabel("% of words edited")
     ax.set_ylim(bottom=0)
+    ax.legend(handles=[matplotlib.patches.Patch(color=LANG_COLOURS[lang], alpha=0.6, label=label)
+                       for lang, label in (("en", "English"), ("ar", "Arabic"))], fontsize=8, frameon=False)
     return Panel(title, caption, _png(fig))
 
 
@@ -161,7 +168,7 @@ def latency_panel(df: pd.DataFrame) -> Panel:
                "pipeline stage and from the study's first instance to the draft (log scale).")
     if df.empty or df["model_latency_s"].dropna().empty:
         return Panel(title, caption, empty="No drafts, so no latencies.")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.0), gridspec_kw={"width_ratios": [1, 1.4]})
     for ax in (a1, a2):
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
@@ -197,7 +204,7 @@ def consistency_panel(df: pd.DataFrame) -> Panel:
     d = df.assign(modality=df["modality"].fillna("?"), flagged=~df["consistent"].astype(bool))
     g = d.groupby("modality")["flagged"]
     rate, n = g.mean() * 100, g.size()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.0))
     for ax in (a1, a2):
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
@@ -229,8 +236,9 @@ def volume_panel(df: pd.DataFrame, dates: str) -> Panel:
         span_days = (when.max() - when.min()).days
         freq, xlabel = ("D", "day") if span_days <= 62 else ("W", "week") if span_days <= 400 else ("M", "month")
         counts = when.dt.tz_localize(None).dt.to_period(freq).value_counts().sort_index()
-        counts.index = counts.index.astype(str)
-    fig, ax = _fig()
+        # a week is named by its first day ("2026-06-01"), not pandas' "2026-06-01/2026-06-07"
+        counts.index = [p.start_time.strftime("%Y-%m" if freq == "M" else "%Y-%m-%d") for p in counts.index]
+    fig, ax = _fig(9.5, 3.0)
     ax.bar([str(i) for i in counts.index], counts.values, color="#3949ab")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("draft versions")
@@ -278,7 +286,7 @@ def render_html(panels: list[Panel], summary: list[tuple[str, str]]) -> str:
     body = [f"<section><h2>This export</h2><table>{rows}</table></section>"]
     for p in panels:
         inner = (f'<img alt="{html.escape(p.title)}" src="data:image/png;base64,{base64.b64encode(p.png).decode()}">'
-                 if p.png is not None else f'<div class="nodata">No data: {html.escape(p.empty)}</div>')
+                 if p.png is not None else f'<div class="nodata"><b>No data.</b> {html.escape(p.empty)}</div>')
         body.append(f"<section><h2>{html.escape(p.title)}</h2><p class=\"cap\">{html.escape(p.caption)}</p>{inner}</section>")
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>Taqrir research report</title>"
