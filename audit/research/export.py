@@ -22,13 +22,14 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import func
+from sqlalchemy import select as sa_select  # sqlmodel's select takes at most four columns
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -115,17 +116,49 @@ def _num(sampling: Mapping[str, Any], key: str, kind: type) -> Any:
     return kind(v)
 
 
-def build_row(
-    rec: DraftRecord, study: Study, patient: Patient, rel: Related, deid: Deidentifier, settings: ResearchSettings,
-) -> dict[str, Any]:
+class DraftRow(NamedTuple):
+    """The columns of a draft, its study and its patient that a row is made from (read as plain
+    rows, not ORM objects: loading three entities per draft cost more than everything else)."""
+
+    id: int
+    draft_id: str
+    study_pk: int
+    version: int
+    superseded: bool
+    draft_json: str
+    stage_times: str
+    created_at: datetime
+    published_at: datetime | None
+    fhir_report_id: str | None
+    consistency: str | None
+    guard: str | None
+    study_instance_uid: str
+    first_received_at: datetime
+    study_date: date | None
+    patient_age: str | None
+    patient_id: str
+    patient_issuer: str
+    patient_sex: str | None
+
+
+_ROW_COLUMNS: tuple[Any, ...] = (
+    DraftRecord.id, DraftRecord.draft_id, DraftRecord.study_pk, DraftRecord.version, DraftRecord.superseded,
+    DraftRecord.draft_json, DraftRecord.stage_times, DraftRecord.created_at, DraftRecord.published_at,
+    DraftRecord.fhir_report_id, DraftRecord.consistency, DraftRecord.guard, Study.study_instance_uid,
+    Study.first_received_at, Study.study_date, Study.patient_age, Patient.patient_id, Patient.issuer, Patient.sex,
+)
+
+
+def build_row(r: DraftRow, rel: Related, deid: Deidentifier, settings: ResearchSettings) -> dict[str, Any]:
     """One export row (keys = :data:`~audit.research.columns.NAMES`) from a stored draft (pure)."""
+    rec = study = patient = r
     d = json.loads(rec.draft_json)
     model = d["model"]
     sampling = model.get("sampling") or {}
     ref = d["study"]
     series = ref.get("series") or []
     key_images = d.get("key_images") or []
-    patient_key = deid.pseudonym("patient", patient.issuer or "", patient.patient_id)
+    patient_key = deid.pseudonym("patient", patient.patient_issuer or "", patient.patient_id)
     times = json.loads(rec.stage_times or "{}")
     arrival = as_utc(study.first_received_at)
     created = as_utc(rec.created_at)
@@ -156,7 +189,7 @@ def build_row(
         "published": rec.published_at is not None,
         "study_date": deid.day(study.study_date, patient_key),
         "drafted_at": deid.instant(created, patient_key),
-        "patient_sex": patient.sex if patient.sex in ("M", "F", "O") else None,
+        "patient_sex": patient.patient_sex if patient.patient_sex in ("M", "F", "O") else None,
         "patient_age_years": age_years(study.patient_age),
         "modality": primary.get("modality"),
         "modalities": list(ref.get("modalities") or []),
@@ -234,7 +267,7 @@ def count_drafts(session: Session, flt: ExportFilter) -> int:
     return int(session.exec(_filtered(select(func.count()).select_from(DraftRecord), flt)).one())
 
 
-def _related(session: Session, recs: Sequence[DraftRecord]) -> Related:
+def _related(session: Session, recs: Sequence[DraftRow]) -> Related:
     rel = Related()
     report_ids = sorted({r.fhir_report_id for r in recs if r.fhir_report_id})
     if report_ids:
@@ -256,11 +289,13 @@ def _related(session: Session, recs: Sequence[DraftRecord]) -> Related:
     for sr in signed:
         rel.signed[(sr.study_pk, sr.language)] = sr  # the newest wins
     if signed:
+        # by draft only: a second IN list on the (draft_id, signed_report_id) index makes SQLite
+        # probe every combination of the two lists (measured: seconds per batch)
+        wanted = {s.id for s in signed}
         deltas = session.exec(
-            select(ReportDelta).where(col(ReportDelta.draft_id).in_([r.draft_id for r in recs]),
-                                      col(ReportDelta.signed_report_id).in_([s.id for s in signed]))
+            select(ReportDelta).where(col(ReportDelta.draft_id).in_([r.draft_id for r in recs]))
         ).all()
-        rel.deltas = {(d.draft_id, d.signed_report_id): d for d in deltas}
+        rel.deltas = {(d.draft_id, d.signed_report_id): d for d in deltas if d.signed_report_id in wanted}
     return rel
 
 
@@ -270,17 +305,17 @@ def iter_rows(engine: Engine, settings: ResearchSettings, flt: ExportFilter,
     last = 0
     while True:
         with Session(engine) as s:
-            stmt = (select(DraftRecord, Study, Patient)
+            stmt = (sa_select(*_ROW_COLUMNS)
                     .join(Study, col(Study.id) == col(DraftRecord.study_pk))
                     .join(Patient, col(Patient.id) == col(Study.patient_pk))
                     .where(col(DraftRecord.id) > last)
                     .order_by(col(DraftRecord.id)).limit(settings.batch_rows))
-            batch = s.exec(_filtered(stmt, flt)).all()
+            batch = [DraftRow(*row) for row in s.execute(_filtered(stmt, flt)).all()]
             if not batch:
                 return
-            rel = _related(s, [r for r, _, _ in batch])
-            rows = [build_row(r, st, p, rel, deid, settings) for r, st, p in batch]
-            last = batch[-1][0].id or 0
+            rel = _related(s, batch)
+            rows = [build_row(r, rel, deid, settings) for r in batch]
+            last = batch[-1].id
         yield rows
 
 
