@@ -41,6 +41,11 @@ PG_ADMIN = os.environ.get("TAQRIR_TEST_PG", "postgresql+psycopg://postgres@127.0
 
 
 def _peak_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across exec, so a child started by a big parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -37,7 +37,7 @@ from audit.chain import AuditRecord, record
 from audit.deltas import ReportDelta
 from audit.signed import SIGNED_STATUSES, SignedReport
 from integrations.dicom.index import Patient, Series, Study
-from reporting.consistency import CHECKER_VERSION, ConsistencyResult, check_sections
+from reporting.consistency import CHECKER_VERSION, check_sections
 from reporting.draft import Sections
 from taqrir.db import as_utc, session_scope, utcnow
 from taqrir.errors import TaqrirError
@@ -168,12 +168,16 @@ def build_row(r: DraftRow, rel: Related, deid: Deidentifier, settings: ResearchS
     def section(lang: str, name: str) -> str:
         return str((sections.get(lang) or {}).get(name, "")) if text else ""
 
-    if rec.consistency:
-        check = ConsistencyResult.model_validate_json(rec.consistency)
-        source = "stored"
+    if rec.consistency:  # as stored: read, not re-validated (it was made by ConsistencyResult)
+        check_json, source = rec.consistency, "stored"
+        stored = json.loads(check_json)
+        consistent, mismatches = bool(stored["consistent"]), stored.get("mismatches") or []
+        found = {m["kind"] for m in mismatches}
+        kinds = [k for k in ("number", "laterality", "negation", "term") if k in found]
     else:
         check = check_sections({k: Sections(**v) for k, v in sections.items() if k in ("en", "ar")})
-        source = "recomputed"
+        check_json, source = check.model_dump_json(), "recomputed"
+        consistent, mismatches, kinds = check.consistent, list(check.mismatches), list(check.kinds)
     guard = json.loads(rec.guard) if rec.guard else {}
     review = rel.reviews.get(rec.fhir_report_id or "")
     signed = {lang: rel.signed.get((rec.study_pk, lang)) for lang in ("en", "ar")}
@@ -227,10 +231,10 @@ def build_row(r: DraftRow, rel: Related, deid: Deidentifier, settings: ResearchS
         "ar_impression": section("ar", "impression"),
         "guard_passed": guard.get("passed"),
         "guard_model_calls": guard.get("model_calls"),
-        "consistent": check.consistent,
-        "consistency_mismatches": len(check.mismatches),
-        "consistency_kinds": list(check.kinds),
-        "consistency_json": check.model_dump_json(),
+        "consistent": consistent,
+        "consistency_mismatches": len(mismatches),
+        "consistency_kinds": kinds,
+        "consistency_json": check_json,
         "consistency_source": source,
         "review_outcome": review.outcome if review else "none",
         "reviewer_pseudonym": deid.pseudonym("reviewer", review.reviewer) if review else None,
