@@ -33,13 +33,14 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.chrf import CHRF
 from sqlalchemy import UniqueConstraint
+from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import AuditRecord
 from audit.signed import SIGNED_STATUSES, SignedReport
 from integrations.dicom.index import Study
 from reporting.draft import Draft
-from taqrir.db import as_utc, utcnow
+from taqrir.db import as_utc, session_scope, utcnow
 from workers.state import DraftRecord
 
 log = logging.getLogger(__name__)
@@ -258,3 +259,16 @@ def deltas_for_draft(session: Session, draft_id: str) -> list[ReportDelta]:
 def as_dict(row: ReportDelta) -> dict[str, object]:
     """A delta row as plain JSON values."""
     return json.loads(row.model_dump_json())  # type: ignore[no-any-return]
+
+
+def recompute_all(engine: Engine) -> tuple[int, int]:
+    """Recompute the deltas of every study with a signed report (``taqrir deltas``; e.g. after a
+    clinician reviewed a draft whose signed report had already arrived). One transaction per
+    study. Returns (studies, delta rows)."""
+    with session_scope(engine) as s:
+        studies = sorted(set(s.exec(select(SignedReport.study_pk)).all()))
+    rows = 0
+    for pk in studies:
+        with session_scope(engine) as s:
+            rows += compute_study_deltas(s, pk)
+    return len(studies), rows

@@ -106,6 +106,10 @@ class SignedReport(SQLModel, table=True):
         default=None, max_length=256,
         description="Where the raw input is kept (hl7_message id, FHIR resource, SR storage key).",
     )
+    source_json: str | None = SqlField(
+        default=None, sa_column=Column(Text),
+        description="The received FHIR DiagnosticReport as sent (FHIR only; HL7 keeps hl7_message.raw).",
+    )
 
 
 # -- what comes in -----------------------------------------------------------------------------
@@ -121,7 +125,7 @@ class SignedText(_In):
     language: Language
     findings: str = ""
     impression: str = ""
-    text: str = Field("", description="Whole text; built from findings + impression when empty.")
+    text: str = Field(default="", description="Whole text; built from findings + impression when empty.")
 
     @model_validator(mode="after")
     def _has_text(self) -> SignedText:
@@ -141,16 +145,17 @@ class SignedReportIn(_In):
 
     source: Source
     source_id: str = Field(min_length=1, max_length=128)
-    source_version: str = Field("", max_length=64)
-    study_instance_uid: str | None = Field(None, max_length=64)
-    accession_number: str | None = Field(None, max_length=64)
+    source_version: str = Field(default="", max_length=64)
+    study_instance_uid: str | None = Field(default=None, max_length=64)
+    accession_number: str | None = Field(default=None, max_length=64)
     status: SignedStatus
     texts: tuple[SignedText, ...] = Field(min_length=1)
-    signer_name: str | None = Field(None, max_length=324)
-    signer_id: str | None = Field(None, max_length=128)
+    signer_name: str | None = Field(default=None, max_length=324)
+    signer_id: str | None = Field(default=None, max_length=128)
     signed_at: datetime | None = None
-    raw_ref: str | None = Field(None, max_length=256)
-    actor: str = Field("", max_length=256, description="Who sent it (calling AE, token subject, MLLP peer).")
+    raw_ref: str | None = Field(default=None, max_length=256)
+    source_json: str | None = Field(default=None, description="The received resource, for FHIR.")
+    actor: str = Field(default="", max_length=256, description="Who sent it (calling AE, token subject, MLLP peer).")
 
     @field_validator("study_instance_uid", "accession_number")
     @classmethod
@@ -255,7 +260,7 @@ def store_signed_report(session: Session, signed: SignedReportIn) -> StoreResult
             language=t.language, findings=t.findings.strip(), impression=t.impression.strip(), text=t.whole(),
             signer_name=signed.signer_name, signer_id=signed.signer_id,
             signed_at=as_utc(signed.signed_at) if signed.signed_at else None, received_at=now, current=True,
-            raw_ref=signed.raw_ref,
+            raw_ref=signed.raw_ref, source_json=signed.source_json,
         )
         session.add(row)
         rows.append(row)

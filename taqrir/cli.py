@@ -79,16 +79,22 @@ def listen(
     from workers.pipeline import Dispatcher, Sweeper
     from workers.service import PipelineContext
 
+    from integrations.dicom.signed_sr import SignedSrReader
+
     engine = _engine()
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    storage = LocalStorage.from_url(settings.storage_url)
+    signed_srs = SignedSrReader(engine, storage)  # verified SRs from the reporting system
     listener = Listener(
         settings=settings.listener,
         study_settings=settings.study,
         engine=engine,
-        storage=LocalStorage.from_url(settings.storage_url),
+        storage=storage,
         handoff=dispatcher.study_stable,
+        after_store=signed_srs,
     )
     bound = listener.start()
+    signed_srs.recover()
     sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
     sweeper.start()
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
@@ -144,9 +150,14 @@ def serve(
     procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"])
              for _ in range(workers)]
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    from integrations.dicom.signed_sr import SignedSrReader
+
+    storage = LocalStorage.from_url(settings.storage_url)
+    signed_srs = SignedSrReader(engine, storage)
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+                        storage=storage, handoff=dispatcher.study_stable, after_store=signed_srs)
     port = listener.start()
+    signed_srs.recover()
     sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
     sweeper.start()
     api = create_app(settings, engine)
@@ -292,6 +303,37 @@ def studies(
                 line += (f"\n{'':>10} EN/AR {m.kind} in {m.section}: {m.detail}"
                          + (f" (en: {m.english or '-'} | ar: {m.arabic or '-'})" if m.english or m.arabic else ""))
         typer.echo(line)
+
+
+@app.command()
+def hl7(
+    port: Annotated[int | None, typer.Option(help="Override hl7.port.")] = None,
+    host: Annotated[str | None, typer.Option(help="Override hl7.host.")] = None,
+    replay: Annotated[bool, typer.Option("--replay", help="Process the kept, refused messages again and exit.")] = False,
+) -> None:
+    """Receive signed reports from the RIS: HL7 v2 ORU^R01 over MLLP (answers AA/AE/AR)."""
+    from integrations.hl7.server import Receiver, run
+
+    settings = get_settings()
+    if port is not None:
+        settings.hl7.port = port
+    if host is not None:
+        settings.hl7.host = host
+    engine = _engine()
+    if replay:
+        counts = Receiver(settings.hl7, engine).replay()
+        typer.echo("replayed: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to replay"))
+        return
+    run(settings.hl7, engine)
+
+
+@app.command()
+def deltas() -> None:
+    """Recompute every draft-versus-signed delta (idempotent; e.g. after late reviews)."""
+    from audit.deltas import recompute_all
+
+    studies, rows = recompute_all(_engine())
+    typer.echo(f"recomputed {rows} deltas of {studies} studies with a signed report")
 
 
 @app.command("audit-verify")

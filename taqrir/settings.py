@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from audit.research.config import PLACEHOLDER_KEY, ResearchSettings
 from inference.config import InferenceSettings
 from integrations.fhir.config import ApiSettings
+from integrations.hl7.config import Hl7Settings
 from workers.render_config import RenderSettings
 
 from .errors import ConfigError
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
     research: ResearchSettings = Field(default_factory=ResearchSettings)  # type: ignore[arg-type]
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings, description="HL7 v2 MLLP receiver (`taqrir hl7`).")
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select, update
 
 from audit.chain import lock_chain, record
+from audit.deltas import compute_study_deltas
 from inference.backend import InferenceBackend, make_backend
 from inference.drafting import draft_report
 from inference.types import BilingualReport, StudyContext
@@ -411,6 +412,8 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                         "images": list(draft.model.image_sha256), "sampling": draft.model.sampling,
                         "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens],
                         "consistent": checks["consistent"]})
+        # a signed report that came back before this draft (or for an older version) is compared now
+        compute_study_deltas(s, study_pk)
     _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1)
     return draft_id
 

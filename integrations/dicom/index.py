@@ -201,9 +201,20 @@ def _upsert_series(session: Session, h: InstanceHeaders, study: Study) -> Series
     return series
 
 
-def next_study_state(state: str, version: int) -> tuple[str, int, bool]:
+def is_report_object(sop_class_uid: str) -> bool:
+    """Structured reports (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.88.x, KOS included) and
+    encapsulated PDF: documents *about* the study (a signed report from the reporting system, a
+    dose report), not images to draft from."""
+    return sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.") or sop_class_uid == "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def next_study_state(state: str, version: int, sop_class_uid: str = "") -> tuple[str, int, bool]:
     """A new or changed instance arrived: stability re-arms (back to ``receiving``); if drafting
-    already began, a new version starts. Returns (state, version, new_version)."""
+    already began, a new version starts. A report object (:func:`is_report_object`: e.g. the
+    radiologist's verified SR coming back) changes neither: it is not drafting input, and a
+    signed report must not make Taqrir draft the study again. Returns (state, version, new_version)."""
+    if sop_class_uid and is_report_object(sop_class_uid):
+        return state, version, False
     if StudyState(state) in _DRAFTING_OR_DONE:
         return StudyState.receiving.value, version + 1, True
     return StudyState.receiving.value, version, False
@@ -423,7 +434,8 @@ def plan_filing(
                 known = _upsert_hierarchy(own, headers)
         else:
             raise ValueError("the first instance of a series needs a SQLAlchemy connection")
-    new_state, new_version_no, new_version = next_study_state(known.state, known.version)
+    new_state, new_version_no, new_version = next_study_state(known.state, known.version,
+                                                                 headers.sop_class_uid)
     bound_now = sql.bind_time(now)
     columns: tuple[str, ...] = ("last_received_at", "state", "version")
     values: list[Any] = [bound_now, new_state, new_version_no]

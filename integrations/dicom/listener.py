@@ -33,6 +33,7 @@ import os
 import signal
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -50,7 +51,7 @@ from .errors import (
     OutOfResources,
     StorageFailure,
 )
-from .ingest import ingest_file, record_rejection
+from .ingest import IngestResult, ingest_file, record_rejection
 from .scp import ScpConfig, StorageScp
 from .stability import Handoff, log_handoff, sweep_stable
 from .storage import LocalStorage, StagingFile
@@ -74,8 +75,12 @@ class Listener:
         engine: Engine,
         storage: LocalStorage,
         handoff: Handoff = log_handoff,
+        after_store: Callable[[IngestResult, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        #: Called with each stored instance and its calling AE once it is durably indexed, before
+        #: Success is answered: it must only hand off (e.g. the signed-SR reader queues SRs).
+        self.after_store = after_store
         self.study_settings = study_settings
         self.engine = engine
         self.storage = storage
@@ -101,7 +106,7 @@ class Listener:
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         try:
-            ingest_file(
+            result = ingest_file(
                 engine=self.engine,
                 storage=self.storage,
                 staged=staged,
@@ -121,6 +126,11 @@ class Listener:
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,
                              status=STATUS_PROCESSING_FAILURE)
             return STATUS_PROCESSING_FAILURE, f"processing failure ({type(err).__name__})"
+        if self.after_store is not None:
+            try:
+                self.after_store(result, calling_ae)
+            except Exception:  # noqa: BLE001 - the instance is stored: answer Success regardless
+                log.exception("post-store hook failed for an instance from %s", calling_ae)
         return STATUS_SUCCESS, ""
 
     def association_event(self, action: str, calling_ae: str, address: str, port: int, outcome: str,

@@ -83,6 +83,7 @@ from .interactions import (
     version_headers,
 )
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
+from .signed import router as signed_router
 from .store import FhirDraft, VersionRow, fetch_current, get_current, get_version, history, review_report
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         headers["Location"] = f"{api.base_url}/DiagnosticReport/{resource_id}/_history/{outcome.version}"
         return fhir_response(resource_body("DiagnosticReport", outcome.report_json, api.mode), headers=headers)
 
+    app.include_router(signed_router)  # signed reports back from a RIS/EHR: POST, PUT DiagnosticReport
     return app
 
 

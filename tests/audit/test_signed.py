@@ -133,3 +133,20 @@ def test_preliminary_is_stored_without_deltas(engine: Engine) -> None:
     with session_scope(engine) as s:
         res = store_signed_report(s, signed(status="preliminary"))
     assert res.deltas == 0 and len(res.signed_ids) == 2
+
+
+def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
+    from audit.chain import record
+    from audit.deltas import recompute_all
+    from integrations.fhir.store import FhirDraft
+    from taqrir.db import utcnow
+
+    _, draft_id = seed(engine)
+    with session_scope(engine) as s:
+        store_signed_report(s, signed())
+        s.add(FhirDraft(draft_id=draft_id or "", report_id="dr-x", study_uid=UID, published_at=utcnow(),
+                        draft_json="{}"))
+        record(s, action="fhir.review.edit", actor="dr.amal", entity_type="DiagnosticReport", entity_id="dr-x")
+    assert recompute_all(engine) == (1, 2)
+    with session_scope(engine) as s:
+        assert {(d.review_outcome, d.reviewer) for d in s.exec(select(ReportDelta)).all()} == {("edited", "dr.amal")}

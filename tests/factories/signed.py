@@ -35,7 +35,8 @@ def add_draft(session: Session, study: Study, *, draft: Draft | None = None,
     base = draft or sample_draft()
     ref = base.study.model_copy(update={"study_instance_uid": study.study_instance_uid,
                                         "accession_number": study.accession_number, "version": version})
-    d = base.model_copy(update={"draft_id": f"d-{study.study_instance_uid[-20:]}-{version}", "study": ref,
+    draft_id = base.draft_id if draft is not None else f"d-{study.study_instance_uid[-20:]}-{version}"
+    d = base.model_copy(update={"draft_id": draft_id, "study": ref,
                                 "sections": sections or base.sections,
                                 "created_at": study.first_received_at + after})
     rec = DraftRecord(draft_id=d.draft_id, study_pk=study.id or 0, study_instance_uid=study.study_instance_uid,

@@ -57,6 +57,7 @@ def upgrade() -> None:
     sa.Column('received_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('current', sa.Boolean(), nullable=False),
     sa.Column('raw_ref', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=True),
+    sa.Column('source_json', sa.Text(), nullable=True),
     sa.ForeignKeyConstraint(['study_pk'], ['study.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('source', 'source_id', 'source_version', 'language', name='uq_signed_report_source')
