@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -92,8 +92,8 @@ class Related:
     """What one batch's rows need beyond the draft row itself."""
 
     reviews: dict[str, Review] = field(default_factory=dict)  # report id -> first review
-    signed: dict[tuple[int, str], SignedReport] = field(default_factory=dict)  # (study pk, lang) -> current
-    deltas: dict[tuple[str, int], ReportDelta] = field(default_factory=dict)  # (draft id, signed id) -> delta
+    signed: dict[tuple[int, str], SignedRow] = field(default_factory=dict)  # (study pk, lang) -> current
+    deltas: dict[tuple[str, int], DeltaRow] = field(default_factory=dict)  # (draft id, signed id) -> delta
 
 
 def parse_since(value: str | None) -> datetime | None:
@@ -271,35 +271,60 @@ def count_drafts(session: Session, flt: ExportFilter) -> int:
     return int(session.exec(_filtered(select(func.count()).select_from(DraftRecord), flt)).one())
 
 
-def _related(session: Session, recs: Sequence[DraftRow]) -> Related:
+class SignedRow(NamedTuple):
+    id: int
+    study_pk: int
+    language: str
+    status: str
+    source: str
+    text: str
+    signer_id: str | None
+    signer_name: str | None
+    signed_at: datetime | None
+    received_at: datetime
+
+
+class DeltaRow(NamedTuple):
+    draft_id: str
+    signed_report_id: int
+    char_edit_distance: float
+    percent_edited: float
+    chrf: float
+    bleu: float
+    rouge_l: float
+
+
+def _related(session: Session, lo: int, hi: int) -> Related:
+    """Reviews, current signed reports and deltas of the drafts with ids in ``lo..hi``: each one
+    query joined on that id range (no parameter lists: compiling and sending IN lists of a batch's
+    thousands of ids cost more than the queries), read as plain rows."""
     rel = Related()
-    report_ids = sorted({r.fhir_report_id for r in recs if r.fhir_report_id})
-    if report_ids:
-        rows = session.exec(
-            select(AuditRecord.entity_id, AuditRecord.action, AuditRecord.actor, AuditRecord.at)
-            .where(AuditRecord.entity_type == "DiagnosticReport", col(AuditRecord.entity_id).in_(report_ids),
-                   col(AuditRecord.action).startswith("fhir.review."))
-            .order_by(col(AuditRecord.seq))
-        ).all()
-        for rid, action, actor, at in rows:
-            verb = action.removeprefix("fhir.review.")
-            rel.reviews.setdefault(rid, Review(REVIEW_OUTCOMES.get(verb, verb), actor, as_utc(at)))
-    study_pks = sorted({r.study_pk for r in recs})
-    signed = session.exec(
-        select(SignedReport).where(col(SignedReport.study_pk).in_(study_pks), col(SignedReport.current).is_(True),
-                                   col(SignedReport.status).in_(sorted(SIGNED_STATUSES)))
-        .order_by(col(SignedReport.id))
+    in_range = col(DraftRecord.id).between(lo, hi)
+    reviews = session.execute(
+        sa_select(col(AuditRecord.entity_id), col(AuditRecord.action), col(AuditRecord.actor), col(AuditRecord.at))
+        .join(DraftRecord, col(DraftRecord.fhir_report_id) == col(AuditRecord.entity_id))
+        .where(in_range, col(AuditRecord.entity_type) == "DiagnosticReport",
+               col(AuditRecord.action).startswith("fhir.review."))
+        .order_by(col(AuditRecord.seq))
     ).all()
+    for rid, action, actor, at in reviews:
+        verb = action.removeprefix("fhir.review.")
+        rel.reviews.setdefault(rid, Review(REVIEW_OUTCOMES.get(verb, verb), actor, as_utc(at)))
+    studies = sa_select(col(DraftRecord.study_pk)).where(in_range)
+    signed = [SignedRow(*r) for r in session.execute(
+        sa_select(col(SignedReport.id), col(SignedReport.study_pk), col(SignedReport.language), col(SignedReport.status), col(SignedReport.source), col(SignedReport.text), col(SignedReport.signer_id), col(SignedReport.signer_name), col(SignedReport.signed_at), col(SignedReport.received_at))
+        .where(col(SignedReport.study_pk).in_(studies), col(SignedReport.current).is_(True),
+               col(SignedReport.status).in_(sorted(SIGNED_STATUSES)))
+        .order_by(col(SignedReport.id))
+    ).all()]
     for sr in signed:
         rel.signed[(sr.study_pk, sr.language)] = sr  # the newest wins
     if signed:
-        # by draft only: a second IN list on the (draft_id, signed_report_id) index makes SQLite
-        # probe every combination of the two lists (measured: seconds per batch)
-        wanted = {s.id for s in signed}
-        deltas = session.exec(
-            select(ReportDelta).where(col(ReportDelta.draft_id).in_([r.draft_id for r in recs]))
+        deltas = session.execute(
+            sa_select(col(ReportDelta.draft_id), col(ReportDelta.signed_report_id), col(ReportDelta.char_edit_distance), col(ReportDelta.percent_edited), col(ReportDelta.chrf), col(ReportDelta.bleu), col(ReportDelta.rouge_l))
+            .where(col(ReportDelta.draft_pk).between(lo, hi))
         ).all()
-        rel.deltas = {(d.draft_id, d.signed_report_id): d for d in deltas if d.signed_report_id in wanted}
+        rel.deltas = {(d[0], d[1]): DeltaRow(*d) for d in deltas}
     return rel
 
 
@@ -317,7 +342,7 @@ def iter_rows(engine: Engine, settings: ResearchSettings, flt: ExportFilter,
             batch = [DraftRow(*row) for row in s.execute(_filtered(stmt, flt)).all()]
             if not batch:
                 return
-            rel = _related(s, batch)
+            rel = _related(s, batch[0].id, batch[-1].id)
             rows = [build_row(r, rel, deid, settings) for r in batch]
             last = batch[-1].id
         yield rows

@@ -207,4 +207,7 @@ def load(engine: Engine, drafts: int, *, seed: int = 7, start: datetime = dateti
     for i in range(0, len(events), 5000):
         with session_scope(engine) as s:
             record_many(s, events[i:i + 5000])
+    # planner statistics, as autovacuum would have gathered them on a database filled over months
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE")
     return len(recs)
