@@ -300,14 +300,18 @@ def _related(session: Session, lo: int, hi: int) -> Related:
     thousands of ids cost more than the queries), read as plain rows."""
     rel = Related()
     in_range = col(DraftRecord.id).between(lo, hi)
+    # entity ids from the draft range as a subquery, and nothing else the planner could prefer:
+    # SQLite otherwise walks the entity_type index and compares every review with every draft
     reviews = session.execute(
-        sa_select(col(AuditRecord.entity_id), col(AuditRecord.action), col(AuditRecord.actor), col(AuditRecord.at))
-        .join(DraftRecord, col(DraftRecord.fhir_report_id) == col(AuditRecord.entity_id))
-        .where(in_range, col(AuditRecord.entity_type) == "DiagnosticReport",
+        sa_select(col(AuditRecord.entity_id), col(AuditRecord.action), col(AuditRecord.actor),
+                  col(AuditRecord.at), col(AuditRecord.entity_type))
+        .where(col(AuditRecord.entity_id).in_(sa_select(col(DraftRecord.fhir_report_id)).where(in_range)),
                col(AuditRecord.action).startswith("fhir.review."))
         .order_by(col(AuditRecord.seq))
     ).all()
-    for rid, action, actor, at in reviews:
+    for rid, action, actor, at, entity_type in reviews:
+        if entity_type != "DiagnosticReport":
+            continue
         verb = action.removeprefix("fhir.review.")
         rel.reviews.setdefault(rid, Review(REVIEW_OUTCOMES.get(verb, verb), actor, as_utc(at)))
     studies = sa_select(col(DraftRecord.study_pk)).where(in_range)
