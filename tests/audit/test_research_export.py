@@ -136,6 +136,7 @@ def test_filters(engine: Engine, tmp_path: Path) -> None:
         parse_since("last tuesday")
 
 
+@pytest.mark.usefixtures("keep_logging")
 def test_cli_export_and_the_placeholder_key(db_url: str, engine: Engine, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from taqrir.cli import app

@@ -80,6 +80,7 @@ def test_no_export_is_a_clear_error(engine: Engine, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is installed by tests/run.sh")
+@pytest.mark.usefixtures("keep_logging")
 def test_chromium_renders_the_page(db_url: str, engine: Engine, tmp_path: Path) -> None:
     from taqrir.cli import app
 
