@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
+research_app = typer.Typer(no_args_is_help=True, help="Research audits: a de-identified export and its report.")
+app.add_typer(research_app, name="research")
 
 _state: dict[str, Settings] = {}
 
@@ -369,27 +371,40 @@ def studies(
 ) -> None:
     """List received studies with their state."""
     from integrations.dicom.index import list_studies
+    from reporting.consistency import ConsistencyResult
+    from workers.state import consistency_of_current_drafts
 
     from .db import session_scope
 
     with session_scope(_engine()) as session:
         rows = list_studies(session, limit=limit)
+        stored = consistency_of_current_drafts(session, [(st.id or 0, st.version) for st, *_ in rows])
+    checks = {pk: ConsistencyResult.model_validate_json(text) if text else None for pk, text in stored.items()}
     if as_json:
         for study, patient, count, mods in rows:
+            check = checks.get(study.id or 0)
             typer.echo(json.dumps({
                 "study_instance_uid": study.study_instance_uid, "patient_id": patient.patient_id,
                 "modalities": mods, "instances": count, "state": study.state, "version": study.version,
                 "last_received_at": study.last_received_at.isoformat(), "failure_reason": study.failure_reason,
+                "consistency": check.model_dump(mode="json") if check else None,
             }, ensure_ascii=False))
         return
     if not rows:
         typer.echo("no studies received yet")
         return
-    typer.echo(f"{'STATE':<10} {'VER':>3} {'INST':>5} {'MODALITY':<10} {'PATIENT':<16} STUDY UID")
+    typer.echo(f"{'STATE':<10} {'VER':>3} {'INST':>5} {'MODALITY':<10} {'PATIENT':<16} {'EN/AR':<8} STUDY UID")
     for study, patient, count, mods in rows:
-        line = f"{study.state:<10} {study.version:>3} {count:>5} {','.join(mods)[:10]:<10} {patient.patient_id[:16]:<16} {study.study_instance_uid}"
+        check = checks.get(study.id or 0)
+        verdict = "-" if check is None else "ok" if check.consistent else f"{len(check.mismatches)} diff"
+        line = (f"{study.state:<10} {study.version:>3} {count:>5} {','.join(mods)[:10]:<10} "
+                f"{patient.patient_id[:16]:<16} {verdict:<8} {study.study_instance_uid}")
         if study.failure_reason:
             line += f"\n{'':>10} reason: {study.failure_reason[:200]}"
+        if check is not None and not check.consistent:
+            for m in check.mismatches[:5]:
+                line += (f"\n{'':>10} EN/AR {m.kind} in {m.section}: {m.detail}"
+                         + (f" (en: {m.english or '-'} | ar: {m.arabic or '-'})" if m.english or m.arabic else ""))
         typer.echo(line)
 
 
@@ -552,6 +567,43 @@ def audit_ship(
         shipper.run()
     except KeyboardInterrupt:
         shipper.stop()
+
+
+@research_app.command("export")
+def research_export(
+    out: Annotated[Path, typer.Argument(help="Folder for drafts.parquet, drafts.jsonl, the data dictionary and manifest.")],
+    since: Annotated[str | None, typer.Option(help="Only drafts made at or after this ISO date or date-time (UTC).")] = None,
+    modality: Annotated[str | None, typer.Option(help="Only studies with a series of this modality (e.g. CT).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an export already in OUT.")] = False,
+) -> None:
+    """Export every draft version, de-identified, as Parquet and JSON Lines (one row per version)."""
+    from audit.research.export import ExportFilter, ResearchError, export, parse_since
+
+    settings = get_settings()
+    try:
+        summary = export(_engine(), settings.research, out, ExportFilter(parse_since(since), modality),
+                         overwrite=overwrite)
+    except ResearchError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"exported {summary.rows} draft versions to {out} in {summary.seconds:.1f} s "
+               f"(export {summary.export_id}; data dictionary in {out / 'data-dictionary.md'})")
+
+
+@research_app.command("report")
+def research_report(
+    out: Annotated[Path, typer.Argument(help="Folder of a research export; report.html is written there.")],
+) -> None:
+    """One self-contained HTML page of plots (acceptance, edits, latency, consistency, volume)."""
+    from audit.research.export import ResearchError
+    from audit.research.report import write_report
+
+    try:
+        summary = write_report(_engine(), out)
+    except ResearchError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"report of {summary.rows} draft versions written to {summary.path}")
 
 
 def main() -> None:

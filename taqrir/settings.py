@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from audit.config import AtnaSettings
+from audit.research.config import PLACEHOLDER_KEY, ResearchSettings
 from inference.config import InferenceSettings
 from integrations.dicom.destinations import ExportSettings
 from integrations.fhir.config import ApiSettings
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
         env_prefix="TAQRIR_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
+    environment: Literal["development", "production"] = Field(
+        "development",
+        description="production refuses placeholder secrets (research.pseudonym_key) at start-up.",
+    )
     data_dir: Path = Field(Path(".taqrir"), description="Root for the embedded defaults (db, storage, keys).")
     database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file in data_dir.")
     storage_url: str = Field("", description="Where instances are stored; empty means data_dir/storage.")
@@ -119,6 +124,7 @@ class Settings(BaseSettings):
     render: RenderSettings = Field(default_factory=RenderSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    research: ResearchSettings = Field(default_factory=ResearchSettings)  # type: ignore[arg-type]
     hl7: Hl7Settings = Field(default_factory=Hl7Settings, description="HL7 v2 MLLP receiver (`taqrir hl7`).")
     atna: AtnaSettings = Field(default_factory=AtnaSettings)  # type: ignore[arg-type]
     dicom_objects: DicomObjectSettings = Field(default_factory=DicomObjectSettings)  # type: ignore[arg-type]
@@ -131,6 +137,13 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'taqrir.db').resolve()}"
         if not self.storage_url:
             self.storage_url = (self.data_dir / "storage").resolve().as_uri()
+        if self.environment != "development":
+            key = self.research.pseudonym_key.get_secret_value()
+            if key == PLACEHOLDER_KEY or len(key) < 32:
+                raise ValueError(
+                    "research.pseudonym_key is the placeholder or shorter than 32 characters; set "
+                    "TAQRIR_RESEARCH__PSEUDONYM_KEY to a long random secret (e.g. `openssl rand -hex 32`)"
+                )
         return self
 
     @classmethod

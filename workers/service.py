@@ -41,6 +41,7 @@ from integrations.dicom.index import (
     study_contents,
 )
 from integrations.dicom.storage import LocalStorage
+from reporting.consistency import check_sections
 from reporting.draft import (
     Draft,
     KeyImageRef,
@@ -386,6 +387,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
     infer_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     draft = build_draft(draft_id, ref, report, manifest, cfg)
+    checks = draft_checks(draft, report)
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
         if not _move(s, study, StudyState.drafted, (StudyState.inferring,), draft_id=draft_id):
@@ -397,7 +399,8 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                                   version=version, config_sha256=cfg, draft_json=draft.model_dump_json(),
                                   stage_times=json.dumps({"queue_s": queue_s, "render_s": render_s,
                                                           "infer_s": infer_s,
-                                                          "model_latency_s": report.provenance.latency_s})))
+                                                          "model_latency_s": report.provenance.latency_s}),
+                                  **checks))
         except IntegrityError:
             log.info("draft %s already stored by another delivery", draft_id)
             return draft_id
@@ -410,7 +413,8 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                         "prompt_template": draft.model.prompt_template_id,
                         "prompt_sha256": draft.model.prompt_template_sha256,
                         "images": list(draft.model.image_sha256), "sampling": draft.model.sampling,
-                        "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens]})
+                        "tokens": [draft.model.prompt_tokens, draft.model.completion_tokens],
+                        "consistent": checks["consistent"]})
         # a signed report that came back before this draft (or for an older version) is compared now
         compute_study_deltas(s, study_pk)
     _add_stage_time(ctx.engine, draft_id, persist_s=time.perf_counter() - t1)
@@ -427,6 +431,15 @@ def _supersede_older(s: Session, study_pk: int, study_uid: str, version: int, by
         s.add(rec)
         record(s, action="draft.superseded", actor=ACTOR, entity_type="Draft", entity_id=rec.draft_id,
                details={"study": study_uid, "version": rec.version, "by_draft": by_draft_id, "by_version": version})
+
+
+def draft_checks(draft: Draft, report: BilingualReport) -> dict[str, Any]:
+    """What is stored with every draft about its text (pure): the bilingual consistency check of
+    its sections (reporting.consistency) and the output guard's result (a stored draft passed it;
+    ``model_calls`` above two means a language was rejected once and drawn again)."""
+    result = check_sections(draft.sections)
+    guard = {"passed": True, "model_calls": report.provenance.attempts, "arabic_mode": report.provenance.arabic_mode}
+    return {"consistent": result.consistent, "consistency": result.model_dump_json(), "guard": json.dumps(guard)}
 
 
 def record_rejected_output(ctx: PipelineContext, study_uid: str, version: int, reason: str,

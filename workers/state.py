@@ -7,10 +7,11 @@ unique, so a retried or duplicated task can never create a second draft of the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import Column, Text, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from taqrir.db import utcnow
 
@@ -52,3 +53,28 @@ class DraftRecord(SQLModel, table=True):
     publish_attempted_at: datetime | None = Field(default=None, description="Last (re)publish sent; the sweep's timer.")
     publish_error: str | None = Field(default=None, sa_column=Column(Text), description="Why publishing failed for good.")
     fhir_report_id: str | None = Field(default=None, max_length=64)
+    consistent: bool | None = Field(
+        default=None, index=True,
+        description="reporting.consistency verdict on the English and Arabic sections; None: not checked "
+                    "(a draft stored before the check existed).")
+    consistency: str | None = Field(
+        default=None, sa_column=Column(Text),
+        description="JSON reporting.consistency.ConsistencyResult: checker and lexicon versions, typed mismatches.")
+    guard: str | None = Field(
+        default=None, sa_column=Column(Text),
+        description="JSON of the output guard's result for the stored text: passed, model calls spent "
+                    "(2 = both languages passed first time), Arabic mode.")
+
+
+def consistency_of_current_drafts(session: Session, studies: Sequence[tuple[int, int]]) -> dict[int, str | None]:
+    """For (study pk, version) pairs: the stored consistency JSON of that version's newest draft
+    (None when the draft predates the check; pairs without a draft are left out)."""
+    if not studies:
+        return {}
+    wanted = dict(studies)
+    rows = session.exec(
+        select(DraftRecord.study_pk, DraftRecord.version, DraftRecord.consistency)
+        .where(col(DraftRecord.study_pk).in_(list(wanted)))
+        .order_by(col(DraftRecord.created_at))
+    ).all()
+    return {pk: text for pk, version, text in rows if wanted.get(pk) == version}

@@ -15,7 +15,9 @@ from typing import Any, Final, Literal
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
+from reporting.consistency import check_sections
 from reporting.draft import Draft, Language, Sections
+from reporting.fhir.consistency import consistency_extension
 from reporting.fhir.ids import (
     DICOM_UID_SYSTEM,
     DRAFT_SYSTEM,
@@ -108,6 +110,9 @@ def report_data(
         data["effectiveDateTime"] = effective
     if results_interpreter:
         data["resultsInterpreter"] = results_interpreter
+    if "en" in sections and "ar" in sections:
+        # each version says whether its own two languages agree (a reviewed edit is checked too)
+        data["extension"] = [consistency_extension(check_sections(sections))]
     if "en" in sections:
         data["conclusion"] = sections["en"].impression
         if "ar" in sections:

@@ -33,3 +33,19 @@ def test_bad_config_is_explained(tmp_path: Path) -> None:
     unknown.write_text("listner: {}\n", "utf-8")
     with pytest.raises(Exception, match="listner"):
         load_settings(unknown)
+
+
+def test_placeholder_research_key_is_refused_outside_development() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from taqrir.settings import load_settings
+
+    assert load_settings().environment == "development"  # the placeholder is fine here
+    with pytest.raises(ValidationError, match="pseudonym_key"):
+        load_settings(environment="production")
+    with pytest.raises(ValidationError, match="pseudonym_key"):
+        load_settings(environment="production", research={"pseudonym_key": "short"})
+    ok = load_settings(environment="production", research={"pseudonym_key": "x" * 32})
+    assert ok.research.pseudonym_key.get_secret_value() == "x" * 32
+    assert "x" * 32 not in repr(ok)  # a secret, never printed

@@ -22,6 +22,7 @@ from inference.tiny import write_tiny
 from integrations.dicom.index import Study
 from integrations.dicom.listener import Listener
 from integrations.dicom.storage import LocalStorage
+from reporting.consistency import ConsistencyResult
 from taqrir.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import REPO, free_port
@@ -212,6 +213,20 @@ def test_studies_end_as_drafts_and_an_undecodable_one_fails_alone(make_pipeline:
         while p.drafts(uid)[0].published_at is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert p.drafts(uid)[0].fhir_report_id
+        # every draft carries its bilingual consistency check and its guard result
+        rec = p.drafts(uid)[0]
+        assert rec.consistency is not None and rec.guard is not None
+        assert ConsistencyResult.model_validate_json(rec.consistency).consistent is rec.consistent
+        assert json.loads(rec.guard)["passed"] is True and json.loads(rec.guard)["model_calls"] >= 2
+    listed = subprocess.run([sys.executable, "-m", "taqrir", "studies", "--json"], env=p.env,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    by_uid = {row["study_instance_uid"]: row for row in map(json.loads, listed)}
+    for uid in (CT_UID, MR_UID):
+        assert by_uid[uid]["consistency"]["consistent"] is p.drafts(uid)[0].consistent
+    assert by_uid[jxl_uid]["consistency"] is None
+    table = subprocess.run([sys.executable, "-m", "taqrir", "studies"], env=p.env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "EN/AR" in table
     with session_scope(p.engine) as s:
         assert verify(s).ok
 
