@@ -23,9 +23,10 @@ import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from urllib.parse import urlsplit
 
+from .chain import ChainRecord
 from .codes import (
     APPLICATION_ROLE,
     DESTINATION_ROLE,
@@ -43,19 +44,6 @@ MSGID: Final = "IHE+RFC-3881"
 SD_ID: Final = "taqrir@32473"
 NAP_MACHINE_NAME: Final = "1"
 NAP_IP: Final = "2"
-
-
-class ChainRecord(Protocol):
-    seq: int
-    at: datetime
-    action: str
-    actor: str
-    entity_type: str
-    entity_id: str
-    outcome: str
-    details: str
-    prev_hash: str
-    hash: str
 
 
 @dataclass(frozen=True)

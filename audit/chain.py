@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from sqlalchemy import Column, Text, text
 from sqlalchemy.engine import Dialect
@@ -90,6 +90,22 @@ class AuditEvent:
     entity_id: str = ""
     outcome: str = "success"
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ChainRecord(Protocol):
+    """What readers of a record need (:class:`AuditRecord` and :class:`ChainRow` have it): the
+    FHIR AuditEvent view and the ATNA sender take this, not the ORM class."""
+
+    seq: int
+    at: datetime
+    action: str
+    actor: str
+    entity_type: str
+    entity_id: str
+    outcome: str
+    details: str
+    prev_hash: str
+    hash: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from urllib.parse import urlencode, urlsplit
 
 from fhir.resources.R4B.auditevent import AuditEvent
 
+from audit.chain import ChainRecord
 from audit.codes import (
     APPLICATION_ROLE,
     DESTINATION_ROLE,
@@ -63,21 +63,6 @@ NETWORK_TYPE_IP: Final = "2"
 NETWORK_TYPE_URI: Final = "5"
 DICOM_UID_SYSTEM: Final = "urn:dicom:uid"
 FHIR_TYPES: Final = frozenset({"DiagnosticReport", "Patient", "ImagingStudy", "Device", "Provenance", "AuditEvent"})
-
-
-class ChainRecord(Protocol):
-    """What the builder reads of a record (:class:`audit.chain.AuditRecord` has it)."""
-
-    seq: int
-    at: datetime
-    action: str
-    actor: str
-    entity_type: str
-    entity_id: str
-    outcome: str
-    details: str
-    prev_hash: str
-    hash: str
 
 
 @dataclass(frozen=True)
