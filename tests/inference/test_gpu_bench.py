@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +44,10 @@ def test_tiny_sweep_on_cpu_writes_table_and_json(bench: ModuleType, tmp_path: Pa
         assert p["status"] == "ok"
         assert p["generated_tokens"] == p["studies_in_flight"] * (3 + 4)  # fixed lengths
         assert p["studies_per_s"] > 0 and p["p99_s_per_study"] >= p["p50_s_per_study"] > 0
-        assert 0 < p["roofline_ratio"] < 1.5
+        # the tiny model's weights fit in the CPU's caches, so the DRAM roofline is no bound for it
+        # (on a busy machine the measured copy bandwidth drops and the ratio went past 2): on CPU
+        # only check that the ratio is computed; on a GPU the 8B model streams from HBM
+        assert math.isfinite(p["roofline_ratio"]) and p["roofline_ratio"] > 0
         assert (p["reused_prompt_tokens"] > 0) == p["prefix_reuse"]
     # the same prompts with and without reuse; reuse covers at least the English prompt
     assert points[0]["prompt_tokens"] == points[1]["prompt_tokens"]

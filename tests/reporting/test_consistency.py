@@ -178,11 +178,14 @@ def test_the_verdict_rides_on_the_fhir_report_and_stays_valid_r4() -> None:
     assert subs[0] == {"url": "status", "valueCode": "inconsistent"}
     (mismatch,) = [s for s in subs if s["url"] == "mismatch"]
     assert {"url": "kind", "valueCode": "laterality"} in mismatch["extension"]
-    # the clinician fixes the Arabic: the reviewed version says its languages now agree
+    # the clinician rewrites the findings in both languages (a language whose edited section was
+    # left as the machine wrote it is dropped as a stale translation, issue 11 item 16): the
+    # reviewed version says its languages now agree
     from datetime import UTC, datetime
 
     fixed = Review(action="edit", reviewer_id="dr-a", reviewed_at=datetime(2026, 12, 1, tzinfo=UTC),
-                   edits={"ar": Sections(findings="انصباب جنبي صغير في الجهة اليسرى.", impression="لا يوجد كسر.")})
+                   edits={"en": Sections(findings="Small left-sided pleural effusion.", impression="No fracture."),
+                          "ar": Sections(findings="انصباب جنبي صغير في الجهة اليسرى.", impression="لا يوجد كسر.")})
     reviewed = _json.loads(build_reviewed_report(draft, fixed).model_dump_json())
     assert_valid_r4(reviewed)
     assert consistency_of(reviewed)["extension"][0] == {"url": "status", "valueCode": "consistent"}  # type: ignore[index]
