@@ -26,7 +26,7 @@ from sqlalchemy import Column, Text, text
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, Session, SQLModel, select
 
-from taqrir.db import as_utc, utcnow
+from ground.clock import as_utc, utcnow
 
 GENESIS = "0" * 64
 _PG_LOCK_KEY = 0x7A71_2001  # arbitrary constant naming "the audit chain" lock
@@ -167,7 +167,7 @@ class ChainSql:
         #: lock_chain's lock (None: SQLite, whose BEGIN IMMEDIATE already serialises writers).
         self.lock = f"SELECT pg_advisory_xact_lock({marks[0]})" if dialect.name == "postgresql" else None
         #: How a transaction on a raw DBAPI connection must begin to hold the chain lock:
-        #: taqrir.db begins every SQLAlchemy transaction on SQLite with BEGIN IMMEDIATE (its
+        #: ground.db begins every SQLAlchemy transaction on SQLite with BEGIN IMMEDIATE (its
         #: connections are in autocommit mode, so a raw one would not begin at all).
         self.begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
         self.lock_params = (_PG_LOCK_KEY,)

@@ -40,7 +40,8 @@ from audit.chain import AuditRecord
 from audit.signed import SIGNED_STATUSES, SignedReport
 from integrations.dicom.index import Study
 from reporting.draft import Draft
-from taqrir.db import as_utc, session_scope, utcnow
+from ground.clock import as_utc, utcnow
+from ground.db import session_scope
 from workers.state import DraftRecord
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,9 @@ from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
-from taqrir.db import session_scope, utcnow
-from taqrir.errors import TaqrirError
+from ground.clock import utcnow
+from ground.db import session_scope
+from ground.errors import TaqrirError
 
 from .atna import AtnaSource, frame, syslog_message
 from .chain import AuditRecord, record

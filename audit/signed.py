@@ -35,8 +35,8 @@ from sqlmodel import Session, SQLModel, col, select
 
 from audit.chain import lock_chain, record
 from integrations.dicom.index import Study
-from taqrir.db import as_utc, utcnow
-from taqrir.errors import TaqrirError
+from ground.clock import as_utc, utcnow
+from ground.errors import TaqrirError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from audit.chain import AuditEvent, iter_records, record_many
 from audit.codes import actions_for_code
 from audit.query import DateRange, RecordQuery, find_records
 from integrations.fhir.audit_event import AuditSource, audit_event_json
-from taqrir.db import make_engine, session_scope, upgrade
+from ground.db import make_engine, session_scope, upgrade
 
 ACTIONS = ["fhir.read", "fhir.read", "fhir.search", "instance.new", "instance.new", "study.queued", "draft.created"]
 

@@ -63,7 +63,7 @@ from reporting.fhir.ids import device_id, patient_id
 from reporting.fhir.patient import build_patient
 from reporting.fhir.timing import instant
 from reporting.labels import with_labels
-from taqrir.db import make_engine, upgrade
+from ground.db import make_engine, upgrade
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, draft_from_dicom
 

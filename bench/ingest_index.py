@@ -45,7 +45,7 @@ def worker(src: Path, db_url: str, work: Path, profile: Path | None) -> dict[str
 
     from integrations.dicom.ingest import ingest_file
     from integrations.dicom.storage import LocalStorage
-    from taqrir.db import make_engine, upgrade
+    from ground.db import make_engine, upgrade
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # as the listener sets
     datas = [p.read_bytes() for p in sorted(src.glob("*.dcm"))]
@@ -131,7 +131,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from sqlalchemy import text
 
-    from taqrir.db import make_engine
+    from ground.db import make_engine
     from tests.factories.db import reset_postgres_schema
     from tests.factories.studies import make_ct_series
 

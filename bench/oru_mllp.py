@@ -120,7 +120,7 @@ def send_all(port: int, frames: list[bytes], connections: int) -> tuple[float, d
 
 
 def seed(url: str, n: int, run: int, drafts: bool) -> None:
-    from taqrir.db import make_engine, session_scope, upgrade
+    from ground.db import make_engine, session_scope, upgrade
     from tests.factories.signed import add_draft, add_study
 
     engine = make_engine(url)

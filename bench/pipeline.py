@@ -31,7 +31,7 @@ from inference.tiny import write_tiny  # noqa: E402
 from integrations.dicom.index import Study  # noqa: E402
 from integrations.dicom.listener import Listener  # noqa: E402
 from integrations.dicom.storage import LocalStorage  # noqa: E402
-from taqrir.db import make_engine, session_scope, upgrade  # noqa: E402
+from ground.db import make_engine, session_scope, upgrade  # noqa: E402
 from taqrir.demo import send_files  # noqa: E402
 from taqrir.settings import load_settings  # noqa: E402
 from tests.factories.studies import make_ct_series  # noqa: E402

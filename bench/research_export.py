@@ -54,7 +54,7 @@ def child_taqrir(url: str, out: Path, batch_rows: int) -> dict[str, Any]:
 
     from audit.research.config import ResearchSettings
     from audit.research.export import ExportFilter, export
-    from taqrir.db import make_engine
+    from ground.db import make_engine
 
     engine = make_engine(url)
     settings = ResearchSettings(pseudonym_key=SecretStr("b" * 40), batch_rows=batch_rows, dates="full")
@@ -108,7 +108,7 @@ def _run_child(*args: str) -> dict[str, Any]:
 def _make_db(kind: str, workdir: Path) -> tuple[str, Any]:
     from sqlalchemy import text
 
-    from taqrir.db import make_engine
+    from ground.db import make_engine
 
     if kind == "sqlite":
         return f"sqlite:///{workdir / 'bench.db'}", None
@@ -142,7 +142,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    from taqrir.db import make_engine, upgrade
+    from ground.db import make_engine, upgrade
     from tests.factories.research_bulk import load
 
     with tempfile.TemporaryDirectory(prefix="taqrir-bench-research-") as tmp:

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from taqrir.errors import ConfigError
+from ground.errors import ConfigError
 
 from .images import CLIP_MEAN, CLIP_STD
 from .prompt_format import END_OF_TEXT, EOT, IMAGE_TOKEN, LLAMA3_LLAVA_CHAT_TEMPLATE

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from taqrir.errors import ConfigError
+from ground.errors import ConfigError
 
 model_app = typer.Typer(help="Model checkpoints and a local OpenAI-compatible server.", no_args_is_help=True)
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taqrir.errors import PermanentError, TransientError
+from ground.errors import PermanentError, TransientError
 
 
 class BackendUnavailable(TransientError):

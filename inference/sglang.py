@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from taqrir.errors import PermanentError
+from ground.errors import PermanentError
 
 from .errors import BackendUnavailable
 from .images import to_data_url

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from taqrir.errors import ConfigError
+from ground.errors import ConfigError
 
 from .checkpoint import VISION_DIR, prepare_checkpoint
 from .prompt_format import (

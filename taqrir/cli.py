@@ -59,7 +59,7 @@ def get_settings() -> Settings:
 
 
 def _engine() -> Engine:
-    from .db import make_engine, upgrade
+    from ground.db import make_engine, upgrade
 
     engine = make_engine(get_settings().database_url)
     upgrade(engine)
@@ -91,7 +91,7 @@ def _start_atna(settings: Settings, engine: Engine) -> AtnaShipper | None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the schema to the newest revision."""
-    from .db import make_engine, upgrade
+    from ground.db import make_engine, upgrade
 
     settings = get_settings()
     upgrade(make_engine(settings.database_url))
@@ -294,7 +294,7 @@ def render(
     from workers.render import NothingRenderable, RenderedStudy, render_study, write_render_output
     from workers.service import PipelineContext, instance_inputs
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     settings = get_settings()
     engine = _engine()
@@ -374,7 +374,7 @@ def studies(
     from reporting.consistency import ConsistencyResult
     from workers.state import consistency_of_current_drafts
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     with session_scope(_engine()) as session:
         rows = list_studies(session, limit=limit)
@@ -456,7 +456,7 @@ def outbox_list(
         return
     from integrations.dicom.outbox import OutboxState, counts, list_rows
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     bad = set(state or []) - {s.value for s in OutboxState}
     if bad:
@@ -497,7 +497,7 @@ def outbox_retry(
     from workers.pipeline import Dispatcher
     from workers.service import PipelineContext
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     settings = get_settings()
     engine = _engine()
@@ -519,7 +519,7 @@ def audit_verify() -> None:
     """Recompute the audit hash chain and report the first broken record, if any."""
     from audit.chain import verify
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     with session_scope(_engine()) as session:
         v = verify(session)
@@ -535,7 +535,7 @@ def audit_export(out: Annotated[Path, typer.Argument(help="JSON Lines file to wr
     """Export the audit trail (with its hashes) for analysis."""
     from audit.chain import export_jsonl
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     with session_scope(_engine()) as session, out.open("w", encoding="utf-8") as f:
         n = export_jsonl(session, f)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from .errors import TaqrirError
+from ground.errors import TaqrirError
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
     from workers.pipeline import Dispatcher
     from workers.service import PipelineContext
 
-    from .db import make_engine, session_scope, upgrade
+    from ground.db import make_engine, session_scope, upgrade
 
     t_start = time.monotonic()
     prepare_data_dir(data_dir, keep=keep)
@@ -224,7 +224,7 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
     from workers.service import export_dir
     from workers.state import DraftRecord
 
-    from .db import session_scope
+    from ground.db import session_scope
 
     say("")
     say("Results:")

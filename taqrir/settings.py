@@ -26,7 +26,7 @@ from integrations.hl7.config import Hl7Settings
 from reporting.dicom_config import DicomObjectSettings
 from workers.render_config import RenderSettings
 
-from .errors import ConfigError
+from ground.errors import ConfigError
 
 
 class ListenerSettings(BaseModel):

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from taqrir.db import make_engine, upgrade
+from ground.db import make_engine, upgrade
 from tests.factories.db import reset_postgres_schema
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from taqrir.db import make_engine, upgrade
+from ground.db import make_engine, upgrade
 from taqrir.settings import load_settings
 
 from .service import PipelineContext

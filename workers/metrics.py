@@ -20,7 +20,7 @@ from sqlmodel import select
 
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.outbox import OutboxState, counts
-from taqrir.db import session_scope
+from ground.db import session_scope
 
 from .state import DraftRecord
 

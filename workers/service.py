@@ -51,8 +51,9 @@ from reporting.draft import (
     SeriesRef,
     StudyRef,
 )
-from taqrir.db import as_utc, session_scope, utcnow
-from taqrir.errors import PermanentError
+from ground.clock import as_utc, utcnow
+from ground.db import session_scope
+from ground.errors import PermanentError
 from taqrir.settings import Settings
 from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
 from workers.render.output import provenance

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 
 class KeyImageSet(SQLModel, table=True):

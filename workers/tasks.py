@@ -14,7 +14,7 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from inference.errors import OutputRejected
-from taqrir.errors import PermanentError, TransientError
+from ground.errors import PermanentError, TransientError
 
 from . import service
 from .celery_app import celery_app

@@ -39,8 +39,9 @@ from audit.signed import SIGNED_STATUSES, SignedReport
 from integrations.dicom.index import Patient, Series, Study
 from reporting.consistency import CHECKER_VERSION, check_sections
 from reporting.draft import Sections
-from taqrir.db import as_utc, session_scope, utcnow
-from taqrir.errors import TaqrirError
+from ground.clock import as_utc, utcnow
+from ground.db import session_scope
+from ground.errors import TaqrirError
 from workers.state import DraftRecord
 
 from .columns import COLUMNS, NAMES, SCHEMA, dictionary_markdown

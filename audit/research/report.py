@@ -335,7 +335,7 @@ def write_report(engine: Any, out_dir: Path, *, actor: str | None = None) -> Rep
     import getpass
 
     from audit.chain import record
-    from taqrir.db import session_scope
+    from ground.db import session_scope
 
     _, summary = make_report(out_dir)
     with session_scope(engine) as s:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taqrir.errors import TaqrirError, TransientError
+from ground.errors import TaqrirError, TransientError
 
 
 class DicomInputError(TaqrirError):

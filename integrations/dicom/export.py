@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from taqrir.db import session_scope
+from ground.db import session_scope
 
 from .destinations import ExportSettings
 from .outbox import (

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import bind_processor, chain_sql, lock_chain
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 from .headers import InstanceHeaders
 from .storage import StoredFile

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from audit.chain import AuditEvent, link, record
-from taqrir.db import session_scope
+from ground.db import session_scope
 
 from .errors import DicomInputError, IdentifiersMissing, OutOfResources, StorageFailure
 from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
@@ -103,7 +103,7 @@ def ingest_file(
     try:
         cursor = raw.cursor()
         try:
-            if sql.chain.begin:  # taqrir.db begins SQLAlchemy transactions so; raw ones begin here
+            if sql.chain.begin:  # ground.db begins SQLAlchemy transactions so; raw ones begin here
                 cursor.execute(sql.chain.begin)
             result = _file_locked(cursor, sql, None, storage=storage, staged=staged, headers=headers,
                                   stored=stored, calling_ae=calling_ae)
@@ -122,7 +122,7 @@ def ingest_file(
     finally:
         raw.close()
     if result is None:
-        with engine.connect() as conn, conn.begin():  # SQLite: BEGIN IMMEDIATE (taqrir.db)
+        with engine.connect() as conn, conn.begin():  # SQLite: BEGIN IMMEDIATE (ground.db)
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 result = _file_locked(cursor, sql, conn, storage=storage, staged=staged, headers=headers,

@@ -41,7 +41,7 @@ import pydicom.config
 from sqlalchemy.engine import Engine
 
 from audit.chain import record
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import ListenerSettings, StudySettings
 
 from .errors import (

@@ -31,7 +31,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, func, or_, select, update
 
 from audit.chain import record
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 from .destinations import Destination, ObjectKind
 

@@ -27,7 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from taqrir.errors import PermanentError, TaqrirError, TransientError
+from ground.errors import PermanentError, TaqrirError, TransientError
 
 from .destinations import Destination, ExportSettings
 

@@ -44,7 +44,7 @@ from audit.signed import (
     SignedText,
     store_signed_report,
 )
-from taqrir.db import session_scope
+from ground.db import session_scope
 
 from .index import Instance
 from .ingest import IngestResult

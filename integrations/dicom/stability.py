@@ -16,7 +16,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from audit.chain import lock_chain, record
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 
 from .index import Study, StudyState
 

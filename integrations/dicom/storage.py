@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
-from taqrir.errors import ConfigError
+from ground.errors import ConfigError
 
 from .errors import StorageFailure
 

@@ -59,7 +59,8 @@ from sqlalchemy.engine import Engine
 
 from audit.chain import AuditEvent, chain_sql, link, record_many
 from reporting.fhir.timing import instant
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 
 from .errors import AuditUnavailable
 from .pgreads import CONNECTION_LOST, asyncpg_dsn

@@ -66,7 +66,8 @@ from starlette.responses import Response
 from reporting.draft import Draft, Language, Sections
 from reporting.fhir import Review
 from reporting.fhir.timing import instant
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 from taqrir.settings import Settings
 
 from .audit_routes import audit_router

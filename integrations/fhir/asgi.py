@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from taqrir.db import make_engine
+from ground.db import make_engine
 from taqrir.settings import load_settings
 
 from .app import create_app

@@ -38,7 +38,7 @@ from starlette.responses import Response
 from audit.codes import EVENT_CLASSES, ActionFilter, actions_for_code
 from audit.query import DatePrefix, DateRange, RecordQuery, find_records, get_record
 from reporting.fhir.timing import instant
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 from .audit_event import AuditSource, audit_event, audit_event_json
 from .auth import Principal

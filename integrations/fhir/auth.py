@@ -23,7 +23,7 @@ from typing import Any
 
 import jwt
 
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 from .config import ApiSettings
 from .errors import Forbidden, Unauthorized

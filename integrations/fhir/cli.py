@@ -10,8 +10,8 @@ import typer
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from taqrir.db import make_engine
-from taqrir.errors import TaqrirError
+from ground.db import make_engine
+from ground.errors import TaqrirError
 from taqrir.settings import Settings
 
 from .app import create_app
@@ -32,7 +32,7 @@ def check_schema(engine: Engine) -> None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from taqrir.migrations import alembic_config
+    from ground.migrations import alembic_config
 
     heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
     where = engine.url.render_as_string(hide_password=True).split("@")[-1]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from taqrir.errors import TaqrirError
+from ground.errors import TaqrirError
 
 
 class FhirError(TaqrirError):

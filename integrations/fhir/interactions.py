@@ -25,7 +25,7 @@ from sqlalchemy.pool import QueuePool
 from starlette.responses import Response
 from starlette.types import Receive
 
-from taqrir.db import make_engine
+from ground.db import make_engine
 from taqrir.settings import Settings
 
 from .access_log import AccessAuditor

@@ -23,7 +23,7 @@ from fhir.resources.R4B.resource import Resource
 from starlette.responses import Response
 
 from reporting.fhir.timing import instant
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 FHIR_JSON: Final = "application/fhir+json"
 FHIR_JSON_UTF8: Final = "application/fhir+json; charset=utf-8"

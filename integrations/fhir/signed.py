@@ -57,7 +57,8 @@ from audit.signed import (
 )
 from reporting.fhir.ids import DICOM_UID_SYSTEM, V2_0203
 from reporting.fhir.timing import instant
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 
 from .auth import Principal
 from .errors import FhirError, Forbidden, InvalidRequest

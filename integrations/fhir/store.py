@@ -33,7 +33,7 @@ from reporting.fhir.supersession import (
 )
 from reporting.fhir.timing import instant
 from reporting.labels import with_labels
-from taqrir.db import as_utc, utcnow
+from ground.clock import as_utc, utcnow
 
 from .errors import Conflict, InvalidRequest, NotFound, PreconditionFailed, Superseded
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import Column, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
-from taqrir.db import utcnow
+from ground.clock import utcnow
 
 
 class Hl7Message(SQLModel, table=True):

@@ -38,7 +38,7 @@ from hl7.exceptions import ParseException
 
 from audit.deltas import script_language
 from audit.signed import SignedReportIn, SignedText
-from taqrir.errors import TaqrirError
+from ground.errors import TaqrirError
 
 AckCode = Literal["AA", "AE", "AR"]
 

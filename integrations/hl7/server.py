@@ -47,7 +47,8 @@ from audit.signed import (
     find_study,
     store_signed_report,
 )
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 
 from .config import Hl7Settings
 from .inbox import Hl7Message

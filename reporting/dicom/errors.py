@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taqrir.errors import PermanentError
+from ground.errors import PermanentError
 
 
 class DicomObjectError(PermanentError):

@@ -12,7 +12,8 @@ from sqlalchemy.engine import Engine
 
 from audit import chain
 from audit.chain import AuditEvent, append, chain_sql, export_jsonl, lock_chain, record, record_many, verify
-from taqrir.db import as_utc, session_scope
+from ground.clock import as_utc
+from ground.db import session_scope
 
 
 def test_chain_records_verify_and_detect_tampering(engine: Engine) -> None:

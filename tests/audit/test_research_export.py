@@ -20,7 +20,7 @@ from audit.research.columns import NAMES, SCHEMA, dictionary_markdown
 from audit.research.config import ResearchSettings
 from audit.research.deid import Deidentifier, age_years
 from audit.research.export import ExportFilter, ResearchError, export, parse_since
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import REPO
 from tests.factories import research
 

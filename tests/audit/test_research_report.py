@@ -21,7 +21,7 @@ from audit.chain import AuditRecord, verify
 from audit.research.config import ResearchSettings
 from audit.research.export import ExportFilter, ResearchError, export
 from audit.research.report import write_report
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories import research
 
 SETTINGS = ResearchSettings(pseudonym_key=SecretStr("k" * 40))

@@ -20,7 +20,7 @@ from audit.atna import AtnaSource
 from audit.chain import AuditRecord, record, verify
 from audit.config import AtnaSettings
 from audit.ship import AtnaCursor, AtnaShipper, TlsRejected, read_cursor
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import free_port
 from tests.factories.rsyslog import Received, Rsyslog
 from tests.factories.tls import Pki, make_pki

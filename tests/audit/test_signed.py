@@ -19,7 +19,7 @@ from audit.signed import (
     current_signed,
     store_signed_report,
 )
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.signed import add_draft, add_study, seed
 from workers.state import DraftRecord
 
@@ -139,7 +139,7 @@ def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
     from audit.chain import record
     from audit.deltas import recompute_all
     from integrations.fhir.store import FhirDraft
-    from taqrir.db import utcnow
+    from ground.clock import utcnow
 
     _, draft_id = seed(engine)
     with session_scope(engine) as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from taqrir.db import make_engine
+from ground.db import make_engine
 
 
 def reset_postgres_schema(url: str) -> None:

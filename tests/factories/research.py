@@ -16,7 +16,7 @@ from integrations.fhir.store import publish_draft, review_report
 from reporting.consistency import check_sections
 from reporting.draft import Sections
 from reporting.fhir import Review
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.drafts import CT_3SLICE, MR_SMALL, draft_from_dicom
 from tests.factories.signed import add_draft, add_study
 from workers.state import DraftRecord

@@ -27,7 +27,7 @@ from audit.signed import SignedReport
 from integrations.dicom.index import Patient, Series, Study
 from reporting.consistency import check_sections
 from reporting.draft import Sections
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.drafts import sample_draft
 from workers.state import DraftRecord
 

@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from integrations.dicom.index import Patient, Study, StudyState
 from reporting.draft import Draft, Sections
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.drafts import sample_draft
 from workers.state import DraftRecord
 

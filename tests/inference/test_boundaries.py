@@ -10,7 +10,7 @@ from tests.conftest import REPO
 MODULES = ("backend", "checkpoint", "cli", "config", "constraints", "drafting", "images", "prompt_format",
            "prompts", "scripts", "sections", "server", "sglang", "tiny", "transformers_backend", "types")
 FORBIDDEN = ("pynetdicom", "fhir", "fhirclient", "sqlalchemy", "sqlmodel", "integrations", "reporting",
-             "workers", "taqrir.db", "celery")
+             "workers", "ground.db", "celery")
 
 
 def test_no_forbidden_imports() -> None:

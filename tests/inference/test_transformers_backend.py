@@ -91,7 +91,7 @@ def test_direct_arabic_mode(tiny_backend: TransformersBackend) -> None:
 
 def test_unstructured_gibberish_is_rejected_with_raw_outputs(tiny_backend: TransformersBackend) -> None:
     from inference.errors import OutputRejected
-    from taqrir.errors import PermanentError
+    from ground.errors import PermanentError
 
     settings = InferenceSettings(seed=2, structured_output=False)
     with pytest.raises(OutputRejected) as info:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from taqrir.errors import ConfigError
+from ground.errors import ConfigError
 from taqrir.settings import load_settings
 
 

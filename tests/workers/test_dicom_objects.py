@@ -20,7 +20,7 @@ from integrations.dicom.index import Study
 from integrations.dicom.ingest import ingest_file
 from reporting.draft import Draft, Sections
 from reporting.fhir import Review
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, DICOM, SECTIONS, draft_from_dicom
 from tests.reporting.dicom.checks import dciodvfy_errors

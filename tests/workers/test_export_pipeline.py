@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from integrations.dicom.outbox import OutboxItem
 from reporting.draft import Draft
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, SECTIONS
 from tests.factories.orthanc import OrthancServer
@@ -91,7 +91,7 @@ def test_the_sweep_sends_what_is_due_after_the_pacs_comes_back(engine: Engine, t
 
     from sqlmodel import update
 
-    from taqrir.db import utcnow
+    from ground.clock import utcnow
 
     pacs = OrthancServer(tmp_path / "orthanc", aet="PACS")  # down while the draft is published
     try:

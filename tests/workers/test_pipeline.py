@@ -23,7 +23,7 @@ from integrations.dicom.index import Study
 from integrations.dicom.listener import Listener
 from integrations.dicom.storage import LocalStorage
 from reporting.consistency import ConsistencyResult
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import REPO, free_port
 from tests.factories.dcmtk import send_raw, storescu

@@ -15,7 +15,7 @@ from integrations.dicom.index import Patient, Study
 from integrations.fhir.store import FhirResource
 from reporting.draft import Draft
 from reporting.fhir.ids import report_id
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import sample_draft
 from workers.service import PipelineContext, publish_stage

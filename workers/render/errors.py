@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from taqrir.errors import PermanentError
+from ground.errors import PermanentError
 
 if TYPE_CHECKING:
     from .model import RenderedStudy

@@ -23,7 +23,8 @@ from integrations.dicom.headers import read_headers
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.listener import Listener
 from integrations.dicom.stability import sweep_stable
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 from taqrir.settings import StudySettings
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu

@@ -25,7 +25,8 @@ from audit.chain import AuditRecord, verify
 from integrations.dicom.destinations import Destination, ExportSettings
 from integrations.dicom.export import deliver
 from integrations.dicom.outbox import OutboxItem, OutboxObject, due_rows, enqueue_objects, take_due
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 from tests.conftest import DICOM_DIR, REPO, free_port
 from tests.factories.export_objects import pdf_object, sr_object
 from tests.factories.orthanc import OrthancServer
@@ -178,7 +179,7 @@ _WORKER = """
 import json, sys
 from integrations.dicom.destinations import ExportSettings
 from integrations.dicom.export import deliver
-from taqrir.db import make_engine
+from ground.db import make_engine
 cfg = json.loads(sys.argv[2])
 deliver(make_engine(sys.argv[1]), ExportSettings.model_validate(cfg), [int(sys.argv[3])])
 """

@@ -43,7 +43,8 @@ from integrations.dicom.index import (
 )
 from integrations.dicom.ingest import IngestResult, ingest_file
 from integrations.dicom.storage import TMP_DIR_NAME, LocalStorage, StoredFile
-from taqrir.db import as_utc, make_engine, session_scope, utcnow
+from ground.clock import as_utc, utcnow
+from ground.db import make_engine, session_scope
 from tests.factories.studies import make_ct_series
 
 

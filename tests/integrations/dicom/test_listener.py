@@ -19,7 +19,7 @@ from sqlmodel import select
 from audit.chain import AuditRecord, verify
 from integrations.dicom.index import Instance, Patient, Series, Study
 from integrations.dicom.listener import Listener
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.studies import make_ct_series
 from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
 

@@ -21,7 +21,7 @@ from sqlmodel import select
 from audit.chain import AuditRecord, verify
 from integrations.dicom.index import Instance, Patient, Series
 from integrations.dicom.listener import Listener
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories import damaged
 from tests.factories.dcmtk import echoscu, send_raw_many, storescu
 

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from integrations.dicom.index import Instance, Study
 from integrations.dicom.listener import Listener
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import free_port
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"

@@ -24,7 +24,8 @@ from integrations.dicom.outbox import (
     mark_sent,
     replay,
 )
-from taqrir.db import session_scope, utcnow
+from ground.clock import utcnow
+from ground.db import session_scope
 
 PACS = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 ARCHIVE = Destination(name="archive", ae_title="ARCH", host="127.0.0.1", port=4243, kinds=[ObjectKind.pdf])

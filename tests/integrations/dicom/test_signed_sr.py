@@ -19,7 +19,7 @@ from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import NotSigned, SignedSrReader, signed_from_sr
 from integrations.dicom.storage import LocalStorage
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import ListenerSettings, StudySettings
 from tests.factories.dcmtk import storescu
 from tests.factories.signed import seed

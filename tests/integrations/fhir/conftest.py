@@ -17,7 +17,7 @@ from integrations.fhir.app import create_app
 from integrations.fhir.auth import issue_token
 from integrations.fhir.store import publish_draft
 from reporting.draft import Draft
-from taqrir.db import session_scope
+from ground.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import free_port
 from tests.factories.drafts import (

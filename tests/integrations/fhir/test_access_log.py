@@ -18,7 +18,7 @@ from sqlmodel import col, select
 from audit.chain import AuditRecord, record, verify
 from integrations.fhir.access_log import AccessAuditor
 from integrations.fhir.errors import AuditUnavailable
-from taqrir.db import session_scope
+from ground.db import session_scope
 
 
 def _records(engine: Engine) -> list[AuditRecord]:

@@ -24,7 +24,7 @@ from integrations.fhir.audit_event import (
 )
 from integrations.fhir.audit_routes import parse_date
 from integrations.fhir.errors import InvalidRequest
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import Server
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from integrations.fhir.auth import Principal, TokenVerifier, parse_scopes
 from integrations.fhir.config import ApiSettings
 from reporting.fhir.ids import patient_id
-from taqrir.db import utcnow
+from ground.clock import utcnow
 from tests.integrations.fhir.conftest import Server
 
 

@@ -29,7 +29,7 @@ from integrations.fhir.search import run_search
 from integrations.fhir.search_params import parse_search
 from integrations.fhir.store import fetch_current
 from reporting.fhir.ids import patient_id
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import free_port
 from tests.integrations.fhir.conftest import Server, start_server
 

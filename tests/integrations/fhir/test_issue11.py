@@ -17,7 +17,7 @@ from audit.chain import AuditRecord, verify
 from integrations.fhir.store import publish_draft
 from reporting.draft import Draft
 from reporting.fhir.ids import patient_id, report_id
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 from tests.integrations.fhir.test_fastpath import _same, general  # noqa: F401 - the fixture

@@ -10,7 +10,7 @@ from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
 from reporting.labels import has_labels
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 

@@ -14,7 +14,7 @@ from sqlmodel import select
 
 from audit.chain import AuditRecord
 from reporting.fhir.ids import patient_id
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.integrations.fhir.conftest import Server
 
 

@@ -17,7 +17,7 @@ from audit.chain import AuditRecord, verify
 from audit.deltas import ReportDelta
 from audit.signed import SignedReport
 from reporting.fhir.ids import study_id
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.signed import add_draft, add_study
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 

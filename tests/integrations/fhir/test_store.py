@@ -11,7 +11,7 @@ from sqlmodel import select
 from audit.chain import AuditRecord, verify
 from integrations.fhir.store import FhirResource, FhirResourceVersion, publish_draft, put_resource
 from reporting.labels import has_labels
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.factories.drafts import CT_3SLICE, draft_from_dicom, draft_variant
 
 

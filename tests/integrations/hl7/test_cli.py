@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.signed import SignedReport
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import free_port
 from tests.factories.hl7 import oru
 from tests.factories.signed import add_study, seed

@@ -21,7 +21,7 @@ from audit.signed import SignedReport
 from integrations.hl7.config import Hl7Settings
 from integrations.hl7.inbox import Hl7Message
 from integrations.hl7.server import MllpServer, Receiver
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import free_port
 from tests.factories.hl7 import frame, mllp_exchange, oru
 from tests.factories.signed import add_study, seed

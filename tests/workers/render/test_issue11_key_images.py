@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from integrations.dicom.index import study_by_uid
 from integrations.dicom.ingest import ingest_file
 from integrations.dicom.storage import LocalStorage
-from taqrir.db import session_scope
+from ground.db import session_scope
 from tests.conftest import DICOM_DIR
 from workers.render import instances_from_files, render_study
 from workers.render.output import provenance

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from taqrir.errors import PermanentError
+from ground.errors import PermanentError
 from tests.conftest import DICOM_DIR
 from workers.render import NothingRenderable, instances_from_files, render_study
 from workers.render.headers import sort_paths

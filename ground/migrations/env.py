@@ -1,12 +1,11 @@
-"""Alembic environment: runs on the engine handed in by :func:`taqrir.migrations.upgrade`."""
+"""Alembic environment: runs on the engine handed in by :func:`ground.migrations.upgrade`; the
+tables' metadata (for autogenerate only) is handed in by ``taqrir.schema``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from taqrir.db import import_models
-
-target_metadata = import_models().metadata
+target_metadata = context.config.attributes.get("metadata")
 engine = context.config.attributes["engine"]
 
 with engine.connect() as connection:

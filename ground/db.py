@@ -3,55 +3,22 @@
 Engines are built by :func:`make_engine` from settings and passed to what needs them; nothing here
 connects at import time. Tables are SQLModel classes that live beside the room that owns them
 (index in ``integrations.dicom.index``, audit in ``audit.chain``, pipeline state in
-``workers.state``, FHIR resources in ``integrations.fhir.store``); :func:`import_models` imports
-them all so that one metadata holds the whole schema for Alembic.
+``workers.state``, FHIR resources in ``integrations.fhir.store``); the roof's ``taqrir.schema``
+imports them all so that one metadata holds the whole schema for Alembic's autogenerate.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
-MODEL_MODULES = (
-    "integrations.dicom.index",
-    "audit.chain",
-    "audit.ship",
-    "workers.state",
-    "integrations.fhir.store",
-    "audit.signed",
-    "audit.deltas",
-    "integrations.hl7.inbox",
-    "integrations.dicom.outbox",
-)
-
-
-def utcnow() -> datetime:
-    """Aware UTC now: every timestamp Taqrir stores is an aware UTC datetime."""
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """The same instant as an aware UTC datetime (naive values are taken to be UTC)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def import_models() -> type[SQLModel]:
-    """Import every module that defines tables; returns the SQLModel base holding the metadata."""
-    for name in MODEL_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-    return SQLModel
+from ground import migrations
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -105,6 +72,4 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision (``taqrir db upgrade``)."""
-    from taqrir import migrations
-
     migrations.upgrade(engine)
