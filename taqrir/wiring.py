@@ -83,6 +83,11 @@ def atna_shipper(settings: Settings, engine: Engine) -> AtnaShipper:
     return AtnaShipper(settings.atna, engine, source)
 
 
+def atna_sender(settings: Settings, engine: Engine) -> AtnaShipper | None:
+    """The ATNA sender that runs beside ``listen`` and ``serve``, when ``atna.enabled`` (not started)."""
+    return atna_shipper(settings, engine) if settings.atna.enabled else None
+
+
 @dataclass
 class Receiving:
     """The listener with what runs beside it: the dispatcher it hands stable studies to, the
@@ -133,7 +138,7 @@ def receiving(settings: Settings, engine: Engine, *, ctx: PipelineContext | None
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine, storage=storage,
                         handoff=hand_to.study_stable, after_store=reader)
     every = settings.study.sweep_interval * 4 if sweep_every == -1.0 else sweep_every
-    shipper = atna_shipper(settings, engine) if atna and settings.atna.enabled else None
+    shipper = atna_sender(settings, engine) if atna else None
     return Receiving(listener=listener, dispatcher=hand_to, signed_srs=reader, sweep_every=every, atna=shipper)
 
 
