@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from audit.config import AtnaSettings
 from audit.research.config import PLACEHOLDER_KEY, ResearchSettings
+from ground.errors import ConfigError
 from inference.config import InferenceSettings
 from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.destinations import ExportSettings
@@ -28,8 +29,6 @@ from integrations.hl7.config import Hl7Settings
 from reporting.dicom_config import DicomObjectSettings
 from workers.config import QueueSettings
 from workers.render_config import RenderSettings
-
-from ground.errors import ConfigError
 
 
 class Settings(BaseSettings):
