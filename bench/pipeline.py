@@ -27,16 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlmodel import select  # noqa: E402
 
+from ground.db import session_scope  # noqa: E402
 from inference.tiny import write_tiny  # noqa: E402
 from integrations.dicom.index import Study  # noqa: E402
-from integrations.dicom.listener import Listener  # noqa: E402
-from integrations.dicom.storage import LocalStorage  # noqa: E402
-from ground.db import make_engine, session_scope, upgrade  # noqa: E402
+from taqrir import wiring  # noqa: E402
 from taqrir.demo import send_files  # noqa: E402
 from taqrir.settings import load_settings  # noqa: E402
 from tests.factories.studies import make_ct_series  # noqa: E402
-from workers.pipeline import Dispatcher, Sweeper  # noqa: E402
-from workers.service import PipelineContext  # noqa: E402
 from workers.state import DraftRecord  # noqa: E402
 
 
@@ -57,18 +54,13 @@ def main() -> None:
     os.environ.update(env)
     subprocess.run(["redis-cli", "-u", args.redis, "flushdb"], capture_output=True)
     settings = load_settings()
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
+    engine = wiring.migrated_engine(settings)  # a scratch database of its own
     studies = [make_ct_series(work / f"src{i}", args.slices, seed=i, patient_id=f"P{i:03d}") for i in range(args.studies)]
     workers = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"],
                                 env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for _ in range(2)]
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
-    port = listener.start()
-    sweeper = Sweeper(dispatcher, 5.0)
-    sweeper.start()
+    parts = wiring.receiving(settings, engine, signed_srs=False, sweep_every=5.0, atna=False)
+    port = parts.start()
     try:
         time.sleep(12)  # workers import torch and load the model before the clock starts
         t0 = time.perf_counter()
@@ -101,9 +93,7 @@ def main() -> None:
         print(f"overhead share: {med / (med + statistics.median(model)) * 100:.1f}% with the tiny model; "
               f"{med / (med + args.model_seconds) * 100:.2f}% at an assumed {args.model_seconds:.0f} s BiMediX2 study")
     finally:
-        sweeper.stop()
-        listener.stop()
-        dispatcher.close()
+        parts.close()
         for w in workers:
             w.terminate()
         for w in workers:

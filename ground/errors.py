@@ -21,3 +21,7 @@ class TransientError(TaqrirError):
 
 class PermanentError(TaqrirError):
     """A failure that retrying the same input will not fix (nothing renderable, output rejected)."""
+
+
+class SchemaNotCurrent(TaqrirError):
+    """The database's schema is not the one this version of Taqrir needs: run ``taqrir db upgrade``."""

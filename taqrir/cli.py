@@ -5,19 +5,37 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
+from sqlalchemy.engine import Engine
 
+from audit.chain import export_jsonl, verify
+from audit.deltas import recompute_all
+from audit.ship import ShipError
+from ground.db import session_scope
+from ground.errors import SchemaNotCurrent
+from inference.cli import model_app
+from integrations.dicom.index import list_studies, study_by_uid
+from integrations.dicom.outbox import OutboxState, counts, list_rows, replay
+from integrations.hl7.server import Receiver, run
+from reporting.consistency import ConsistencyResult
+from workers.celery_app import QUEUES, configure, is_embedded
+from workers.metrics import render_metrics
+from workers.render import NothingRenderable, RenderedStudy, render_study, write_render_output
+from workers.service import StudyGone, instance_inputs, reset_for_redraft
+from workers.state import consistency_of_current_drafts
+
+from . import wiring
+from .cli_api import register
+from .demo import DemoError, run_demo
 from .logs import configure_logging
 from .settings import DEFAULT_DATA_DIR, Settings, load_settings, with_places
-
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
-    from audit.ship import AtnaShipper
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -59,42 +77,20 @@ def get_settings() -> Settings:
 
 
 def _engine() -> Engine:
-    from ground.db import make_engine, upgrade
-
-    engine = make_engine(get_settings().database_url)
-    upgrade(engine)
-    return engine
-
-
-def _atna_shipper(settings: Settings, engine: Engine) -> AtnaShipper:
-    """The ATNA sender for ``settings.atna`` (see audit/ship.py)."""
-    import socket
-
-    from audit.atna import AtnaSource
-    from audit.ship import AtnaShipper
-
-    source = AtnaSource(source_id=settings.listener.ae_title, enterprise_site=settings.atna.enterprise_site,
-                        base_url=settings.api.base_url, hostname=settings.atna.hostname or socket.getfqdn(),
-                        app_name=settings.atna.app_name)
-    return AtnaShipper(settings.atna, engine, source)
-
-
-def _start_atna(settings: Settings, engine: Engine) -> AtnaShipper | None:
-    """Start the background ATNA sender when ``atna.enabled`` (``listen`` and ``serve``)."""
-    if not settings.atna.enabled:
-        return None
-    shipper = _atna_shipper(settings, engine)
-    shipper.start()
-    return shipper
+    """The database, at the schema this Taqrir needs; otherwise the command stops and says to run
+    ``taqrir db upgrade`` (only that command, and the demo, migrate)."""
+    try:
+        return wiring.open_engine(get_settings())
+    except SchemaNotCurrent as err:
+        typer.echo(f"taqrir: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the schema to the newest revision."""
-    from ground.db import make_engine, upgrade
-
     settings = get_settings()
-    upgrade(make_engine(settings.database_url))
+    wiring.migrated_engine(settings).dispose()
     typer.echo(f"schema up to date at {settings.database_url.split('@')[-1]}")
 
 
@@ -105,40 +101,15 @@ def listen(
     ae_title: Annotated[str | None, typer.Option(help="Override listener.ae_title.")] = None,
 ) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) until interrupted."""
-    from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
-
     settings = with_places(get_settings(), dicom_host=host, dicom_port=port)
     if ae_title is not None:
         settings.listener.ae_title = ae_title
-    from workers.pipeline import Dispatcher, Sweeper
-    from workers.service import PipelineContext
-
-    from integrations.dicom.signed_sr import SignedSrReader
-
-    engine = _engine()
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    storage = LocalStorage.from_url(settings.storage_url)
-    signed_srs = SignedSrReader(engine, storage)  # verified SRs from the reporting system
-    listener = Listener(
-        settings=settings.listener,
-        study_settings=settings.study,
-        engine=engine,
-        storage=storage,
-        handoff=dispatcher.study_stable,
-        after_store=signed_srs,
-    )
-    bound = listener.start()
-    signed_srs.recover()
-    sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
-    sweeper.start()
-    atna = _start_atna(settings, engine)
+    parts = wiring.receiving(settings, _engine())
+    bound = parts.start()
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
-    listener.wait()
-    sweeper.stop()
-    if atna is not None:
-        atna.stop()
-    dispatcher.close()
+    parts.listener.wait()
+    parts.stop_background()
+    parts.dispatcher.close()
 
 
 @app.command()
@@ -147,15 +118,15 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
 ) -> None:
     """Run a Celery worker for the drafting pipeline (needs a real broker, e.g. Redis)."""
-    from workers.celery_app import QUEUES, configure, is_embedded
-
     settings = get_settings()
     unknown = set(queues.split(",")) - set(QUEUES)
     if unknown:
         raise typer.BadParameter(f"unknown queues {sorted(unknown)}; choose from {QUEUES}")
-    if is_embedded(settings):
+    if is_embedded(settings.queue):
         raise typer.BadParameter("queue.broker_url is memory:// (embedded): set TAQRIR_QUEUE__BROKER_URL=redis://...")
-    app_ = configure(settings)
+    _engine().dispose()  # refuse an old schema here, before the pool's children start taking tasks
+    wiring.install_worker_context()
+    app_ = configure(settings.queue)
     app_.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
                       "--loglevel", settings.log_level.upper(), "-n", f"taqrir-{queues.replace(',', '-')}@%h"])
 
@@ -169,24 +140,9 @@ def serve(
     api_port: ApiPortOpt = None,
 ) -> None:
     """Listener, workers and FHIR API together: a single-host install with real Redis."""
-    import signal
-    import sys
-    import threading
-
-    import uvicorn
-    from fastapi import Response
-
-    from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
-    from integrations.fhir.app import create_app
-    from workers.celery_app import is_embedded
-    from workers.metrics import render_metrics
-    from workers.pipeline import Dispatcher, Sweeper
-    from workers.service import PipelineContext
-
     settings = with_places(get_settings(), dicom_host=dicom_host, dicom_port=dicom_port, api_host=api_host,
                            api_port=api_port)
-    if is_embedded(settings):
+    if is_embedded(settings.queue):
         raise typer.BadParameter("serve needs a real broker: set TAQRIR_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0 "
                                  "(or run `taqrir demo` for the embedded single-process version)")
     engine = _engine()
@@ -195,53 +151,29 @@ def serve(
     procs = [subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish,export"],
                               start_new_session=True)
              for _ in range(workers)]
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    from integrations.dicom.signed_sr import SignedSrReader
-
-    storage = LocalStorage.from_url(settings.storage_url)
-    signed_srs = SignedSrReader(engine, storage)
-    listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=storage, handoff=dispatcher.study_stable, after_store=signed_srs)
+    parts = wiring.receiving(settings, engine)
     # SIGTERM (systemd, docker, kill) ends serve as Ctrl-C does: through the finally below, which
     # stops every child. Without a handler the process would die at once and leave its workers
     # running, still connected to the broker.
-    signal.signal(signal.SIGTERM, lambda signum, frame: listener.request_stop())
+    signal.signal(signal.SIGTERM, lambda signum, frame: parts.listener.request_stop())
     try:
-        port = listener.start()
-        signed_srs.recover()
-        sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
-        sweeper.start()
-        atna = _start_atna(settings, engine)
-        api = create_app(settings, engine)
-
-        @api.get("/metrics", include_in_schema=False)
-        def _metrics() -> Response:
-            return Response(render_metrics(engine), media_type="text/plain; version=0.0.4")
-
-        server = uvicorn.Server(uvicorn.Config(api, host=settings.api.host, port=settings.api.port,
-                                               log_level=settings.log_level.lower(), access_log=False))
-        api_thread = threading.Thread(target=server.run, name="api", daemon=True)
-        api_thread.start()
+        port = parts.start()
+        api = wiring.start_api(wiring.api_app(settings, engine, metrics=True), host=settings.api.host,
+                               port=settings.api.port, log_level=settings.log_level.lower())
         typer.echo(f"Taqrir serving: DICOM {settings.listener.ae_title}@{port}, FHIR {settings.api.base_url}, "
                    f"{workers} worker(s), metrics at /metrics (Ctrl-C or SIGTERM to stop)")
-        listener.wait()
-        sweeper.stop()
-        if atna is not None:
-            atna.stop()
-        server.should_exit = True
-        api_thread.join(timeout=10)
+        parts.listener.wait()
+        parts.stop_background()
+        api.stop(timeout=10)
     finally:
-        listener.stop()
+        parts.listener.stop()
         stop_process_groups(procs, grace_s=settings.queue.shutdown_grace_s)
-        dispatcher.close()
+        parts.dispatcher.close()
 
 
 def stop_process_groups(procs: list[subprocess.Popen[bytes]], *, grace_s: float) -> None:
     """SIGTERM each child's process group (a Celery worker and its pool: a warm shutdown that
     lets running tasks finish), wait up to ``grace_s`` seconds, then SIGKILL what is left."""
-    import signal
-    import time
-
     def signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
         try:
             os.killpg(p.pid, sig)
@@ -264,9 +196,6 @@ def stop_process_groups(procs: list[subprocess.Popen[bytes]], *, grace_s: float)
 @app.command()
 def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see `taqrir studies`).")]) -> None:
     """Replay drafting of a failed (or drafted) study's current version; retries a failed publish."""
-    from workers.pipeline import Dispatcher
-    from workers.service import PipelineContext, StudyGone, reset_for_redraft
-
     settings = get_settings()
     engine = _engine()
     try:
@@ -277,7 +206,7 @@ def redraft(study_uid: Annotated[str, typer.Argument(help="Study Instance UID (s
     if not moved:
         typer.echo(f"study {study_uid} is receiving, or drafting is under way; nothing to replay now")
         return
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    dispatcher = wiring.dispatcher(settings, engine)
     dispatcher.resend(study_uid, version, "render")
     dispatcher.wait_idle()
     dispatcher.close()
@@ -290,15 +219,9 @@ def render(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the key images and provenance.json.")],
 ) -> None:
     """Render a received study's key images to a folder, to look at what the model sees."""
-    from integrations.dicom.index import study_by_uid
-    from workers.render import NothingRenderable, RenderedStudy, render_study, write_render_output
-    from workers.service import PipelineContext, instance_inputs
-
-    from ground.db import session_scope
-
     settings = get_settings()
     engine = _engine()
-    ctx = PipelineContext.from_settings(settings, engine)
+    ctx = wiring.pipeline_context(settings, engine)
     with session_scope(engine) as session:
         study = study_by_uid(session, study_uid)
         if study is None:
@@ -325,8 +248,6 @@ def render(
 @app.command()
 def metrics() -> None:
     """Print the pipeline metrics in Prometheus text format."""
-    from workers.metrics import render_metrics
-
     typer.echo(render_metrics(_engine()).decode(), nl=False)
 
 
@@ -340,8 +261,6 @@ def demo(
     api_port: ApiPortOpt = None,
 ) -> None:
     """The end-to-end demo: real DICOM studies over the network to drafts as FHIR JSON and DICOM SR/PDF/KOS."""
-    from .demo import DemoError, run_demo
-
     settings = get_settings()
     if data_dir is None:
         data_dir = settings.data_dir if settings.data_dir != DEFAULT_DATA_DIR else Path("taqrir-demo")
@@ -353,15 +272,8 @@ def demo(
     raise typer.Exit(code)
 
 
-def _mount_rooms() -> None:
-    from inference.cli import model_app
-    from integrations.fhir.cli import register
-
-    app.add_typer(model_app, name="model", help="Checkpoints: prepare a released BiMediX2, make a tiny one, serve one.")
-    register(app, get_settings, with_places)
-
-
-_mount_rooms()
+app.add_typer(model_app, name="model", help="Checkpoints: prepare a released BiMediX2, make a tiny one, serve one.")
+register(app, get_settings, with_places)
 
 
 @app.command()
@@ -370,12 +282,6 @@ def studies(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """List received studies with their state."""
-    from integrations.dicom.index import list_studies
-    from reporting.consistency import ConsistencyResult
-    from workers.state import consistency_of_current_drafts
-
-    from ground.db import session_scope
-
     with session_scope(_engine()) as session:
         rows = list_studies(session, limit=limit)
         stored = consistency_of_current_drafts(session, [(st.id or 0, st.version) for st, *_ in rows])
@@ -415,8 +321,6 @@ def hl7(
     replay: Annotated[bool, typer.Option("--replay", help="Process the kept, refused messages again and exit.")] = False,
 ) -> None:
     """Receive signed reports from the RIS: HL7 v2 ORU^R01 over MLLP (answers AA/AE/AR)."""
-    from integrations.hl7.server import Receiver, run
-
     settings = get_settings()
     if port is not None:
         settings.hl7.port = port
@@ -433,8 +337,6 @@ def hl7(
 @app.command()
 def deltas() -> None:
     """Recompute every draft-versus-signed delta (idempotent; e.g. after late reviews)."""
-    from audit.deltas import recompute_all
-
     studies, rows = recompute_all(_engine())
     typer.echo(f"recomputed {rows} deltas of {studies} studies with a signed report")
 
@@ -454,10 +356,6 @@ def outbox_list(
     """List outbox rows: what is pending, failed (retrying), dead (with why) and sent."""
     if ctx.invoked_subcommand is not None:
         return
-    from integrations.dicom.outbox import OutboxState, counts, list_rows
-
-    from ground.db import session_scope
-
     bad = set(state or []) - {s.value for s in OutboxState}
     if bad:
         raise typer.BadParameter(f"unknown states {sorted(bad)}")
@@ -493,12 +391,6 @@ def outbox_retry(
     dead: Annotated[bool, typer.Option("--dead", help="Replay every dead row (after fixing the cause).")] = False,
 ) -> None:
     """Replay outbox rows now: the named ones, every dead one (--dead), or every failed one."""
-    from integrations.dicom.outbox import replay
-    from workers.pipeline import Dispatcher
-    from workers.service import PipelineContext
-
-    from ground.db import session_scope
-
     settings = get_settings()
     engine = _engine()
     with session_scope(engine) as session:
@@ -506,7 +398,7 @@ def outbox_retry(
     if not replayed:
         typer.echo("nothing to replay (sent and sending rows are left alone)")
         return
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    dispatcher = wiring.dispatcher(settings, engine)
     for row_id in replayed:
         dispatcher.export(row_id)
     dispatcher.wait_idle()
@@ -517,10 +409,6 @@ def outbox_retry(
 @app.command("audit-verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain and report the first broken record, if any."""
-    from audit.chain import verify
-
-    from ground.db import session_scope
-
     with session_scope(_engine()) as session:
         v = verify(session)
     if v.ok:
@@ -533,10 +421,6 @@ def audit_verify() -> None:
 @app.command("audit-export")
 def audit_export(out: Annotated[Path, typer.Argument(help="JSON Lines file to write.")]) -> None:
     """Export the audit trail (with its hashes) for analysis."""
-    from audit.chain import export_jsonl
-
-    from ground.db import session_scope
-
     with session_scope(_engine()) as session, out.open("w", encoding="utf-8") as f:
         n = export_jsonl(session, f)
     typer.echo(f"wrote {n} records to {out}")
@@ -547,12 +431,10 @@ def audit_ship(
     once: Annotated[bool, typer.Option("--once", help="Send what is pending, then exit (0 sent/caught up, 1 failed).")] = False,
 ) -> None:
     """Send the audit trail to the ATNA collector (atna.*) as RFC 5424 syslog over TLS, from its cursor."""
-    from audit.ship import ShipError
-
     settings = get_settings()
     if not settings.atna.host:
         raise typer.BadParameter("set atna.host (TAQRIR_ATNA__HOST) to the collector; see README 'For auditors'")
-    shipper = _atna_shipper(settings, _engine())
+    shipper = wiring.atna_shipper(settings, _engine())
     if once:
         try:
             n = shipper.ship_all()
@@ -577,6 +459,9 @@ def research_export(
     overwrite: Annotated[bool, typer.Option(help="Replace an export already in OUT.")] = False,
 ) -> None:
     """Export every draft version, de-identified, as Parquet and JSON Lines (one row per version)."""
+    # Imported here (not for a cycle): the research export and report bring pyarrow, pandas and
+    # matplotlib, about 0.7 s of CPU that every other `taqrir` command would pay at start
+    # (`taqrir --help`, measured with everything at the top: 3.8 s CPU; with these two here: 3.1 s).
     from audit.research.export import ExportFilter, ResearchError, export, parse_since
 
     settings = get_settings()
@@ -595,6 +480,7 @@ def research_report(
     out: Annotated[Path, typer.Argument(help="Folder of a research export; report.html is written there.")],
 ) -> None:
     """One self-contained HTML page of plots (acceptance, edits, latency, consistency, volume)."""
+    # Imported here for the start-up cost only: see research_export.
     from audit.research.export import ResearchError
     from audit.research.report import write_report
 

@@ -1,6 +1,7 @@
 """``taqrir demo``: the main job end to end on embedded defaults, on one machine, no services.
 
-Real DICOM studies (from the repository's public test corpus) travel over the network (DICOM
+Real DICOM studies (public test files shipped with the package: ``taqrir/samples/``, provenance in
+its PROVENANCE.md) travel over the network (DICOM
 C-STORE on loopback) to the listener; studies become stable, key images are rendered, the local
 tiny model drafts English and Arabic sections, drafts become FHIR resources served by the API and
 written as JSON files and as DICOM objects (a bilingual SR, an encapsulated report PDF and a key
@@ -13,25 +14,31 @@ import json
 import logging
 import shutil
 import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import httpx
 from pydicom import dcmread
 from pynetdicom import AE, _config
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
 
+from ground.db import session_scope
 from ground.errors import TaqrirError
+from integrations.dicom.index import Patient, Study, list_studies, study_by_uid
+from reporting.draft import Draft
+from workers.service import export_dir
+from workers.state import DraftRecord
+
+from . import wiring
+from .cli_api import token
 from .settings import Settings, load_settings
 
-if TYPE_CHECKING:
-    import uvicorn
-    from sqlalchemy.engine import Engine
-
-REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO / "tests" / "data" / "dicom"
+#: The demo's sample studies, shipped as package data (see PROVENANCE.md and manifest.json there).
+SAMPLES = Path(__file__).resolve().parent / "samples" / "dicom"
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ DEMO_STUDIES = (
 def _files(study: DemoStudy) -> list[Path]:
     out: list[Path] = []
     for rel in study.paths:
-        p = CORPUS / rel
+        p = SAMPLES / rel
         out.extend(sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p])
     return out
 
@@ -65,40 +72,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def _files_sent_as_stored() -> Iterator[None]:
+    """pynetdicom sends a file path's bytes as they are on disk only while its process-wide
+    ``_config.STORE_SEND_CHUNKED_DATASET`` is set; otherwise ``send_c_store(path)`` decodes the
+    file with ``dcmread`` and encodes it again (pynetdicom 3.0, ``Association.send_c_store``),
+    which changes the bytes of some sample files (the CT series and the palette-colour echo: the
+    listener would not receive what is stored) and holds whole datasets in memory. There is no
+    per-call option, so the switch is set for the demo's sends only and put back afterwards:
+    other senders in the process (the outbox's C-STORE SCU) keep pynetdicom's default."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
 def send_files(port: int, files: Sequence[Path], *, called: str = "TAQRIR", calling: str = "DEMO-PACS") -> list[int]:
     """C-STORE files as they are stored (each with its own transfer syntax) in one association."""
     metas = [dcmread(f, stop_before_pixels=True) for f in files]
     ae = AE(ae_title=calling)
     for pair in sorted({(str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas}):
         ae.add_requested_context(pair[0], [pair[1]])
-    _config.STORE_SEND_CHUNKED_DATASET = True
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError(f"the listener on port {port} refused the association")
     statuses = []
     try:
-        for f in files:
-            rsp = assoc.send_c_store(f)
-            statuses.append(int(rsp.Status) if rsp and "Status" in rsp else -1)
+        with _files_sent_as_stored():
+            for f in files:
+                rsp = assoc.send_c_store(f)
+                statuses.append(int(rsp.Status) if rsp and "Status" in rsp else -1)
     finally:
         assoc.release()
     return statuses
-
-
-def _start_api(settings: Settings, engine: Engine) -> tuple[uvicorn.Server, threading.Thread] | None:
-    import uvicorn
-
-    from integrations.fhir.app import create_app
-
-    app = create_app(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api.port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, name="demo-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return server, thread
 
 
 class DemoError(TaqrirError):
@@ -125,15 +133,6 @@ def prepare_data_dir(data_dir: Path, *, keep: bool) -> None:
 
 def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, dicom_port: int | None = None,
              api_port: int | None = None) -> int:
-    from integrations.dicom.index import Patient, Study, list_studies
-    from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
-    from integrations.fhir.cli import token
-    from workers.pipeline import Dispatcher
-    from workers.service import PipelineContext
-
-    from ground.db import make_engine, session_scope, upgrade
-
     t_start = time.monotonic()
     prepare_data_dir(data_dir, keep=keep)
     api_port = api_port or _free_port()
@@ -148,24 +147,24 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
     logging.getLogger().setLevel(logging.ERROR)  # the demo reports failures itself
     for noisy in ("pydicom", "transformers"):  # libraries that configure their own handlers
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Imported here, not at the top: transformers costs about a second to import, and every
+    # `taqrir` command imports this module; only the demo needs to quieten it.
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers is untyped here
     say = print
     say("Taqrir demo: research drafts only, never a clinical report.")
     say(f"  data: {settings.data_dir.resolve()}  (SQLite, local storage, in-process queue, tiny local model)")
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    ctx = PipelineContext.from_settings(settings, engine)
+    engine = wiring.migrated_engine(settings)  # the demo's own scratch database: it migrates it
+    ctx = wiring.pipeline_context(settings, engine)
     say("  preparing the tiny model (random weights; first run builds it)...")
     t0 = time.monotonic()
     ctx.backend()
     say(f"  model ready in {time.monotonic() - t0:.1f}s")
-    dispatcher = Dispatcher(settings, ctx)
-    listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
-    port = listener.start()
-    api = _start_api(settings, engine)
+    parts = wiring.receiving(settings, engine, ctx=ctx, signed_srs=False, sweep_every=None, atna=False)
+    port = parts.start()
+    api = wiring.start_api(wiring.api_app(settings, engine), host="127.0.0.1", port=settings.api.port,
+                           log_level="warning", wait_s=20)
     say(f"  DICOM listener: AE TAQRIR on 127.0.0.1:{port}; FHIR API: {settings.api.base_url}")
     say("")
     sent: dict[str, str] = {}
@@ -191,7 +190,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
         if rows and len(rows) == len(sent) and all(r[0].state in ("drafted", "failed") for r in rows):
             break
         time.sleep(0.3)
-    dispatcher.wait_idle()
+    parts.dispatcher.wait_idle()
     _print_results(settings, engine, sent, say)
     bearer = token(settings, "demo-reader", ["user/*.rs"], name="Demo Reader")
     say("")
@@ -205,11 +204,8 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
     say("TAQRIR_INFERENCE__SERVER_URL=http://gpu-host:30000 (see deploy/sglang/), or a local checkpoint")
     say("prepared with `taqrir model prepare` and TAQRIR_INFERENCE__MODEL_PATH=/path/to/BiMediX2-8B-Bi-hf.")
     say(f"Demo finished in {time.monotonic() - t_start:.0f}s.")
-    listener.stop()
-    dispatcher.close()
-    if api is not None:
-        api[0].should_exit = True
-        api[1].join(timeout=5)
+    parts.close()
+    api.stop(timeout=5)
     with session_scope(engine) as s:
         states = [r[0].state for r in list_studies(s, limit=100) if r[0].study_instance_uid in sent]
     expected_fail = 1
@@ -217,15 +213,6 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
 
 
 def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say: Callable[[str], None]) -> None:
-    from sqlmodel import col, select
-
-    from integrations.dicom.index import study_by_uid
-    from reporting.draft import Draft
-    from workers.service import export_dir
-    from workers.state import DraftRecord
-
-    from ground.db import session_scope
-
     say("")
     say("Results:")
     first: Draft | None = None
@@ -263,8 +250,6 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
 
 
 def _show_api(base_url: str, bearer: str, say: Callable[[str], None]) -> None:
-    import httpx
-
     try:
         r = httpx.get(f"{base_url}/DiagnosticReport", params={"_count": "3"},
                       headers={"Authorization": f"Bearer {bearer}"}, timeout=10)

@@ -1,4 +1,5 @@
-"""The one typed settings object.
+"""The one typed settings object: the rooms' sections (each defined in the room that reads it),
+composed here, the only place that knows them all.
 
 Built by :func:`load_settings` (never at import time) from, in order of precedence: keyword
 overrides, environment variables with the ``TAQRIR_`` prefix (nested sections with ``__``, e.g.
@@ -14,90 +15,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from audit.config import AtnaSettings
 from audit.research.config import PLACEHOLDER_KEY, ResearchSettings
+from ground.errors import ConfigError
 from inference.config import InferenceSettings
+from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.destinations import ExportSettings
 from integrations.fhir.config import ApiSettings
 from integrations.hl7.config import Hl7Settings
 from reporting.dicom_config import DicomObjectSettings
+from workers.config import QueueSettings
 from workers.render_config import RenderSettings
-
-from ground.errors import ConfigError
-
-
-class ListenerSettings(BaseModel):
-    """The DICOM Storage SCP (``taqrir listen``)."""
-
-    ae_title: str = Field("TAQRIR", max_length=16, description="Our AE title, as PACS admins configure it.")
-    host: str = Field("0.0.0.0", description="Address to bind.")
-    port: int = Field(11112, ge=0, le=65535, description="TCP port (0 picks a free one, tests only).")
-    allowed_calling_aes: list[str] = Field(
-        default_factory=list,
-        description="Calling AE titles allowed to associate; empty allows any.",
-    )
-    allowed_hosts: list[str] = Field(
-        default_factory=list,
-        description="Peer IP addresses or CIDR networks allowed to connect; empty allows any.",
-    )
-    max_associations: int = Field(16, ge=1, description="Concurrent associations before refusing.")
-    max_pdu: int = Field(
-        131072,
-        ge=0,
-        description="Maximum PDU length we advertise; 128 KiB measured +22% over 16 KiB.",
-    )
-    network_timeout: float = Field(30.0, gt=0, description="Seconds of silence before dropping a peer.")
-    acse_timeout: float = Field(15.0, gt=0, description="Seconds to finish association negotiation.")
-    dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE message.")
-    tls_cert: Path | None = Field(None, description="PEM certificate: set with tls_key to require TLS.")
-    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
-    tls_ca: Path | None = Field(None, description="CA bundle: when set, peers must present a certificate.")
-    min_free_bytes: int = Field(
-        512 * 1024 * 1024,
-        ge=0,
-        description="Below this free space in storage, C-STORE answers 0xA700 and new associations are refused.",
-    )
-    max_sequence_depth: int = Field(
-        64, ge=1, description="Datasets nesting sequences deeper are refused as unparseable."
-    )
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description=(
-            "Receiving processes sharing the listening socket (pre-forked, Linux/Unix only). One "
-            "process is bound by the GIL to about one core; more let parallel associations use "
-            "more cores. max_associations applies per process."
-        ),
-    )
-
-
-class StudySettings(BaseModel):
-    """Study lifecycle."""
-
-    stable_after: float = Field(
-        30.0, gt=0, description="Seconds without a new instance after which a study is stable."
-    )
-    sweep_interval: float = Field(5.0, gt=0, description="Seconds between stability sweeps.")
-
-
-class QueueSettings(BaseModel):
-    """Celery transport. ``memory://`` runs tasks in-process (the embedded default)."""
-
-    broker_url: str = Field("memory://", description="Celery broker; redis://127.0.0.1:6379/0 in production.")
-    result_backend: str | None = Field(None, description="Celery result backend; None keeps no results.")
-    requeue_after: float = Field(
-        300.0, gt=0, description="Seconds a queued/running stage may sit before the sweep re-enqueues it."
-    )
-    max_retries: int = Field(5, ge=0, description="Retries of transient failures before a study fails.")
-    retry_backoff: float = Field(2.0, gt=0, description="First retry delay in seconds; doubles each try.")
-    shutdown_grace_s: float = Field(
-        30.0, ge=0, description="How long `taqrir serve` lets its workers finish running tasks after "
-        "SIGTERM/Ctrl-C (Celery warm shutdown) before killing them.",
-    )
 
 
 class Settings(BaseSettings):

@@ -13,29 +13,29 @@ from __future__ import annotations
 
 from celery import Celery
 
-from taqrir.settings import Settings
+from .config import QueueSettings
 
 QUEUES = ("render", "infer", "publish", "export")
 
 celery_app = Celery("taqrir", include=["workers.tasks"])
 
 
-def is_embedded(settings: Settings) -> bool:
-    return settings.queue.broker_url.startswith("memory://")
+def is_embedded(queue: QueueSettings) -> bool:
+    return queue.broker_url.startswith("memory://")
 
 
-def configure(settings: Settings) -> Celery:
-    """Apply settings to the app (idempotent)."""
-    eager = is_embedded(settings)
-    if celery_app.conf.broker_url not in (None, settings.queue.broker_url):
+def configure(queue: QueueSettings) -> Celery:
+    """Apply the queue settings to the app (idempotent)."""
+    eager = is_embedded(queue)
+    if celery_app.conf.broker_url not in (None, queue.broker_url):
         # Connections and producers are pooled per broker: drop those of the old one.
         celery_app.close()
         celery_app.amqp._producer_pool = None
         celery_app._pool = None
     celery_app.conf.update(
-        broker_url=settings.queue.broker_url,
-        result_backend=settings.queue.result_backend,
-        task_ignore_result=settings.queue.result_backend is None,
+        broker_url=queue.broker_url,
+        result_backend=queue.result_backend,
+        task_ignore_result=queue.result_backend is None,
         task_always_eager=eager,
         task_eager_propagates=False,
         task_acks_late=True,
@@ -50,7 +50,7 @@ def configure(settings: Settings) -> Celery:
             "taqrir.export": {"queue": "export"},
         },
         # Unacked messages come back after this on Redis; the DB sweep usually acts first.
-        broker_transport_options={"visibility_timeout": max(int(settings.queue.requeue_after) * 2, 60)},
+        broker_transport_options={"visibility_timeout": max(int(queue.requeue_after) * 2, 60)},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,

@@ -42,7 +42,7 @@ from reporting.dicom import (
 )
 from reporting.draft import Draft
 from reporting.fhir import Review
-from taqrir.settings import Settings
+from workers.config import ObjectSettings
 from workers.state import KeyImageSet
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class WrittenObject:
     """The copy beside the draft's FHIR JSON."""
 
 
-def equipment(settings: Settings) -> Equipment:
+def equipment(settings: ObjectSettings) -> Equipment:
     """Taqrir as the writing equipment, with this installation's version and institution."""
     try:
         version = metadata.version("taqrir")
@@ -167,7 +167,7 @@ def storage_folder(draft: Draft) -> str:
     return f"exports/{draft.study.study_instance_uid}/{draft.draft_id}"
 
 
-def write_draft_objects(settings: Settings, storage: LocalStorage, draft: Draft, inputs: ObjectInputs,
+def write_draft_objects(settings: ObjectSettings, storage: LocalStorage, draft: Draft, inputs: ObjectInputs,
                         out: Path) -> list[WrittenObject]:
     """Read the inputs, build the draft's SR, PDF and KOS and write them (export folder and storage)."""
     source, pngs = load_source(inputs, draft), load_key_images(inputs)
@@ -191,7 +191,7 @@ def write_draft_objects(settings: Settings, storage: LocalStorage, draft: Draft,
     return written
 
 
-def verification_from_review(settings: Settings, draft: Draft, review: Review, *, report_version: int) -> Verification:
+def verification_from_review(settings: ObjectSettings, draft: Draft, review: Review, *, report_version: int) -> Verification:
     """The verified SR's input from a FHIR ``$review`` (accept or edit)."""
     return Verification(
         action=review.action,
@@ -204,7 +204,7 @@ def verification_from_review(settings: Settings, draft: Draft, review: Review, *
     )
 
 
-def store_verified_sr(session: Session, settings: Settings, draft: Draft, review: Review, *,
+def store_verified_sr(session: Session, settings: ObjectSettings, draft: Draft, review: Review, *,
                       report_version: int) -> WrittenObject | None:
     """After a clinician accepted or edited ``draft`` through ``$review``: build the verified SR,
     write it (export folder ``verified-sr-v<N>.dcm`` and storage) and queue it for export in the

@@ -12,11 +12,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from taqrir.settings import Settings
-
 from . import service
 from .celery_app import configure, is_embedded
+from .config import PipelineSettings
 from .context import get_context, set_context
+from .tasks import export_task, infer_task, publish_task, render_task
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     """Sends pipeline work: Celery messages, or eager runs on a single background thread."""
 
-    def __init__(self, settings: Settings, ctx: service.PipelineContext | None = None) -> None:
-        configure(settings)
+    def __init__(self, settings: PipelineSettings, ctx: service.PipelineContext | None = None) -> None:
+        configure(settings.queue)
         if ctx is not None:
             set_context(ctx)
         self.settings = settings
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="taqrir-drafting") if is_embedded(settings) else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="taqrir-drafting") if is_embedded(settings.queue) else None
 
     def _send(self, fn: Callable[[], object]) -> None:
         if self._pool is None:
@@ -46,25 +46,17 @@ class Dispatcher:
 
     def study_stable(self, study_uid: str, version: int) -> None:
         """The hand-off: stable -> queued, then the render task."""
-        from .tasks import render_task
-
         if service.enqueue_state(get_context().engine, study_uid, version):
             self._send(lambda: render_task.delay(study_uid, version))
 
     def resend(self, study_uid: str, version: int, stage: str) -> None:
-        from .tasks import infer_task, render_task
-
         task = render_task if stage == "render" else infer_task
         self._send(lambda: task.delay(study_uid, version))
 
     def republish(self, draft_id: str) -> None:
-        from .tasks import publish_task
-
         self._send(lambda: publish_task.delay(draft_id))
 
     def export(self, row_id: int) -> None:
-        from .tasks import export_task
-
         self._send(lambda: export_task.delay(row_id))
 
     def sweep(self) -> int:

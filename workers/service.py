@@ -54,7 +54,7 @@ from reporting.draft import (
 from ground.clock import as_utc, utcnow
 from ground.db import session_scope
 from ground.errors import PermanentError
-from taqrir.settings import Settings
+from workers.config import ObjectSettings, PipelineSettings
 from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
 from workers.render.output import provenance
 from workers.state import DraftRecord, KeyImageSet
@@ -75,7 +75,7 @@ class StudyGone(PermanentError):
 class PipelineContext:
     """Everything the stages need, built once per process by the entry point."""
 
-    settings: Settings
+    settings: PipelineSettings
     engine: Engine
     storage: LocalStorage
     backend_factory: Callable[[], InferenceBackend] | None = None
@@ -83,7 +83,7 @@ class PipelineContext:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine: Engine) -> PipelineContext:
+    def from_settings(cls, settings: PipelineSettings, engine: Engine) -> PipelineContext:
         return cls(settings=settings, engine=engine, storage=LocalStorage.from_url(settings.storage_url))
 
     def backend(self) -> InferenceBackend:
@@ -525,7 +525,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     return report_id
 
 
-def enqueue_export(session: Session, settings: Settings, draft: Draft, objects: Sequence[WrittenObject]) -> int:
+def enqueue_export(session: Session, settings: ObjectSettings, draft: Draft, objects: Sequence[WrittenObject]) -> int:
     """Queue a draft's written DICOM objects for every export destination that takes them, in
     the caller's transaction. The outbox lives in ``integrations.dicom.outbox`` (issue 13, the
     sending half); until it is there this queues nothing. Returns the number of outbox rows."""
@@ -534,13 +534,12 @@ def enqueue_export(session: Session, settings: Settings, draft: Draft, objects: 
     except ImportError:
         log.debug("no export outbox in this build: %d objects of draft %s not queued", len(objects), draft.draft_id)
         return 0
-    export = getattr(settings, "export", None)
     rows = enqueue_objects(
         session, draft_id=draft.draft_id, study_instance_uid=draft.study.study_instance_uid,
         objects=[OutboxObject.model_validate({"kind": o.kind, "sop_class_uid": o.sop_class_uid,
                                               "sop_instance_uid": o.sop_instance_uid, "location": o.storage_key})
                  for o in objects],
-        destinations=getattr(export, "destinations", None),
+        destinations=settings.export.destinations,
     )
     return len(rows)
 
@@ -562,7 +561,7 @@ def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
     return [("DiagnosticReport", report_id), ("Patient", patient_id(draft.study.patient))]
 
 
-def export_dir(settings: Settings, draft: Draft) -> Path:
+def export_dir(settings: ObjectSettings, draft: Draft) -> Path:
     """Where a draft's JSON files are written for people to open."""
     return settings.data_dir / "drafts" / draft.study.study_instance_uid / f"v{draft.study.version}"
 

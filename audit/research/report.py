@@ -10,6 +10,7 @@ empty export gives a page of such panels, never an error).
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import html
 import io
@@ -27,6 +28,9 @@ matplotlib.use("Agg")  # before pyplot: no display, same output everywhere
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
+
+from audit.chain import record
+from ground.db import session_scope
 
 from .export import MANIFEST, PARQUET, ResearchError
 
@@ -332,11 +336,6 @@ def make_report(out_dir: Path) -> tuple[str, ReportSummary]:
 
 def write_report(engine: Any, out_dir: Path, *, actor: str | None = None) -> ReportSummary:
     """Write ``report.html`` for the export in ``out_dir`` and record it in the audit trail."""
-    import getpass
-
-    from audit.chain import record
-    from ground.db import session_scope
-
     _, summary = make_report(out_dir)
     with session_scope(engine) as s:
         record(s, action="research.report", actor=actor or f"cli:{getpass.getuser()}", entity_type="ResearchReport",

@@ -42,8 +42,8 @@ from sqlalchemy.engine import Engine
 
 from audit.chain import record
 from ground.db import session_scope
-from taqrir.settings import ListenerSettings, StudySettings
 
+from .config import ListenerSettings, StudySettings
 from .errors import (
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,

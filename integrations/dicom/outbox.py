@@ -124,19 +124,14 @@ def enqueue_objects(
     draft_id: str,
     study_instance_uid: str,
     objects: Sequence[OutboxObject],
-    destinations: Sequence[Destination] | None = None,
+    destinations: Sequence[Destination],
 ) -> list[int]:
     """Queue every object for every destination that takes its kind, inside the caller's
     transaction (commit it with the objects' files written). Returns the outbox row ids, existing
     ones included: calling twice for the same object and destination makes one row.
 
-    ``destinations`` defaults to ``export.destinations`` of the process settings; pass them when
-    the caller has its own settings object (the pipeline's context does).
+    ``destinations`` are ``export.destinations`` of the caller's settings.
     """
-    if destinations is None:
-        from taqrir.settings import load_settings
-
-        destinations = load_settings().export.destinations
     ids: list[int] = []
     for obj in objects:
         for dest in destinations:

@@ -68,12 +68,12 @@ from reporting.fhir import Review
 from reporting.fhir.timing import instant
 from ground.clock import utcnow
 from ground.db import session_scope
-from taqrir.settings import Settings
 
 from .audit_routes import audit_router
 from .auth import Principal
 from .auth import smart_configuration as smart_configuration_doc
 from .capability import capability_statement
+from .config import FhirSettings
 from .errors import AuditUnavailable, FhirError, InvalidRequest, PreconditionRequired
 from .fastpath import ID_PATTERN, FastPath
 from .interactions import (
@@ -241,7 +241,7 @@ _SEARCH_OPENAPI = [
 ]
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
+def create_app(settings: FhirSettings, engine: Engine) -> FastAPI:
     """The FastAPI application serving the FHIR API at ``/fhir``."""
     api = FhirApi(settings, engine)
 

@@ -1,11 +1,15 @@
-"""Settings of the FHIR API (composed into :class:`taqrir.settings.Settings`)."""
+"""Settings of the FHIR API (composed into :class:`taqrir.settings.Settings`), and what the API
+reads of the composed settings (:class:`FhirSettings`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field, model_validator
+
+from integrations.dicom.destinations import ExportSettings
+from reporting.dicom_config import DicomObjectSettings
 
 
 class ApiSettings(BaseModel):
@@ -85,3 +89,33 @@ class ApiSettings(BaseModel):
         if self.jwt_algorithm == "RS256" and not (self.jwks_url or self.jwks_file):
             raise ValueError("api.jwt_algorithm RS256 needs api.jwks_url or api.jwks_file")
         return self
+
+
+class _CalledAe(Protocol):
+    @property
+    def ae_title(self) -> str: ...
+
+
+class FhirSettings(Protocol):
+    """The sections and places the API reads: the roof's composed settings satisfy it as they are
+    (a room never imports the roof). ``listener.ae_title`` names us in AuditEvents;
+    ``storage_url``, ``dicom_objects`` and ``export`` serve the verified SR a review writes and
+    queues for PACS destinations."""
+
+    @property
+    def api(self) -> ApiSettings: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def listener(self) -> _CalledAe: ...
+
+    @property
+    def dicom_objects(self) -> DicomObjectSettings: ...
+
+    @property
+    def storage_url(self) -> str: ...
+
+    @property
+    def export(self) -> ExportSettings: ...

@@ -26,10 +26,10 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from ground.db import make_engine
-from taqrir.settings import Settings
 
 from .access_log import AccessAuditor
 from .auth import Principal, TokenVerifier
+from .config import FhirSettings
 from .errors import AuditUnavailable, ClientGone, FhirError, NotAcceptable, NotFound, QueryTooCostly
 from .pgreads import PgReads
 from .responses import bundle_body, fhir_response, operation_outcome, resource_body
@@ -45,7 +45,7 @@ T = TypeVar("T")
 class FhirApi:
     """What the interactions need: settings, engine, token verifier, auditor and the read paths."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: FhirSettings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
         self.base_url = settings.api.base_url.rstrip("/")

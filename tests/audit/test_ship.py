@@ -236,15 +236,16 @@ def test_backoff_doubles_and_is_capped(engine: Engine) -> None:
 def test_listen_and_serve_start_the_background_sender(engine: Engine, db_url: str, tmp_path: Path,
                                                       collector: Rsyslog, pki: Pki) -> None:
     """What ``taqrir listen``/``serve`` do with ``atna.enabled``: a sender thread that keeps up."""
-    from taqrir.cli import _start_atna
     from taqrir.settings import load_settings
+    from taqrir.wiring import atna_sender
 
     settings = load_settings(data_dir=tmp_path / "data", database_url=db_url, atna={
         "enabled": True, "host": "127.0.0.1", "port": collector.port, "server_name": "localhost", "ca_file": pki.ca,
         "cert_file": pki.client_cert, "key_file": pki.client_key, "poll_s": 0.05})
-    assert _start_atna(load_settings(data_dir=tmp_path / "data", database_url=db_url), engine) is None  # off by default
-    shipper = _start_atna(settings, engine)
+    assert atna_sender(load_settings(data_dir=tmp_path / "data", database_url=db_url), engine) is None  # off by default
+    shipper = atna_sender(settings, engine)
     assert shipper is not None
+    shipper.start()
     try:
         _append(engine, 4)
         got = collector.wait_for({1, 2, 3, 4}, timeout=20)

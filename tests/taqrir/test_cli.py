@@ -11,13 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
+from ground import migrations
+from ground.db import make_engine
+from ground.migrations import alembic_config
 from integrations.dicom.ingest import ingest_file
 from integrations.dicom.listener import _configure_pydicom
 from integrations.dicom.storage import LocalStorage
 from taqrir.settings import load_settings, with_places
 from tests.conftest import DICOM_DIR, free_port
+from tests.factories.db import reset_postgres_schema
 from tests.factories.dcmtk import echoscu
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,8 +113,9 @@ def test_api_takes_host_and_port_and_the_data_dir(tmp_path: Path) -> None:
 
 def test_listen_takes_the_same_option_names(tmp_path: Path) -> None:
     port = free_port()
-    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port),
-                  env={"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING"})
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
     try:
         deadline = time.monotonic() + 60
         while echoscu(port).returncode != 0:
@@ -138,3 +146,55 @@ def test_places_and_ports_come_from_settings_unless_given() -> None:
     assert moved.api.base_url == "http://127.0.0.1:8443/fhir"
     public = with_places(load_settings(api={"base_url": "https://pacs.example.org/fhir"}), api_port=8443)
     assert public.api.base_url == "https://pacs.example.org/fhir"  # configured explicitly: kept
+
+
+# -- migrations on demand only (issue 12) ------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database that was never migrated (no tables, no alembic_version)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'taqrir.db'}"
+    url: str = request.getfixturevalue("pg_server_url")
+    reset_postgres_schema(url)
+    return url
+
+
+@pytest.mark.parametrize("command", [["studies"], ["listen", "--dicom-port", "0"], ["metrics"], ["outbox"],
+                                     ["audit-verify"], ["deltas"], ["redraft", "1.2.3"]])
+def test_commands_refuse_a_database_that_was_never_migrated(empty_db_url: str, tmp_path: Path,
+                                                            command: list[str]) -> None:
+    run = _taqrir(*command, env={"TAQRIR_DATABASE_URL": empty_db_url, "TAQRIR_DATA_DIR": str(tmp_path / "data")},
+                  timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert "has never been migrated: run `taqrir db upgrade` first" in run.stderr
+    engine = make_engine(empty_db_url)
+    try:
+        assert inspect(engine).get_table_names() == []  # refused before touching the schema
+    finally:
+        engine.dispose()
+
+
+def test_an_old_schema_is_refused_until_db_upgrade(empty_db_url: str, tmp_path: Path) -> None:
+    env = {"TAQRIR_DATABASE_URL": empty_db_url, "TAQRIR_DATA_DIR": str(tmp_path / "data")}
+    engine = make_engine(empty_db_url)
+    first = ScriptDirectory.from_config(alembic_config()).get_base()
+    assert isinstance(first, str)
+    migrations.upgrade(engine, first)  # a database left at the first revision by an older Taqrir
+    engine.dispose()
+    run = _taqrir("studies", env=env, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    assert f"is at schema {first}" in run.stderr and "run `taqrir db upgrade`" in run.stderr
+    upgraded = _taqrir("db", "upgrade", env=env, timeout=120)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    run = _taqrir("studies", env=env, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "no studies received yet" in run.stdout
+
+
+def test_the_worker_refuses_an_old_schema_before_taking_tasks(empty_db_url: str, tmp_path: Path) -> None:
+    run = _taqrir("worker", env={"TAQRIR_DATABASE_URL": empty_db_url, "TAQRIR_DATA_DIR": str(tmp_path / "data"),
+                                 "TAQRIR_QUEUE__BROKER_URL": "redis://127.0.0.1:6379/14"}, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    assert "run `taqrir db upgrade`" in run.stderr

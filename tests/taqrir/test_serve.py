@@ -33,6 +33,7 @@ def test_sigterm_stops_every_child_and_their_broker_connections(tmp_path: Path) 
     dicom, api = free_port(), free_port()
     env = {**os.environ, "TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING",
            "TAQRIR_QUEUE__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}", "TAQRIR_QUEUE__SHUTDOWN_GRACE_S": "20"}
+    subprocess.run([sys.executable, "-m", "taqrir", "db", "upgrade"], env=env, cwd=REPO, check=True, capture_output=True)
     serve = subprocess.Popen([sys.executable, "-m", "taqrir", "serve", "--workers", "2", "--dicom-host", "127.0.0.1",
                               "--dicom-port", str(dicom), "--api-host", "127.0.0.1", "--api-port", str(api)],
                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

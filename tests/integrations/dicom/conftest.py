@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
+from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.listener import Listener
 from integrations.dicom.storage import LocalStorage
-from taqrir.settings import ListenerSettings, StudySettings
 from tests.factories.dcmtk import require_dcmtk
 
 

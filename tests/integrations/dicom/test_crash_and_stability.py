@@ -25,7 +25,7 @@ from integrations.dicom.listener import Listener
 from integrations.dicom.stability import sweep_stable
 from ground.clock import utcnow
 from ground.db import session_scope
-from taqrir.settings import StudySettings
+from integrations.dicom.config import StudySettings
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu
 from tests.factories.studies import make_ct_series

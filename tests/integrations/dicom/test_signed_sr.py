@@ -20,7 +20,7 @@ from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import NotSigned, SignedSrReader, signed_from_sr
 from integrations.dicom.storage import LocalStorage
 from ground.db import session_scope
-from taqrir.settings import ListenerSettings, StudySettings
+from integrations.dicom.config import ListenerSettings, StudySettings
 from tests.factories.dcmtk import storescu
 from tests.factories.signed import seed
 from tests.factories.sr import signed_sr

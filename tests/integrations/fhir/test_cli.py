@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from integrations.fhir.auth import TokenVerifier
-from integrations.fhir.cli import register
+from taqrir.cli_api import register
 from taqrir.settings import load_settings
 
 

@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from integrations.fhir.auth import InvalidScope, TokenVerifier, check_scope
-from integrations.fhir.cli import register
+from taqrir.cli_api import register
 from taqrir.settings import load_settings
 from tests.conftest import REPO, free_port
 from tests.factories.db import reset_postgres_schema

@@ -7,68 +7,33 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+import uvicorn
 
-from ground.db import make_engine
-from ground.errors import TaqrirError
-from taqrir.settings import Settings
+from ground.errors import SchemaNotCurrent
+from integrations.fhir.auth import InvalidScope, issue_token
 
-from .app import create_app
-from .auth import InvalidScope, issue_token
+from .settings import Settings
+from .wiring import api_app, open_engine
 
-__all__ = ["api", "create_app", "register", "token"]
+__all__ = ["api", "register", "token"]
 
 log = logging.getLogger(__name__)
 
 
-class SchemaNotCurrent(TaqrirError):
-    """The database's schema is not the one this version of Taqrir needs."""
-
-
-def check_schema(engine: Engine) -> None:
-    """:class:`SchemaNotCurrent` unless the database is at the migrations' head(s) (issue 11,
-    item 29: on a never-migrated database the API answered every request 500)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    from ground.migrations import alembic_config
-
-    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
-    where = engine.url.render_as_string(hide_password=True).split("@")[-1]
-    try:
-        with engine.connect() as conn:
-            current = set(MigrationContext.configure(conn).get_current_heads())
-    except SQLAlchemyError as err:
-        raise SchemaNotCurrent(f"cannot read the schema version of {where}: {type(err).__name__}; check "
-                               "database_url, then run `taqrir db upgrade`") from err
-    if not current:
-        raise SchemaNotCurrent(f"the database {where} has never been migrated: run `taqrir db upgrade` first")
-    if current != heads:
-        raise SchemaNotCurrent(f"the database {where} is at schema {', '.join(sorted(current))}, this Taqrir needs "
-                               f"{', '.join(sorted(heads))}: run `taqrir db upgrade` (with the newest Taqrir)")
-
-
 def api(settings: Settings) -> None:
-    """Serve the FHIR API with uvicorn on ``api.host:api.port`` (after :func:`check_schema`)."""
-    import uvicorn
-
-    engine = make_engine(settings.database_url)
-    try:
-        check_schema(engine)
-    finally:
-        engine.dispose()
-
+    """Serve the FHIR API with uvicorn on ``api.host:api.port``; :class:`SchemaNotCurrent`
+    before anything listens when the database is not at the migrations' head."""
+    engine = open_engine(settings)
     log.info("FHIR API on %s:%d (base %s), %d worker(s)", settings.api.host, settings.api.port,
              settings.api.base_url, settings.api.workers)
     host, port, level = settings.api.host, settings.api.port, settings.log_level.lower()
     if settings.api.workers > 1:
+        engine.dispose()
         # worker processes rebuild settings from the environment (TAQRIR_CONFIG included)
-        uvicorn.run("integrations.fhir.asgi:create", factory=True, workers=settings.api.workers,
+        uvicorn.run("taqrir.asgi:create", factory=True, workers=settings.api.workers,
                     host=host, port=port, log_level=level, access_log=False)
         return
-    engine = make_engine(settings.database_url)
-    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=level, access_log=False)
+    uvicorn.run(api_app(settings, engine), host=host, port=port, log_level=level, access_log=False)
 
 
 def token(settings: Settings, user: str, scopes: list[str], *, patient: str | None = None,

@@ -1,4 +1,4 @@
-"""ASGI entry point for multi-process serving (``uvicorn --factory integrations.fhir.asgi:create``).
+"""ASGI entry point for multi-process serving (``uvicorn --factory taqrir.asgi:create``).
 
 Each uvicorn worker process builds its own settings (environment and ``TAQRIR_CONFIG``), engine
 and app; ``taqrir api`` uses it when ``api.workers`` > 1.
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ground.db import make_engine
-from taqrir.settings import load_settings
-
-from .app import create_app
+from .settings import load_settings
+from .wiring import api_app, open_engine
 
 
 def create() -> FastAPI:
     settings = load_settings()
-    return create_app(settings, make_engine(settings.database_url))
+    return api_app(settings, open_engine(settings))

@@ -1,0 +1,63 @@
+"""Settings of the DICOM listener and of study stability (composed into the roof's settings as
+``listener`` and ``study``: ``TAQRIR_LISTENER__PORT``, ``TAQRIR_STUDY__STABLE_AFTER``, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class ListenerSettings(BaseModel):
+    """The DICOM Storage SCP (``taqrir listen``)."""
+
+    ae_title: str = Field("TAQRIR", max_length=16, description="Our AE title, as PACS admins configure it.")
+    host: str = Field("0.0.0.0", description="Address to bind.")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port (0 picks a free one, tests only).")
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty allows any.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Peer IP addresses or CIDR networks allowed to connect; empty allows any.",
+    )
+    max_associations: int = Field(16, ge=1, description="Concurrent associations before refusing.")
+    max_pdu: int = Field(
+        131072,
+        ge=0,
+        description="Maximum PDU length we advertise; 128 KiB measured +22% over 16 KiB.",
+    )
+    network_timeout: float = Field(30.0, gt=0, description="Seconds of silence before dropping a peer.")
+    acse_timeout: float = Field(15.0, gt=0, description="Seconds to finish association negotiation.")
+    dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE message.")
+    tls_cert: Path | None = Field(None, description="PEM certificate: set with tls_key to require TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    tls_ca: Path | None = Field(None, description="CA bundle: when set, peers must present a certificate.")
+    min_free_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Below this free space in storage, C-STORE answers 0xA700 and new associations are refused.",
+    )
+    max_sequence_depth: int = Field(
+        64, ge=1, description="Datasets nesting sequences deeper are refused as unparseable."
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Receiving processes sharing the listening socket (pre-forked, Linux/Unix only). One "
+            "process is bound by the GIL to about one core; more let parallel associations use "
+            "more cores. max_associations applies per process."
+        ),
+    )
+
+
+class StudySettings(BaseModel):
+    """Study lifecycle."""
+
+    stable_after: float = Field(
+        30.0, gt=0, description="Seconds without a new instance after which a study is stable."
+    )
+    sweep_interval: float = Field(5.0, gt=0, description="Seconds between stability sweeps.")
