@@ -34,10 +34,9 @@ from ground.clock import utcnow
 from ground.db import writer_lock
 
 from .headers import InstanceHeaders
-from .lifecycle import ArrivalSql, StudyState, Write, arrival
+from .lifecycle import ArrivalSql, Write, arrival
+from .lifecycle import StudyState as StudyState  # Study.state's vocabulary (re-exported); rules: lifecycle
 from .storage import StoredFile
-
-__all__ = ["StudyState"]  # the vocabulary of Study.state; its rules are the lifecycle's
 
 
 class Patient(SQLModel, table=True):

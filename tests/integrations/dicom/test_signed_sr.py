@@ -107,7 +107,7 @@ def test_recover_reads_srs_left_unread(engine: Engine, tmp_path: Path,
 
 
 def test_report_objects_do_not_start_a_new_version() -> None:
-    from integrations.dicom.lifecycle import Decision, StudyState, on_instance
+    from integrations.dicom.lifecycle import Decision, on_instance
     from tests.factories.sr import ENHANCED_SR
 
     assert on_instance("drafted", 1, ENHANCED_SR) == Decision(StudyState.drafted, 1, False)
