@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import time
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from audit.chain import AuditRecord, verify
 from ground.clock import utcnow
-from ground.db import session_scope
+from ground.db import WRITER_LOCK_KEY, session_scope
 from ground.errors import PermanentError
 from integrations.dicom.index import Patient, Study
 from integrations.dicom.lifecycle import (
@@ -189,3 +192,34 @@ def test_attempts_are_counted_capped_and_reset_by_redraft(engine: Engine) -> Non
         assert _move(s, pk, E.fail, reason="x") and _move(s, pk, E.redraft, details={"redraft": True})
     row = _row(engine)
     assert (row.state, row.attempts, row.failure_reason) == ("queued", 0, None)
+
+
+def test_the_writer_lock_comes_before_the_study_row(engine: Engine) -> None:
+    """Lock order (ground.db): while another transaction holds the writer lock (an ingest), a
+    stage start waits for it *without* holding the study row, which the ingest will write next
+    (the other order deadlocks on PostgreSQL; SQLite's BEGIN IMMEDIATE serialises whole
+    transactions)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("advisory and row locks are PostgreSQL's")
+    pk = _study(engine, Q)
+    done = threading.Event()
+
+    def stage_start() -> None:
+        with session_scope(engine) as s:
+            count_attempt(s, study_pk=pk, version=1, attempts=0, cap=3)
+            _move(s, pk, E.render)
+        done.set()
+
+    with engine.connect() as ingest:
+        ingest.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITER_LOCK_KEY})
+        worker = threading.Thread(target=stage_start)
+        worker.start()
+        time.sleep(0.5)
+        assert not done.is_set()  # it waits for the writer lock ...
+        ingest.execute(text("SELECT id FROM study WHERE id = :id FOR UPDATE NOWAIT"), {"id": pk})  # ... not holding the row
+        ingest.execute(text("UPDATE study SET last_received_at = last_received_at WHERE id = :id"), {"id": pk})
+        ingest.commit()
+    worker.join(10)
+    assert done.is_set()
+    row = _row(engine)
+    assert (row.state, row.attempts) == ("rendering", 1)
