@@ -133,7 +133,7 @@ class _Finder(ast.NodeVisitor):
         self.scopes.pop()
         self.updates.pop()
 
-    visit_AsyncFunctionDef = visit_FunctionDef  # noqa: N815 - the visitor's naming
+    visit_AsyncFunctionDef = visit_FunctionDef
 
     def _is_update_chain(self, node: ast.AST) -> bool:
         if _chain_has_update_of_study(node):
@@ -173,7 +173,7 @@ class _Finder(ast.NodeVisitor):
             self._bind(node.target)
         self.generic_visit(node)
 
-    visit_AsyncFor = visit_For  # noqa: N815
+    visit_AsyncFor = visit_For
 
     def visit_comprehension(self, node: ast.comprehension) -> None:
         if _mentions_study(node.iter, self.study_functions):
@@ -201,9 +201,9 @@ class _Finder(ast.NodeVisitor):
                 self.found.append((node.lineno, "setattr on a Study's lifecycle column"))
         if isinstance(func, ast.Name) and func.id == "Study" and any(kw.arg in OWNED for kw in node.keywords):
             self.found.append((node.lineno, "constructs a Study with a lifecycle column"))
-        if isinstance(func, ast.Attribute) and func.attr == "values" and self._is_update_chain(func.value):
-            if _sets_owned(node):
-                self.found.append((node.lineno, "update(Study).values(...) sets a lifecycle column"))
+        if (isinstance(func, ast.Attribute) and func.attr == "values" and self._is_update_chain(func.value)
+                and _sets_owned(node)):
+            self.found.append((node.lineno, "update(Study).values(...) sets a lifecycle column"))
         self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> None:
