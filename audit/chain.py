@@ -2,8 +2,9 @@
 
 Every record carries the SHA-256 of the previous record's hash and its own canonical JSON form
 (sorted keys, no whitespace, UTF-8), so that changing, removing or reordering any past record is
-detected by :func:`verify`. Writers are serialised per database (an advisory lock on PostgreSQL,
-``BEGIN IMMEDIATE`` on SQLite) so the chain never forks. The record shares the caller's
+detected by :func:`verify`. Writers are serialised per database by the database layer's writer
+lock (:func:`ground.db.writer_lock`: an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite), taken before the head is read, so the chain never forks. The record shares the caller's
 transaction: the audited change and its record commit together or not at all.
 
 Records are built and hashed in one place, :func:`link`, and written by one statement per dialect
@@ -22,14 +23,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TextIO
 
-from sqlalchemy import Column, Text, text
+from sqlalchemy import Column, Text
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, Session, SQLModel, select
 
 from ground.clock import as_utc, utcnow
+from ground.db import writer_lock, writer_lock_sql
 
 GENESIS = "0" * 64
-_PG_LOCK_KEY = 0x7A71_2001  # arbitrary constant naming "the audit chain" lock
 
 
 class AuditRecord(SQLModel, table=True):
@@ -164,13 +165,13 @@ class ChainSql:
         marks = [f"${i}" if style == "numeric_dollar" else "?" if style == "qmark" else "%s" for i in range(1, 11)]
         #: The placeholder for the ingest path's own statements (it runs on qmark/format drivers only).
         self.placeholder = "?" if style == "qmark" else "%s"
-        #: lock_chain's lock (None: SQLite, whose BEGIN IMMEDIATE already serialises writers).
-        self.lock = f"SELECT pg_advisory_xact_lock({marks[0]})" if dialect.name == "postgresql" else None
-        #: How a transaction on a raw DBAPI connection must begin to hold the chain lock:
-        #: ground.db begins every SQLAlchemy transaction on SQLite with BEGIN IMMEDIATE (its
-        #: connections are in autocommit mode, so a raw one would not begin at all).
-        self.begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
-        self.lock_params = (_PG_LOCK_KEY,)
+        lock = writer_lock_sql(dialect)
+        #: The writer lock (ground.db) that orders the chain; None on SQLite, whose BEGIN
+        #: IMMEDIATE (``begin``) already holds it.
+        self.lock = lock.lock
+        #: How a transaction on a raw DBAPI connection must begin to hold the writer lock.
+        self.begin = lock.begin
+        self.lock_params = lock.params
         #: (seq, hash) of the last record; no row for an empty chain.
         self.head = "SELECT seq, hash FROM audit_event WHERE seq = (SELECT max(seq) FROM audit_event)"
         self.insert = (
@@ -223,11 +224,10 @@ def append(
 
 
 def lock_chain(session: Session) -> None:
-    """Serialise this transaction with every other writer of the chain (PostgreSQL; SQLite's
-    BEGIN IMMEDIATE already does). Taking it first also serialises the caller's own upserts."""
-    bind = session.get_bind()
-    if bind.dialect.name == "postgresql":
-        session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=_PG_LOCK_KEY))  # type: ignore[call-overload]
+    """Serialise this transaction with every other writer of the chain: the chain's order is the
+    database layer's writer lock (:func:`ground.db.writer_lock`, whose docstring gives the lock
+    order), which also serialises the caller's own writes that follow."""
+    writer_lock(session)
 
 
 def _append_in_session(session: Session, events: Sequence[AuditEvent], *, lock: bool) -> list[ChainRow]:

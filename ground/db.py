@@ -5,17 +5,40 @@ connects at import time. Tables are SQLModel classes that live beside the room t
 (index in ``integrations.dicom.index``, audit in ``audit.chain``, pipeline state in
 ``workers.state``, FHIR resources in ``integrations.fhir.store``); the roof's ``taqrir.schema``
 imports them all so that one metadata holds the whole schema for Alembic's autogenerate.
+
+The writer lock
+---------------
+Writers of the study index and of the audit chain are serialised per database by one lock, the
+*writer lock* (:func:`writer_lock` in a session; :func:`writer_lock_sql` for driver SQL on a DBAPI
+cursor): a transaction-scoped advisory lock on PostgreSQL (``pg_advisory_xact_lock``, released at
+commit or rollback), and on SQLite the ``BEGIN IMMEDIATE`` that :func:`make_engine` begins every
+transaction with (SQLite has one writer at a time anyway; IMMEDIATE takes the write lock at BEGIN,
+so two transactions cannot both read the same chain head or study row and then race). The audit
+chain relies on it for the order of its records (``audit.chain``), the study lifecycle for its
+compare-and-sets (``integrations.dicom.lifecycle``), ingest for its upserts of patient, study and
+series.
+
+Lock order (the rule that keeps PostgreSQL free of deadlocks): **the writer lock first, then
+rows** — a transaction that will write a study row (or any row another writer-lock holder writes)
+takes the writer lock *before* its first write or ``SELECT ... FOR UPDATE``, and never after.
+Ingest takes it as its first statement; :mod:`integrations.dicom.lifecycle` takes it before its
+compare-and-set (and before flushing anything); :func:`audit.chain.record` takes it before reading
+the chain head. A transaction that wrote a study row first and then asked for the lock would wait
+for an ingest that holds the lock and waits for that row: a deadlock that PostgreSQL breaks by
+aborting one of them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy import event, text
+from sqlalchemy.engine import Dialect, Engine
 from sqlmodel import Session, create_engine
 
 from ground import migrations
@@ -68,6 +91,49 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+#: The PostgreSQL advisory lock key of the writer lock (an arbitrary constant; unchanged since it
+#: was the audit chain's, so that processes of the previous release still serialise with these).
+WRITER_LOCK_KEY = 0x7A71_2001
+
+
+@dataclass(frozen=True)
+class WriterLockSql:
+    """The writer lock as driver SQL for one dialect, for code that runs on a DBAPI cursor (the
+    ingest hot path, the API's asyncpg audit writer)."""
+
+    #: Takes the lock (PostgreSQL); None on SQLite, where ``begin`` already holds it.
+    lock: str | None
+    #: The parameters of ``lock``.
+    params: tuple[int, ...]
+    #: How a transaction on a raw DBAPI connection must begin to hold the lock: SQLite's
+    #: connections are in autocommit mode here (see :func:`make_engine`), so a raw one would not
+    #: begin a transaction at all; None where the driver begins one itself.
+    begin: str | None
+
+
+@functools.lru_cache(maxsize=16)  # one per (dialect, paramstyle); a process has one or two
+def _writer_lock_sql(dialect_name: str, paramstyle: str) -> WriterLockSql:
+    if dialect_name == "postgresql":
+        mark = "$1" if paramstyle == "numeric_dollar" else "?" if paramstyle == "qmark" else "%s"
+        return WriterLockSql(f"SELECT pg_advisory_xact_lock({mark})", (WRITER_LOCK_KEY,), None)
+    if dialect_name == "sqlite":
+        return WriterLockSql(None, (), "BEGIN IMMEDIATE")
+    raise ValueError(f"no writer lock for {dialect_name!r}: use SQLite or PostgreSQL")
+
+
+def writer_lock_sql(dialect: Dialect) -> WriterLockSql:
+    """The writer lock's driver SQL for ``dialect`` (in its parameter style)."""
+    return _writer_lock_sql(dialect.name, dialect.paramstyle)
+
+
+def writer_lock(session: Session) -> None:
+    """Take the writer lock in ``session``'s transaction (held until it ends). Call it before the
+    transaction's first write: see the lock order in this module's docstring. On SQLite the
+    transaction already holds it (``BEGIN IMMEDIATE``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=WRITER_LOCK_KEY))  # type: ignore[call-overload]
 
 
 def upgrade(engine: Engine) -> None:

@@ -27,18 +27,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select, update
 
-from audit.chain import lock_chain, record
+from audit.chain import record
 from audit.deltas import compute_study_deltas
 from inference.backend import InferenceBackend, make_backend
 from inference.drafting import draft_report
 from inference.types import BilingualReport, StudyContext
-from integrations.dicom.index import (
-    Patient,
-    Study,
+from integrations.dicom.index import Patient, Study, study_by_uid, study_contents
+from integrations.dicom.lifecycle import (
+    ACTIVE,
+    StudyEvent,
     StudyState,
-    set_state,
-    study_by_uid,
-    study_contents,
+    claim_stale,
+    count_attempt,
+    heartbeat,
+    reset_attempts,
+    transition,
 )
 from integrations.dicom.storage import LocalStorage
 from reporting.consistency import check_sections
@@ -52,7 +55,7 @@ from reporting.draft import (
     StudyRef,
 )
 from ground.clock import as_utc, utcnow
-from ground.db import session_scope
+from ground.db import session_scope, writer_lock
 from ground.errors import PermanentError
 from workers.config import ObjectSettings, PipelineSettings
 from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
@@ -139,16 +142,11 @@ def _current(session: Session, study_uid: str, version: int) -> Study:
     return study
 
 
-def _move(session: Session, study: Study, new: StudyState, expect: tuple[StudyState, ...], **details: Any) -> bool:
-    # Take the audit lock before touching the study row, in the order ingest takes them (lock,
-    # then study): the other order deadlocks against a C-STORE on PostgreSQL.
-    lock_chain(session)
-    moved = set_state(session, study_pk=study.id or 0, version=study.version, new_state=new, expect=expect,
-                      reason=details.get("reason"))
-    if moved:
-        record(session, action=f"study.{new.value}", actor=ACTOR, entity_type="Study",
-               entity_id=study.study_instance_uid, details={"version": study.version, **details})
-    return moved
+def _move(session: Session, study: Study, event: StudyEvent, **details: Any) -> bool:
+    """The lifecycle's compare-and-set of ``event`` on this version, audited (False: the study
+    moved on)."""
+    return transition(session, study_pk=study.id or 0, study_uid=study.study_instance_uid, version=study.version,
+                      event=event, actor=ACTOR, reason=details.get("reason"), details=details)
 
 
 def enqueue_state(engine: Engine, study_uid: str, version: int) -> bool:
@@ -158,7 +156,7 @@ def enqueue_state(engine: Engine, study_uid: str, version: int) -> bool:
             study = _current(s, study_uid, version)
         except StudyGone:
             return False
-        return _move(s, study, StudyState.queued, (StudyState.stable, StudyState.queued, StudyState.failed))
+        return _move(s, study, StudyEvent.enqueue)
 
 
 def fail(engine: Engine, study_uid: str, version: int, reason: str) -> None:
@@ -168,9 +166,7 @@ def fail(engine: Engine, study_uid: str, version: int, reason: str) -> None:
             study = _current(s, study_uid, version)
         except StudyGone:
             return
-        _move(s, study, StudyState.failed,
-              (StudyState.stable, StudyState.queued, StudyState.rendering, StudyState.inferring),
-              reason=reason[:2000])
+        _move(s, study, StudyEvent.fail, reason=reason[:2000])
     log.warning("study %s v%d failed: %s", study_uid, version, reason[:300])
 
 
@@ -201,19 +197,9 @@ def instance_inputs(ctx: PipelineContext, session: Session, study: Study) -> lis
 
 # -- stage 1: render -------------------------------------------------------------------------
 
-ACTIVE = (StudyState.stable, StudyState.queued, StudyState.rendering, StudyState.inferring)
-
-
 def _count_attempt(session: Session, study: Study, cap: int) -> None:
-    """Every stage start counts; a version that keeps being started without finishing (a worker
-    that dies on it each time, a poison message) fails instead of looping forever."""
-    study.attempts += 1
-    session.add(study)
-    if study.attempts > cap:
-        raise PermanentError(
-            f"gave up after {study.attempts - 1} stage starts without a draft (a worker died or the "
-            "message kept coming back); see the workers' logs, then `taqrir redraft`"
-        )
+    """Every stage start counts (the lifecycle's :func:`count_attempt`)."""
+    count_attempt(session, study_pk=study.id or 0, version=study.version, attempts=study.attempts, cap=cap)
 
 
 def _attempt_cap(ctx: PipelineContext) -> int:
@@ -234,7 +220,7 @@ def render_stage(ctx: PipelineContext, study_uid: str, version: int) -> bool:
         _count_attempt(s, study, _attempt_cap(ctx))
         queue_s = max((utcnow() - as_utc(study.state_changed_at)).total_seconds(), 0.0) \
             if study.state == StudyState.queued.value else 0.0
-        _move(s, study, StudyState.rendering, (StudyState.stable, StudyState.queued, StudyState.rendering))
+        _move(s, study, StudyEvent.render)
         inputs = instance_inputs(ctx, s, study)
         study_pk = study.id or 0
     t0 = time.perf_counter()
@@ -342,9 +328,7 @@ def _heartbeat(engine: Engine, study_pk: int, version: int, every_s: float) -> I
         while not stop.wait(every_s):
             try:
                 with session_scope(engine) as s:
-                    s.exec(update(Study).where(col(Study.id) == study_pk, col(Study.version) == version,
-                                               col(Study.state) == StudyState.inferring.value)
-                           .values(state_changed_at=utcnow()))
+                    heartbeat(s, study_pk=study_pk, version=version, state=StudyState.inferring)
             except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate, never a loss
                 log.warning("heartbeat for study %d v%d failed", study_pk, version)
 
@@ -364,7 +348,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
         if s.exec(select(DraftRecord.id).where(DraftRecord.draft_id == draft_id)).first() is not None:
-            _move(s, study, StudyState.drafted, ACTIVE)
+            _move(s, study, StudyEvent.draft_found)
             return draft_id
         if StudyState(study.state) not in ACTIVE:
             raise StudyGone(f"study {study_uid} v{version} is {study.state}: nothing to infer")
@@ -376,7 +360,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
                 "and inference hosts must share storage and draft-affecting settings"
             )
         _count_attempt(s, study, _attempt_cap(ctx))
-        _move(s, study, StudyState.inferring, ACTIVE)
+        _move(s, study, StudyEvent.infer)
         ref = _study_ref(s, study)
         study_pk = study.id or 0
         manifest = json.loads(kis.manifest)
@@ -391,7 +375,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
     checks = draft_checks(draft, report)
     with session_scope(ctx.engine) as s:
         study = _current(s, study_uid, version)
-        if not _move(s, study, StudyState.drafted, (StudyState.inferring,), draft_id=draft_id):
+        if not _move(s, study, StudyEvent.drafted, draft_id=draft_id):
             # another delivery finished (or failed) this version meanwhile: store nothing
             raise StudyGone(f"study {study_uid} v{version} is {study.state}; this delivery's draft is dropped")
         try:
@@ -407,7 +391,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
             return draft_id
         # Older versions' drafts are superseded when this draft is *published* (publish_stage), with
         # their FHIR reports in the same transaction: until then they are what integrators see.
-        s.exec(update(Study).where(col(Study.id) == study_pk).values(attempts=0))
+        reset_attempts(s, study_pk=study_pk)
         record(s, action="draft.created", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
                details={"study": study_uid, "version": version, "model": draft.model.model_name,
                         "model_revision": draft.model.model_revision, "backend": draft.model.backend,
@@ -617,15 +601,12 @@ def stale_work(engine: Engine, *, older_than_s: float) -> tuple[list[tuple[str, 
     cutoff = utcnow().timestamp() - older_than_s
     studies: list[tuple[str, int, str]] = []
     with session_scope(engine) as s:
-        lock_chain(s)
+        writer_lock(s)  # before reading and claiming study rows (ground.db: lock order)
         rows = s.exec(select(Study).where(col(Study.state).in_(list(STAGE_OF)))).all()
         for st in rows:
             if as_utc(st.state_changed_at).timestamp() > cutoff:
                 continue
-            res = s.exec(update(Study).where(col(Study.id) == st.id, col(Study.state) == st.state,
-                                             col(Study.state_changed_at) == st.state_changed_at)
-                         .values(state_changed_at=utcnow()))
-            if res.rowcount:
+            if claim_stale(s, study_pk=st.id or 0, state=st.state, seen=st.state_changed_at):
                 studies.append((st.study_instance_uid, st.version, STAGE_OF[st.state]))
         pending = s.exec(
             select(DraftRecord).where(col(DraftRecord.published_at).is_(None), col(DraftRecord.publish_error).is_(None),
@@ -649,9 +630,8 @@ def reset_for_redraft(engine: Engine, study_uid: str) -> tuple[int, bool]:
         study = study_by_uid(s, study_uid)
         if study is None:
             raise StudyGone(f"study {study_uid} is not in the index; see `taqrir studies`")
-        moved = _move(s, study, StudyState.queued, (StudyState.failed, StudyState.drafted), redraft=True)
+        moved = _move(s, study, StudyEvent.redraft, redraft=True)  # resets the attempt count
         if moved:
-            s.exec(update(Study).where(col(Study.id) == study.id).values(attempts=0))
             s.exec(update(DraftRecord).where(col(DraftRecord.study_pk) == study.id, col(DraftRecord.version) == study.version)
                    .values(publish_error=None))
         return study.version, moved

@@ -1,21 +1,17 @@
-"""The study index: Patient, Study, Series and Instance rows, and the study lifecycle state.
+"""The study index: Patient, Study, Series and Instance rows.
 
-The database is the source of truth: a study's state and version live on its row, and every
-state change happens in a transaction together with its audit record.
-
-Lifecycle (PS3.4 has no notion of a "complete" study, so stability is inferred from silence):
-``receiving`` -> ``stable`` (no instance for ``stable_after`` s) -> ``queued`` -> ``rendering`` ->
-``inferring`` -> ``drafted`` | ``failed``. An instance that arrives after the study left
-``receiving``/``stable`` starts a new *version*: the study goes back to ``receiving`` and is drafted
-again once stable; drafts of older versions are then ``superseded``.
+The database is the source of truth: a study's state and version live on its row. Their rules and
+every write of them belong to the study lifecycle (:mod:`.lifecycle`: the transitions, each a
+compare-and-set with its audit record); this module files instances and answers queries.
 
 Filing an instance is the hot path of every stored instance (hundreds per study), so it is driver
 SQL prepared once per dialect (:class:`IndexSql`) and run on the DBAPI cursor of the caller's
 transaction: one query reads the instance with that SOP Instance UID, the study and series rows
-and the audit chain head (:func:`read_state`); the study update, the instance row and the audit
-record are three writes (:func:`plan_filing`, :func:`run_writes`; one statement on PostgreSQL).
-SQLAlchemy's statement construction, cache keys and parameter processing cost more than all of
-that. Only the first instance of a series takes the ORM upserts of patient, study and series.
+and the audit chain head (:func:`read_state`); the study update (the lifecycle's
+:func:`~.lifecycle.arrival`), the instance row and the audit record are three writes
+(:func:`plan_filing`, :func:`run_writes`; one statement on PostgreSQL). SQLAlchemy's statement
+construction, cache keys and parameter processing cost more than all of that. Only the first
+instance of a series takes the ORM upserts of patient, study and series.
 """
 
 from __future__ import annotations
@@ -29,30 +25,18 @@ from dataclasses import dataclass
 from datetime import date, datetime, time
 from typing import Any
 
-from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func, update
+from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func
 from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from audit.chain import bind_processor, chain_sql, lock_chain
+from audit.chain import AuditEvent, bind_processor, chain_sql, record_many
 from ground.clock import utcnow
+from ground.db import writer_lock
 
 from .headers import InstanceHeaders
+from .lifecycle import ArrivalSql, Write, arrival
+from .lifecycle import StudyState as StudyState  # Study.state's vocabulary (re-exported); rules: lifecycle
 from .storage import StoredFile
-
-
-class StudyState(str, enum.Enum):
-    receiving = "receiving"
-    stable = "stable"
-    queued = "queued"
-    rendering = "rendering"
-    inferring = "inferring"
-    drafted = "drafted"
-    failed = "failed"
-
-
-#: States in which a newly arrived instance starts a new study version.
-_DRAFTING_OR_DONE = {StudyState.queued, StudyState.rendering, StudyState.inferring,
-                     StudyState.drafted, StudyState.failed}
 
 
 class Patient(SQLModel, table=True):
@@ -201,25 +185,6 @@ def _upsert_series(session: Session, h: InstanceHeaders, study: Study) -> Series
     return series
 
 
-def is_report_object(sop_class_uid: str) -> bool:
-    """Structured reports (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.88.x, KOS included) and
-    encapsulated PDF: documents *about* the study (a signed report from the reporting system, a
-    dose report), not images to draft from."""
-    return sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.") or sop_class_uid == "1.2.840.10008.5.1.4.1.1.104.1"
-
-
-def next_study_state(state: str, version: int, sop_class_uid: str = "") -> tuple[str, int, bool]:
-    """A new or changed instance arrived: stability re-arms (back to ``receiving``); if drafting
-    already began, a new version starts. A report object (:func:`is_report_object`: e.g. the
-    radiologist's verified SR coming back) changes neither: it is not drafting input, and a
-    signed report must not make Taqrir draft the study again. Returns (state, version, new_version)."""
-    if sop_class_uid and is_report_object(sop_class_uid):
-        return state, version, False
-    if StudyState(state) in _DRAFTING_OR_DONE:
-        return StudyState.receiving.value, version + 1, True
-    return StudyState.receiving.value, version, False
-
-
 @dataclass(frozen=True)
 class ExistingInstance:
     id: int
@@ -298,19 +263,10 @@ class IndexSql:
         )
         # every timestamp written here is a UTCDateTime column
         self.bind_time = bind_processor(Study.__table__.c.last_received_at, dialect)  # type: ignore[attr-defined]
-        self._study_updates: dict[tuple[str, ...], str] = {}
+        #: the study's UPDATE, the lifecycle's statement
+        self.study = ArrivalSql(ph)
         self.combine_writes = dialect.name == "postgresql"
         self._combined: dict[tuple[str, ...], str] = {}
-
-    def update_study(self, columns: tuple[str, ...]) -> str:
-        """``UPDATE study SET <columns> WHERE id``, for one of the few column sets used."""
-        stmt = self._study_updates.get(columns)
-        if stmt is None:
-            ph = self.placeholder
-            stmt = self._study_updates[columns] = (
-                f"UPDATE study SET {', '.join(f'{c} = {ph}' for c in columns)} WHERE id = {ph}"
-            )
-        return stmt
 
     def combined(self, statements: tuple[str, ...]) -> str:
         """One PostgreSQL statement running ``statements`` (parameters in the same order)."""
@@ -368,7 +324,9 @@ def index_instance(
     calling_ae: str,
     existing: ExistingInstance | None,
 ) -> IndexResult:
-    """File one received instance (see :func:`plan_filing`) in ``session``'s transaction."""
+    """File one received instance (see :func:`plan_filing`) in ``session``'s transaction, with
+    the audit record of the study's state change (the instance itself is not audited here)."""
+    writer_lock(session)  # before reading what the decision rests on (ground.db: lock order)
     conn = session.connection()
     sql = index_sql(conn.dialect)
     cursor = _cursor(conn)
@@ -381,20 +339,20 @@ def index_instance(
         filing = plan_filing(conn, cursor, sql, headers=headers, stored=stored, calling_ae=calling_ae,
                              existing=existing, known=known, session=session)
         run_writes(cursor, sql, filing.writes)
-        return filing.result
     finally:
         cursor.close()
-
-
-Write = tuple[str, tuple[Any, ...]]  # a statement and its parameters
+    record_many(session, filing.events)
+    return filing.result
 
 
 @dataclass(frozen=True)
 class Filing:
-    """What filing an instance does: its result, and the row writes still to run (in order)."""
+    """What filing an instance does: its result, the row writes still to run (in order), and the
+    audit event of the study's state change (the lifecycle's), if any."""
 
     result: IndexResult
     writes: list[Write]
+    events: tuple[AuditEvent, ...] = ()
 
 
 def plan_filing(
@@ -434,18 +392,11 @@ def plan_filing(
                 known = _upsert_hierarchy(own, headers)
         else:
             raise ValueError("the first instance of a series needs a SQLAlchemy connection")
-    new_state, new_version_no, new_version = next_study_state(known.state, known.version,
-                                                                 headers.sop_class_uid)
     bound_now = sql.bind_time(now)
-    columns: tuple[str, ...] = ("last_received_at", "state", "version")
-    values: list[Any] = [bound_now, new_state, new_version_no]
-    if new_state != known.state:
-        columns += ("state_changed_at",)
-        values.append(bound_now)
-    if new_version:
-        columns += ("attempts", "failure_reason")
-        values += [0, None]
-    writes: list[Write] = [(sql.update_study(columns), (*values, known.study_pk))]
+    study = arrival(sql.study, study_pk=known.study_pk, study_uid=headers.study_instance_uid, state=known.state,
+                    version=known.version, sop_class_uid=headers.sop_class_uid, bound_now=bound_now,
+                    actor=calling_ae)
+    writes: list[Write] = [study.write]
     row = (
         known.series_pk,
         known.study_pk,
@@ -473,7 +424,8 @@ def plan_filing(
         obsolete = existing.storage_key if existing.storage_key != stored.key else None
         writes.append((sql.update_instance, (*row, existing.id)))
         outcome = StoreOutcome.replaced
-    return Filing(IndexResult(outcome, known.study_pk, new_version_no, new_version, obsolete), writes)
+    return Filing(IndexResult(outcome, known.study_pk, study.decision.version, study.decision.new_version, obsolete),
+                  writes, (study.event,) if study.event else ())
 
 
 def run_writes(cursor: Any, sql: IndexSql, writes: Sequence[Write]) -> None:
@@ -496,30 +448,6 @@ def _upsert_hierarchy(session: Session, headers: InstanceHeaders) -> KnownSeries
     series = _upsert_series(session, headers, study)
     session.flush()
     return KnownSeries(study.id or 0, series.id or 0, study.version, study.state)
-
-
-def set_state(
-    session: Session,
-    *,
-    study_pk: int,
-    version: int,
-    new_state: StudyState,
-    expect: tuple[StudyState, ...] | None = None,
-    reason: str | None = None,
-) -> bool:
-    """Compare-and-set a study's state for one version. False when the study moved on (a newer
-    version arrived, or another worker already advanced it): the caller then does nothing."""
-    lock_chain(session)  # same lock order as ingest (lock, then study row): no deadlock
-    stmt = update(Study).where(col(Study.id) == study_pk, col(Study.version) == version)
-    if expect:
-        stmt = stmt.where(col(Study.state).in_([s.value for s in expect]))
-    values: dict[str, object] = {"state": new_state.value, "state_changed_at": utcnow()}
-    if new_state == StudyState.failed:
-        values["failure_reason"] = reason
-    elif reason is None:
-        values["failure_reason"] = None
-    result = session.exec(stmt.values(**values))
-    return bool(result.rowcount)
 
 
 def study_by_uid(session: Session, study_uid: str) -> Study | None:

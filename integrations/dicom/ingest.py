@@ -149,8 +149,9 @@ def _file_locked(
     """The index transaction's work, from taking the index lock to (not including) the commit.
     Returns None, having written nothing, when the instance opens a new series and ``conn`` is
     None: that needs the ORM upserts, on a SQLAlchemy connection."""
-    # Serialise index writers first (lock_chain's lock): two associations filing the first
-    # instances of one patient or study would otherwise race to insert the same rows.
+    # Serialise index writers first (ground.db's writer lock; lock, then rows): two associations
+    # filing the first instances of one patient or study would otherwise race to insert the same
+    # rows, and the study's state read below decides the lifecycle's arrival.
     if sql.chain.lock:
         cursor.execute(sql.chain.lock, sql.chain.lock_params)
     state = read_state(cursor, sql, headers)
@@ -168,7 +169,7 @@ def _file_locked(
             existing=existing, known=state.known,
         )
         result = filing.result
-        (audit,) = link(state.chain_head, [AuditEvent(
+        audit = link(state.chain_head, [AuditEvent(
             action=f"instance.{result.outcome.value}",
             actor=calling_ae,
             entity_type="Instance",
@@ -182,8 +183,8 @@ def _file_locked(
                 "sha256": stored.sha256,
                 "study_version": result.study_version,
             },
-        )])
-        run_writes(cursor, sql, [*filing.writes, sql.chain.write(audit)])
+        ), *filing.events])  # the study's state change, if the instance made one (lifecycle)
+        run_writes(cursor, sql, [*filing.writes, *(sql.chain.write(row) for row in audit)])
     except BaseException:
         # Nothing will point at the file (if it got there): the transaction rolls back, and it
         # was never committed (unlike a commit that fails, which may have happened all the same).

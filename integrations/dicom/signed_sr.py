@@ -17,7 +17,7 @@ An SR with Predecessor Documents Sequence revises an earlier one: stored as ``am
 instances (after they are durably indexed, before Success is answered: a queue put), and one
 background thread per process reads and stores them; :meth:`SignedSrReader.recover` queues SRs
 left unread by a crash. A report object does not start a new study version
-(:func:`integrations.dicom.index.next_study_state`), so a signed SR never makes Taqrir draft the
+(:func:`integrations.dicom.lifecycle.on_instance`), so a signed SR never makes Taqrir draft the
 study again.
 """
 

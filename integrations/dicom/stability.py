@@ -1,7 +1,8 @@
 """Study stability: a study is *stable* when nothing has arrived for ``stable_after`` seconds.
 
 Derived only from timestamps in the database, so it survives a listener restart and works with
-several listener processes: each transition is a compare-and-set that exactly one sweeper wins.
+several listener processes: each transition is the lifecycle's compare-and-set
+(:func:`.lifecycle.transition`), which exactly one sweeper wins.
 Stable studies are handed to drafting through one callable (the pipeline connects it to Celery).
 """
 
@@ -11,15 +12,14 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from audit.chain import lock_chain, record
 from ground.clock import utcnow
 from ground.db import session_scope
 
-from .index import Study, StudyState
+from .index import Study
+from .lifecycle import StudyEvent, StudyState, transition
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,10 @@ def sweep_stable(engine: Engine, *, stable_after: float, handoff: Handoff, now: 
         ).all()
     for pk, uid, version in candidates:
         with session_scope(engine) as session:
-            lock_chain(session)  # before the study row, as ingest does (PostgreSQL deadlock otherwise)
-            res = session.exec(
-                update(Study)
-                .where(col(Study.id) == pk, col(Study.version) == version,
-                       col(Study.state) == StudyState.receiving.value, col(Study.last_received_at) <= cutoff)
-                .values(state=StudyState.stable.value, state_changed_at=utcnow())
-            )
-            if not res.rowcount:
+            # receiving -> stable unless an instance arrived since (the cutoff), audited
+            if not transition(session, study_pk=pk or 0, study_uid=uid, version=version, event=StudyEvent.quiet,
+                              actor="taqrir", received_before=cutoff, details={"stable_after_s": stable_after}):
                 continue
-            record(session, action="study.stable", actor="taqrir", entity_type="Study",
-                   entity_id=uid, details={"version": version, "stable_after_s": stable_after})
         became.append((uid, version))
     for uid, version in became:
         try:

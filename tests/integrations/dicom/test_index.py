@@ -36,12 +36,11 @@ from integrations.dicom.index import (
     Series,
     StoreOutcome,
     Study,
-    StudyState,
     find_instance,
     index_instance,
-    set_state,
 )
 from integrations.dicom.ingest import IngestResult, ingest_file
+from integrations.dicom.lifecycle import StudyEvent, transition
 from integrations.dicom.storage import TMP_DIR_NAME, LocalStorage, StoredFile
 from ground.clock import as_utc, utcnow
 from ground.db import make_engine, session_scope
@@ -60,6 +59,18 @@ def _index(engine: Engine, h: InstanceHeaders, sha: str) -> None:
                        calling_ae="T", existing=find_instance(s, h.sop_instance_uid))
 
 
+def _drive(engine: Engine, *events: StudyEvent) -> None:
+    """Move the (one) study through ``events``, each an allowed lifecycle transition."""
+    for event in events:
+        with session_scope(engine) as s:
+            st = s.exec(select(Study)).one()
+            assert transition(s, study_pk=st.id or 0, study_uid=st.study_instance_uid, version=st.version,
+                              event=event, actor="test", reason="boom" if event is StudyEvent.fail else None)
+
+
+TO_DRAFTED = (StudyEvent.quiet, StudyEvent.enqueue, StudyEvent.render, StudyEvent.infer, StudyEvent.drafted)
+
+
 def test_studies_without_patient_id_do_not_share_a_patient(engine: Engine) -> None:
     _index(engine, _h("1.2.3", "1.2.3.1.1"), "a" * 64)
     _index(engine, _h("1.2.4", "1.2.4.1.1"), "b" * 64)
@@ -74,9 +85,7 @@ def test_studies_without_patient_id_do_not_share_a_patient(engine: Engine) -> No
 
 def test_late_instance_after_drafting_starts_a_new_version(engine: Engine) -> None:
     _index(engine, _h("1.2.3", "1.2.3.1.1", "P"), "a" * 64)
-    with session_scope(engine) as s:
-        st = s.exec(select(Study)).one()
-        assert set_state(s, study_pk=st.id or 0, version=1, new_state=StudyState.drafted)
+    _drive(engine, *TO_DRAFTED)
     _index(engine, _h("1.2.3", "1.2.3.1.1", "P"), "a" * 64)  # duplicate: no change
     with session_scope(engine) as s:
         st = s.exec(select(Study)).one()
@@ -85,7 +94,16 @@ def test_late_instance_after_drafting_starts_a_new_version(engine: Engine) -> No
     with session_scope(engine) as s:
         st = s.exec(select(Study)).one()
         assert (st.state, st.version) == ("receiving", 2)
-        assert not set_state(s, study_pk=st.id or 0, version=1, new_state=StudyState.drafted)  # stale version
+        assert not transition(s, study_pk=st.id or 0, study_uid=st.study_instance_uid, version=1,  # stale version
+                              event=StudyEvent.quiet, actor="test")
+    with session_scope(engine) as s:
+        actions = [(a.action, json.loads(a.details)) for a in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq)))
+                   if a.action.startswith("study.")]
+    # every state change is audited, the arrival that started version 2 included
+    assert actions == [("study.stable", {"version": 1}), ("study.queued", {"version": 1}),
+                       ("study.rendering", {"version": 1}), ("study.inferring", {"version": 1}),
+                       ("study.drafted", {"version": 1}),
+                       ("study.receiving", {"version": 2, "from": "drafted", "new_version": True})]
 
 
 # -- ingest_file: the per-instance work after the bytes are on disk ---------------------------
@@ -160,7 +178,8 @@ def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: 
         patient = s.exec(select(Patient)).one()
         assert (study.state, study.version, study.description, series.modality, patient.name) == (
             "receiving", 1, "CT CHEST WITH CONTRAST", "CT", "Test^Patient")
-        assert set_state(s, study_pk=study.id or 0, version=1, new_state=StudyState.failed, reason="boom")
+    _drive(engine, StudyEvent.quiet, StudyEvent.fail)
+    with session_scope(engine) as s:
         s.execute(update(Study).values(attempts=2))
     # same SOP Instance UID, different bytes: replaced, the old file goes, the study changes
     ds = dcmread(io.BytesIO(ct_series[1]))
@@ -179,8 +198,10 @@ def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: 
     assert as_utc(study.state_changed_at) >= before and as_utc(study.last_received_at) >= before
     with session_scope(engine) as s:
         audit = [(a.action, json.loads(a.details)) for a in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()]
-    assert [a for a, _ in audit] == ["instance.new", "instance.new", "instance.duplicate", "instance.replaced"]
-    details = audit[-1][1]
+    assert [a for a, _ in audit] == ["instance.new", "instance.new", "instance.duplicate", "study.stable",
+                                     "study.failed", "instance.replaced", "study.receiving"]
+    assert audit[-1][1] == {"version": 2, "from": "failed", "new_version": True}
+    details = audit[-2][1]
     assert details == {"study": h.study_instance_uid, "series": h.series_instance_uid, "sop_class": h.sop_class_uid,
                        "transfer_syntax": h.transfer_syntax_uid, "size": replaced.stored.size,
                        "sha256": replaced.stored.sha256, "study_version": 2}
@@ -189,9 +210,7 @@ def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: 
 def test_ingest_rearms_a_stable_study_without_a_new_version(engine: Engine, storage: LocalStorage,
                                                             ct_series: list[bytes]) -> None:
     _ingest(engine, storage, ct_series[0])
-    with session_scope(engine) as s:
-        study = s.exec(select(Study)).one()
-        assert set_state(s, study_pk=study.id or 0, version=1, new_state=StudyState.stable)
+    _drive(engine, StudyEvent.quiet)
     before = utcnow()
     result = _ingest(engine, storage, ct_series[1])
     assert (result.study_version, result.new_version) == (1, False)
@@ -282,8 +301,8 @@ def test_concurrent_threads_file_one_study_once(engine: Engine, storage: LocalSt
             with session_scope(engine) as s:
                 study = s.exec(select(Study)).first()
                 if study is not None:
-                    set_state(s, study_pk=study.id or 0, version=study.version, new_state=StudyState.stable,
-                              expect=(StudyState.receiving,))
+                    transition(s, study_pk=study.id or 0, study_uid=study.study_instance_uid, version=study.version,
+                               event=StudyEvent.quiet, actor="test")
 
     worker = threading.Thread(target=mover)
     worker.start()

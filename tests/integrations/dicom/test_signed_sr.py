@@ -107,10 +107,10 @@ def test_recover_reads_srs_left_unread(engine: Engine, tmp_path: Path,
 
 
 def test_report_objects_do_not_start_a_new_version() -> None:
-    from integrations.dicom.index import next_study_state
+    from integrations.dicom.lifecycle import Decision, on_instance
     from tests.factories.sr import ENHANCED_SR
 
-    assert next_study_state("drafted", 1, ENHANCED_SR) == ("drafted", 1, False)
-    assert next_study_state("drafted", 1, "1.2.840.10008.5.1.4.1.1.104.1") == ("drafted", 1, False)
-    assert next_study_state("drafted", 1, "1.2.840.10008.5.1.4.1.1.2") == ("receiving", 2, True)  # CT: redraft
-    assert next_study_state("drafted", 1) == ("receiving", 2, True)
+    assert on_instance("drafted", 1, ENHANCED_SR) == Decision(StudyState.drafted, 1, False)
+    assert on_instance("drafted", 1, "1.2.840.10008.5.1.4.1.1.104.1") == Decision(StudyState.drafted, 1, False)
+    assert on_instance("drafted", 1, "1.2.840.10008.5.1.4.1.1.2") == Decision(StudyState.receiving, 2, True)  # CT: redraft
+    assert on_instance("drafted", 1) == Decision(StudyState.receiving, 2, True)
