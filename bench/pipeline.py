@@ -30,7 +30,7 @@ from sqlmodel import select  # noqa: E402
 from inference.tiny import write_tiny  # noqa: E402
 from integrations.dicom.index import Study  # noqa: E402
 from integrations.dicom.listener import Listener  # noqa: E402
-from integrations.dicom.storage import LocalStorage  # noqa: E402
+from storage import open_storage  # noqa: E402
 from ground.db import make_engine, session_scope, upgrade  # noqa: E402
 from taqrir.demo import send_files  # noqa: E402
 from taqrir.settings import load_settings  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
                for _ in range(2)]
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+                        storage=open_storage(settings.storage_url), handoff=dispatcher.study_stable)
     port = listener.start()
     sweeper = Sweeper(dispatcher, 5.0)
     sweeper.start()

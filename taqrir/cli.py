@@ -106,7 +106,7 @@ def listen(
 ) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) until interrupted."""
     from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
+    from storage import open_storage
 
     settings = with_places(get_settings(), dicom_host=host, dicom_port=port)
     if ae_title is not None:
@@ -118,7 +118,7 @@ def listen(
 
     engine = _engine()
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    storage = LocalStorage.from_url(settings.storage_url)
+    storage = open_storage(settings.storage_url)
     signed_srs = SignedSrReader(engine, storage)  # verified SRs from the reporting system
     listener = Listener(
         settings=settings.listener,
@@ -177,7 +177,7 @@ def serve(
     from fastapi import Response
 
     from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
+    from storage import open_storage
     from integrations.fhir.app import create_app
     from workers.celery_app import is_embedded
     from workers.metrics import render_metrics
@@ -198,7 +198,7 @@ def serve(
     dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
     from integrations.dicom.signed_sr import SignedSrReader
 
-    storage = LocalStorage.from_url(settings.storage_url)
+    storage = open_storage(settings.storage_url)
     signed_srs = SignedSrReader(engine, storage)
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
                         storage=storage, handoff=dispatcher.study_stable, after_store=signed_srs)

@@ -127,7 +127,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
              api_port: int | None = None) -> int:
     from integrations.dicom.index import Patient, Study, list_studies
     from integrations.dicom.listener import Listener
-    from integrations.dicom.storage import LocalStorage
+    from storage import open_storage
     from integrations.fhir.cli import token
     from workers.pipeline import Dispatcher
     from workers.service import PipelineContext
@@ -163,7 +163,7 @@ def run_demo(*, data_dir: Path, keep: bool = False, timeout_s: float = 170.0, di
     say(f"  model ready in {time.monotonic() - t0:.1f}s")
     dispatcher = Dispatcher(settings, ctx)
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                        storage=LocalStorage.from_url(settings.storage_url), handoff=dispatcher.study_stable)
+                        storage=open_storage(settings.storage_url), handoff=dispatcher.study_stable)
     port = listener.start()
     api = _start_api(settings, engine)
     say(f"  DICOM listener: AE TAQRIR on 127.0.0.1:{port}; FHIR API: {settings.api.base_url}")

@@ -35,9 +35,9 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import bind_processor, chain_sql, lock_chain
 from ground.clock import utcnow
+from storage import StoredFile
 
 from .headers import InstanceHeaders
-from .storage import StoredFile
 
 
 class StudyState(str, enum.Enum):
