@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from ground.errors import ConfigError
-from storage import FileStorage, StorageFailure, StoredFile, file_digest, key_component, open_storage, write_atomic
-
+from storage import (
+    FileStorage,
+    StorageFailure,
+    StoredFile,
+    file_digest,
+    key_component,
+    open_storage,
+    write_atomic,
+)
 
 _writers: list[object] = []  # the receiving side holds its writer until the handler returns
 
