@@ -9,7 +9,7 @@ A generated CT series (``make_ct_series``: 512x512, 16-bit, ~0.5 MB per slice) i
 /dev/shm. Each measurement is a fresh worker process (``--worker``) with a fresh database (a
 SQLite file, or an emptied PostgreSQL database of its own) and a fresh storage folder on disk
 (under the current directory, so fsyncs are real). For every slice it stages a copy through
-``LocalStorage.staging_file()`` as the listener's receive does (untimed), then times
+``FileStorage.staging_file()`` as the listener's receive does (untimed), then times
 ``ingest_file`` alone: wall time (everything it waits for included: fsyncs, and the hashing the
 storage does when the file is handed over) and the calling thread's CPU time (what code changes
 move; fsyncs are the disk's, noisy on a shared VM, and the storage's fsync thread is not counted).
@@ -44,12 +44,16 @@ def worker(src: Path, db_url: str, work: Path, profile: Path | None) -> dict[str
     import pydicom.config
 
     from integrations.dicom.ingest import ingest_file
-    from integrations.dicom.storage import LocalStorage
     from ground.db import make_engine, upgrade
+
+    try:  # a baseline tree from before the storage room (issue 12)
+        from integrations.dicom.storage import LocalStorage as FileStorage  # type: ignore[import-not-found]
+    except ImportError:
+        from storage import FileStorage
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # as the listener sets
     datas = [p.read_bytes() for p in sorted(src.glob("*.dcm"))]
-    storage = LocalStorage(work / "store")
+    storage = FileStorage(work / "store")
     engine = make_engine(db_url)
     upgrade(engine)
     wall: list[float] = []

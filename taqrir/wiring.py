@@ -23,7 +23,7 @@ from ground.db import make_engine, upgrade
 from ground.migrations import require_current
 from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import SignedSrReader
-from integrations.dicom.storage import LocalStorage
+from storage import open_storage
 from integrations.fhir.app import create_app
 from workers.context import set_context_factory
 from workers.metrics import render_metrics
@@ -132,7 +132,7 @@ def receiving(settings: Settings, engine: Engine, *, ctx: PipelineContext | None
     """Build (not start) the listener and its companions. ``sweep_every``: seconds between
     re-enqueue sweeps; -1 means four stability sweep intervals, None no sweeper. ``atna`` starts
     the ATNA sender only when ``atna.enabled``."""
-    storage = LocalStorage.from_url(settings.storage_url)
+    storage = open_storage(settings.storage_url)
     hand_to = dispatcher(settings, engine, ctx)
     reader = SignedSrReader(engine, storage) if signed_srs else None  # verified SRs from the reporting system
     listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine, storage=storage,

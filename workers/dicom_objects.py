@@ -8,7 +8,8 @@ and writes them twice, each file atomically:
 * beside the draft's FHIR JSON in the export folder (``sr.dcm``, ``report.pdf``,
   ``report.pdf.dcm``, ``kos.dcm``), for people;
 * in storage under ``exports/<study>/<draft id>/`` (``sr.dcm``, ``pdf.dcm``, ``kos.dcm``), durable
-  (fsynced, renamed, directory fsynced), where the sender (the export outbox) reads them.
+  (:meth:`storage.Storage.put`: fsynced, renamed, directory fsynced), where the sender (the export
+  outbox) reads them.
 
 Everything is deterministic (UIDs and bytes derive from the draft), so a publish that crashed
 half-way and runs again rewrites the same files; the caller marks the draft published only
@@ -20,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +30,6 @@ from pydicom.errors import InvalidDicomError
 from sqlmodel import Session, col, select
 
 from integrations.dicom.index import Instance, Study
-from integrations.dicom.storage import LocalStorage
 from reporting.dicom import (
     Equipment,
     SourceAttributes,
@@ -42,6 +40,7 @@ from reporting.dicom import (
 )
 from reporting.draft import Draft
 from reporting.fhir import Review
+from storage import Storage, key_component, open_storage, write_atomic
 from workers.config import ObjectSettings
 from workers.state import KeyImageSet
 
@@ -82,7 +81,7 @@ class ObjectInputs:
     """``(SHA-256, path)`` of each key-image PNG the model saw."""
 
 
-def locate_inputs(storage: LocalStorage, session: Session, draft: Draft) -> ObjectInputs:
+def locate_inputs(storage: Storage, session: Session, draft: Draft) -> ObjectInputs:
     """The stored instance files and key-image PNGs of ``draft``'s study version (database only)."""
     study = session.exec(select(Study).where(Study.study_instance_uid == draft.study.study_instance_uid)).first()
     if study is None:
@@ -130,44 +129,17 @@ def load_key_images(inputs: ObjectInputs) -> dict[str, bytes]:
     return out
 
 
-def read_source(storage: LocalStorage, session: Session, draft: Draft) -> SourceAttributes:
+def read_source(storage: Storage, session: Session, draft: Draft) -> SourceAttributes:
     """:func:`locate_inputs` + :func:`load_source` in one call."""
     return load_source(locate_inputs(storage, session, draft), draft)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _store(storage: LocalStorage, key: str, data: bytes) -> None:
-    """Durably commit ``data`` under ``key`` in storage (staged, fsynced, renamed)."""
-    staged = storage.staging_file(delete=False)
-    try:
-        staged.write(data)
-        staged.close()
-        storage.commit(Path(staged.name), key)
-    except BaseException:
-        Path(staged.name).unlink(missing_ok=True)
-        raise
-
-
 def storage_folder(draft: Draft) -> str:
     """Storage folder of a draft's DICOM objects."""
-    return f"exports/{draft.study.study_instance_uid}/{draft.draft_id}"
+    return f"exports/{key_component(draft.study.study_instance_uid)}/{key_component(draft.draft_id)}"
 
 
-def write_draft_objects(settings: ObjectSettings, storage: LocalStorage, draft: Draft, inputs: ObjectInputs,
+def write_draft_objects(settings: ObjectSettings, storage: Storage, draft: Draft, inputs: ObjectInputs,
                         out: Path) -> list[WrittenObject]:
     """Read the inputs, build the draft's SR, PDF and KOS and write them (export folder and storage)."""
     source, pngs = load_source(inputs, draft), load_key_images(inputs)
@@ -183,7 +155,7 @@ def write_draft_objects(settings: ObjectSettings, storage: LocalStorage, draft: 
     for kind, ds, export_name, storage_name in items:
         data = part10(ds)
         key = f"{folder}/{storage_name}"
-        _store(storage, key, data)
+        storage.put(key, data)
         write_atomic(out / export_name, data)
         written.append(WrittenObject(kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                      sop_instance_uid=str(ds.SOPInstanceUID), storage_key=key,
@@ -211,13 +183,13 @@ def store_verified_sr(session: Session, settings: ObjectSettings, draft: Draft, 
     caller's transaction. A rejection makes none (returns ``None``)."""
     if review.action == "reject" or not settings.dicom_objects.enabled:
         return None
-    storage = LocalStorage.from_url(settings.storage_url)
+    storage = open_storage(settings.storage_url)
     source = read_source(storage, session, draft)
     ds = build_verified_sr(draft, source, equipment(settings),
                            verification_from_review(settings, draft, review, report_version=report_version))
     data = part10(ds)
     key = f"{storage_folder(draft)}/verified-sr-v{report_version}.dcm"
-    _store(storage, key, data)
+    storage.put(key, data)
     from workers.service import enqueue_export, export_dir
 
     out = export_dir(settings, draft) / f"verified-sr-v{report_version}.dcm"

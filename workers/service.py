@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import threading
 import time
 import uuid
@@ -43,7 +41,6 @@ from integrations.dicom.lifecycle import (
     reset_attempts,
     transition,
 )
-from integrations.dicom.storage import LocalStorage
 from reporting.consistency import check_sections
 from reporting.draft import (
     Draft,
@@ -57,8 +54,9 @@ from reporting.draft import (
 from ground.clock import as_utc, utcnow
 from ground.db import session_scope, writer_lock
 from ground.errors import PermanentError
+from storage import Storage, key_component, open_storage, write_atomic
 from workers.config import ObjectSettings, PipelineSettings
-from workers.render import InstanceInput, RenderedStudy, render_study, write_render_output
+from workers.render import InstanceInput, RenderedStudy, render_files, render_study
 from workers.render.output import provenance
 from workers.state import DraftRecord, KeyImageSet
 
@@ -80,14 +78,14 @@ class PipelineContext:
 
     settings: PipelineSettings
     engine: Engine
-    storage: LocalStorage
+    storage: Storage
     backend_factory: Callable[[], InferenceBackend] | None = None
     _backend: InferenceBackend | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings, engine: Engine) -> PipelineContext:
-        return cls(settings=settings, engine=engine, storage=LocalStorage.from_url(settings.storage_url))
+        return cls(settings=settings, engine=engine, storage=open_storage(settings.storage_url))
 
     def backend(self) -> InferenceBackend:
         """The inference backend, made on first use (a model loads once per worker process)."""
@@ -225,18 +223,12 @@ def render_stage(ctx: PipelineContext, study_uid: str, version: int) -> bool:
         study_pk = study.id or 0
     t0 = time.perf_counter()
     rendered: RenderedStudy = render_study(inputs, ctx.settings.render)  # NothingRenderable is permanent
-    folder = f"keyimages/{study_uid}/v{version}-{cfg[:8]}"
-    final = ctx.storage.path(folder)
-    # Write into a private folder and rename it into place: a concurrent delivery never sees
-    # half-written PNGs, and the first complete set wins.
-    staging = ctx.storage.path(f"{folder}.tmp-{uuid.uuid4().hex[:8]}")
-    write_render_output(rendered, staging)
-    try:
-        os.replace(staging, final) if not final.exists() else shutil.rmtree(staging)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+    folder = key_images_folder(study_uid, version, cfg)
+    # One folder, all or nothing: a concurrent delivery never sees half-written PNGs, and the
+    # first complete set wins (storage.put_folder).
+    names = ctx.storage.put_folder(folder, render_files(rendered))
     render_s = time.perf_counter() - t0
-    manifest = provenance(rendered, [p.name for p in sorted(final.glob("*.png"))])
+    manifest = provenance(rendered, [n for n in names if n.endswith(".png")])
     with session_scope(ctx.engine) as s:
         try:
             with s.begin_nested():
@@ -365,7 +357,7 @@ def infer_stage(ctx: PipelineContext, study_uid: str, version: int) -> str:
         study_pk = study.id or 0
         manifest = json.loads(kis.manifest)
         folder, render_s, queue_s = kis.folder_key, kis.render_s, kis.queue_s
-    images = [ctx.storage.path(folder).joinpath(ki["file"]).read_bytes() for ki in manifest["key_images"]]
+    images = [ctx.storage.read(f"{folder}/{ki['file']}") for ki in manifest["key_images"]]
     t0 = time.perf_counter()
     with _heartbeat(ctx.engine, study_pk, version, max(ctx.settings.queue.requeue_after / 3, 1.0)):
         report = draft_report(ctx.backend(), images, _context(ref, manifest), ctx.settings.inference)
@@ -431,12 +423,10 @@ def record_rejected_output(ctx: PipelineContext, study_uid: str, version: int, r
                            raw_outputs: Sequence[str]) -> str:
     """Keep what the model said when its output was rejected (for researchers), as a file in
     storage referenced from the audit trail. Returns the storage key."""
-    key = f"rejected/{study_uid}/v{version}-{uuid.uuid4().hex[:8]}.json"
-    path = ctx.storage.path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    key = f"rejected/{key_component(study_uid)}/v{version}-{uuid.uuid4().hex[:8]}.json"
     body = json.dumps({"study": study_uid, "version": version, "reason": reason, "raw_outputs": list(raw_outputs)},
                       ensure_ascii=False, indent=2).encode()
-    path.write_bytes(body)
+    ctx.storage.put(key, body)
     with session_scope(ctx.engine) as s:
         record(s, action="draft.rejected", actor=ACTOR, entity_type="Study", entity_id=study_uid,
                outcome="failure", details={"version": version, "reason": reason[:500], "outputs_key": key,
@@ -490,9 +480,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     files = {"draft.json": draft.model_dump_json(indent=2)}
     files.update({f"{rt}.json": json.dumps(json.loads(text), indent=2, ensure_ascii=False) for rt, text in resources.items()})
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, "utf-8")
-        os.replace(tmp, out / name)
+        write_atomic(out / name, text.encode())
     # DICOM SR, report PDF and KOS (issue 13): built and written (deterministically, so a rerun
     # rewrites the same files) before the draft is marked published; queued for export in the
     # same transaction as that mark.
@@ -543,6 +531,11 @@ def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
     from reporting.fhir.ids import patient_id
 
     return [("DiagnosticReport", report_id), ("Patient", patient_id(draft.study.patient))]
+
+
+def key_images_folder(study_uid: str, version: int, config_sha256: str) -> str:
+    """Storage key of a study version's key-image folder (PNGs and ``provenance.json``)."""
+    return f"keyimages/{key_component(study_uid)}/v{version}-{config_sha256[:8]}"
 
 
 def export_dir(settings: ObjectSettings, draft: Draft) -> Path:

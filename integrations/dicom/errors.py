@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ground.errors import TaqrirError, TransientError
+from storage import StorageFailure
 
 
 class DicomInputError(TaqrirError):
@@ -30,10 +31,14 @@ class OutOfResources(TransientError):
     status = 0xA700
 
 
-class StorageFailure(TransientError):
-    """The filesystem or database refused the write (0xA700: the sender should retry later)."""
+STATUS_OUT_OF_RESOURCES = 0xA700
+"""Answered for a :class:`storage.StorageFailure` (the filesystem refused the write): the sender
+should retry later."""
 
-    status = 0xA700
+
+def refusal_status(err: DicomInputError | OutOfResources | StorageFailure) -> int:
+    """The C-STORE failure status for a refused instance (PS3.4 Annex B.2.3)."""
+    return STATUS_OUT_OF_RESOURCES if isinstance(err, StorageFailure) else err.status
 
 
 STATUS_SUCCESS = 0x0000

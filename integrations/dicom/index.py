@@ -32,11 +32,11 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from audit.chain import AuditEvent, bind_processor, chain_sql, record_many
 from ground.clock import utcnow
 from ground.db import writer_lock
+from storage import StoredFile
 
 from .headers import InstanceHeaders
 from .lifecycle import ArrivalSql, Write, arrival
 from .lifecycle import StudyState as StudyState  # Study.state's vocabulary (re-exported); rules: lifecycle
-from .storage import StoredFile
 
 
 class Patient(SQLModel, table=True):

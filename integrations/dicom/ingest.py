@@ -34,13 +34,20 @@ from sqlalchemy.engine import Connection, Engine
 
 from audit.chain import AuditEvent, link, record
 from ground.db import session_scope
+from storage import Storage, StorageFailure, StoredFile, key_component
 
-from .errors import DicomInputError, IdentifiersMissing, OutOfResources, StorageFailure
+from .errors import DicomInputError, IdentifiersMissing, OutOfResources
 from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
 from .index import IndexResult, IndexSql, StoreOutcome, index_sql, plan_filing, read_state, run_writes
-from .storage import LocalStorage, StoredFile, instance_key
 
 log = logging.getLogger(__name__)
+
+
+def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+    """Storage key of a received instance, by its UIDs and content: a replacement gets a new file,
+    so the old one stays valid until the index points at the new one (no window where the row and
+    the file disagree)."""
+    return f"{key_component(study_uid)}/{key_component(series_uid)}/{key_component(sop_uid)}.{sha256[:16]}.dcm"
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class IngestResult:
 def ingest_file(
     *,
     engine: Engine,
-    storage: LocalStorage,
+    storage: Storage,
     staged: Path,
     calling_ae: str,
     announced_sop_instance_uid: str | None = None,
@@ -140,7 +147,7 @@ def _file_locked(
     sql: IndexSql,
     conn: Connection | None,
     *,
-    storage: LocalStorage,
+    storage: Storage,
     staged: Path,
     headers: InstanceHeaders,
     stored: StoredFile,
@@ -194,7 +201,7 @@ def _file_locked(
     return result
 
 
-def _remove_quietly(storage: LocalStorage, key: str) -> None:
+def _remove_quietly(storage: Storage, key: str) -> None:
     try:
         storage.remove(key)
     except StorageFailure:

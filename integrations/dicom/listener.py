@@ -42,6 +42,7 @@ from sqlalchemy.engine import Engine
 
 from audit.chain import record
 from ground.db import session_scope
+from storage import StagingFile, Storage, StorageFailure
 
 from .config import ListenerSettings, StudySettings
 from .errors import (
@@ -49,13 +50,12 @@ from .errors import (
     STATUS_SUCCESS,
     DicomInputError,
     OutOfResources,
-    StorageFailure,
+    refusal_status,
 )
 from .ingest import IngestResult, ingest_file, record_rejection
 from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
 from .stability import Handoff, log_handoff, sweep_stable
-from .storage import LocalStorage, StagingFile
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Listener:
         settings: ListenerSettings,
         study_settings: StudySettings,
         engine: Engine,
-        storage: LocalStorage,
+        storage: Storage,
         handoff: Handoff = log_handoff,
         after_store: Callable[[IngestResult, str], None] | None = None,
     ) -> None:
@@ -118,10 +118,11 @@ class Listener:
                 max_sequence_depth=self.settings.max_sequence_depth,
             )
         except (DicomInputError, OutOfResources, StorageFailure) as err:
-            log.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, err.status, err)
+            status = refusal_status(err)
+            log.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, status, err)
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,
-                             status=err.status)
-            return err.status, str(err)
+                             status=status)
+            return status, str(err)
         except Exception as err:  # noqa: BLE001 - answer the sender, keep serving
             log.exception("C-STORE from %s failed unexpectedly", calling_ae)
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,

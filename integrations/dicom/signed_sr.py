@@ -45,10 +45,10 @@ from audit.signed import (
     store_signed_report,
 )
 from ground.db import session_scope
+from storage import Storage
 
 from .index import Instance
 from .ingest import IngestResult
-from .storage import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def signed_from_sr(ds: Dataset, *, actor: str = "", raw_ref: str | None = None) 
 class SignedSrReader:
     """The listener's post-store hook (see the module docstring)."""
 
-    def __init__(self, engine: Engine, storage: LocalStorage) -> None:
+    def __init__(self, engine: Engine, storage: Storage) -> None:
         self.engine = engine
         self.storage = storage
         self._queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()

@@ -21,7 +21,7 @@ from ground.db import make_engine
 from ground.migrations import alembic_config
 from integrations.dicom.ingest import ingest_file
 from integrations.dicom.listener import _configure_pydicom
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from taqrir.settings import load_settings, with_places
 from tests.conftest import DICOM_DIR, free_port
 from tests.factories.db import reset_postgres_schema
@@ -35,7 +35,7 @@ def _taqrir(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
                           timeout=timeout, env={**os.environ, **env}, cwd=REPO)
 
 
-def _index(engine: Engine, storage: LocalStorage, path: Path) -> str:
+def _index(engine: Engine, storage: FileStorage, path: Path) -> str:
     _configure_pydicom()
     staged = storage.staging_file(delete=False, suffix=".dcm")
     staged.write(path.read_bytes())
@@ -49,7 +49,7 @@ def test_render_of_nothing_renderable_says_why_writes_provenance_and_fails(
 ) -> None:
     """Item 9: a study whose only image is JPEG XL (no decoder): the reasons, printed and in
     provenance.json, exit status 1, no traceback."""
-    storage = LocalStorage(tmp_path / "storage")
+    storage = FileStorage(tmp_path / "storage")
     study = _index(engine, storage, DICOM_DIR / "malformed" / "dcm4che_will-jxl.dcm")
     out = tmp_path / "out"
     run = _taqrir("render", study, str(out), env={

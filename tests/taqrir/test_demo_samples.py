@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.listener import Listener
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from taqrir.demo import DEMO_STUDIES, SAMPLES, _files, send_files
 from tests.conftest import DICOM_DIR, REPO
 
@@ -57,7 +57,7 @@ def test_the_corpus_links_to_the_samples_instead_of_copying_them() -> None:
 def listener(engine: Engine, tmp_path: Path) -> Iterator[Listener]:
     lst = Listener(settings=ListenerSettings(host="127.0.0.1", port=0, min_free_bytes=0),
                    study_settings=StudySettings(stable_after=3600, sweep_interval=3600), engine=engine,
-                   storage=LocalStorage(tmp_path / "storage"))
+                   storage=FileStorage(tmp_path / "storage"))
     lst.port = lst.start()  # type: ignore[attr-defined]
     yield lst
     lst.stop()

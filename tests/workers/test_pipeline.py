@@ -21,7 +21,7 @@ from audit.chain import AuditRecord, verify
 from inference.tiny import write_tiny
 from integrations.dicom.index import Study
 from integrations.dicom.listener import Listener
-from integrations.dicom.storage import LocalStorage
+from storage import open_storage
 from reporting.consistency import ConsistencyResult
 from ground.db import session_scope
 from taqrir.settings import Settings, load_settings
@@ -98,7 +98,7 @@ class Pipeline:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
         self.listener = Listener(settings=settings.listener, study_settings=settings.study, engine=engine,
-                                 storage=LocalStorage.from_url(settings.storage_url),
+                                 storage=open_storage(settings.storage_url),
                                  handoff=self.dispatcher.study_stable)
         self.port = self.listener.start()
         self.sweeper = Sweeper(self.dispatcher, 1.0)

@@ -10,7 +10,7 @@ Pure functions over index rows and files (no Celery, no database)::
 from .errors import NothingRenderable, RulesError, SeriesRenderError
 from .headers import instance_from_dataset, instances_from_files
 from .model import InstanceInput, InstanceList, KeyImage, RenderedStudy, SeriesDecision
-from .output import write_render_output
+from .output import render_files, write_render_output
 from .rules import load_rules
 from .study import render_study
 
@@ -26,6 +26,7 @@ __all__ = [
     "instance_from_dataset",
     "instances_from_files",
     "load_rules",
+    "render_files",
     "render_study",
     "write_render_output",
 ]

@@ -1,4 +1,8 @@
-"""Writing rendered key images and their provenance to a folder (used by ``taqrir render``)."""
+"""A rendered study as files: ``NN-label.png`` per key image and ``provenance.json``.
+
+:func:`render_files` names the bytes (the pipeline hands them to storage as one folder);
+:func:`write_render_output` writes them to a folder of the user's (``taqrir render``).
+"""
 
 from __future__ import annotations
 
@@ -50,17 +54,22 @@ def provenance(rendered: RenderedStudy, files: list[str] | None = None) -> dict[
     }
 
 
+PROVENANCE_FILE = "provenance.json"
+
+
+def render_files(rendered: RenderedStudy) -> dict[str, bytes]:
+    """``NN-label.png`` per key image, in order, and ``provenance.json`` naming them (pure)."""
+    files = {f"{n:02d}-{_slug(ki.label)}.png": ki.png for n, ki in enumerate(rendered.key_images, start=1)}
+    names = list(files)
+    files[PROVENANCE_FILE] = (json.dumps(provenance(rendered, names), indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
 def write_render_output(rendered: RenderedStudy, out_dir: Path) -> Path:
-    """Write ``NN-label.png`` per key image and ``provenance.json``; return the provenance path."""
+    """Write :func:`render_files` into ``out_dir``; return the provenance path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for n, ki in enumerate(rendered.key_images, start=1):
-        name = f"{n:02d}-{_slug(ki.label)}.png"
-        (out_dir / name).write_bytes(ki.png)
-        names.append(name)
-    path = out_dir / "provenance.json"
-    path.write_text(
-        json.dumps(provenance(rendered, names), indent=2, ensure_ascii=False) + "\n", "utf-8"
-    )
-    logger.info("wrote %d key images", len(names))
-    return path
+    files = render_files(rendered)
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+    logger.info("wrote %d key images", len(files) - 1)
+    return out_dir / PROVENANCE_FILE

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.listener import Listener
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from tests.factories.dcmtk import require_dcmtk
 
 
@@ -29,7 +29,7 @@ def start_listener(engine: Engine, tmp_path: Path) -> Iterator[Callable[..., Lis
             settings=settings,
             study_settings=study or StudySettings(stable_after=3600, sweep_interval=3600),
             engine=engine,
-            storage=LocalStorage(tmp_path / "storage"),
+            storage=FileStorage(tmp_path / "storage"),
             **({"handoff": handoff} if handoff else {}),
         )
         listener.port = listener.start()  # type: ignore[attr-defined]

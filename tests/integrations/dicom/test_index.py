@@ -41,7 +41,7 @@ from integrations.dicom.index import (
 )
 from integrations.dicom.ingest import IngestResult, ingest_file
 from integrations.dicom.lifecycle import StudyEvent, transition
-from integrations.dicom.storage import TMP_DIR_NAME, LocalStorage, StoredFile
+from storage import TMP_DIR_NAME, FileStorage, StoredFile
 from ground.clock import as_utc, utcnow
 from ground.db import make_engine, session_scope
 from tests.factories.studies import make_ct_series
@@ -112,7 +112,7 @@ def test_late_instance_after_drafting_starts_a_new_version(engine: Engine) -> No
 class _Staged:
     """A received file as the listener hands it over: written through the storage's staging file."""
 
-    def __init__(self, storage: LocalStorage, data: bytes) -> None:
+    def __init__(self, storage: FileStorage, data: bytes) -> None:
         self.writer = storage.staging_file(delete=False, suffix=".dcm")
         self.writer.write(data)
         self.writer.file.flush()
@@ -123,7 +123,7 @@ class _Staged:
         self.path.unlink(missing_ok=True)
 
 
-def _ingest(engine: Engine, storage: LocalStorage, data: bytes, **kw: Any) -> IngestResult:
+def _ingest(engine: Engine, storage: FileStorage, data: bytes, **kw: Any) -> IngestResult:
     staged = _Staged(storage, data)
     try:
         return ingest_file(engine=engine, storage=storage, staged=staged.path, calling_ae="MODALITY", **kw)
@@ -132,8 +132,8 @@ def _ingest(engine: Engine, storage: LocalStorage, data: bytes, **kw: Any) -> In
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
+def storage(tmp_path: Path) -> FileStorage:
+    return FileStorage(tmp_path / "storage")
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +141,12 @@ def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     return [p.read_bytes() for p in make_ct_series(tmp_path_factory.mktemp("ct"), 6, rows=64, cols=64)]
 
 
-def _stored_files(storage: LocalStorage) -> set[str]:
+def _stored_files(storage: FileStorage) -> set[str]:
     return {p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*.dcm")
             if TMP_DIR_NAME not in p.parts}
 
 
-def _check_consistent(engine: Engine, storage: LocalStorage) -> list[Instance]:
+def _check_consistent(engine: Engine, storage: FileStorage) -> list[Instance]:
     """Every file has its row and every row its file; the audit chain verifies."""
     with session_scope(engine) as s:
         rows = list(s.exec(select(Instance)).all())
@@ -157,7 +157,7 @@ def _check_consistent(engine: Engine, storage: LocalStorage) -> list[Instance]:
     return rows
 
 
-def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: LocalStorage,
+def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: FileStorage,
                                                        ct_series: list[bytes], tmp_path: Path) -> None:
     first = _ingest(engine, storage, ct_series[0])  # opens the series: the ORM upserts
     second = _ingest(engine, storage, ct_series[1])  # the hot path
@@ -207,7 +207,7 @@ def test_ingest_new_duplicate_replaced_and_new_version(engine: Engine, storage: 
                        "sha256": replaced.stored.sha256, "study_version": 2}
 
 
-def test_ingest_rearms_a_stable_study_without_a_new_version(engine: Engine, storage: LocalStorage,
+def test_ingest_rearms_a_stable_study_without_a_new_version(engine: Engine, storage: FileStorage,
                                                             ct_series: list[bytes]) -> None:
     _ingest(engine, storage, ct_series[0])
     _drive(engine, StudyEvent.quiet)
@@ -220,7 +220,7 @@ def test_ingest_rearms_a_stable_study_without_a_new_version(engine: Engine, stor
     assert as_utc(study.state_changed_at) >= before
 
 
-def test_a_failed_index_transaction_leaves_nothing_half_stored(engine: Engine, storage: LocalStorage,
+def test_a_failed_index_transaction_leaves_nothing_half_stored(engine: Engine, storage: FileStorage,
                                                                ct_series: list[bytes],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     _ingest(engine, storage, ct_series[0])
@@ -240,7 +240,7 @@ def test_a_failed_index_transaction_leaves_nothing_half_stored(engine: Engine, s
         assert verify(s).checked == 1
 
 
-def test_refusals_index_nothing(engine: Engine, storage: LocalStorage, ct_series: list[bytes]) -> None:
+def test_refusals_index_nothing(engine: Engine, storage: FileStorage, ct_series: list[bytes]) -> None:
     truncated = ct_series[2][: len(ct_series[2]) - 100]
     with pytest.raises(CannotUnderstand):
         _ingest(engine, storage, truncated)
@@ -253,7 +253,7 @@ def test_refusals_index_nothing(engine: Engine, storage: LocalStorage, ct_series
     assert not any(storage.tmp_dir.iterdir())
 
 
-def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, storage: LocalStorage,
+def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, storage: FileStorage,
                                                             ct_series: list[bytes], db_url: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The fsync, the rename and the directory fsync run in helper threads: each must have
@@ -261,7 +261,7 @@ def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, stor
     the fsync."""
     _ingest(engine, storage, ct_series[0])
     events: list[str] = []
-    real_sync, real_commit = LocalStorage.sync_staged, LocalStorage.commit
+    real_sync, real_commit = FileStorage.sync_staged, FileStorage.commit
 
     def committed_rows() -> int:
         if db_url.startswith("sqlite"):  # a plain reader: WAL readers do not wait for the writer
@@ -270,25 +270,25 @@ def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, stor
         with psycopg.connect(db_url.replace("postgresql+psycopg", "postgresql")) as c:
             return int(c.execute("SELECT count(*) FROM instance").fetchone()[0])  # type: ignore[index]
 
-    def slow_sync(self: LocalStorage, staged: Path) -> None:
+    def slow_sync(self: FileStorage, staged: Path) -> None:
         time.sleep(0.2)
         real_sync(self, staged)
         events.append(f"synced rows={committed_rows()}")
 
-    def slow_commit(self: LocalStorage, staged: Path, key: str, *, synced: bool = False) -> None:
+    def slow_commit(self: FileStorage, staged: Path, key: str, *, synced: bool = False) -> None:
         events.append("placing")
         time.sleep(0.2)
         real_commit(self, staged, key, synced=synced)
         events.append(f"placed rows={committed_rows()}")
 
-    monkeypatch.setattr(LocalStorage, "sync_staged", slow_sync)
-    monkeypatch.setattr(LocalStorage, "commit", slow_commit)
+    monkeypatch.setattr(FileStorage, "sync_staged", slow_sync)
+    monkeypatch.setattr(FileStorage, "commit", slow_commit)
     _ingest(engine, storage, ct_series[1])
     assert events == ["synced rows=1", "placing", "placed rows=1"]
     assert len(_check_consistent(engine, storage)) == 2
 
 
-def test_concurrent_threads_file_one_study_once(engine: Engine, storage: LocalStorage,
+def test_concurrent_threads_file_one_study_once(engine: Engine, storage: FileStorage,
                                                 tmp_path: Path) -> None:
     """Four associations deliver one new study at once (the first instances race to create the
     patient, study and series), while a worker moves the study's state: no duplicated rows, no
@@ -325,13 +325,13 @@ def _ingest_in_process(db_url: str, root: str, files: list[str]) -> None:
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     engine = make_engine(db_url)
-    storage = LocalStorage(Path(root))
+    storage = FileStorage(Path(root))
     for f in files:
         _ingest(engine, storage, Path(f).read_bytes())
     engine.dispose()
 
 
-def test_concurrent_processes_file_one_study_once(engine: Engine, storage: LocalStorage, db_url: str,
+def test_concurrent_processes_file_one_study_once(engine: Engine, storage: FileStorage, db_url: str,
                                                   tmp_path: Path) -> None:
     files = [str(p) for p in make_ct_series(tmp_path / "mp", 16, rows=32, cols=32)]
     ctx = multiprocessing.get_context("spawn")
@@ -348,7 +348,7 @@ def test_concurrent_processes_file_one_study_once(engine: Engine, storage: Local
         assert verify(s).checked == len(files)
 
 
-def test_arabic_and_utf8_text_is_decoded_on_ingest(engine: Engine, storage: LocalStorage, tmp_path: Path) -> None:
+def test_arabic_and_utf8_text_is_decoded_on_ingest(engine: Engine, storage: FileStorage, tmp_path: Path) -> None:
     arab = (CORPUS / "charset" / "pydicom_chrArab.dcm").read_bytes()
     assert _ingest(engine, storage, arab).outcome == StoreOutcome.new
     (utf8,) = make_ct_series(tmp_path / "utf8", 1, rows=16, cols=16, patient_id="ع-1")

@@ -18,7 +18,7 @@ from audit.signed import SignedReport
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import NotSigned, SignedSrReader, signed_from_sr
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from ground.db import session_scope
 from integrations.dicom.config import ListenerSettings, StudySettings
 from tests.factories.dcmtk import storescu
@@ -58,7 +58,7 @@ def listen(engine: Engine, tmp_path: Path) -> Iterator[Callable[[SignedSrReader 
     def _start(reader: SignedSrReader | None) -> int:
         listener = Listener(settings=ListenerSettings(host="127.0.0.1", port=0, min_free_bytes=0),
                             study_settings=StudySettings(stable_after=3600, sweep_interval=3600), engine=engine,
-                            storage=LocalStorage(tmp_path / "storage"), after_store=reader)
+                            storage=FileStorage(tmp_path / "storage"), after_store=reader)
         started.append(listener)
         return listener.start()
 
@@ -75,7 +75,7 @@ def _dciodvfy_ok(path: Path) -> None:
 def test_sr_over_the_listener_is_stored_beside_the_draft_without_redrafting(
         engine: Engine, tmp_path: Path, listen: Callable[[SignedSrReader | None], int]) -> None:
     study_pk, draft_id = seed(engine, study_uid=UID, accession="ACC1001")
-    reader = SignedSrReader(engine, LocalStorage(tmp_path / "storage"))
+    reader = SignedSrReader(engine, FileStorage(tmp_path / "storage"))
     port = listen(reader)
     good = signed_sr(tmp_path, study_uid=UID, accession="ACC1001")
     draft_sr = signed_sr(tmp_path, study_uid=UID, accession="ACC1001", verified=False, complete=False)
@@ -98,7 +98,7 @@ def test_recover_reads_srs_left_unread(engine: Engine, tmp_path: Path,
     seed(engine, study_uid=UID, accession="ACC1001")
     port = listen(None)  # no hook: as if the process died before reading
     storescu(port, [signed_sr(tmp_path, study_uid=UID, accession="ACC1001")])
-    reader = SignedSrReader(engine, LocalStorage(tmp_path / "storage"))
+    reader = SignedSrReader(engine, FileStorage(tmp_path / "storage"))
     assert reader.recover() == 1
     reader.join()
     assert reader.recover() == 0

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from integrations.dicom.index import study_by_uid
 from integrations.dicom.ingest import ingest_file
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from ground.db import session_scope
 from tests.conftest import DICOM_DIR
 from workers.render import instances_from_files, render_study
@@ -131,7 +131,7 @@ def test_series_selection_does_not_depend_on_arrival_order(engine: Engine, tmp_p
     settings = RenderSettings(max_series=1, montage=False)
     results = []
     for k, order in enumerate(orders):
-        storage = LocalStorage(tmp_path / f"storage{k}")
+        storage = FileStorage(tmp_path / f"storage{k}")
         for path in order:
             staged = storage.staging_file(delete=False, suffix=".dcm")
             staged.write(path.read_bytes())

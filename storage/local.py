@@ -1,16 +1,15 @@
-"""Where received instances live: a thin layer over a local folder, named by a ``file://`` URL.
+"""The ``file://`` backend: every key is a file under one root folder (local, or a mounted shared
+filesystem that several hosts see).
 
-The layer has four verbs (stage a temporary file, commit it under a key, open a key, remove a key)
-so that a shared filesystem or an object store can back it later without touching the listener.
 Durability (PS3.4 B.2.2 "the SCP ... shall store"): a staged file is fsynced, renamed atomically
-into place and its directory fsynced before :meth:`LocalStorage.commit` returns, so an
+into place and its directory fsynced before :meth:`FileStorage.commit` returns, so an
 acknowledged instance survives a crash and a reader never sees a half-written file. Both fsyncs
 stay on every commit: the file's makes its bytes durable, the directory's makes the rename durable
 (POSIX promises neither from the other). Measured on this VM's ext4 they cost ~0.7-1 ms together
 per 0.5 MB instance; renaming before the file fsync saved only ~0.1 ms and was not worth a
 visible-but-not-yet-durable file under its final name.
 
-A staged file's fsync starts as soon as its writer hands it over (:meth:`LocalStorage.staged_digest`)
+A staged file's fsync starts as soon as its writer hands it over (:meth:`FileStorage.staged_digest`)
 and runs in a helper thread while the file is hashed from the page cache: SHA-256 of 0.5 MB takes
 ~0.6 ms here and the fsync ~0.65 ms, and both release the GIL, so they overlap instead of adding
 up (hashing while receiving put the whole hash on the path of every acknowledgement).
@@ -20,49 +19,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import shutil
 import tempfile
 import threading
+import uuid
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlparse
-
-from ground.errors import ConfigError
 
 from .errors import StorageFailure
+from .files import file_digest, fsync_dir
+from .keys import StoredFile, check_key
 
-_SAFE = re.compile(r"^[0-9A-Za-z.\-_]{1,128}$")
 TMP_DIR_NAME = ".incoming"
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """A committed file: its key (relative path), size and content hash."""
-
-    key: str
-    size: int
-    sha256: str
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """Size and SHA-256 of a file, read in 1 MiB chunks (never whole in memory)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 class StagingFile:
     """A staged file open for writing, standing in for the ``NamedTemporaryFile`` it wraps:
     ``name``, ``file``, ``write`` and ``close`` behave the same; anything else is delegated. It
-    counts what is written so :meth:`LocalStorage.staged_digest` can tell whether anything else
+    counts what is written so :meth:`FileStorage.staged_digest` can tell whether anything else
     changed the file."""
 
     def __init__(self, tmp: Any) -> None:
@@ -86,19 +63,8 @@ class StagingFile:
         return getattr(self._tmp, name)
 
 
-def _component(uid: str) -> str:
-    """A path component for a UID: itself when safe, else a hash (no traversal, no odd bytes)."""
-    return uid if _SAFE.match(uid) and uid not in (".", "..") else hashlib.sha1(uid.encode()).hexdigest()
-
-
-def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
-    """Content-addressed key: a replacement gets a new file, so the old one stays valid until the
-    index points at the new one (no window where the row and the file disagree)."""
-    return f"{_component(study_uid)}/{_component(series_uid)}/{_component(sop_uid)}.{sha256[:16]}.dcm"
-
-
-class LocalStorage:
-    """Instances under one root folder."""
+class FileStorage:
+    """Keys as files under one root folder (see the module docstring for durability)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -113,24 +79,18 @@ class LocalStorage:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 
-    @classmethod
-    def from_url(cls, url: str) -> LocalStorage:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("file", ""):
-            raise ConfigError(
-                f"storage_url {url!r}: only file:// URLs (a local or mounted shared folder) are "
-                "supported; mount the object store with a FUSE driver or use a shared filesystem"
-            )
-        path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(url)
-        return cls(path)
+    def __repr__(self) -> str:
+        return f"FileStorage({str(self.root)!r})"
 
     def path(self, key: str) -> Path:
-        """The local path of a stored key."""
+        """The local path of a stored key (readers open it directly: pydicom, the renderer)."""
         return self.root / key
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+    # -- streamed writes: stage, hash, sync, commit (the listener's path) ----------------------
 
     def staging_file(self, **kwargs: Any) -> StagingFile:
         """A new temporary file in the staging folder (``tempfile.NamedTemporaryFile`` arguments,
@@ -211,12 +171,56 @@ class LocalStorage:
             new_dirs = not dst.parent.exists()
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, dst)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             if new_dirs:
-                _fsync_dir(dst.parent.parent)
-                _fsync_dir(dst.parent.parent.parent)
+                fsync_dir(dst.parent.parent)
+                fsync_dir(dst.parent.parent.parent)
         except OSError as err:
             raise StorageFailure(f"could not store {key}: {err.strerror or err}; check {self.root}") from err
+
+    # -- whole objects: key images, model outputs, the draft's DICOM objects -------------------
+
+    def put(self, key: str, data: bytes) -> StoredFile:
+        """Store ``data`` under ``key`` durably and atomically (staged, fsynced, renamed, directory
+        fsynced): a reader sees the old bytes or the new ones, and the new ones survive a crash."""
+        check_key(key)
+        staged = self.staging_file(delete=False)
+        try:
+            staged.write(data)
+            staged.close()
+            self.commit(Path(staged.name), key)
+        except BaseException:
+            Path(staged.name).unlink(missing_ok=True)
+            raise
+        return StoredFile(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def put_folder(self, key: str, files: Mapping[str, bytes]) -> list[str]:
+        """Store a set of files as the folder ``key``, all or nothing: they are written into a
+        private folder that is renamed into place, so a concurrent writer of the same folder never
+        sees half a set, and the first complete set wins (a later one is dropped). Returns the
+        sorted names of the files now in the folder."""
+        check_key(key)
+        for name in files:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"file name {name!r} in folder {key!r}: a plain name is expected")
+        final = self.path(key)
+        staging = self.path(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            staging.mkdir(parents=True)
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageFailure(f"could not store {key}: {err.strerror or err}; check {self.root}") from err
+        try:
+            os.replace(staging, final) if not final.exists() else shutil.rmtree(staging)
+        except OSError:  # another writer renamed its set into place first
+            shutil.rmtree(staging, ignore_errors=True)
+        return sorted(p.name for p in final.iterdir())
+
+    def read(self, key: str) -> bytes:
+        """The bytes stored under ``key`` (``FileNotFoundError`` when there are none)."""
+        return self.path(key).read_bytes()
 
     def remove(self, key: str) -> None:
         """Delete a stored key (an instance replaced by different bytes)."""
@@ -225,10 +229,3 @@ class LocalStorage:
         except OSError as err:
             raise StorageFailure(f"could not remove {key}: {err}") from err
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

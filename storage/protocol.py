@@ -1,0 +1,73 @@
+"""The one interface the rooms use to keep bytes outside the database."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from .keys import StoredFile
+from .local import StagingFile
+
+
+class Storage(Protocol):
+    """Bytes under caller-given keys (see :mod:`storage.keys`). Every write is atomic (a reader
+    sees the old bytes or the whole new ones); :meth:`commit` and :meth:`put` are also durable
+    before they return.
+
+    Received instances stream in through :meth:`staging_file`, and are made durable in steps
+    (:meth:`staged_digest`, :meth:`sync_staged`, :meth:`commit`) so that the ingest can overlap the
+    slowest one with its own work and rename under its index lock. Whole objects (key images,
+    model outputs, a draft's DICOM objects) go through :meth:`put` and :meth:`put_folder`.
+    """
+
+    @property
+    def root(self) -> Path:
+        """The local folder the keys live under (shown in messages; the export sender resolves
+        outbox locations against it)."""
+        ...
+
+    def path(self, key: str) -> Path:
+        """The local path of ``key``, for readers that open files themselves (pydicom, the renderer)."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free space where new keys go."""
+        ...
+
+    def staging_file(self, **kwargs: Any) -> StagingFile:
+        """A new temporary file to stream an incoming object into."""
+        ...
+
+    def staged_digest(self, path: Path) -> tuple[int, str]:
+        """Size and SHA-256 of a staged file (its fsync may start meanwhile)."""
+        ...
+
+    def sync_staged(self, staged: Path) -> None:
+        """Make a staged file's bytes durable without making it visible."""
+        ...
+
+    def commit(self, staged: Path, key: str, *, synced: bool = False) -> None:
+        """Make a staged file durable and visible under ``key``."""
+        ...
+
+    def discard_staged(self) -> int:
+        """Remove staged files a crash left behind; returns how many."""
+        ...
+
+    def put(self, key: str, data: bytes) -> StoredFile:
+        """Store ``data`` under ``key``, durably."""
+        ...
+
+    def put_folder(self, key: str, files: Mapping[str, bytes]) -> list[str]:
+        """Store named files as the folder ``key``, all or nothing, first complete set wins;
+        returns the names now in it."""
+        ...
+
+    def read(self, key: str) -> bytes:
+        """The bytes under ``key``."""
+        ...
+
+    def remove(self, key: str) -> None:
+        """Delete ``key`` (no error when it is gone)."""
+        ...

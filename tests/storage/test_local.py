@@ -1,0 +1,140 @@
+"""Staging, hashing and committing files in FileStorage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from ground.errors import ConfigError
+from storage import (
+    FileStorage,
+    StorageFailure,
+    StoredFile,
+    file_digest,
+    key_component,
+    open_storage,
+    write_atomic,
+)
+
+_writers: list[object] = []  # the receiving side holds its writer until the handler returns
+
+
+def _stage(storage: FileStorage, data: bytes) -> Path:
+    writer = storage.staging_file(delete=False, suffix=".dcm")
+    _writers.append(writer)
+    for start in range(0, len(data), 70_000):
+        writer.write(memoryview(data)[start:start + 70_000])
+    path = Path(writer.name)
+    assert path.parent == storage.tmp_dir
+    return path
+
+
+def test_staged_digest_overlaps_the_fsync_and_commit_waits_for_it(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    data = os.urandom(600_000)
+    path = _stage(storage, data)
+    assert storage.staged_digest(path) == (len(data), hashlib.sha256(data).hexdigest())
+    assert str(path) in storage._syncing  # started early, in a helper thread
+    storage.sync_staged(path)
+    assert storage._syncing == {}
+    storage.commit(path, "a/b/c.dcm", synced=True)
+    assert (storage.root / "a/b/c.dcm").read_bytes() == data
+    assert not path.exists()
+
+
+def test_a_file_changed_behind_the_writer_is_hashed_as_it_is(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    path = _stage(storage, b"x" * 1000)
+    _writers[-1].file.flush()  # type: ignore[attr-defined]
+    with open(path, "ab") as f:
+        f.write(b"tail")
+    assert storage.staged_digest(path) == file_digest(path)
+    assert storage._syncing == {}  # not the writer's bytes: no early fsync, sync_staged does its own
+    storage.sync_staged(path)
+
+
+def test_fsyncs_nobody_waited_for_are_forgotten(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    refused = _stage(storage, b"a" * 5000)
+    storage.staged_digest(refused)
+    storage._syncing[str(refused)].result()
+    refused.unlink()  # the instance was refused after hashing: nobody calls sync_staged
+    accepted = _stage(storage, b"b" * 5000)
+    storage.staged_digest(accepted)
+    assert list(storage._syncing) == [str(accepted)]
+    storage.sync_staged(accepted)
+
+
+def test_put_is_atomic_durable_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FileStorage(tmp_path / "s")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    stored = storage.put("exports/1.2.3/d1/sr.dcm", b"first")
+    assert stored == StoredFile(key="exports/1.2.3/d1/sr.dcm", size=5, sha256=hashlib.sha256(b"first").hexdigest())
+    # the staged file's bytes, then the new folders from the file's up (the rename, the mkdirs)
+    assert synced[1:] == [str(storage.root / "exports/1.2.3/d1"), str(storage.root / "exports/1.2.3"),
+                          str(storage.root / "exports")]
+    storage.put("exports/1.2.3/d1/sr.dcm", b"second")
+    assert storage.read("exports/1.2.3/d1/sr.dcm") == b"second"
+    assert list(storage.tmp_dir.iterdir()) == []  # nothing staged is left behind
+
+
+def test_keys_that_leave_the_root_are_refused(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    for key in ("../x", "/etc/passwd", "a//b", "a/./b", ""):
+        with pytest.raises(ValueError, match="storage key"):
+            storage.put(key, b"x")
+    with pytest.raises(ValueError, match="plain name"):
+        storage.put_folder("k", {"../x.png": b"x"})
+    assert not (tmp_path / "x").exists()
+    assert key_component("1.2.840.10008.1") == "1.2.840.10008.1"
+    assert key_component("..") == hashlib.sha1(b"..").hexdigest()
+    assert key_component("a/../b") == hashlib.sha1(b"a/../b").hexdigest()
+
+
+def test_put_folder_is_all_or_nothing_and_the_first_set_wins(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    first = {"01-a.png": b"a", "provenance.json": b"{}"}
+    assert storage.put_folder("keyimages/1.2/v1-abc", first) == ["01-a.png", "provenance.json"]
+    # a second delivery's set (here a different one, to tell them apart) is dropped
+    assert storage.put_folder("keyimages/1.2/v1-abc", {"01-b.png": b"b"}) == ["01-a.png", "provenance.json"]
+    assert storage.read("keyimages/1.2/v1-abc/01-a.png") == b"a"
+    assert sorted(p.name for p in (storage.root / "keyimages/1.2").iterdir()) == ["v1-abc"]  # no staging left
+
+
+def test_a_write_the_filesystem_refuses_is_a_storage_failure(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    (storage.root / "blocked").write_bytes(b"a file where a folder is needed")
+    with pytest.raises(StorageFailure, match="could not store blocked/x"):
+        storage.put("blocked/x", b"x")
+    with pytest.raises(StorageFailure, match="could not store blocked/f"):
+        storage.put_folder("blocked/f", {"a": b"a"})
+    assert list(storage.tmp_dir.iterdir()) == []
+
+
+def test_the_url_chooses_the_backend_and_other_schemes_are_refused(tmp_path: Path) -> None:
+    opened = open_storage((tmp_path / "a b").as_uri())
+    assert isinstance(opened, FileStorage) and opened.root == tmp_path / "a b"
+    assert open_storage(str(tmp_path / "c")).root == tmp_path / "c"  # a bare path
+    for url in ("s3://bucket/taqrir", "gs://b/p", "http://host/x"):
+        with pytest.raises(ConfigError, match="only file:// URLs"):
+            open_storage(url)
+    with pytest.raises(ConfigError, match="not host"):
+        open_storage("file://nas/srv/taqrir")
+
+
+def test_write_atomic_replaces_a_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "draft.json"
+    write_atomic(path, b"old")
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in path.parent.iterdir()] == ["draft.json"]
