@@ -278,18 +278,6 @@ class _Values:
         return self._values.get(key, default)
 
 
-def sequence_depth(ds: Dataset, limit: int) -> int:
-    """How deep sequences nest in ``ds``, counting no further than ``limit`` + 1."""
-    deepest = 0
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                deepest = max(deepest, 1 + sequence_depth(item, limit - 1) if limit > 0 else 1)
-                if deepest > limit:
-                    return deepest
-    return deepest
-
-
 DEFAULT_MAX_SEQUENCE_DEPTH = 64
 
 
@@ -301,7 +289,7 @@ def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_D
     than a handful of levels, and a reference receiver crashed on thousands (RELIABILITY-NOTES).
 
     The answer is always that of :func:`read_headers_pydicom`; the raw walk (:mod:`.walk`)
-    gives it about ten times faster when it can.
+    gives it several times faster where it can (``bench/header_walk.py``).
     """
     headers = _read_headers_fast(path, max_sequence_depth)
     if headers is not None:
@@ -320,7 +308,9 @@ def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
                 f.seek(header.pixel_data_at)
                 pixel_length = check_pixel_extent(f, transfer_syntax_uid=header.transfer_syntax_uid,
                                                   file_size=size)
-    except (NotWalkable, OSError):
+    except DicomInputError:
+        raise  # a Pixel Data extent the file does not hold: the full parse refuses it alike
+    except (NotWalkable, Exception):  # noqa: BLE001 - or any surprise: the full parse decides
         return None
     elements = _Values(header.values, INDEXED_KEYWORDS, _Values(header.file_meta, META_KEYWORDS))
     headers = headers_from_dataset(elements, transfer_syntax_uid=header.transfer_syntax_uid)
@@ -378,8 +368,8 @@ def _element_name(tag: BaseTag) -> str:
 
 
 def _convert_all(ds: Dataset, levels_left: int, *, top: bool) -> int:
-    """Convert every element of ``ds`` (and its items); return its sequence depth (as
-    :func:`sequence_depth` counts, no further than one past ``levels_left``)."""
+    """Convert every element of ``ds`` (and its items); return its sequence depth (a sequence's
+    item is depth 1, an item nested in it depth 2; no further than one past ``levels_left``)."""
     deepest = 0
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)

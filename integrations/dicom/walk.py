@@ -248,7 +248,7 @@ class _Walk:
                 encodings: str | list[str]) -> tuple[int, int]:
         """Walk a data set from ``pos``: the top level (up to Pixel Data or the end), an item of
         ``stop - pos`` bytes, or (``stop`` None) an item up to its delimiter. Returns the position
-        after it and its sequence depth (as :func:`sequence_depth` counts)."""
+        after it and its sequence depth (as ``headers._convert_all`` counts it)."""
         buf, end, unpack, u32 = self.buf, self.end, _ELEMENT.unpack_from, _U32.unpack_from
         depth, prev = 0, -1
         while True:
