@@ -130,8 +130,6 @@ _FIRST_READ = 16 << 10
 _MAX_READ = 16 << 20  # headers bigger than this (huge private blobs) go to pydicom
 
 
-
-
 class _NeedMore(Exception):
     """The bytes read so far end inside the header."""
 
@@ -140,7 +138,7 @@ def _convert(tag: int, vr: bytes, buf: bytes, at: int, length: int, encodings: s
     """A value exactly as ``Dataset.__getitem__`` converts it (explicit VR little endian): for a
     VR other than UN, pydicom's default ``raw_element_vr`` hook keeps the VR and its
     ``raw_element_value`` hook is ``convert_value`` (plus a fix for LUT descriptors, which are
-    never converted here: see the assertion below), so ``convert_value`` is called directly.
+    never converted here: :func:`_tags` refuses them), so ``convert_value`` is called directly.
 
     Most values repeat from one instance of a series to the next (UIDs, names, descriptions,
     orientation, pixel spacing...), and a conversion depends only on the VR, the bytes and the
