@@ -4,7 +4,10 @@ for the keywords the index reads; and the ingest's whole header reader
 (:func:`integrations.dicom.headers.read_headers`: the walk, or the full parse where the walk steps
 aside) against its full-parse reference (:func:`read_headers_pydicom`).
 
-    flock /tmp/taqrir-bench.lock .venv/bin/python bench/header_walk.py [--repeats 7] [--json OUT]
+    flock /tmp/taqrir-bench.lock .venv/bin/python bench/header_walk.py [--repeats 7] [--json OUT] [--folder DIR]
+
+``--folder DIR`` times the files under DIR instead (e.g. a series written by
+``tests.factories.studies.make_ct_series``, the shape of the ingest benchmarks' study).
 
 Every file under tests/data/dicom is read once untimed (page cache, pydicom's lazy imports), then
 each reader reads it ``--repeats`` times in turn; the best time per file counts (the machine is
@@ -71,9 +74,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--folder", type=Path, default=CORPUS, help="the files to read (default: the test corpus)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    files = sorted(p for p in CORPUS.rglob("*") if p.is_file() and not p.name.endswith(".md"))
+    files = sorted(p for p in args.folder.rglob("*") if p.is_file() and not p.name.endswith(".md"))
     walked = [p for p in files if _ok(_walk, p, (NotWalkable,))]
     walked = [p for p in walked if _ok(_specific_tags, p, (Exception,))]
     accepted = [p for p in files if _ok(read_headers, p, (DicomInputError,))]
@@ -92,7 +96,7 @@ def main() -> None:
     out["median_ratio_specific_tags_over_walk"] = round(statistics.median(
         s / w for s, w in zip(rows["specific_tags"], rows["walk"], strict=True)), 2)
     out["ratio_pydicom_over_read_headers"] = round(sum(rows["read_headers_pydicom"]) / sum(rows["read_headers"]), 2)
-    print(f"corpus: {len(files)} files; the walk answers {len(walked)}, the ingest accepts {len(accepted)}"
+    print(f"{args.folder}: {len(files)} files; the walk answers {len(walked)}, the ingest accepts {len(accepted)}"
           f" (best of {args.repeats} per file)")
     print(f"{'reader':<24}{'total ms':>10}{'median ms':>11}")
     for name in rows:
