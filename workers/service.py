@@ -56,7 +56,7 @@ from ground.db import session_scope, writer_lock
 from ground.errors import PermanentError
 from storage import Storage, key_component, open_storage, write_atomic
 from workers.config import ObjectSettings, PipelineSettings
-from workers.render import InstanceInput, RenderedStudy, render_files, render_study
+from workers.render import InstanceInput, RenderedStudy, instance_input, render_files, render_study
 from workers.render.output import provenance
 from workers.state import DraftRecord, KeyImageSet
 
@@ -170,27 +170,8 @@ def fail(engine: Engine, study_uid: str, version: int, reason: str) -> None:
 
 def instance_inputs(ctx: PipelineContext, session: Session, study: Study) -> list[InstanceInput]:
     """Index rows -> the renderer's input, without reading a single header from disk."""
-    out = []
-    for series, rows in study_contents(session, study.id or 0):
-        for r in rows:
-            out.append(InstanceInput(
-                path=ctx.storage.path(r.storage_key),
-                sop_instance_uid=r.sop_instance_uid,
-                sop_class_uid=r.sop_class_uid,
-                series_instance_uid=series.series_instance_uid,
-                modality=series.modality or "",
-                body_part=series.body_part or "",
-                series_description=series.description or "",
-                series_number=series.number,
-                image_type=tuple(v for v in r.image_type.split("\\") if v),
-                instance_number=r.instance_number,
-                number_of_frames=r.number_of_frames,
-                rows=r.rows,
-                columns=r.columns,
-                image_position_patient=tuple(json.loads(r.image_position_patient)) if r.image_position_patient else None,
-                image_orientation_patient=tuple(json.loads(r.image_orientation_patient)) if r.image_orientation_patient else None,
-            ))
-    return out
+    return [instance_input(ctx.storage.path(r.storage_key), series, r)
+            for series, rows in study_contents(session, study.id or 0) for r in rows]
 
 
 # -- stage 1: render -------------------------------------------------------------------------

@@ -1,24 +1,20 @@
 """Read what the index needs from a received instance: a pure function over a file.
 
+:func:`read_headers` is the one header reader of the ingest path. It reads the file with the fast
+walk (:mod:`.walk`) where that can answer, and with a full pydicom parse
+(:func:`read_headers_pydicom`) otherwise; both answer the same (the tests compare them on the whole
+corpus and on damaged copies of it), results and refusals (:class:`CannotUnderstand`,
+:class:`IdentifiersMissing`) alike. :func:`headers_from_dataset` turns either reading into the
+index's :class:`InstanceHeaders` (normalised and fitted to the index's columns), and
+:mod:`.pixel_data` checks that the Pixel Data is all there.
+
 Text is decoded by the dataset's Specific Character Set (PS3.5 6.1), Arabic ISO_IR 127 and UTF-8
 ISO_IR 192 included; pydicom does the decoding, we only make sure every value is read through it:
 ``Dataset.__getitem__`` converts each raw element with its dataset's character set (a sequence
-item inherits its parent's), so :func:`read_headers` touching every element once decodes all text,
-and a separate ``Dataset.decode()`` pass (~0.2 ms per CT slice, a fifth of the parse) is not made.
-Only headers are parsed (``stop_before_pixels``): a gigabyte slide costs no more than a CT slice.
-
-That full pydicom parse (:func:`read_headers_pydicom`) costs ~2 ms per CT slice on this VM, most
-of the ingest budget, almost all of it pydicom building and converting ~40 elements it then
-throws away. :func:`read_headers` therefore first tries a walk of the raw header bytes (explicit
-VR little endian, the transfer syntax of nearly everything sent to us, ~0.2 ms): it
-checks the structure, the sequence depth and that every element's value converts (the values
-whose pydicom conversion can fail are converted by pydicom itself), and converts only the
-elements :func:`headers_from_dataset` reads, with pydicom's own converter and the same character
-sets. Whenever it is not certain to reach exactly the pydicom answer (another transfer syntax, a
-UN or undefined-length value, odd lengths, unsorted tags, a truncated header, a non-default
-pydicom configuration...) it steps aside and the full parse decides, so results and refusals
-(:class:`CannotUnderstand`, :class:`IdentifiersMissing`) are those of the full parse; the tests
-compare both on the whole corpus and on damaged copies of it.
+item inherits its parent's), so the full parse touching every element once decodes all text, and
+a separate ``Dataset.decode()`` pass is not made. Only headers are parsed (``stop_before_pixels``):
+a gigabyte slide costs no more than a CT slice. Dates and times are pydicom's DA and TM (PS3.5
+6.2); a value they cannot read is left empty, never a reason to refuse the instance.
 """
 
 from __future__ import annotations
@@ -30,29 +26,20 @@ import struct
 from collections.abc import Mapping
 from datetime import date, time
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, Protocol, cast
+from typing import Any, Protocol
 
-import pydicom.hooks
 from pydantic import BaseModel, ConfigDict
-from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.charset import convert_encodings
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filereader import ENCODED_VR
-from pydicom.tag import _LUT_DESCRIPTOR_TAGS, BaseTag
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-    PrivateTransferSyntaxes,
-)
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-from pydicom.values import convert_value
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import DA, TM, VR
 
 from .errors import CannotUnderstand, DicomInputError, IdentifiersMissing
+from .pixel_data import check_pixel_extent, check_pixel_length
+from .walk import META_KEYWORDS, NotWalkable, walk_header
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -156,27 +143,32 @@ def _floats(ds: _Elements, keyword: str, n: int) -> tuple[float, ...] | None:
     return out if out is not None and len(out) == n else None
 
 
+@functools.lru_cache(maxsize=1024)
 def _da(value: str | None) -> date | None:
-    if not value or len(value) < 8:
-        return None
-    try:
-        return date(int(value[0:4]), int(value[4:6]), int(value[6:8]))
-    except ValueError:
-        return None
-
-
-def _tm(value: str | None) -> time | None:
+    """A DA value (PS3.5 6.2: YYYYMMDD; pydicom also reads the ACR-NEMA YYYY.MM.DD) as a date;
+    None where it is empty or not a date. Remembered: the instances of a study repeat their dates,
+    and pydicom's DA (~2 us) would be most of the header extraction's cost after the walk."""
     if not value:
         return None
-    digits = value.replace(":", "")
     try:
-        hh = int(digits[0:2])
-        mm = int(digits[2:4]) if len(digits) >= 4 else 0
-        ss_frac = digits[4:] if len(digits) > 4 else "0"
-        seconds = float(ss_frac) if ss_frac else 0.0
-        return time(hh, mm, min(int(seconds), 59), int((seconds % 1) * 1_000_000))
+        parsed = DA(value)
     except ValueError:
         return None
+    return date(parsed.year, parsed.month, parsed.day) if parsed is not None else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _tm(value: str | None) -> time | None:
+    """A TM value (PS3.5 6.2: HH[MM[SS[.F{1,6}]]]; the ACR-NEMA HH:MM:SS form read as well, as
+    it always was here) as a time; None where it is empty or not a time. A leap second (60)
+    becomes 59, as pydicom makes it. Remembered, as :func:`_da`."""
+    if not value:
+        return None
+    try:
+        parsed = TM(value.replace(":", ""))
+    except ValueError:
+        return None
+    return time(parsed.hour, parsed.minute, parsed.second, parsed.microsecond) if parsed is not None else None
 
 
 class UidMissing(IdentifiersMissing):
@@ -253,99 +245,40 @@ def headers_from_dataset(ds: Dataset | _Elements, *, transfer_syntax_uid: str) -
     return _fit_columns(headers)
 
 
-_BIG_ENDIAN_TS = "1.2.840.10008.1.2.2"
-_IMPLICIT_TS = "1.2.840.10008.1.2"
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT"}
-_ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
+# -- the raw walk ------------------------------------------------------------------------------
+
+#: The data set keywords :func:`headers_from_dataset` reads; the raw walk converts exactly these
+#: (a keyword missing here fails loudly in :meth:`_Values.get`, and the corpus tests).
+INDEXED_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+    "IssuerOfPatientID", "PatientName", "PatientSex", "PatientBirthDate", "PatientAge", "StudyDate",
+    "StudyTime", "AccessionNumber", "StudyDescription", "ReferringPhysicianName", "Modality",
+    "BodyPartExamined", "SeriesDescription", "SeriesNumber", "InstanceNumber", "ImageType",
+    "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
+    "SpecificCharacterSet", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+)
 
 
-def check_pixel_extent(f: BinaryIO, *, transfer_syntax_uid: str, file_size: int) -> int | None:
-    """Check that the Pixel Data element starting at ``f``'s position lies wholly in the file;
-    returns the length of native (not encapsulated) Pixel Data, None otherwise.
-
-    Headers are parsed with ``stop_before_pixels`` (a slide's pixels are never read into memory),
-    so a transfer cut short inside Pixel Data would otherwise pass. Native pixel data is checked by
-    its length; encapsulated pixel data (PS3.5 A.4) by walking its item headers with seeks.
-    """
-    start = f.tell()
-    head = f.read(8)
-    if len(head) < 8:
-        return None  # no pixel data element
-    little = transfer_syntax_uid != _BIG_ENDIAN_TS
-    fmt = "<" if little else ">"
-    group, elem = struct.unpack(fmt + "HH", head[:4])
-    if (group, elem) != (0x7FE0, 0x0010):
-        return None
-    if transfer_syntax_uid == _IMPLICIT_TS:
-        (length,) = struct.unpack(fmt + "L", head[4:8])
-        value_at = start + 8
-    elif head[4:6] in _LONG_VRS:
-        rest = f.read(4)
-        if len(rest) < 4:
-            raise CannotUnderstand("Pixel Data element header is truncated")
-        (length,) = struct.unpack(fmt + "L", rest)
-        value_at = start + 12
-    else:
-        (length,) = struct.unpack(fmt + "H", head[6:8])
-        value_at = start + 8
-    if length != 0xFFFFFFFF:
-        if value_at + length > file_size:
-            raise CannotUnderstand(
-                f"Pixel Data declares {length} bytes but only {file_size - value_at} were received"
-            )
-        return int(length)
-    pos = value_at
-    while True:
-        f.seek(pos)
-        item = f.read(8)
-        if len(item) < 8:
-            raise CannotUnderstand("encapsulated Pixel Data ends before its sequence delimiter")
-        g, e, item_len = struct.unpack("<HHL", item)
-        tag = (g << 16) | e
-        if tag == _SEQ_END:
-            return None
-        if tag != _ITEM or item_len == 0xFFFFFFFF:
-            raise CannotUnderstand(f"encapsulated Pixel Data has an invalid item (tag {tag:08X})")
-        pos += 8 + item_len
-        if pos > file_size:
-            raise CannotUnderstand("an encapsulated Pixel Data fragment runs past the end of the data")
+def _check_pixel_length(ds: _Elements, length: int | None) -> None:
+    check_pixel_length(length=length, rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
+                       bits_allocated=_int(ds, "BitsAllocated"), samples_per_pixel=_int(ds, "SamplesPerPixel"),
+                       number_of_frames=_int(ds, "NumberOfFrames"),
+                       photometric_interpretation=_text(ds, "PhotometricInterpretation"))
 
 
-def check_pixel_length(ds: _Elements, *, length: int | None) -> None:
-    """Refuse native Pixel Data shorter than its Image Pixel Module declares (PS3.5 8.1.1, PS3.3
-    C.7.6.3): Rows x Columns x Number of Frames x Samples per Pixel x Bits Allocated, in bytes
-    (bit-packed when Bits Allocated is 1; YBR_FULL_422 holds two samples per pixel, PS3.3
-    C.7.6.3.1.2). Such a data set cannot be rendered; the sender hears it now (0xC210) instead of
-    the study failing later. Longer is allowed (padding, PS3.5 8.1.1). Values that cannot be read
-    are not guessed: the check is skipped."""
-    if length is None:
-        return
-    rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
-    if not rows or not cols or not bits or rows < 0 or cols < 0 or bits < 0:
-        return
-    samples = _int(ds, "SamplesPerPixel") or 1
-    frames = max(_int(ds, "NumberOfFrames") or 1, 1)
-    if (_text(ds, "PhotometricInterpretation") or "") == "YBR_FULL_422":
-        samples = 2
-    values = rows * cols * frames * samples
-    expected = (values + 7) // 8 if bits == 1 else values * ((bits + 7) // 8)
-    if length < expected:
-        raise CannotUnderstand(
-            f"Pixel Data holds {length} bytes, fewer than the {expected} its Rows ({rows}) x Columns "
-            f"({cols}) x frames ({frames}) x samples ({samples}) x Bits Allocated ({bits}) declare"
-        )
+class _Values:
+    """The converted values :func:`headers_from_dataset` reads, in place of a ``Dataset``."""
 
+    def __init__(self, values: Mapping[str, Any], known: tuple[str, ...],
+                 file_meta: _Values | None = None) -> None:
+        self._values = values
+        self._known = known
+        self.file_meta = file_meta
 
-def sequence_depth(ds: Dataset, limit: int) -> int:
-    """How deep sequences nest in ``ds``, counting no further than ``limit`` + 1."""
-    deepest = 0
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                deepest = max(deepest, 1 + sequence_depth(item, limit - 1) if limit > 0 else 1)
-                if deepest > limit:
-                    return deepest
-    return deepest
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self._known:
+            raise RuntimeError(f"{key} is read by headers_from_dataset: add it to INDEXED_KEYWORDS")
+        return self._values.get(key, default)
 
 
 DEFAULT_MAX_SEQUENCE_DEPTH = 64
@@ -358,14 +291,34 @@ def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_D
     Sequences nested deeper than ``max_sequence_depth`` are refused: no real object nests more
     than a handful of levels, and a reference receiver crashed on thousands (RELIABILITY-NOTES).
 
-    The answer is always that of :func:`read_headers_pydicom`; the raw walk (see the module
-    docstring) gives it about ten times faster when it can.
+    The answer is always that of :func:`read_headers_pydicom`; the raw walk (:mod:`.walk`)
+    gives it several times faster where it can (``bench/header_walk.py``).
     """
-    if _fast_path_applies():
-        headers = _read_headers_fast(path, max_sequence_depth)
-        if headers is not None:
-            return headers
+    headers = _read_headers_fast(path, max_sequence_depth)
+    if headers is not None:
+        return headers
     return read_headers_pydicom(path, max_sequence_depth=max_sequence_depth)
+
+
+def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
+    """The headers by the raw walk, or None where the full parse must decide."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = walk_header(f, INDEXED_KEYWORDS, file_size=size, max_sequence_depth=max_depth)
+            pixel_length = None
+            if header.pixel_data_at is not None:
+                f.seek(header.pixel_data_at)
+                pixel_length = check_pixel_extent(f, transfer_syntax_uid=header.transfer_syntax_uid,
+                                                  file_size=size)
+    except DicomInputError:
+        raise  # a Pixel Data extent the file does not hold: the full parse refuses it alike
+    except (NotWalkable, Exception):  # noqa: BLE001 - or any surprise: the full parse decides
+        return None
+    elements = _Values(header.values, INDEXED_KEYWORDS, _Values(header.file_meta, META_KEYWORDS))
+    headers = headers_from_dataset(elements, transfer_syntax_uid=header.transfer_syntax_uid)
+    _check_pixel_length(elements, pixel_length)
+    return headers
 
 
 def read_headers_pydicom(
@@ -400,7 +353,7 @@ def read_headers_pydicom(
         headers = headers_from_dataset(ds, transfer_syntax_uid=ts)
     except UidMissing as err:
         raise _explain_missing(path, ds, err) from err
-    check_pixel_length(ds, length=pixel_length)
+    _check_pixel_length(ds, pixel_length)
     return headers
 
 
@@ -418,8 +371,8 @@ def _element_name(tag: BaseTag) -> str:
 
 
 def _convert_all(ds: Dataset, levels_left: int, *, top: bool) -> int:
-    """Convert every element of ``ds`` (and its items); return its sequence depth (as
-    :func:`sequence_depth` counts, no further than one past ``levels_left``)."""
+    """Convert every element of ``ds`` (and its items); return its sequence depth (a sequence's
+    item is depth 1, an item nested in it depth 2; no further than one past ``levels_left``)."""
     deepest = 0
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
@@ -449,7 +402,10 @@ def _convert_all(ds: Dataset, levels_left: int, *, top: bool) -> int:
     return deepest
 
 
-_DICOM_VRS = frozenset(vr.decode() for vr in ENCODED_VR if len(vr) == 2)
+_DICOM_VRS = frozenset(vr.value for vr in VR if len(vr.value) == 2)
+
+
+_MAX_SEARCH = 16 << 20  # bytes searched for a hidden UID
 
 
 def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputError:
@@ -460,16 +416,16 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
     if tag is None:
         return err
     try:
-        data = path.read_bytes()[:_MAX_READ]
+        data = path.read_bytes()[:_MAX_SEARCH]
     except OSError:
         return err
     meta_end = 132
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    little = ts != _BIG_ENDIAN_TS
+    little = ts != ExplicitVRBigEndian
     needle = struct.pack("<HH" if little else ">HH", tag >> 16, tag & 0xFFFF)
     at = data.find(needle, meta_end)
     while at != -1:
-        if ts == _IMPLICIT_TS or data[at + 4:at + 6] == b"UI":
+        if ts == ImplicitVRLittleEndian or data[at + 4:at + 6] == b"UI":
             break
         at = data.find(needle, at + 1)
     if at == -1:
@@ -487,7 +443,7 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
     for start, elem_tag, raw in placed:
         length = getattr(raw, "length", 0) or 0
         out_of_order = previous is not None and elem_tag <= previous[1]
-        past_end = length != _UNDEFINED and start + length > len(data)
+        past_end = length != 0xFFFFFFFF and start + length > len(data)
         if out_of_order or past_end:
             after = (f"after {_element_name(previous[1])} at byte {previous[0]}"
                      if previous is not None else "at the start")
@@ -499,360 +455,3 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
     return CannotUnderstand(  # the cause first: an Error Comment holds 64 characters
         f"broken encoding hides {err.keyword} (byte {at}): {where}"
     )
-
-
-# -- the raw walk ------------------------------------------------------------------------------
-
-#: The data set keywords :func:`headers_from_dataset` reads; the raw walk converts exactly these
-#: (a keyword missing here fails loudly in :meth:`_Values.get`, and the corpus tests).
-INDEXED_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
-    "IssuerOfPatientID", "PatientName", "PatientSex", "PatientBirthDate", "PatientAge", "StudyDate",
-    "StudyTime", "AccessionNumber", "StudyDescription", "ReferringPhysicianName", "Modality",
-    "BodyPartExamined", "SeriesDescription", "SeriesNumber", "InstanceNumber", "ImageType",
-    "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
-    "SpecificCharacterSet", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-)
-#: The file meta keywords it reads.
-META_KEYWORDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
-
-
-def _tags(keywords: tuple[str, ...]) -> dict[int, str]:
-    out = {}
-    for kw in keywords:
-        tag = tag_for_keyword(kw)
-        assert tag is not None, kw
-        out[tag] = kw
-    return out
-
-
-_INDEXED_TAGS = _tags(INDEXED_KEYWORDS)
-_META_TAGS = _tags(META_KEYWORDS)
-_CHARSET_TAG = 0x00080005
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where stop_before_pixels stops
-_ITEM_TAG, _ITEM_END_TAG, _SEQ_END_TAG = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_ELEMENT = struct.Struct("<HH2sH")  # tag, VR, 16-bit length (explicit VR little endian)
-_ITEM_HEADER = struct.Struct("<HHL")  # item and delimiter headers: tag, 32-bit length
-_U32 = struct.Struct("<L")
-_LONG_VR = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # 32-bit length, as pydicom reads
-_VALID_VR = frozenset(vr for vr in ENCODED_VR if len(vr) == 2)
-# Whether pydicom's conversion of a value (pydicom.values.convert_value, with the settings
-# _fast_path_applies requires) can raise, by VR. It cannot for latin-1 decoding and splitting, or
-# bytes as they are, nor for DS (DSfloat only raises ValueError, which convert_value catches and
-# answers by trying other VRs) ...
-_NEVER_FAIL = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"TM", b"UI", b"UR",
-                         b"OB", b"OD", b"OF", b"OL", b"OV", b"OW"})
-# ... nor for binary numbers whose length is a multiple of the value size ...
-_FIXED_SIZE = {b"AT": 4, b"FD": 8, b"FL": 4, b"SL": 4, b"SS": 2, b"SV": 8, b"UL": 4, b"US": 2, b"UV": 8}
-# ... nor for text in a character set when it is plain ASCII (every DICOM character set decodes
-# ASCII as ASCII). Other text, and IS (IS("1e400") raises OverflowError), is converted by pydicom
-# to find out.
-_TEXT = frozenset({b"LO", b"LT", b"PN", b"SH", b"ST", b"UC", b"UT"})
-_CONVERTED = frozenset({b"IS"})
-_VR_NAME = {vr: vr.decode() for vr in _VALID_VR}
-_FIRST_READ = 16 << 10
-_MAX_READ = 16 << 20  # headers bigger than this (huge private blobs) go to pydicom
-
-
-class _Fallback(Exception):
-    """The raw walk is not certain of the pydicom answer: parse with pydicom."""
-
-
-class _NeedMore(Exception):
-    """The bytes read so far end inside the header."""
-
-
-class _Values:
-    """The converted values :func:`headers_from_dataset` reads, in place of a ``Dataset``."""
-
-    def __init__(self, values: Mapping[str, Any], known: tuple[str, ...],
-                 file_meta: _Values | None = None) -> None:
-        self._values = values
-        self._known = known
-        self.file_meta = file_meta
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key not in self._known:
-            raise RuntimeError(f"{key} is read by headers_from_dataset: add it to INDEXED_KEYWORDS")
-        return self._values.get(key, default)
-
-
-def _fast_path_applies() -> bool:
-    """The raw walk's reasoning about which conversions can fail holds for pydicom's defaults and
-    the listener's settings (reading validation IGNORE), not for every configuration."""
-    hooks = pydicom.hooks.hooks
-    return (
-        pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE
-        and not pydicom_config.datetime_conversion
-        and not pydicom_config.use_DS_decimal
-        and not pydicom_config.use_DS_numpy
-        and not pydicom_config.use_IS_numpy
-        and pydicom_config.data_element_callback is None
-        and hooks.raw_element_vr is pydicom.hooks.raw_element_vr
-        and hooks.raw_element_value is pydicom.hooks.raw_element_value
-        and not hooks.raw_element_kwargs
-    )
-
-
-def _convert(tag: int, vr: bytes, buf: bytes, at: int, length: int, encodings: str | list[str]) -> Any:
-    """A value exactly as ``Dataset.__getitem__`` converts it (explicit VR little endian): for a
-    VR other than UN, pydicom's default ``raw_element_vr`` hook keeps the VR and its
-    ``raw_element_value`` hook is ``convert_value`` (plus a fix for LUT descriptors, which are
-    never converted here: see the assertion below), so ``convert_value`` is called directly.
-
-    Most values repeat from one instance of a series to the next (UIDs, names, descriptions,
-    orientation, pixel spacing...), and a conversion depends only on the VR, the bytes and the
-    character sets, so short values are remembered: of the ~30 conversions per CT slice, ~3 are
-    new. The values are only read (:func:`headers_from_dataset`), never changed.
-    """
-    value = buf[at:at + length]
-    key = (vr, value, encodings if isinstance(encodings, str) else tuple(encodings))
-    converted = _converted.get(key, _MISSING)
-    if converted is _MISSING:
-        vr_s = _VR_NAME[vr]
-        raw = RawDataElement(BaseTag(tag), vr_s, length,
-                             value if length else cast(bytes | None, empty_value_for_VR(vr_s, raw=True)),
-                             at, False, True)
-        converted = convert_value(vr_s, raw, encodings)
-        if 0 < length <= _CACHED_LENGTH:  # (an empty value's conversion depends on the config)
-            if len(_converted) >= _CACHED_VALUES:
-                _converted.clear()
-            _converted[key] = converted
-    return converted
-
-
-_MISSING = object()
-_CACHED_LENGTH = 256
-_CACHED_VALUES = 4096
-_converted: dict[tuple[bytes, bytes, str | tuple[str, ...]], Any] = {}
-
-
-assert not (set(_INDEXED_TAGS) | set(_META_TAGS)) & set(_LUT_DESCRIPTOR_TAGS)
-
-
-class _Walk:
-    """One pass over the raw header bytes of an explicit VR little endian file (the hot loop of
-    the ingest path: written for speed, every check inline)."""
-
-    def __init__(self, buf: bytes, complete: bool) -> None:
-        self.buf = buf
-        self.end = len(buf)
-        self.complete = complete  # buf holds the whole file
-        self.pixel_at: int | None = None
-        self.encodings: str | list[str] = "iso8859"  # the top level's, as read_dataset sets it
-        self.top: dict[int, tuple[bytes, int, int]] = {}  # indexed tag -> (VR, value at, length)
-        self.meta: dict[int, tuple[bytes, int, int]] = {}
-
-    def short(self) -> NoReturn:
-        """The bytes end inside an element: read more, or (the file ends there) let pydicom say
-        what it makes of a truncated header."""
-        raise _Fallback("truncated") if self.complete else _NeedMore()
-
-    def header(self, pos: int) -> tuple[int, bytes, int, int]:
-        """(tag, VR, length, value position) of the element header at ``pos``."""
-        if pos + 8 > self.end:
-            self.short()
-        group, elem, vr, length = _ELEMENT.unpack_from(self.buf, pos)
-        if vr in _LONG_VR:
-            if pos + 12 > self.end:
-                self.short()
-            return group << 16 | elem, vr, _U32.unpack_from(self.buf, pos + 8)[0], pos + 12
-        if vr not in _VALID_VR:
-            raise _Fallback(f"VR {vr!r}")
-        return group << 16 | elem, vr, length, pos + 8
-
-    def file_meta(self) -> int:
-        """Walk the File Meta group; returns where the data set starts."""
-        if self.end < 132:
-            self.short()
-        if self.buf[128:132] != b"DICM":
-            raise _Fallback("no DICM prefix")
-        pos, prev = 132, -1
-        while True:
-            if pos == self.end and self.complete:
-                raise _Fallback("no data set")
-            tag, vr, length, at = self.header(pos)
-            if tag >> 16 != 2:
-                if tag >> 16 == 0:
-                    raise _Fallback("command set elements")
-                return pos
-            if tag <= prev or vr == b"SQ" or length == _UNDEFINED:
-                raise _Fallback("unusual file meta")
-            prev = tag
-            pos = at + length
-            if pos > self.end:
-                self.short()
-            if vr in _TEXT:
-                self.check(tag, vr, at, pos, "iso8859")
-            elif not (vr in _NEVER_FAIL or (vr in _FIXED_SIZE and not length % _FIXED_SIZE[vr])):
-                raise _Fallback("unusual file meta")
-            if tag in _META_TAGS:
-                self.meta[tag] = (vr, at, length)
-
-    def check(self, tag: int, vr: bytes, at: int, end: int, encodings: str | list[str]) -> None:
-        """Make sure pydicom converts this text or DS/IS value without an exception."""
-        if vr in _TEXT:
-            chunk = self.buf[at:end]
-            if chunk.isascii() and b"\x1b" not in chunk:
-                return
-            if tag < _CHARSET_TAG:
-                raise _Fallback("text before the character set")
-        try:
-            _convert(tag, vr, self.buf, at, end - at, encodings)
-        except Exception as err:
-            raise _Fallback("value does not convert") from err
-
-    def dataset(self, pos: int, stop: int | None, *, top: bool, levels_left: int,
-                encodings: str | list[str]) -> tuple[int, int]:
-        """Walk a data set from ``pos``: the top level (up to Pixel Data or the end), an item of
-        ``stop - pos`` bytes, or (``stop`` None) an item up to its delimiter. Returns the position
-        after it and its sequence depth (as :func:`sequence_depth` counts)."""
-        buf, end, unpack, u32 = self.buf, self.end, _ELEMENT.unpack_from, _U32.unpack_from
-        depth, prev = 0, -1
-        while True:
-            if stop is not None:
-                if pos >= stop:
-                    if pos != stop:
-                        raise _Fallback("item length")
-                    return pos, depth
-            elif top and pos == end and self.complete:
-                return pos, depth
-            if pos + 8 > end:
-                self.short()
-            group, elem, vr, length = unpack(buf, pos)
-            if group == 0xFFFE:  # an item delimiter (it has no VR: the "VR" is its length)
-                if not top and stop is None and elem == 0xE00D and u32(buf, pos + 4)[0] == 0:
-                    return pos + 8, depth
-                raise _Fallback("misplaced delimiter")
-            tag = group << 16 | elem
-            if vr in _LONG_VR:
-                if pos + 12 > end:
-                    self.short()
-                length = u32(buf, pos + 8)[0]
-                at = pos + 12
-            elif vr in _VALID_VR:
-                at = pos + 8
-            else:
-                raise _Fallback(f"VR {vr!r}")
-            if top and tag in _PIXEL_TAGS:
-                self.pixel_at = pos
-                return pos, depth
-            if tag <= prev or (top and group in (0, 2)):
-                raise _Fallback("tags out of order")
-            prev = tag
-            if vr == b"SQ":
-                if top and tag in _INDEXED_TAGS:
-                    raise _Fallback("an indexed element holds a sequence")
-                pos, d = self.sequence(at, None if length == _UNDEFINED else at + length,
-                                       levels_left=levels_left, encodings=encodings)
-                depth = max(depth, d)
-                continue
-            if length == _UNDEFINED:
-                raise _Fallback("undefined length value")
-            pos = at + length
-            if pos > end:
-                self.short()
-            indexed = top and tag in _INDEXED_TAGS
-            if vr in _NEVER_FAIL:
-                pass
-            elif vr in _FIXED_SIZE:
-                if length % _FIXED_SIZE[vr]:
-                    raise _Fallback(f"{vr!r} value of {length} bytes")
-            elif vr in _TEXT or vr in _CONVERTED:
-                if not indexed:  # indexed values are converted afterwards (failing: fall back)
-                    self.check(tag, vr, at, pos, encodings)
-            else:
-                raise _Fallback(f"VR {vr!r}")
-            if indexed:
-                self.top[tag] = (vr, at, length)
-            if tag == _CHARSET_TAG:  # this data set's own character set, as pydicom reads it
-                try:
-                    encodings = convert_encodings(_convert(tag, vr, buf, at, length, "iso8859"))
-                except Exception as err:
-                    raise _Fallback("character set") from err
-                if top:
-                    self.encodings = encodings
-
-    def sequence(self, pos: int, stop: int | None, *, levels_left: int,
-                 encodings: str | list[str]) -> tuple[int, int]:
-        """Walk a sequence's items (to ``stop``, or to its delimiter); returns the position after
-        it and its depth (0 without items)."""
-        depth = 0
-        while True:
-            if stop is not None and pos >= stop:
-                if pos != stop:
-                    raise _Fallback("sequence length")
-                return pos, depth
-            if pos + 8 > self.end:
-                self.short()
-            group, elem, length = _ITEM_HEADER.unpack_from(self.buf, pos)
-            tag = group << 16 | elem
-            if stop is None and tag == _SEQ_END_TAG:
-                if length != 0:
-                    raise _Fallback("sequence delimiter length")
-                return pos + 8, depth
-            if tag != _ITEM_TAG:
-                raise _Fallback("not an item")
-            if levels_left <= 0:
-                raise _Fallback("nested too deep")  # pydicom's parse gives the refusal
-            item_stop = None if length == _UNDEFINED else pos + 8 + length
-            pos, d = self.dataset(pos + 8, item_stop, top=False, levels_left=levels_left - 1,
-                                  encodings=encodings)
-            depth = max(depth, 1 + d)
-
-
-def _explicit_little(meta: Mapping[str, Any]) -> str:
-    """The transfer syntax, when pydicom reads the data set as explicit VR little endian."""
-    ts = meta.get("TransferSyntaxUID")
-    if (not isinstance(ts, str)
-            or ts in (ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
-            or ts in PrivateTransferSyntaxes):
-        raise _Fallback("not (surely) explicit VR little endian")
-    return str(ts)
-
-
-def _walk(f: BinaryIO, size: int, max_depth: int) -> tuple[_Walk, dict[str, Any], str]:
-    """Walk the header of ``f``, reading more of it while it does not fit."""
-    read = min(size, _FIRST_READ)
-    while True:
-        f.seek(0)
-        buf = f.read(read)
-        walk = _Walk(buf, len(buf) >= size)
-        try:
-            start = walk.file_meta()
-            meta = {_META_TAGS[t]: _convert(t, vr, buf, at, n, "iso8859")
-                    for t, (vr, at, n) in walk.meta.items()}
-            ts = _explicit_little(meta)
-            walk.dataset(start, None, top=True, levels_left=max_depth, encodings="iso8859")
-            return walk, meta, ts
-        except _NeedMore:
-            if read >= _MAX_READ or read >= size:
-                raise _Fallback("header too large") from None
-            read = min(size, read * 8)
-
-
-def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
-    """The headers by the raw walk, or None where the full parse must decide."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            walk, meta, ts = _walk(f, size, max_depth)
-            buf, encodings = walk.buf, walk.encodings
-            values = {  # as Dataset.__getitem__ converts them (the character set itself in latin-1)
-                _INDEXED_TAGS[t]: _convert(t, vr, buf, at, n,
-                                           "iso8859" if t == _CHARSET_TAG else encodings)
-                for t, (vr, at, n) in walk.top.items()
-            }
-            pixel_length = None
-            if walk.pixel_at is not None:
-                f.seek(walk.pixel_at)
-                pixel_length = check_pixel_extent(f, transfer_syntax_uid=ts, file_size=size)
-    except (IdentifiersMissing, CannotUnderstand):
-        raise
-    except Exception:  # noqa: BLE001 - _Fallback, or any surprise: the full parse decides
-        return None
-    elements = _Values(values, INDEXED_KEYWORDS, _Values(meta, META_KEYWORDS))
-    headers = headers_from_dataset(elements, transfer_syntax_uid=ts)
-    check_pixel_length(elements, length=pixel_length)
-    return headers

@@ -13,7 +13,7 @@ it while it hashes the file, ~0.5 ms), the rename and directory fsync (~0.4 ms),
 one WAL fsync with ``synchronous=FULL``, ~0.6 ms, kept: in WAL mode NORMAL may lose the last
 commits on power loss, i.e. acknowledged instances would vanish from the index; PostgreSQL: its
 WAL flush and six round trips: pool pre-ping, BEGIN, lock, read, writes, COMMIT). The CPU part is
-the header parse, ~0.2-0.3 ms (a raw walk, :mod:`.headers`, where the full pydicom parse took
+the header parse, ~0.2-0.3 ms (a raw walk, :mod:`.walk`, where the full pydicom parse took
 ~2 ms), and the index transaction, ~0.2 ms of driver SQL on a pooled DBAPI connection
 (:mod:`.index`, :mod:`audit.chain`), where SQLAlchemy's session, statement construction, cache
 keys and parameter processing took ~5 ms. Tried and left out: running the header parse beside

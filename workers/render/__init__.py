@@ -2,13 +2,13 @@
 
 Pure functions over index rows and files (no Celery, no database)::
 
-    instances = instances_from_files(paths)          # or InstanceInputs built from index rows
+    instances = instances_from_files(paths)          # or instance_input() over index rows
     rendered = render_study(instances, RenderSettings())
     write_render_output(rendered, out_dir)
 """
 
 from .errors import NothingRenderable, RulesError, SeriesRenderError
-from .headers import instance_from_dataset, instances_from_files
+from .inputs import instance_input, instances_from_files
 from .model import InstanceInput, InstanceList, KeyImage, RenderedStudy, SeriesDecision
 from .output import render_files, write_render_output
 from .rules import load_rules
@@ -23,7 +23,7 @@ __all__ = [
     "RulesError",
     "SeriesDecision",
     "SeriesRenderError",
-    "instance_from_dataset",
+    "instance_input",
     "instances_from_files",
     "load_rules",
     "render_files",
