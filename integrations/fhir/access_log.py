@@ -57,7 +57,7 @@ import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import Engine
 
-from audit.chain import AuditEvent, chain_sql, link, record_many
+from audit.chain import ChainEvent, chain_sql, link, record_many
 from reporting.fhir.timing import instant
 from ground.clock import utcnow
 from ground.db import session_scope
@@ -79,7 +79,7 @@ class _Event:
         self.done = self.loop.create_future()
 
 
-def chain_events(batch: Sequence[_Event]) -> list[AuditEvent]:
+def chain_events(batch: Sequence[_Event]) -> list[ChainEvent]:
     """The chain records of a batch: one per (caller, action), each listing its events in order."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for event in batch:
@@ -88,7 +88,7 @@ def chain_events(batch: Sequence[_Event]) -> list[AuditEvent]:
     events = []
     for (actor, action, outcome), items in groups.items():
         types = {i["entity_type"] for i in items}
-        events.append(AuditEvent(
+        events.append(ChainEvent(
             action=action,
             actor=actor,
             entity_type=types.pop() if len(types) == 1 else "*",
@@ -258,7 +258,7 @@ class _LoopWriter:
                 failure = err
             _settle([e.done for e in batch], failure)
 
-    async def _append(self, events: list[AuditEvent]) -> None:
+    async def _append(self, events: list[ChainEvent]) -> None:
         sql = _ASYNCPG_CHAIN
         for attempt in (1, 2):
             if self._conn is None or self._conn.is_closed():
