@@ -180,6 +180,7 @@ def serve(
     from integrations.dicom.storage import LocalStorage
     from integrations.fhir.app import create_app
     from workers.celery_app import is_embedded
+    from workers.dicom_objects import store_verified_sr
     from workers.metrics import render_metrics
     from workers.pipeline import Dispatcher, Sweeper
     from workers.service import PipelineContext
@@ -212,7 +213,7 @@ def serve(
         sweeper = Sweeper(dispatcher, settings.study.sweep_interval * 4)
         sweeper.start()
         atna = _start_atna(settings, engine)
-        api = create_app(settings, engine)
+        api = create_app(settings, engine, store_verified_sr=store_verified_sr)
 
         @api.get("/metrics", include_in_schema=False)
         def _metrics() -> Response:

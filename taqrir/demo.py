@@ -89,8 +89,9 @@ def _start_api(settings: Settings, engine: Engine) -> tuple[uvicorn.Server, thre
     import uvicorn
 
     from integrations.fhir.app import create_app
+    from workers.dicom_objects import store_verified_sr
 
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, store_verified_sr=store_verified_sr)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api.port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, name="demo-api", daemon=True)

@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from ground.db import make_engine
 from taqrir.settings import load_settings
 
+from workers.dicom_objects import store_verified_sr
+
 from .app import create_app
 
 
 def create() -> FastAPI:
     settings = load_settings()
-    return create_app(settings, make_engine(settings.database_url))
+    return create_app(settings, make_engine(settings.database_url), store_verified_sr=store_verified_sr)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ground.db import make_engine
 from ground.errors import TaqrirError
 from taqrir.settings import Settings
+from workers.dicom_objects import store_verified_sr
 
 from .app import create_app
 from .auth import InvalidScope, issue_token
@@ -68,7 +69,7 @@ def api(settings: Settings) -> None:
                     host=host, port=port, log_level=level, access_log=False)
         return
     engine = make_engine(settings.database_url)
-    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=level, access_log=False)
+    uvicorn.run(create_app(settings, engine, store_verified_sr=store_verified_sr), host=host, port=port, log_level=level, access_log=False)
 
 
 def token(settings: Settings, user: str, scopes: list[str], *, patient: str | None = None,
