@@ -1,8 +1,9 @@
 """What the read and search interactions do, once, whichever door the request came in by.
 
-:mod:`integrations.fhir.app` (FastAPI routes) and :mod:`integrations.fhir.fastpath` (the ASGI
-layer in front of them for the hot requests) both call :func:`read_resource` and
-:func:`search_resources` and turn errors into responses with :func:`error_response`: the scope
+The FastAPI routes (:mod:`~integrations.fhir.read_routes`, :mod:`~integrations.fhir.search_routes`)
+and :mod:`integrations.fhir.fastpath` (the ASGI layer in front of them for the hot requests) both
+call :func:`read_resource` and :func:`search_resources` and turn errors into responses with
+:func:`error_response`: the scope
 checks, patient compartment, SQL, audit record, body and headers cannot drift apart between the
 two paths because there is only one of each.
 """

@@ -80,7 +80,7 @@ class _Pool:
     """A minimal pool of connections bound to one event loop.
 
     asyncpg's own pool resets every connection on release (one more round trip per request) and
-    psycopg_pool's async pool measured about 0.2 ms of CPU per checkout here; this one is a list
+    psycopg_pool's async pool cost more CPU per checkout (``bench/README.md``); this one is a list
     and a queue of waiters. A connection whose query failed other than with a PostgreSQL error
     (connection lost, cancelled mid-query) is closed rather than returned."""
 

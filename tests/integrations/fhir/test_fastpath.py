@@ -255,13 +255,11 @@ def test_the_fast_path_takes_only_valid_gets_of_read_and_search() -> None:
 
     assert {t.value for t in ResourceType} == set(RESOURCE_TYPES)  # the types the fast path routes
 
-    class _Auditor:
-        async def record(self, **_: Any) -> None:
-            return None
-
     class _Api:
         verifier = _Verifier()
-        auditor = _Auditor()
+
+        async def record_access(self, **_: Any) -> None:
+            return None
 
     downstream = _Downstream()
     layer = FastPath(downstream, _Api())  # type: ignore[arg-type]
