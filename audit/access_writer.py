@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import anyio.to_thread
@@ -260,8 +261,7 @@ def access_writer(engine: Engine, *, linger_s: float = 0.0, max_batch: int = 500
     """The access writer for ``engine``'s database: asyncpg on PostgreSQL, the ORM session elsewhere."""
     new_appender: Callable[[], BatchAppender]
     if engine.dialect.name == "postgresql":
-        dsn = asyncpg_dsn(engine)
-        new_appender = lambda: AsyncpgAppender(dsn)  # noqa: E731
+        new_appender = partial(AsyncpgAppender, asyncpg_dsn(engine))
     else:
-        new_appender = lambda: SessionAppender(engine)  # noqa: E731
+        new_appender = partial(SessionAppender, engine)
     return AccessWriter(new_appender, max_batch=max_batch, timeout_s=timeout_s, linger_s=linger_s)

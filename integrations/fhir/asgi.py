@@ -10,7 +10,6 @@ from fastapi import FastAPI
 
 from ground.db import make_engine
 from taqrir.settings import load_settings
-
 from workers.dicom_objects import store_verified_sr
 
 from .app import create_app
