@@ -82,7 +82,7 @@ def _hashed_fields(rec: AuditRecord) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class AuditEvent:
+class ChainEvent:
     """One event to append (the keyword arguments of :func:`record`)."""
 
     action: str
@@ -130,7 +130,7 @@ class ChainRow:
                            details=self.details, prev_hash=self.prev_hash, hash=self.hash)
 
 
-def link(head: tuple[int, str] | None, events: Sequence[AuditEvent]) -> list[ChainRow]:
+def link(head: tuple[int, str] | None, events: Sequence[ChainEvent]) -> list[ChainRow]:
     """The records that append ``events``, in order, after ``head`` ((seq, hash) of the last
     record, None for an empty chain): the one place records are built and hashed."""
     seq, prev_hash = head if head else (0, GENESIS)
@@ -207,7 +207,7 @@ def chain_sql(dialect: Dialect) -> ChainSql:
 
 
 def append(
-    cursor: Any, sql: ChainSql, head: tuple[int, str] | None, events: Sequence[AuditEvent]
+    cursor: Any, sql: ChainSql, head: tuple[int, str] | None, events: Sequence[ChainEvent]
 ) -> list[ChainRow]:
     """Append ``events`` after ``head`` on a DBAPI cursor, in the caller's transaction.
 
@@ -230,7 +230,7 @@ def lock_chain(session: Session) -> None:
     writer_lock(session)
 
 
-def _append_in_session(session: Session, events: Sequence[AuditEvent], *, lock: bool) -> list[ChainRow]:
+def _append_in_session(session: Session, events: Sequence[ChainEvent], *, lock: bool) -> list[ChainRow]:
     conn = session.connection()
     sql = chain_sql(conn.dialect)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -259,11 +259,11 @@ def record(
     ``details`` must hold no PHI beyond identifiers: it is exported to researchers.
     """
     lock_chain(session)
-    event = AuditEvent(action, actor, entity_type, entity_id, outcome, details or {})
+    event = ChainEvent(action, actor, entity_type, entity_id, outcome, details or {})
     return _append_in_session(session, [event], lock=False)[0].record()
 
 
-def record_many(session: Session, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+def record_many(session: Session, events: Sequence[ChainEvent]) -> list[AuditRecord]:
     """Append ``events`` to the chain, in order, inside the caller's transaction.
 
     The records are exactly those that calling :func:`record` once per event would write (same

@@ -106,7 +106,7 @@ def _entity_clause(rtype: str | None, rid: str) -> ColumnElement[bool]:
         return _T.c.entity_id == rid
     # entity_type through an expression no index serves: the planner then takes the selective
     # entity_id index (SQLite otherwise picked ix_audit_event_entity_type, a handful of values,
-    # and scanned: 167 ms against 0.3 ms on 200,000 records in bench/audit_events.py)
+    # and scanned, hundreds of times slower: bench/README.md, bench/audit_events.py)
     return and_(_T.c.entity_id == rid, func.coalesce(_T.c.entity_type, "") == rtype)
 
 

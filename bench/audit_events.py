@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 
-from audit.chain import AuditEvent, iter_records, record_many
+from audit.chain import ChainEvent, iter_records, record_many
 from audit.codes import actions_for_code
 from audit.query import DateRange, RecordQuery, find_records
 from integrations.fhir.audit_event import AuditSource, audit_event_json
@@ -39,7 +39,7 @@ def populate(url: str, n: int) -> None:
     start = datetime.now(UTC) - timedelta(days=30)
     batch = 5000
     for b in range(0, n, batch):
-        events = [AuditEvent(action=ACTIONS[i % len(ACTIONS)], actor=f"user{i % 500}", entity_type="DiagnosticReport",
+        events = [ChainEvent(action=ACTIONS[i % len(ACTIONS)], actor=f"user{i % 500}", entity_type="DiagnosticReport",
                              entity_id=f"r{i % 20000}", details={"version": 1, "params": ["patient"], "total": 1})
                   for i in range(b, min(n, b + batch))]
         with session_scope(engine) as s:

@@ -56,6 +56,7 @@ import psutil
 import psycopg
 from sqlalchemy import text
 
+from integrations.fhir.app import create_app
 from integrations.fhir.auth import issue_token
 from integrations.fhir.store import _content_hash, dumps, index_of
 from reporting.fhir import build_resources
@@ -66,16 +67,16 @@ from reporting.labels import with_labels
 from ground.db import make_engine, upgrade
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, draft_from_dicom
+from workers.dicom_objects import store_verified_sr
 
 ADMIN_URL = os.environ.get("TAQRIR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def make_app() -> Any:
     """uvicorn factory for the server processes (settings from TAQRIR_* variables)."""
-    from integrations.fhir.app import create_app
-
     settings = load_settings()
-    return create_app(settings, make_engine(settings.database_url, pool_size=20, max_overflow=20))
+    return create_app(settings, make_engine(settings.database_url, pool_size=20, max_overflow=20),
+                      store_verified_sr=store_verified_sr)
 
 
 # ---------------------------------------------------------------------------------------------

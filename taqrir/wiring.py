@@ -26,6 +26,7 @@ from integrations.dicom.signed_sr import SignedSrReader
 from storage import open_storage
 from integrations.fhir.app import create_app
 from workers.context import set_context_factory
+from workers.dicom_objects import store_verified_sr
 from workers.metrics import render_metrics
 from workers.pipeline import Dispatcher, Sweeper
 from workers.service import PipelineContext
@@ -144,7 +145,7 @@ def receiving(settings: Settings, engine: Engine, *, ctx: PipelineContext | None
 
 def api_app(settings: Settings, engine: Engine, *, metrics: bool = False) -> FastAPI:
     """The FHIR API; with ``metrics``, the pipeline's Prometheus metrics at ``/metrics`` too."""
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, store_verified_sr=store_verified_sr)
     if metrics:
         @app.get("/metrics", include_in_schema=False)
         def _metrics() -> Response:

@@ -29,7 +29,7 @@ from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func
 from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from audit.chain import AuditEvent, bind_processor, chain_sql, record_many
+from audit.chain import ChainEvent, bind_processor, chain_sql, record_many
 from ground.clock import utcnow
 from ground.db import writer_lock
 from storage import StoredFile
@@ -352,7 +352,7 @@ class Filing:
 
     result: IndexResult
     writes: list[Write]
-    events: tuple[AuditEvent, ...] = ()
+    events: tuple[ChainEvent, ...] = ()
 
 
 def plan_filing(

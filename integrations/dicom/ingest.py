@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from audit.chain import AuditEvent, link, record
+from audit.chain import ChainEvent, link, record
 from ground.db import session_scope
 from storage import Storage, StorageFailure, StoredFile, key_component
 
@@ -176,7 +176,7 @@ def _file_locked(
             existing=existing, known=state.known,
         )
         result = filing.result
-        audit = link(state.chain_head, [AuditEvent(
+        audit = link(state.chain_head, [ChainEvent(
             action=f"instance.{result.outcome.value}",
             actor=calling_ae,
             entity_type="Instance",

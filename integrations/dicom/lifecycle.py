@@ -44,7 +44,7 @@ from sqlalchemy import bindparam, text
 from sqlmodel import Session
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from audit.chain import AuditEvent, record
+from audit.chain import ChainEvent, record
 from ground.clock import utcnow
 from ground.db import writer_lock
 from ground.errors import PermanentError
@@ -169,7 +169,7 @@ class Arrival:
 
     decision: Decision
     write: Write
-    event: AuditEvent | None
+    event: ChainEvent | None
 
 
 class ArrivalSql:
@@ -217,7 +217,7 @@ def arrival(
     if decision.state.value != state:
         columns += ("state_changed_at",)
         values.append(bound_now)
-        event = AuditEvent(action=audit_action(decision.state), actor=actor, entity_type="Study",
+        event = ChainEvent(action=audit_action(decision.state), actor=actor, entity_type="Study",
                            entity_id=study_uid,
                            details={"version": decision.version, "from": state, "new_version": decision.new_version})
     if decision.new_version:

@@ -24,7 +24,7 @@ id, so the ``client`` agent is absent; ``entity[query].query`` holds ``<type>?<q
 rebuilt from the recorded parameters and values (records older than that keep only the names);
 ``meta.profile`` therefore claims no BALP
 profile. Records written by group commit that hold several accesses (see
-:mod:`integrations.fhir.access_log`) become one AuditEvent with an entity per access.
+:mod:`audit.access_writer`) become one AuditEvent with an entity per access.
 
 The record's place in the chain (``prev_hash``, ``hash``, the raw ``action``) travels in the
 extension :data:`CHAIN_EXTENSION`, so an auditor can re-verify a page without the database.

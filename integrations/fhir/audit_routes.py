@@ -20,7 +20,7 @@ Search parameters (R4 auditevent.html#search, search.html):
 Access needs a scope that *names* AuditEvent: ``user/AuditEvent.rs`` or ``system/AuditEvent.rs``
 (``.r`` to read one, ``.s`` to search); wildcard scopes (``user/*.rs``) and patient scopes do not
 open the audit trail. Every read and search of it is itself recorded (``audit.read``,
-``audit.search``, DICOM 110101 Audit Log Used) through the API's access auditor before the
+``audit.search``, DICOM 110101 Audit Log Used) through the API's access recorder before the
 response is sent.
 """
 
@@ -43,6 +43,7 @@ from ground.clock import utcnow
 from .audit_event import AuditSource, audit_event, audit_event_json
 from .auth import Principal
 from .errors import Forbidden, InvalidRequest, NotFound
+from .deps import ApiDep
 from .interactions import FhirApi
 from .responses import fhir_response, openapi_responses
 
@@ -203,52 +204,52 @@ def _bundle(entries: list[tuple[str, str]], links: list[tuple[str, str]], total:
     return text[:-1] + ',"entry":[' + ",".join(parts) + "]}"
 
 
-def audit_router(api: FhirApi) -> APIRouter:
-    """The AuditEvent routes for ``api`` (include before the generic ``/fhir/{type}`` routes)."""
-    router = APIRouter(tags=["audit"])
+router = APIRouter(tags=["audit"])
+"""The AuditEvent routes (include before the generic ``/fhir/{type}`` routes: AuditEvent is not a stored type)."""
+
+
+def _body(api: FhirApi, rec: Any) -> str:
     source = AuditSource(base_url=api.base_url, ae_title=api.settings.listener.ae_title, site="Taqrir")
+    if api.mode == "model":
+        return str(audit_event(rec, source).model_dump_json())
+    return json.dumps(audit_event_json(rec, source), ensure_ascii=False, separators=(",", ":"))
 
-    def body(rec: Any) -> str:
-        if api.mode == "model":
-            return str(audit_event(rec, source).model_dump_json())
-        return json.dumps(audit_event_json(rec, source), ensure_ascii=False, separators=(",", ":"))
 
-    @router.get("/fhir/AuditEvent", response_class=Response,
-                responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
-    async def search_audit(request: Request, authorization: Annotated[str | None, Header()] = None) -> Response:
-        """Search the audit trail (see the module docstring for the parameters)."""
-        principal = api.verifier.verify(authorization)
-        require_audit_scope(principal, "s")
-        pairs = list(request.query_params.multi_items())
-        q = parse_audit_search(pairs, api.settings.api.page_max)
-        page = await api.query(lambda conn: find_records(conn, q))
-        entries = [(f"{api.base_url}/AuditEvent/{r.seq}", body(r)) for r in page.records]
-        kept = [(k, v) for k, v in pairs if k != "_cursor"]
-        self_url = f"{api.base_url}/AuditEvent" + ("?" + urlencode(pairs) if pairs else "")
-        links = [("self", self_url)]
-        if page.next_cursor is not None:
-            links.append(("next", f"{api.base_url}/AuditEvent?" + urlencode([*kept, ("_cursor", str(page.next_cursor))])))
-        await api.auditor.record(action="audit.search", actor=principal.subject, entity_type=RTYPE,
-                                 details={"params": sorted({k for k, _ in pairs}), "total": page.total,
-                                          "returned": [f"AuditEvent/{r.seq}" for r in page.records]})
-        return fhir_response(_bundle(entries, links, page.total))
+@router.get("/fhir/AuditEvent", response_class=Response,
+            responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
+async def search_audit(request: Request, api: ApiDep, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """Search the audit trail (see the module docstring for the parameters)."""
+    principal = api.verifier.verify(authorization)
+    require_audit_scope(principal, "s")
+    pairs = list(request.query_params.multi_items())
+    q = parse_audit_search(pairs, api.settings.api.page_max)
+    page = await api.query(lambda conn: find_records(conn, q))
+    entries = [(f"{api.base_url}/AuditEvent/{r.seq}", _body(api, r)) for r in page.records]
+    kept = [(k, v) for k, v in pairs if k != "_cursor"]
+    self_url = f"{api.base_url}/AuditEvent" + ("?" + urlencode(pairs) if pairs else "")
+    links = [("self", self_url)]
+    if page.next_cursor is not None:
+        links.append(("next", f"{api.base_url}/AuditEvent?" + urlencode([*kept, ("_cursor", str(page.next_cursor))])))
+    await api.record_access(action="audit.search", actor=principal.subject, entity_type=RTYPE,
+                            details={"params": sorted({k for k, _ in pairs}), "total": page.total,
+                                     "returned": [f"AuditEvent/{r.seq}" for r in page.records]})
+    return fhir_response(_bundle(entries, links, page.total))
 
-    @router.get("/fhir/AuditEvent/{record_id}", response_class=Response,
-                responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
-    async def read_audit(record_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
-        """One AuditEvent by id (the chain record's sequence number)."""
-        principal = api.verifier.verify(authorization)
-        require_audit_scope(principal, "r")
-        if not _DIGITS.fullmatch(record_id):
-            raise NotFound(f"AuditEvent/{record_id} is not known (ids are record numbers)")
-        rec = await api.query(lambda conn: get_record(conn, int(record_id)))
-        if rec is None:
-            raise NotFound(f"AuditEvent/{record_id} is not known")
-        await api.auditor.record(action="audit.read", actor=principal.subject, entity_type=RTYPE, entity_id=record_id,
-                                 details={})
-        return fhir_response(body(rec), headers={"Last-Modified": _http_date(rec.at)})
 
-    return router
+@router.get("/fhir/AuditEvent/{record_id}", response_class=Response,
+            responses=openapi_responses(200, 400, 401, 403, 404, 500, 503))
+async def read_audit(record_id: str, api: ApiDep, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """One AuditEvent by id (the chain record's sequence number)."""
+    principal = api.verifier.verify(authorization)
+    require_audit_scope(principal, "r")
+    if not _DIGITS.fullmatch(record_id):
+        raise NotFound(f"AuditEvent/{record_id} is not known (ids are record numbers)")
+    rec = await api.query(lambda conn: get_record(conn, int(record_id)))
+    if rec is None:
+        raise NotFound(f"AuditEvent/{record_id} is not known")
+    await api.record_access(action="audit.read", actor=principal.subject, entity_type=RTYPE, entity_id=record_id,
+                            details={})
+    return fhir_response(_body(api, rec), headers={"Last-Modified": _http_date(rec.at)})
 
 
 def _http_date(at: datetime) -> str:

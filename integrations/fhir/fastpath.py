@@ -6,9 +6,8 @@ resolution (the principal, the ``Request``), enum and pattern validation of the 
 exception-handler wrappers and response adapters. For the two interactions that make nearly all
 the traffic this layer does the routing itself with a split and a set lookup, and calls the very
 functions the FastAPI routes call (:mod:`integrations.fhir.interactions`), so both paths answer
-with the same status, headers, body and audit record. Measured (``bench/fhir_api.py --fast-path
-off`` against the default, everything else equal): 759 against 1,069-1,280 req/s at saturation,
-1.38 against 0.75-0.89 ms of server CPU per request there, 1.96 against 1.73 ms at 500 req/s.
+with the same status, headers, body and audit record. ``bench/fhir_api.py --fast-path off``
+measures the difference (figures in ``bench/README.md``).
 
 It takes a request only when FastAPI would route it to the read or search route with valid path
 parameters: ``GET /fhir/<type>`` and ``GET /fhir/<type>/<id>`` with ``<type>`` one of the served

@@ -1,8 +1,9 @@
 """What the read and search interactions do, once, whichever door the request came in by.
 
-:mod:`integrations.fhir.app` (FastAPI routes) and :mod:`integrations.fhir.fastpath` (the ASGI
-layer in front of them for the hot requests) both call :func:`read_resource` and
-:func:`search_resources` and turn errors into responses with :func:`error_response`: the scope
+The FastAPI routes (:mod:`~integrations.fhir.read_routes`, :mod:`~integrations.fhir.search_routes`)
+and :mod:`integrations.fhir.fastpath` (the ASGI layer in front of them for the hot requests) both
+call :func:`read_resource` and :func:`search_resources` and turn errors into responses with
+:func:`error_response`: the scope
 checks, patient compartment, SQL, audit record, body and headers cannot drift apart between the
 two paths because there is only one of each.
 """
@@ -25,9 +26,8 @@ from sqlalchemy.pool import QueuePool
 from starlette.responses import Response
 from starlette.types import Receive
 
-from ground.db import make_engine
+from audit.access_writer import AccessNotRecorded, AccessRecorder, access_writer, asyncpg_dsn
 
-from .access_log import AccessAuditor
 from .auth import Principal, TokenVerifier
 from .config import FhirSettings
 from .errors import AuditUnavailable, ClientGone, FhirError, NotAcceptable, NotFound, QueryTooCostly
@@ -43,7 +43,14 @@ T = TypeVar("T")
 
 
 class FhirApi:
-    """What the interactions need: settings, engine, token verifier, auditor and the read paths."""
+    """What the interactions need: settings, engine, token verifier, access recorder and the read paths.
+
+    One path per database and direction (integrations/fhir/README.md, "Database access"): reads on
+    PostgreSQL take asyncpg on the event loop for the two hot shapes (:class:`PgReads`) and
+    SQLAlchemy Core on the engine given here, in a worker thread, for the rest (:meth:`query`);
+    SQLite reads all go through :meth:`query`. Access records go through the one access writer
+    (:mod:`audit.access_writer`); state changes (review, signed reports) through the ORM session
+    on the same engine. No engine is built here: the caller's engine serves every SQLAlchemy path."""
 
     def __init__(self, settings: FhirSettings, engine: Engine) -> None:
         self.settings = settings
@@ -51,46 +58,42 @@ class FhirApi:
         self.base_url = settings.api.base_url.rstrip("/")
         self.mode = settings.api.response_mode
         self.verifier = TokenVerifier(settings.api, settings.data_dir)
-        self.auditor = AccessAuditor(engine, linger_s=settings.api.audit_linger_ms / 1000)
+        self.access: AccessRecorder = access_writer(engine, linger_s=settings.api.audit_linger_ms / 1000)
         try:
             self.study_timezone = ZoneInfo(settings.api.study_timezone)
         except (ZoneInfoNotFoundError, ValueError) as err:
             raise ValueError(f"api.study_timezone {settings.api.study_timezone!r} is not an IANA zone") from err
-        # Reads on PostgreSQL run in autocommit (no BEGIN/COMMIT round trips for a single SELECT) on
-        # a pool of their own without pre-ping (a ping is one more round trip per request): a
-        # connection that died meanwhile fails its query, is dropped by the pool, and the read is
-        # run again once (:meth:`_query_sync`). SQLite keeps its transactions (the engine's BEGIN
-        # IMMEDIATE hook owns them). The hot reads (current version, one patient's search page)
-        # run on the event loop instead (:class:`~integrations.fhir.pgreads.PgReads`).
-        self._read_engine: Engine | None = None
+        # statement_timeout bounds every read on PostgreSQL (issue 11, item 14): the server cancels
+        # a query that runs longer, whoever waits for it.
+        self._statement_timeout_ms = int(settings.api.statement_timeout_ms)
         self.pg: PgReads | None = None
         if engine.dialect.name == "postgresql":
             size = engine.pool.size() if isinstance(engine.pool, QueuePool) else 10
-            # statement_timeout bounds every read (issue 11, item 14): the server cancels a query
-            # that runs longer, whoever waits for it.
-            timeout_ms = settings.api.statement_timeout_ms
-            self._read_engine = make_engine(engine.url.render_as_string(hide_password=False), pool_pre_ping=False,
-                                            isolation_level="AUTOCOMMIT", pool_size=size, max_overflow=size,
-                                            connect_args={"options": f"-c statement_timeout={timeout_ms}"})
-            self.pg = PgReads(engine, max_size=size, statement_timeout_ms=timeout_ms)
+            self.pg = PgReads(asyncpg_dsn(engine), max_size=size, statement_timeout_ms=self._statement_timeout_ms)
+
+    async def record_access(self, *, action: str, actor: str, entity_type: str, entity_id: str = "",
+                            details: dict[str, Any] | None = None, outcome: str = "success") -> None:
+        """Record an access before its answer is sent (:class:`AuditUnavailable`, a 503, if it cannot be)."""
+        try:
+            await self.access.record(action=action, actor=actor, entity_type=entity_type, entity_id=entity_id,
+                                     details=details, outcome=outcome)
+        except AccessNotRecorded as err:
+            raise AuditUnavailable(str(err)) from err
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
-        """A connection for the read-only work of one request (Core, no ORM unit of work)."""
-        if self._read_engine is None:
-            with self.engine.begin() as conn:
-                yield conn
-        else:
-            with self._read_engine.connect() as conn:
-                yield conn
+        """A connection for the read-only work of one request (Core, no ORM unit of work), in a
+        transaction of the engine given to the API; on PostgreSQL bounded by ``statement_timeout``."""
+        with self.engine.begin() as conn:
+            if self.pg is not None:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {self._statement_timeout_ms}")
+            yield conn
 
     async def aclose(self) -> None:
-        """Close the read pools and the audit writer's connection (the engine passed in belongs to the caller)."""
-        await self.auditor.aclose()
+        """Close the hot-read pool and the access writer's connection (the engine belongs to the caller)."""
+        await self.access.aclose()
         if self.pg is not None:
             await self.pg.close()
-        if self._read_engine is not None:
-            self._read_engine.dispose()
 
     def _query_sync(self, work: Callable[[Connection], T]) -> T:
         try:
@@ -245,7 +248,7 @@ async def audit_failure(api: FhirApi, *, principal: Principal | None, method: st
     if len(pairs) > MAX_AUDITED_PARAMS:
         details["params_dropped"] = len(pairs) - MAX_AUDITED_PARAMS
     try:
-        await api.auditor.record(action="fhir.refused" if status < 500 else "fhir.failed",
+        await api.record_access(action="fhir.refused" if status < 500 else "fhir.failed",
                                  actor=principal.subject if principal else "anonymous",
                                  entity_type=parts[0][:64] if parts and parts[0] else "",
                                  entity_id=parts[1][:64] if len(parts) > 1 else "", outcome="failure",
@@ -288,7 +291,7 @@ async def read_resource(api: FhirApi, principal: Principal, rtype: str, resource
     principal.require(rtype, "r")
     row = await api.current(rtype, resource_id)
     check_compartment(principal, row, "r")
-    await api.auditor.record(action="fhir.read", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
+    await api.record_access(action="fhir.read", actor=principal.subject, entity_type=rtype, entity_id=resource_id,
                              details={"version": row.version_id})
     headers = version_headers(row.version_id, row.last_updated)
     if not_modified(if_none_match, row.version_id):
@@ -328,7 +331,7 @@ async def search_resources(api: FhirApi, principal: Principal, rtype: str, pairs
             links.append(("previous", page_url(api.base_url, rtype, pairs, max(0, q.offset - q.count))))
     entries = [(m.resource_type, m.id, m.json_text, "match") for m in result.matches]
     entries += [(i.resource_type, i.id, i.json_text, "include") for i in result.included]
-    await api.auditor.record(action="fhir.search", actor=principal.subject, entity_type=rtype,
+    await api.record_access(action="fhir.search", actor=principal.subject, entity_type=rtype,
                              details={"params": audited_params(pairs), "total": result.total,
                                       "returned": [f"{m.resource_type}/{m.id}/_history/{m.version_id}"
                                                    for m in result.matches],

@@ -5,10 +5,9 @@ the API serves. Run through SQLAlchemy in a worker thread, each paid a thread ho
 per-execution work (cache key, execution context, result metadata) and GIL hand-offs between the
 loop and the thread: about a fifth of the server's CPU in a profile of ``bench/fhir_api.py``.
 Here the same SQL runs on a connection awaited on the event loop. asyncpg rather than psycopg's
-async mode: measured on the benchmark database, a read cost 0.10 ms of client CPU with asyncpg
-against 0.23-0.29 ms with psycopg's async connection (its waiting is Python generators and
-futures per round trip), a ten-report search page 0.34-0.41 ms against 0.47-0.65 ms. asyncpg
-prepares each statement once per connection and keeps it (statement cache).
+async mode because it costs less client CPU per query (psycopg's waiting is Python generators and
+futures per round trip; figures in ``bench/README.md``); asyncpg prepares each statement once per
+connection and keeps it (statement cache).
 
 The SQL is not written twice: each statement is built by the store's/search's own SQLAlchemy
 functions (:data:`integrations.fhir.store._CURRENT`, :func:`integrations.fhir.search.page_statement`,
@@ -30,9 +29,10 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.engine import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
+
+from audit.access_writer import CONNECTION_LOST
 
 from .errors import NotFound, QueryTooCostly
 from .search import Row, SearchResult, count_statement, page_statement
@@ -42,16 +42,6 @@ from .store import _CURRENT, CurrentRow
 log = logging.getLogger(__name__)
 
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-#: What asyncpg raises when a connection is lost (a database restart, a killed backend) rather
-#: than when the server answers with an error: the connection is dropped and the work run again.
-CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError, OSError)
-
-
-def asyncpg_dsn(engine: Engine) -> str:
-    """The libpq-style URL asyncpg connects with, for the database of a SQLAlchemy engine."""
-    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-
 
 class _Rendered:
     """A statement rendered once for asyncpg, and where each of its values goes.
@@ -90,7 +80,7 @@ class _Pool:
     """A minimal pool of connections bound to one event loop.
 
     asyncpg's own pool resets every connection on release (one more round trip per request) and
-    psycopg_pool's async pool measured about 0.2 ms of CPU per checkout here; this one is a list
+    psycopg_pool's async pool cost more CPU per checkout (``bench/README.md``); this one is a list
     and a queue of waiters. A connection whose query failed other than with a PostgreSQL error
     (connection lost, cancelled mid-query) is closed rather than returned."""
 
@@ -159,8 +149,8 @@ class _Pool:
 class PgReads:
     """The hot reads of one API process (a pool per event loop, opened on first use)."""
 
-    def __init__(self, engine: Engine, max_size: int, statement_timeout_ms: int = 0) -> None:
-        self._dsn = asyncpg_dsn(engine)
+    def __init__(self, dsn: str, max_size: int, statement_timeout_ms: int = 0) -> None:
+        self._dsn = dsn
         self._max = max_size
         self._settings = {"statement_timeout": str(statement_timeout_ms)}
         self._pool: _Pool | None = None

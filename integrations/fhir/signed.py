@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Request
+from fastapi import APIRouter, Body, Depends, Header, Request
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -61,8 +61,8 @@ from ground.clock import utcnow
 from ground.db import session_scope
 
 from .auth import Principal
+from .deps import IdPath, fhir_api
 from .errors import FhirError, Forbidden, InvalidRequest
-from .fastpath import ID_PATTERN
 from .interactions import FhirApi
 from .responses import fhir_response, openapi_responses
 from .store import FhirResource
@@ -89,17 +89,12 @@ class StudyAmbiguous(Unprocessable):
     issue_code = "multiple-matches"
 
 
-def _api(request: Request) -> FhirApi:
-    api: FhirApi = request.app.state.fhir
-    return api
-
-
 async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    return _api(request).verifier.verify(authorization)
+    # unlike deps.caller, not kept on the request: the route records its own refusals (_refused)
+    return fhir_api(request).verifier.verify(authorization)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
-IdPath = Annotated[str, Path(pattern=f"^{ID_PATTERN}$")]
 BodyDep = Annotated[dict[str, Any], Body(media_type="application/fhir+json")]
 
 router = APIRouter(tags=["signed reports"])
@@ -223,7 +218,7 @@ def signed_from_resource(body: dict[str, Any], *, resource_id: str, session: Ses
 
 
 def _session(request: Request) -> Iterator[Session]:
-    with session_scope(_api(request).engine) as session:
+    with session_scope(fhir_api(request).engine) as session:
         yield session
 
 
@@ -288,7 +283,7 @@ def create_signed(request: Request, principal: PrincipalDep, body: BodyDep) -> R
 
     The id is derived from the content (a retried POST of the same resource is stored once)."""
     _require(principal, "c")
-    api = _api(request)
+    api = fhir_api(request)
     canonical = json.dumps({k: v for k, v in body.items() if k not in ("meta", "id")}, sort_keys=True,
                            ensure_ascii=False, separators=(",", ":")) if isinstance(body, dict) else ""
     return _store(api, principal, body, "signed-" + content_version(canonical), update=False)
@@ -302,4 +297,4 @@ def update_signed(resource_id: IdPath, request: Request, principal: PrincipalDep
     _require(principal, "u")
     if body.get("id") not in (None, resource_id):
         raise InvalidRequest(f"the body's id {body.get('id')!r} differs from the URL's {resource_id!r}")
-    return _store(_api(request), principal, body, resource_id, update=True)
+    return _store(fhir_api(request), principal, body, resource_id, update=True)

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from audit import chain
-from audit.chain import AuditEvent, append, chain_sql, export_jsonl, lock_chain, record, record_many, verify
+from audit.chain import ChainEvent, append, chain_sql, export_jsonl, lock_chain, record, record_many, verify
 from ground.clock import as_utc
 from ground.db import session_scope
 
@@ -67,12 +67,12 @@ GOLDEN = [
 ]
 
 
-def _golden_events() -> list[AuditEvent]:
+def _golden_events() -> list[ChainEvent]:
     return [
-        AuditEvent(action="instance.new", actor="MODALITY", entity_type="Instance", entity_id="1.2.3.4",
+        ChainEvent(action="instance.new", actor="MODALITY", entity_type="Instance", entity_id="1.2.3.4",
                    details={"study": "1.2.3", "size": 525000, "عربي": "نص", "z": (1, 2),
                             "when": datetime(2026, 1, 2, tzinfo=UTC), "n": None}),
-        AuditEvent(action="association.accepted", actor=""),
+        ChainEvent(action="association.accepted", actor=""),
     ]
 
 
@@ -134,7 +134,7 @@ def test_records_are_those_of_the_orm_implementation(engine: Engine, monkeypatch
 def test_record_and_record_many_return_what_they_wrote(engine: Engine) -> None:
     with session_scope(engine) as s:
         one = record(s, action="a", actor="x", details={"k": 1})
-        many = record_many(s, [AuditEvent("b", "y"), AuditEvent("c", "z", outcome="failure")])
+        many = record_many(s, [ChainEvent("b", "y"), ChainEvent("c", "z", outcome="failure")])
     rows = _rows(engine)
     assert [(r.seq, r.action, r.hash, r.prev_hash) for r in (one, *many)] == [(r[0], r[2], r[9], r[8]) for r in rows]
     assert [r[0] for r in rows] == [1, 2, 3]
@@ -150,7 +150,7 @@ def test_concurrent_writers_never_fork_the_chain(engine: Engine) -> None:
                 if (i + j) % 3 == 0:
                     record(s, action="t", actor=f"{i}")
                 elif (i + j) % 3 == 1:
-                    record_many(s, [AuditEvent("t", f"{i}"), AuditEvent("t", f"{i}")])
+                    record_many(s, [ChainEvent("t", f"{i}"), ChainEvent("t", f"{i}")])
                 else:
                     lock_chain(s)
                     conn = s.connection()
@@ -158,7 +158,7 @@ def test_concurrent_writers_never_fork_the_chain(engine: Engine) -> None:
                     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                     cursor.execute(sql.head)
                     head = cursor.fetchone()
-                    append(cursor, sql, (head[0], head[1]) if head else None, [AuditEvent("t", f"{i}")])
+                    append(cursor, sql, (head[0], head[1]) if head else None, [ChainEvent("t", f"{i}")])
                     cursor.close()
 
     with ThreadPoolExecutor(4) as pool:

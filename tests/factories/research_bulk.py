@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from audit.chain import AuditEvent, record_many
+from audit.chain import ChainEvent, record_many
 from audit.deltas import ReportDelta, text_delta
 from audit.signed import SignedReport
 from integrations.dicom.index import Patient, Series, Study
@@ -166,7 +166,7 @@ def load(engine: Engine, drafts: int, *, seed: int = 7, start: datetime = dateti
             recs.append(last_rec)
         if rng.random() < reviewed:
             action = rng.choices(["accept", "edit", "reject"], [0.55 if v.consistent else 0.2, 0.35, 0.1])[0]
-            events.append(AuditEvent(f"fhir.review.{action}", f"reviewer{rng.randint(1, 12)}", "DiagnosticReport",
+            events.append(ChainEvent(f"fhir.review.{action}", f"reviewer{rng.randint(1, 12)}", "DiagnosticReport",
                                      last_rec["fhir_report_id"], details={"bench": True}))
         if rng.random() < signed:
             signed_at = last_rec["created_at"] + timedelta(hours=rng.lognormvariate(1.5, 0.6))

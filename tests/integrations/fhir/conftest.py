@@ -20,6 +20,7 @@ from reporting.draft import Draft
 from ground.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import free_port
+from workers.dicom_objects import store_verified_sr
 from tests.factories.drafts import (
     ARABIC_NAME,
     CT_3SLICE,
@@ -62,7 +63,7 @@ def corpus_drafts(variants: int = 24) -> list[Draft]:
 
 def start_server(settings: Settings, engine: Engine) -> tuple[uvicorn.Server, threading.Thread]:
     """uvicorn serving create_app() on settings.api.port, in a thread; returns when it accepts."""
-    config = uvicorn.Config(create_app(settings, engine), host="127.0.0.1", port=settings.api.port,
+    config = uvicorn.Config(create_app(settings, engine, store_verified_sr=store_verified_sr), host="127.0.0.1", port=settings.api.port,
                             log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

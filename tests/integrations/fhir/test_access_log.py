@@ -1,8 +1,8 @@
 """The access-audit writer on its own: group commit, the records it writes, failures reported.
 
-PostgreSQL's writer runs on the event loop over asyncpg, SQLite's in a thread: both must write the
-records that :func:`audit.chain.record` would (the chain verifies), and both must let every waiter
-of a batch hear about a failure.
+One batching loop, two ways to append a batch (PostgreSQL: asyncpg on the event loop; SQLite: the
+ORM session in a worker thread): both must write the records that :func:`audit.chain.record` would
+(the chain verifies), and both must let every waiter of a batch hear about a failure.
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, record, verify
-from integrations.fhir.access_log import AccessAuditor
-from integrations.fhir.errors import AuditUnavailable
+from audit.access_writer import AccessNotRecorded, access_writer
 from ground.db import session_scope
 
 
@@ -29,7 +27,7 @@ def _records(engine: Engine) -> list[AuditRecord]:
 def test_concurrent_accesses_share_a_commit_and_the_chain_verifies(engine: Engine) -> None:
     with session_scope(engine) as s:  # a record written by the ordinary entry point comes first
         record(s, action="study.stable", actor="listener", entity_type="Study", entity_id="1.2.3")
-    auditor = AccessAuditor(engine, linger_s=0.05)
+    auditor = access_writer(engine, linger_s=0.05)
 
     async def main() -> None:
         try:
@@ -44,7 +42,6 @@ def test_concurrent_accesses_share_a_commit_and_the_chain_verifies(engine: Engin
             await auditor.record(action="fhir.read", actor="dr.a", entity_type="Patient", entity_id="p-2")
         finally:
             await auditor.aclose()
-            auditor.stop()
 
     asyncio.run(main())
     rows = _records(engine)
@@ -65,7 +62,7 @@ def test_concurrent_accesses_share_a_commit_and_the_chain_verifies(engine: Engin
 
 
 def test_a_failed_batch_fails_every_waiter_and_the_next_one_succeeds(engine: Engine) -> None:
-    auditor = AccessAuditor(engine, linger_s=0.02, timeout_s=10)
+    auditor = access_writer(engine, linger_s=0.02, timeout_s=10)
 
     async def main() -> None:
         try:
@@ -75,13 +72,12 @@ def test_a_failed_batch_fails_every_waiter_and_the_next_one_succeeds(engine: Eng
             results = await asyncio.gather(
                 *(auditor.record(action="fhir.read", actor=f"dr.{i}", entity_type="Patient", entity_id="p-1")
                   for i in range(3)), return_exceptions=True)
-            assert all(isinstance(r, AuditUnavailable) for r in results), results
+            assert all(isinstance(r, AccessNotRecorded) for r in results), results
             with session_scope(engine) as s:
                 s.exec(text("ALTER TABLE audit_event_away RENAME TO audit_event"))  # type: ignore[call-overload]
             await auditor.record(action="fhir.read", actor="dr.a", entity_type="Patient", entity_id="p-2")
         finally:
             await auditor.aclose()
-            auditor.stop()
 
     asyncio.run(main())
     assert [r.entity_id for r in _records(engine)] == ["p-0", "p-2"]
@@ -91,9 +87,7 @@ def test_a_failed_batch_fails_every_waiter_and_the_next_one_succeeds(engine: Eng
 
 def test_each_event_loop_gets_its_own_writer(engine: Engine) -> None:
     """A server restarted in the same process (a new loop) keeps recording."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's writer is a thread, whatever the loop")
-    auditor = AccessAuditor(engine)
+    auditor = access_writer(engine)
 
     async def one(n: int) -> None:
         await auditor.record(action="fhir.read", actor="dr.a", entity_type="Patient", entity_id=f"p-{n}")

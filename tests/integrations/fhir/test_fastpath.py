@@ -228,7 +228,6 @@ def test_reads_match_the_sqlalchemy_reads(fhir_server: Server) -> None:
                 assert not pg.serves(parse_search("DiagnosticReport", pairs)), pairs
         finally:
             await api.aclose()
-            api.auditor.stop()
 
     asyncio.run(compare())
 
@@ -251,18 +250,16 @@ class _Verifier:
 
 
 def test_the_fast_path_takes_only_valid_gets_of_read_and_search() -> None:
-    from integrations.fhir.app import ResourceType
+    from integrations.fhir.deps import ResourceType
     from integrations.fhir.store import RESOURCE_TYPES
 
     assert {t.value for t in ResourceType} == set(RESOURCE_TYPES)  # the types the fast path routes
 
-    class _Auditor:
-        async def record(self, **_: Any) -> None:
-            return None
-
     class _Api:
         verifier = _Verifier()
-        auditor = _Auditor()
+
+        async def record_access(self, **_: Any) -> None:
+            return None
 
     downstream = _Downstream()
     layer = FastPath(downstream, _Api())  # type: ignore[arg-type]
