@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from ground.db import session_scope
 from integrations.dicom.index import study_by_uid
 from integrations.dicom.ingest import ingest_file
-from integrations.dicom.storage import LocalStorage
+from storage import FileStorage
 from workers.render import InstanceInput, instance_input, instances_from_files
 from workers.render.headers import sort_paths
 from workers.service import instance_inputs
@@ -79,7 +79,7 @@ def test_the_pipeline_and_the_files_give_the_renderer_the_same_rows(engine: Engi
     """One mapping: a study ingested by the listener's ingest and read back from the index
     (``workers.service.instance_inputs``, what production renders) gives exactly the rows that
     :func:`instances_from_files` gives for the stored files (what the render tests render)."""
-    storage = LocalStorage(tmp_path / "storage")
+    storage = FileStorage(tmp_path / "storage")
     sources = sorted((corpus / "mr/series_dcm4che_wrist").glob("*.dcm"))[:5]
     for path in sources:
         staged = storage.staging_file(delete=False, suffix=".dcm")
