@@ -72,5 +72,11 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test]"
 
+# The house's rules before the tests (pyproject.toml holds each tool's configuration): the import
+# contracts (layers and each room's "must not"), ruff's rule set, mypy --strict on every package.
+.venv/bin/lint-imports --no-cache
+.venv/bin/ruff check --no-cache .
+.venv/bin/mypy ground taqrir integrations workers inference reporting audit storage
+
 export PYTHONUNBUFFERED=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
