@@ -10,6 +10,7 @@ bearer token, run the same SQL and write an audit record per request.
     .venv/bin/python bench/fhir_api.py --drafts 20000 --seconds 10
     .venv/bin/python bench/fhir_api.py --keep              # keep the loaded database (name printed)
     .venv/bin/python bench/fhir_api.py --db taqrir_bench_xxxxxxxx --modes raw --rates 250,500
+    .venv/bin/python bench/fhir_api.py --baseline-tree ../old-checkout   # its server too, alternating
 
 Besides latency and throughput it reports the CPU milliseconds per request of the server
 processes, the PostgreSQL backends and the load generator itself (this process), and the share of
@@ -331,8 +332,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list[str],
-             args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Start a server in ``mode`` and run the paced loads, then saturation, against it."""
+             args: argparse.Namespace, tree: Path = REPO) -> list[dict[str, Any]]:
+    """Start a server in ``mode`` and run the paced loads, then saturation, against it. ``tree``:
+    the checkout whose server runs (its own ``bench/fhir_api.py:make_app`` and ``.venv``)."""
     from tests.conftest import free_port
 
     port = free_port()
@@ -342,15 +344,18 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
            "TAQRIR_API__BASE_URL": f"http://127.0.0.1:{port}/fhir", "TAQRIR_LOG_LEVEL": "WARNING"}
     settings = load_settings(data_dir=data_dir, database_url=db_url)
     token = issue_token(settings.api, data_dir, "bench", ["user/DiagnosticReport.rs"], ttl_s=3600)
-    base_cmd = [sys.executable, "-m", "uvicorn", "fhir_api:make_app", "--factory", "--app-dir", str(REPO / "bench"),
-                "--no-access-log", "--log-level", "warning"]
-    run_env = {**env, "PYTHONPATH": str(REPO)}
+    python = tree / ".venv" / "bin" / "python"
+    base_cmd = [str(python) if python.exists() else sys.executable, "-m", "uvicorn", "fhir_api:make_app",
+                "--factory", "--app-dir", str(tree / "bench"), "--no-access-log", "--log-level", "warning"]
+    run_env = {**env, "PYTHONPATH": str(tree)}
+    if tree != REPO:
+        mode = f"{mode} base"
     procs: list[subprocess.Popen[bytes]] = []
     socks: list[socket.socket] = []
     if args.listen == "shared":
         # uvicorn --workers: one listening socket shared by the workers; whichever wakes first accepts
         procs.append(subprocess.Popen(base_cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers",
-                                                  str(args.workers)], env=run_env, cwd=REPO))
+                                                  str(args.workers)], env=run_env, cwd=tree))
     else:
         # one single-process uvicorn per worker, each on its own SO_REUSEPORT socket: the kernel
         # spreads the connections over them (as gunicorn --reuse-port or nginx reuseport do)
@@ -361,7 +366,7 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
             sock.bind(("127.0.0.1", port))
             sock.listen(2048)
             socks.append(sock)
-            procs.append(subprocess.Popen(base_cmd + ["--fd", str(sock.fileno())], env=run_env, cwd=REPO,
+            procs.append(subprocess.Popen(base_cmd + ["--fd", str(sock.fileno())], env=run_env, cwd=tree,
                                           pass_fds=[sock.fileno()]))
     try:
         deadline = time.monotonic() + 60
@@ -442,6 +447,9 @@ def main() -> None:
                              "through FastAPI's routing, for comparison)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--db", help="reuse this database (kept by an earlier --keep run) instead of loading one")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="also serve from this checkout (e.g. a git worktree of the previous commit, with "
+                             "its own .venv) on the same database, alternating with this tree: mode 'raw base'")
     args = parser.parse_args()
 
     admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
@@ -463,16 +471,18 @@ def main() -> None:
                   f"({args.drafts / secs:.0f} drafts/s)", flush=True)
         results = []
         with tempfile.TemporaryDirectory() as tmp:
+            trees = [REPO] + ([args.baseline_tree.resolve()] if args.baseline_tree else [])
             for mode in args.modes.split(","):
-                results += run_mode(mode, db_url, Path(tmp), pids, rids, args)
-        print(f"\n{'mode':6} {'load':>12} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'search p99':>11} {'read p99':>9} {'errors':>7} {'unsent':>7}")
+                for tree in trees:  # alternating, so that both trees meet the same machine
+                    results += run_mode(mode, db_url, Path(tmp), pids, rids, args, tree)
+        print(f"\n{'mode':10} {'load':>12} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'search p99':>11} {'read p99':>9} {'errors':>7} {'unsent':>7}")
         for r in results:
-            print(f"{r['mode']:6} {r['load']:>12} {r['rps']:8.0f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
+            print(f"{r['mode']:10} {r['load']:>12} {r['rps']:8.0f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
                   f"{r['search_p99_ms']:11.1f} {r['read_p99_ms']:9.1f} {r['errors']:7d} {r['unsent']:7d}")
         print(f"\nCPU ms per request and share of the whole machine ({os.cpu_count()} CPUs):")
-        print(f"{'mode':6} {'load':>12} {'server':>8} {'postgres':>9} {'loadgen':>8} | {'server':>7} {'pg':>5} {'loadgen':>7} {'other':>6}")
+        print(f"{'mode':10} {'load':>12} {'server':>8} {'postgres':>9} {'loadgen':>8} | {'server':>7} {'pg':>5} {'loadgen':>7} {'other':>6}")
         for r in results:
-            print(f"{r['mode']:6} {r['load']:>12} {r['server_cpu_ms']:8.2f} {r['postgres_cpu_ms']:9.2f} {r['loadgen_cpu_ms']:8.2f} | "
+            print(f"{r['mode']:10} {r['load']:>12} {r['server_cpu_ms']:8.2f} {r['postgres_cpu_ms']:9.2f} {r['loadgen_cpu_ms']:8.2f} | "
                   f"{r['server_share']:7.0%} {r['postgres_share']:5.0%} {r['loadgen_share']:7.0%} {r['other_share']:6.0%}")
         print(f"\n{args.clients} clients, {args.workers} uvicorn workers ({args.listen} socket, fast path {args.fast_path}), "
               f"{os.cpu_count()} CPUs shared by server, PostgreSQL and the load generator; targets: p99 < 50 ms, >= 500 req/s")

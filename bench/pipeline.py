@@ -2,6 +2,7 @@
 pipeline's own overhead per study (everything except model time), from the recorded stage times.
 
     .venv/bin/python bench/pipeline.py [--studies 12] [--slices 40] [--redis redis://127.0.0.1:6379/15]
+                                       [--baseline-tree DIR [--rounds 2]]
 
 Each study is one generated CT series (512x512, ``--slices`` slices) sent over DICOM to an
 in-process listener; two ``taqrir worker`` processes (all queues, concurrency 1) on Redis do the
@@ -37,13 +38,33 @@ from tests.factories.studies import make_ct_series  # noqa: E402
 from workers.state import DraftRecord  # noqa: E402
 
 
+def compare_trees(args: argparse.Namespace) -> None:
+    """Run this tree's and the baseline tree's benchmark in turn, each in a process of its own."""
+    here = Path(__file__).resolve().parent.parent
+    own = ["--studies", str(args.studies), "--slices", str(args.slices), "--redis", args.redis,
+           "--model-seconds", str(args.model_seconds)]
+    for round_no in range(1, args.rounds + 1):
+        for name, tree in (("this tree", here), ("baseline tree", args.baseline_tree.resolve())):
+            python = tree / ".venv" / "bin" / "python"
+            print(f"--- round {round_no}, {name} ({tree})", flush=True)
+            subprocess.run([str(python) if python.exists() else sys.executable, str(tree / "bench" / "pipeline.py"),
+                            *own], cwd=tree, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=12)
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/15")
     ap.add_argument("--model-seconds", type=float, default=20.0)
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run this checkout's own bench/pipeline.py (with its .venv), alternating with this "
+                         "tree, --rounds times each: before/after figures from one run")
+    ap.add_argument("--rounds", type=int, default=2, help="with --baseline-tree: runs of each tree")
     args = ap.parse_args()
+    if args.baseline_tree is not None:
+        compare_trees(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="taqrir-bench-pipeline-"))
     model = write_tiny(work / "tiny-hf", layout="hf")
     env = {"TAQRIR_DATA_DIR": str(work / "data"), "TAQRIR_QUEUE__BROKER_URL": args.redis,
