@@ -142,7 +142,7 @@ class _Batcher:
             failure: BaseException | None = None
             try:
                 await self._appender.append(chain_events([e.fields for e in batch]))
-            except Exception as err:  # noqa: BLE001 - every waiter must hear about any failure
+            except Exception as err:
                 log.error("could not write %d access audit records: %s", len(batch), type(err).__name__)
                 failure = err
             for event in batch:

@@ -37,12 +37,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import AuditRecord
-from audit.signed import SIGNED_STATUSES, SignedReport
-from integrations.dicom.index import Study
-from reporting.draft import Draft
+from audit.signed_report import SIGNED_STATUSES, SignedReport
 from ground.clock import as_utc, utcnow
 from ground.db import session_scope
-from workers.state import DraftRecord
+from integrations.dicom.index import Study
+from reporting.draft import Draft
+from reporting.draft_record import DraftRecord
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +187,6 @@ def _review_of(session: Session, report_id: str | None) -> ReviewSeen | None:
     return ReviewSeen(REVIEW_OUTCOMES.get(action, action), rec.actor, as_utc(rec.at))
 
 
-def _report_id(session: Session, rec: DraftRecord) -> str | None:
-    if rec.fhir_report_id:
-        return rec.fhir_report_id
-    try:
-        from integrations.fhir.store import FhirDraft
-    except ImportError:  # pragma: no cover - the FHIR room is part of every install
-        return None
-    fd = session.get(FhirDraft, rec.draft_id)
-    return fd.report_id if fd is not None else None
-
-
 def _seconds(start: datetime, end: datetime | None) -> float | None:
     return None if end is None else round((as_utc(end) - as_utc(start)).total_seconds(), 3)
 
@@ -224,7 +213,7 @@ def compute_study_deltas(session: Session, study_pk: int) -> int:
     count = 0
     for rec in drafts:
         draft = Draft.model_validate_json(rec.draft_json)
-        review = _review_of(session, _report_id(session, rec))
+        review = _review_of(session, rec.fhir_report_id)  # set by the publish stage (and its sweep)
         for sr in signed:
             hyp = draft_text(draft, sr.language)
             if hyp is None:

@@ -27,8 +27,8 @@ from sqlalchemy import text
 from audit.chain import ChainEvent, iter_records, record_many
 from audit.codes import actions_for_code
 from audit.query import DateRange, RecordQuery, find_records
-from integrations.fhir.audit_event import AuditSource, audit_event_json
 from ground.db import make_engine, session_scope, upgrade
+from integrations.fhir.audit_event import AuditSource, audit_event_json
 
 ACTIONS = ["fhir.read", "fhir.read", "fhir.search", "instance.new", "instance.new", "study.queued", "draft.created"]
 

@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pydicom
 from pydicom.uid import generate_uid
 
+from ground.db import make_engine, session_scope, upgrade
 from integrations.dicom.destinations import Destination, ExportSettings, ObjectKind
 from integrations.dicom.export import deliver
 from integrations.dicom.outbox import OutboxObject, enqueue_objects, with_siblings
 from reporting.dicom import Equipment, SourceAttributes
 from reporting.dicom.objects import build_draft_objects, part10
-from ground.db import make_engine, session_scope, upgrade
 from tests.factories.db import reset_postgres_schema
 from tests.factories.drafts import CT_3SLICE, sample_draft
 from tests.factories.key_images import with_key_image_pngs

@@ -57,6 +57,7 @@ import psutil
 import psycopg
 from sqlalchemy import text
 
+from ground.db import make_engine, upgrade
 from integrations.fhir.app import create_app
 from integrations.fhir.auth import issue_token
 from integrations.fhir.store import _content_hash, dumps, index_of
@@ -65,7 +66,6 @@ from reporting.fhir.ids import device_id, patient_id
 from reporting.fhir.patient import build_patient
 from reporting.fhir.timing import instant
 from reporting.labels import with_labels
-from ground.db import make_engine, upgrade
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, draft_from_dicom
 from workers.dicom_objects import store_verified_sr
@@ -354,8 +354,7 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
     socks: list[socket.socket] = []
     if args.listen == "shared":
         # uvicorn --workers: one listening socket shared by the workers; whichever wakes first accepts
-        procs.append(subprocess.Popen(base_cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers",
-                                                  str(args.workers)], env=run_env, cwd=tree))
+        procs.append(subprocess.Popen([*base_cmd, "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)], env=run_env, cwd=tree))
     else:
         # one single-process uvicorn per worker, each on its own SO_REUSEPORT socket: the kernel
         # spreads the connections over them (as gunicorn --reuse-port or nginx reuseport do)
@@ -366,7 +365,7 @@ def run_mode(mode: str, db_url: str, data_dir: Path, pids: list[str], rids: list
             sock.bind(("127.0.0.1", port))
             sock.listen(2048)
             socks.append(sock)
-            procs.append(subprocess.Popen(base_cmd + ["--fd", str(sock.fileno())], env=run_env, cwd=tree,
+            procs.append(subprocess.Popen([*base_cmd, "--fd", str(sock.fileno())], env=run_env, cwd=tree,
                                           pass_fds=[sock.fileno()]))
     try:
         deadline = time.monotonic() + 60

@@ -285,7 +285,7 @@ def run_point(backend: TransformersBackend, prompts: PromptSet, point: Point, *,
         _sync(device)
         middle = time.perf_counter()
         arabic = backend.generate([arabic_request(prompts, imgs, ar_sampling, as_sections(r.text))
-                                   for imgs, r in zip(study_images, english)])
+                                   for imgs, r in zip(study_images, english, strict=True)])
         _sync(device)
         ended = time.perf_counter()
         point.seconds.append(ended - started)

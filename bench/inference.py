@@ -38,7 +38,7 @@ def png(width: int, height: int, seed: int) -> bytes:
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if x != y:
             break
         n += 1

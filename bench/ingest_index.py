@@ -43,8 +43,8 @@ def worker(src: Path, db_url: str, work: Path, profile: Path | None) -> dict[str
     """Ingest every file of ``src`` once; return per-instance timings (runs inside ``--worker``)."""
     import pydicom.config
 
-    from integrations.dicom.ingest import ingest_file
     from ground.db import make_engine, upgrade
+    from integrations.dicom.ingest import ingest_file
 
     try:  # a baseline tree from before the storage room (issue 12)
         from integrations.dicom.storage import LocalStorage as FileStorage  # type: ignore[import-not-found]

@@ -26,16 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlmodel import select  # noqa: E402
+from sqlmodel import select
 
-from ground.db import session_scope  # noqa: E402
-from inference.tiny import write_tiny  # noqa: E402
-from integrations.dicom.index import Study  # noqa: E402
-from taqrir import wiring  # noqa: E402
-from taqrir.demo import send_files  # noqa: E402
-from taqrir.settings import load_settings  # noqa: E402
-from tests.factories.studies import make_ct_series  # noqa: E402
-from workers.state import DraftRecord  # noqa: E402
+from ground.db import session_scope
+from inference.tiny import write_tiny
+from integrations.dicom.index import Study
+from reporting.draft_record import DraftRecord
+from taqrir import wiring
+from taqrir.demo import send_files
+from taqrir.settings import load_settings
+from tests.factories.studies import make_ct_series
 
 
 def compare_trees(args: argparse.Namespace) -> None:

@@ -97,12 +97,12 @@ class Batcher:
                     break
             try:
                 results = await asyncio.to_thread(self.backend.generate, [r for r, _ in batch])
-            except Exception as err:  # noqa: BLE001 - re-raised in every waiting request handler
+            except Exception as err:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(err)
                 continue
-            for (_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
@@ -145,7 +145,7 @@ def create_app(
         try:
             body = await request.json()
             if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")  # noqa: TRY004
+                raise ValueError("the body must be a JSON object")
             generation = to_generation_request(body, default_max_tokens)
         except ValueError as err:
             return _error(400, str(err))

@@ -194,7 +194,7 @@ class TransformersBackend:
             for indices in groups.values():
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
-                    for index, result in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                    for index, result in zip(chunk, self._generate_batch([requests[i] for i in chunk]), strict=True):
                         results[index] = result
         return [r for r in results if r is not None]
 
@@ -291,12 +291,12 @@ class TransformersBackend:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         rows = [ids[r][mask[r].bool()].tolist() for r in range(ids.shape[0])]
         drop = 0
-        for old, new, old_key, new_key in zip(entry.rows, rows, entry.keys, keys):
+        for old, new, old_key, new_key in zip(entry.rows, rows, entry.keys, keys, strict=False):
             limit = len(old) if old_key == new_key else _first(old, self.image_token_id)
             common = _common_prefix(old[:limit], new)
             drop = max(drop, len(old) - common, len(old) - len(new) + 1)
         keep = entry.input_ids.shape[1] - drop
-        suffixes = [new[max(0, len(old) - drop) :] for old, new in zip(entry.rows, rows)]
+        suffixes = [new[max(0, len(old) - drop) :] for old, new in zip(entry.rows, rows, strict=False)]
         if keep < 16 or any(self.image_token_id in s for s in suffixes):
             return None
         width = max(len(s) for s in suffixes)
@@ -355,14 +355,14 @@ class TransformersBackend:
             for position, name in enumerate(names):
                 skeletons = [_skeleton(v, name) for v in values]
                 classes = []
-                for fields, request in zip(field_sets, batch):
+                for fields, request in zip(field_sets, batch, strict=True):
                     pattern = fields[position][1].get("pattern")
                     cls = class_from_pattern(pattern) if isinstance(pattern, str) else None
                     if cls is None and request.allowed_script:
                         cls = script_class(request.allowed_script)
                     classes.append(cls)
                 generated, counts = self._run(
-                    [p + s for p, s in zip(prompts, skeletons)], images, sampling, per_field,
+                    [p + s for p, s in zip(prompts, skeletons, strict=True)], images, sampling, per_field,
                     self._row_masks(classes, quote_ends=True), field=True, seed_offset=position,
                     image_keys=image_keys,
                 )
@@ -411,7 +411,7 @@ def _cache_name() -> str:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

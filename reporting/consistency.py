@@ -507,7 +507,7 @@ def compare(english: str, arabic: str, *, section: SectionName = "findings",
         # named in the other language itself, as a part of a compound there, or by all its parts
         said = other | {p for o in other for p in lex.concepts[o].parts}
         parts = lex.concepts[c].parts
-        return c in said or bool(parts) and parts <= said
+        return c in said or (bool(parts) and parts <= said)
 
     for cid in sorted({c for c in en_c if not covered(c, ar_c)} | {c for c in ar_c if not covered(c, en_c)}):
         side_en = cid in en_c

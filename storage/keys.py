@@ -25,7 +25,7 @@ class StoredFile:
 def key_component(name: str) -> str:
     """A key component for an identifier: itself when safe, else its SHA-1 (no traversal, no
     separators, no odd bytes, bounded length)."""
-    return name if _SAFE.match(name) and name not in (".", "..") else hashlib.sha1(name.encode()).hexdigest()
+    return name if _SAFE.match(name) and name not in (".", "..") else hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()
 
 
 def check_key(key: str) -> None:

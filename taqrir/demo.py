@@ -30,8 +30,8 @@ from ground.db import session_scope
 from ground.errors import TaqrirError
 from integrations.dicom.index import Patient, Study, list_studies, study_by_uid
 from reporting.draft import Draft
-from workers.service import export_dir
-from workers.state import DraftRecord
+from reporting.draft_record import DraftRecord
+from workers.exports import export_dir
 
 from . import wiring
 from .cli_api import token

@@ -18,10 +18,12 @@ import audit.chain
 import audit.deltas
 import audit.ship
 import audit.signed
+import audit.signed_report
 import integrations.dicom.index
 import integrations.dicom.outbox
 import integrations.fhir.store
 import integrations.hl7.inbox
+import reporting.draft_record
 import workers.state
 from ground.db import make_engine
 from ground.migrations import HERE, alembic_config, upgrade
@@ -32,8 +34,10 @@ MODEL_MODULES = (
     audit.chain,
     audit.ship,
     workers.state,
+    reporting.draft_record,
     integrations.fhir.store,
     audit.signed,
+    audit.signed_report,
     audit.deltas,
     integrations.hl7.inbox,
     integrations.dicom.outbox,

@@ -23,8 +23,8 @@ from ground.db import make_engine, upgrade
 from ground.migrations import require_current
 from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import SignedSrReader
-from storage import open_storage
 from integrations.fhir.app import create_app
+from storage import open_storage
 from workers.context import set_context_factory
 from workers.dicom_objects import store_verified_sr
 from workers.metrics import render_metrics

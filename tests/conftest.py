@@ -42,7 +42,7 @@ def pg_server_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as err:  # noqa: BLE001 - any failure here is the environment: say so plainly
+    except Exception as err:
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({err}); start it (see .ci/run)")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url

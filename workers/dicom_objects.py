@@ -42,23 +42,10 @@ from reporting.draft import Draft
 from reporting.fhir import Review
 from storage import Storage, key_component, open_storage, write_atomic
 from workers.config import ObjectSettings
+from workers.exports import WrittenObject, enqueue_export, export_dir
 from workers.state import KeyImageSet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WrittenObject:
-    """One DICOM object written: what the outbox needs to send it, and where people find it."""
-
-    kind: str
-    """``sr``, ``pdf``, ``kos`` or ``verified_sr`` (export destinations choose by kind)."""
-    sop_class_uid: str
-    sop_instance_uid: str
-    storage_key: str
-    """Key of the Part 10 file in Taqrir's storage (what the sender reads)."""
-    export_file: Path
-    """The copy beside the draft's FHIR JSON."""
 
 
 def equipment(settings: ObjectSettings) -> Equipment:
@@ -190,8 +177,6 @@ def store_verified_sr(session: Session, settings: ObjectSettings, draft: Draft, 
     data = part10(ds)
     key = f"{storage_folder(draft)}/verified-sr-v{report_version}.dcm"
     storage.put(key, data)
-    from workers.service import enqueue_export, export_dir
-
     out = export_dir(settings, draft) / f"verified-sr-v{report_version}.dcm"
     write_atomic(out, data)
     obj = WrittenObject(kind="verified_sr", sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),

@@ -18,11 +18,10 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from ground.db import session_scope
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.outbox import OutboxState, counts
-from ground.db import session_scope
-
-from .state import DraftRecord
+from reporting.draft_record import DraftRecord
 
 STAGES = ("queue_s", "render_s", "infer_s", "persist_s", "publish_s")
 

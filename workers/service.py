@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -27,9 +27,13 @@ from sqlmodel import Session, col, select, update
 
 from audit.chain import record
 from audit.deltas import compute_study_deltas
+from ground.clock import as_utc, utcnow
+from ground.db import session_scope, writer_lock
+from ground.errors import PermanentError
 from inference.backend import InferenceBackend, make_backend
 from inference.drafting import draft_report
 from inference.types import BilingualReport, StudyContext
+from integrations.dicom.export import deliver
 from integrations.dicom.index import Patient, Study, study_by_uid, study_contents
 from integrations.dicom.lifecycle import (
     ACTIVE,
@@ -41,6 +45,8 @@ from integrations.dicom.lifecycle import (
     reset_attempts,
     transition,
 )
+from integrations.dicom.outbox import expire_commitments, rows_of_draft, take_due, with_siblings
+from integrations.fhir.store import fetch_current, publish_draft
 from reporting.consistency import check_sections
 from reporting.draft import (
     Draft,
@@ -51,17 +57,15 @@ from reporting.draft import (
     SeriesRef,
     StudyRef,
 )
-from ground.clock import as_utc, utcnow
-from ground.db import session_scope, writer_lock
-from ground.errors import PermanentError
+from reporting.draft_record import DraftRecord
+from reporting.fhir.ids import patient_id
 from storage import Storage, key_component, open_storage, write_atomic
-from workers.config import ObjectSettings, PipelineSettings
+from workers.config import PipelineSettings
+from workers.dicom_objects import locate_inputs, write_draft_objects
+from workers.exports import enqueue_export, export_dir
 from workers.render import InstanceInput, RenderedStudy, instance_input, render_files, render_study
 from workers.render.output import provenance
-from workers.state import DraftRecord, KeyImageSet
-
-if TYPE_CHECKING:
-    from workers.dicom_objects import WrittenObject
+from workers.state import KeyImageSet
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +306,7 @@ def _heartbeat(engine: Engine, study_pk: int, version: int, every_s: float) -> I
             try:
                 with session_scope(engine) as s:
                     heartbeat(s, study_pk=study_pk, version=version, state=StudyState.inferring)
-            except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate, never a loss
+            except Exception:
                 log.warning("heartbeat for study %d v%d failed", study_pk, version)
 
     thread = threading.Thread(target=beat, name="taqrir-heartbeat", daemon=True)
@@ -434,11 +438,7 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     outbox rows and ``published_at`` in one transaction; a crash anywhere leaves the draft
     unpublished, and the sweep publishes it again (same UIDs, same files).
     """
-    from integrations.fhir.store import fetch_current, publish_draft
-
     objects_on = ctx.settings.dicom_objects.enabled
-    if objects_on:
-        from workers.dicom_objects import locate_inputs, write_draft_objects
     t0 = time.perf_counter()
     with session_scope(ctx.engine) as s:
         rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).first()
@@ -478,25 +478,6 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     return report_id
 
 
-def enqueue_export(session: Session, settings: ObjectSettings, draft: Draft, objects: Sequence[WrittenObject]) -> int:
-    """Queue a draft's written DICOM objects for every export destination that takes them, in
-    the caller's transaction. The outbox lives in ``integrations.dicom.outbox`` (issue 13, the
-    sending half); until it is there this queues nothing. Returns the number of outbox rows."""
-    try:
-        from integrations.dicom.outbox import OutboxObject, enqueue_objects
-    except ImportError:
-        log.debug("no export outbox in this build: %d objects of draft %s not queued", len(objects), draft.draft_id)
-        return 0
-    rows = enqueue_objects(
-        session, draft_id=draft.draft_id, study_instance_uid=draft.study.study_instance_uid,
-        objects=[OutboxObject.model_validate({"kind": o.kind, "sop_class_uid": o.sop_class_uid,
-                                              "sop_instance_uid": o.sop_instance_uid, "location": o.storage_key})
-                 for o in objects],
-        destinations=settings.export.destinations,
-    )
-    return len(rows)
-
-
 def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:
     """A publish that cannot succeed as is: recorded on the draft (the sweep stops resending it;
     ``taqrir redraft`` tries again)."""
@@ -509,8 +490,6 @@ def publish_failed(engine: Engine, draft_id: str, reason: str) -> None:
 
 
 def _published_ids(draft: Draft, report_id: str) -> list[tuple[str, str]]:
-    from reporting.fhir.ids import patient_id
-
     return [("DiagnosticReport", report_id), ("Patient", patient_id(draft.study.patient))]
 
 
@@ -519,20 +498,12 @@ def key_images_folder(study_uid: str, version: int, config_sha256: str) -> str:
     return f"keyimages/{key_component(study_uid)}/v{version}-{config_sha256[:8]}"
 
 
-def export_dir(settings: ObjectSettings, draft: Draft) -> Path:
-    """Where a draft's JSON files are written for people to open."""
-    return settings.data_dir / "drafts" / draft.study.study_instance_uid / f"v{draft.study.version}"
-
-
 # -- stage 4: export to PACS destinations ---------------------------------------------------
 
 def export_stage(ctx: PipelineContext, row_id: int) -> str | None:
     """Deliver one outbox row (``integrations.dicom.export``), with the due rows of the same draft
     and destination on the same association; returns the row's new state, None when it was not
     due or another worker holds it. Failures are recorded on the rows, never raised."""
-    from integrations.dicom.export import deliver
-    from integrations.dicom.outbox import with_siblings
-
     with session_scope(ctx.engine) as s:
         rows = with_siblings(s, row_id)
     done = deliver(ctx.engine, ctx.settings.export, rows, storage_root=ctx.storage.root)
@@ -541,16 +512,12 @@ def export_stage(ctx: PipelineContext, row_id: int) -> str | None:
 
 def exports_of_draft(engine: Engine, draft_id: str) -> list[int]:
     """Outbox rows a publish just queued (sent at once; the sweep covers a lost message)."""
-    from integrations.dicom.outbox import rows_of_draft
-
     with session_scope(engine) as s:
         return rows_of_draft(s, draft_id)
 
 
 def due_exports(ctx: PipelineContext) -> list[int]:
     """Outbox rows whose attempt is due and whose task was not sent recently (the sweep's)."""
-    from integrations.dicom.outbox import expire_commitments, take_due
-
     with session_scope(ctx.engine) as s:
         expire_commitments(s, timeout_s=ctx.settings.export.commitment_timeout)
         return take_due(s, lease_s=ctx.settings.export.sending_lease,

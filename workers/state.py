@@ -1,4 +1,4 @@
-"""Pipeline state that is not the study's own: stored drafts and key-image sets.
+"""Pipeline state that is not the study's own: key-image sets, and queries over stored drafts.
 
 The study row (``integrations.dicom.index.Study``) holds the state machine; this module holds what
 the stages produce. ``draft_id`` is derived from (study UID, version, pipeline configuration), and
@@ -14,6 +14,7 @@ from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from ground.clock import utcnow
+from reporting.draft_record import DraftRecord
 
 
 class KeyImageSet(SQLModel, table=True):
@@ -31,39 +32,6 @@ class KeyImageSet(SQLModel, table=True):
     render_s: float = 0.0
     queue_s: float = Field(default=0.0, description="Seconds between the hand-off and the start of rendering.")
     created_at: datetime = Field(default_factory=utcnow)
-
-
-class DraftRecord(SQLModel, table=True):
-    """A stored machine draft: the :class:`reporting.draft.Draft` JSON plus pipeline bookkeeping."""
-
-    __tablename__ = "draft"
-
-    id: int | None = Field(default=None, primary_key=True)
-    draft_id: str = Field(max_length=64, unique=True)
-    study_pk: int = Field(foreign_key="study.id", index=True)
-    study_instance_uid: str = Field(max_length=64, index=True)
-    version: int
-    config_sha256: str = Field(max_length=64)
-    superseded: bool = Field(default=False, description="A newer study version exists.")
-    draft_json: str = Field(sa_column=Column(Text, nullable=False))
-    stage_times: str = Field(default="{}", sa_column=Column(Text, nullable=False),
-                             description="JSON seconds per stage: queue, render, infer, persist, publish.")
-    created_at: datetime = Field(default_factory=utcnow)
-    published_at: datetime | None = None
-    publish_attempted_at: datetime | None = Field(default=None, description="Last (re)publish sent; the sweep's timer.")
-    publish_error: str | None = Field(default=None, sa_column=Column(Text), description="Why publishing failed for good.")
-    fhir_report_id: str | None = Field(default=None, max_length=64)
-    consistent: bool | None = Field(
-        default=None, index=True,
-        description="reporting.consistency verdict on the English and Arabic sections; None: not checked "
-                    "(a draft stored before the check existed).")
-    consistency: str | None = Field(
-        default=None, sa_column=Column(Text),
-        description="JSON reporting.consistency.ConsistencyResult: checker and lexicon versions, typed mismatches.")
-    guard: str | None = Field(
-        default=None, sa_column=Column(Text),
-        description="JSON of the output guard's result for the stored text: passed, model calls spent "
-                    "(2 = both languages passed first time), Arabic mode.")
 
 
 def consistency_of_current_drafts(session: Session, studies: Sequence[tuple[int, int]]) -> dict[int, str | None]:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from inference.errors import OutputRejected
 from ground.errors import PermanentError, TransientError
+from inference.errors import OutputRejected
 
 from . import service
 from .celery_app import celery_app
@@ -49,8 +49,8 @@ def _run(task: Task, study_uid: str, version: int, fn: Callable[[], T]) -> T | N
                     type(err).__name__, retries + 1, countdown)
         if task.request.is_eager:
             time.sleep(countdown)  # eager retries run at once; keep the backoff anyway
-        raise task.retry(exc=err, countdown=countdown, max_retries=ctx.settings.queue.max_retries + 1)
-    except Exception as err:  # noqa: BLE001 - an unforeseen error fails the version visibly
+        raise task.retry(exc=err, countdown=countdown, max_retries=ctx.settings.queue.max_retries + 1) from err
+    except Exception as err:
         log.exception("%s for %s v%d failed unexpectedly", task.name, study_uid, version)
         service.fail(ctx.engine, study_uid, version, f"unexpected {type(err).__name__}: {err}")
         return None
@@ -84,8 +84,8 @@ def publish_task(self: Task, draft_id: str) -> Any:
         if self.request.retries >= settings.queue.max_retries:
             return None  # left unpublished: the recovery sweep sends it again later
         raise self.retry(exc=err, countdown=settings.queue.retry_backoff * 2 ** self.request.retries,
-                         max_retries=settings.queue.max_retries)
-    except Exception as err:  # noqa: BLE001 - e.g. a resource the builders reject: stop resending
+                         max_retries=settings.queue.max_retries) from err
+    except Exception as err:
         log.exception("publish of %s failed", draft_id)
         service.publish_failed(get_context().engine, draft_id, f"{type(err).__name__}: {err}")
         return None

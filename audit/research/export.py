@@ -35,14 +35,14 @@ from sqlmodel import Session, col, select
 
 from audit.chain import AuditRecord, record
 from audit.deltas import ReportDelta
-from audit.signed import SIGNED_STATUSES, SignedReport
-from integrations.dicom.index import Patient, Series, Study
-from reporting.consistency import CHECKER_VERSION, check_sections
-from reporting.draft import Sections
+from audit.signed_report import SIGNED_STATUSES, SignedReport
 from ground.clock import as_utc, utcnow
 from ground.db import session_scope
 from ground.errors import TaqrirError
-from workers.state import DraftRecord
+from integrations.dicom.index import Patient, Series, Study
+from reporting.consistency import CHECKER_VERSION, check_sections
+from reporting.draft import Sections
+from reporting.draft_record import DraftRecord
 
 from .columns import COLUMNS, NAMES, SCHEMA, dictionary_markdown
 from .config import ResearchSettings

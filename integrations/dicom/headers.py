@@ -313,7 +313,7 @@ def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
                                                   file_size=size)
     except DicomInputError:
         raise  # a Pixel Data extent the file does not hold: the full parse refuses it alike
-    except (NotWalkable, Exception):  # noqa: BLE001 - or any surprise: the full parse decides
+    except (NotWalkable, Exception):
         return None
     elements = _Values(header.values, INDEXED_KEYWORDS, _Values(header.file_meta, META_KEYWORDS))
     headers = headers_from_dataset(elements, transfer_syntax_uid=header.transfer_syntax_uid)
@@ -432,7 +432,7 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
         return err
     try:  # read again, unconverted: raw elements know where their values lie
         unread: Dataset = dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - it was read once; if not now, say what is known
+    except Exception:
         unread = Dataset()
     # In file order, the first element out of tag order or running past the end of the data is
     # where the parse left the real encoding: the element before it is the likely broken one.

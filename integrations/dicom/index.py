@@ -16,8 +16,8 @@ instance of a series takes the ORM upserts of patient, study and series.
 
 from __future__ import annotations
 
-import functools
 import enum
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -29,14 +29,15 @@ from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func
 from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from audit.chain import ChainEvent, bind_processor, chain_sql, record_many
+from audit.chain import ChainEvent, bind_processor, chain_sql
 from ground.clock import utcnow
-from ground.db import writer_lock
 from storage import StoredFile
 
 from .headers import InstanceHeaders
 from .lifecycle import ArrivalSql, Write, arrival
-from .lifecycle import StudyState as StudyState  # Study.state's vocabulary (re-exported); rules: lifecycle
+from .lifecycle import (
+    StudyState as StudyState,  # Study.state's vocabulary (re-exported); rules: lifecycle
+)
 
 
 class Patient(SQLModel, table=True):
@@ -117,7 +118,7 @@ class StoreOutcome(str, enum.Enum):
 
 @dataclass(frozen=True)
 class IndexResult:
-    """What :func:`index_instance` did. ``obsolete_key`` is a file to delete after commit."""
+    """What filing one instance did (:func:`plan_filing`). ``obsolete_key`` is a file to delete after commit."""
 
     outcome: StoreOutcome
     study_pk: int
@@ -132,7 +133,7 @@ def patient_key(h: InstanceHeaders) -> tuple[str, str]:
     kept per study under a synthetic issuer."""
     if h.patient_id:
         return h.patient_id, h.issuer_of_patient_id or ""
-    return "", UNIDENTIFIED_PREFIX + hashlib.sha1(h.study_instance_uid.encode()).hexdigest()
+    return "", UNIDENTIFIED_PREFIX + hashlib.sha1(h.study_instance_uid.encode(), usedforsecurity=False).hexdigest()
 
 
 UNIDENTIFIED_PREFIX = "unidentified:"
@@ -249,10 +250,6 @@ class IndexSql:
             f" WHERE s.study_instance_uid = {ph} AND se.series_instance_uid = {ph}"
         )
         self.study_version = f"SELECT version FROM study WHERE id = {ph}"
-        self.find = (
-            "SELECT i.id, i.sha256, i.storage_key, i.study_pk, s.version"
-            f" FROM instance i JOIN study s ON s.id = i.study_pk WHERE i.sop_instance_uid = {ph}"
-        )
         self.insert_instance = (
             f"INSERT INTO instance (sop_instance_uid, {', '.join(self._INSTANCE_COLUMNS)})"
             f" VALUES ({', '.join([ph] * (len(self._INSTANCE_COLUMNS) + 1))})"
@@ -298,51 +295,6 @@ def read_state(cursor: Any, sql: IndexSql, headers: InstanceHeaders) -> IndexSta
         else:
             head = (a, d)
     return IndexState(existing, known, head)
-
-
-def find_instance(session: Session, sop_instance_uid: str) -> ExistingInstance | None:
-    """The indexed instance with this SOP Instance UID, if any."""
-    conn = session.connection()
-    cursor = _cursor(conn)
-    try:
-        cursor.execute(index_sql(conn.dialect).find, (sop_instance_uid,))
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    return ExistingInstance(*row) if row else None
-
-
-def _cursor(conn: Connection) -> Any:
-    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-
-
-def index_instance(
-    session: Session,
-    *,
-    headers: InstanceHeaders,
-    stored: StoredFile,
-    calling_ae: str,
-    existing: ExistingInstance | None,
-) -> IndexResult:
-    """File one received instance (see :func:`plan_filing`) in ``session``'s transaction, with
-    the audit record of the study's state change (the instance itself is not audited here)."""
-    writer_lock(session)  # before reading what the decision rests on (ground.db: lock order)
-    conn = session.connection()
-    sql = index_sql(conn.dialect)
-    cursor = _cursor(conn)
-    try:
-        known = None
-        if existing is None or existing.sha256 != stored.sha256:
-            cursor.execute(sql.known, (headers.study_instance_uid, headers.series_instance_uid))
-            row = cursor.fetchone()
-            known = KnownSeries(*row) if row else None
-        filing = plan_filing(conn, cursor, sql, headers=headers, stored=stored, calling_ae=calling_ae,
-                             existing=existing, known=known, session=session)
-        run_writes(cursor, sql, filing.writes)
-    finally:
-        cursor.close()
-    record_many(session, filing.events)
-    return filing.result
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
@@ -38,7 +37,15 @@ from storage import Storage, StorageFailure, StoredFile, key_component
 
 from .errors import DicomInputError, IdentifiersMissing, OutOfResources
 from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
-from .index import IndexResult, IndexSql, StoreOutcome, index_sql, plan_filing, read_state, run_writes
+from .index import (
+    IndexResult,
+    IndexSql,
+    StoreOutcome,
+    index_sql,
+    plan_filing,
+    read_state,
+    run_writes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ def ingest_file(
     except BaseException:
         try:
             raw.rollback()
-        except Exception:  # noqa: BLE001 - the first error is the one to report; the pool resets
+        except Exception:
             log.warning("rollback failed after an ingest error", exc_info=True)
         raise
     finally:
@@ -221,5 +228,5 @@ def record_rejection(engine: Engine, *, calling_ae: str, sop_instance_uid: str |
                 outcome="failure",
                 details={"status": f"0x{status:04X}", "reason": str(err)[:500]},
             )
-    except Exception:  # noqa: BLE001 - the DIMSE answer matters more than this record
+    except Exception:
         log.exception("could not audit a rejected instance")

@@ -35,7 +35,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pydicom.config
 from sqlalchemy.engine import Engine
@@ -123,7 +123,7 @@ class Listener:
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,
                              status=status)
             return status, str(err)
-        except Exception as err:  # noqa: BLE001 - answer the sender, keep serving
+        except Exception as err:
             log.exception("C-STORE from %s failed unexpectedly", calling_ae)
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,
                              status=STATUS_PROCESSING_FAILURE)
@@ -131,7 +131,7 @@ class Listener:
         if self.after_store is not None:
             try:
                 self.after_store(result, calling_ae)
-            except Exception:  # noqa: BLE001 - the instance is stored: answer Success regardless
+            except Exception:
                 log.exception("post-store hook failed for an instance from %s", calling_ae)
         return STATUS_SUCCESS, ""
 
@@ -144,7 +144,7 @@ class Listener:
             with session_scope(self.engine) as session:
                 record(session, action=action, actor=calling_ae, entity_type="Association",
                        entity_id=f"{address}:{port}", outcome=outcome, details=details)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not audit %s", action)
 
     def refused_host(self, host: str) -> None:
@@ -152,7 +152,7 @@ class Listener:
             with session_scope(self.engine) as session:
                 record(session, action="association.refused", actor="", entity_type="Association",
                        entity_id=host, outcome="failure", details={"address": host, "reason": "host not allowed"})
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not audit a refused host")
 
     def commitment_report(self, calling_ae: str, event_type_id: int, staged: Path) -> tuple[int, str]:
@@ -246,7 +246,7 @@ class Listener:
 
             threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
             server.serve_forever()
-        except BaseException:  # noqa: BLE001 - report, then leave without running parent code
+        except BaseException:
             log.exception("receiving process %d failed", os.getpid())
             code = 1
         finally:
@@ -265,7 +265,7 @@ class Listener:
         while not self._stop.wait(self.study_settings.sweep_interval):
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the sweeper
+            except Exception:
                 log.exception("stability sweep failed; retrying next interval")
 
     def stop(self) -> None:

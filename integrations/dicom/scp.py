@@ -37,11 +37,11 @@ import socket
 import ssl
 import struct
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -51,7 +51,6 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import build_context, negotiate_unrestricted
-from pydicom.uid import UID
 
 from . import dimse
 
@@ -197,7 +196,7 @@ class Association:
     def _recv_into(self, view: memoryview, n: int) -> int:
         try:
             k = self.sock.recv_into(view, n)
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise _Closed("the peer went silent") from err
         except OSError as err:
             raise _Closed(f"connection lost: {err}") from err
@@ -234,7 +233,7 @@ class Association:
             log.info("association from %s (%s:%d) ended: %s", self.calling_ae or "?", self.address, self.port, err)
         except (ssl.SSLError, OSError) as err:
             log.warning("connection from %s:%d failed: %s", self.address, self.port, err)
-        except Exception:  # noqa: BLE001 - never let an exception end the server's thread badly
+        except Exception:
             log.exception("association from %s:%d failed unexpectedly", self.address, self.port)
             try:
                 self.sock.sendall(_abort_pdu(0x02, 0x00))
@@ -261,7 +260,7 @@ class Association:
             pdu = A_ASSOCIATE_RQ()
             pdu.decode(raw)
             rq = pdu.to_primitive()
-        except Exception as err:  # noqa: BLE001 - pynetdicom's decoders raise many kinds
+        except Exception as err:
             raise _Abort(0x06, f"A-ASSOCIATE-RQ could not be decoded: {err}") from err
         self.calling_ae = str(rq.calling_ae_title or "").strip()
         refusal = self._refusal(rq, pdu.protocol_version)
@@ -576,7 +575,7 @@ class StorageScp:
                 sock = self.config.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             assoc = Association(self, sock, address)
             threading.Thread(target=assoc.run, name=f"dicom-assoc-{host}", daemon=True).start()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not start an association for %s", host)
             sock.close()
             self.connection_ended()

@@ -38,12 +38,12 @@ from sqlmodel import col, select
 from audit.chain import record
 from audit.deltas import script_language
 from audit.signed import (
-    SignedReport,
     SignedReportError,
     SignedReportIn,
     SignedText,
     store_signed_report,
 )
+from audit.signed_report import SignedReport
 from ground.db import session_scope
 from storage import Storage
 

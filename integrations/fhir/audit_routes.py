@@ -37,13 +37,13 @@ from starlette.responses import Response
 
 from audit.codes import EVENT_CLASSES, ActionFilter, actions_for_code
 from audit.query import DatePrefix, DateRange, RecordQuery, find_records, get_record
-from reporting.fhir.timing import instant
 from ground.clock import utcnow
+from reporting.fhir.timing import instant
 
 from .audit_event import AuditSource, audit_event, audit_event_json
 from .auth import Principal
-from .errors import Forbidden, InvalidRequest, NotFound
 from .deps import ApiDep
+from .errors import Forbidden, InvalidRequest, NotFound
 from .interactions import FhirApi
 from .responses import fhir_response, openapi_responses
 

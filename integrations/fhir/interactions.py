@@ -144,7 +144,7 @@ class FhirApi:
         for dbapi_conn in running[:]:  # a copy: the worker thread clears it when the query ends
             try:
                 (dbapi_conn.cancel if hasattr(dbapi_conn, "cancel") else dbapi_conn.interrupt)()
-            except Exception as err:  # noqa: BLE001 - best effort; the statement timeout bounds it anyway
+            except Exception as err:
                 log.warning("could not cancel an abandoned query: %s", type(err).__name__)
         job.cancel()
         log.info("client went away; its search was cancelled")

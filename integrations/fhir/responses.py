@@ -22,8 +22,8 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.resource import Resource
 from starlette.responses import Response
 
-from reporting.fhir.timing import instant
 from ground.clock import utcnow
+from reporting.fhir.timing import instant
 
 FHIR_JSON: Final = "application/fhir+json"
 FHIR_JSON_UTF8: Final = "application/fhir+json; charset=utf-8"

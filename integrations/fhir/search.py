@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
@@ -107,7 +107,7 @@ def _rows(session: Reader, stmt: Any) -> list[Row]:
 _COLS = (col(FhirResource.resource_type), col(FhirResource.id), col(FhirResource.version_id), col(FhirResource.json_text))
 
 
-def page_statement(q: SearchQuery) -> Select[Unpack[tuple[Any, ...]]]:
+def page_statement(q: SearchQuery) -> Select[*tuple[Any, ...]]:
     """One page of matches with the total on every row (``count(*) OVER ()``): the query of
     :func:`run_search`, and the one :mod:`integrations.fhir.pgreads` renders once for its hot search."""
     order = []

@@ -48,17 +48,17 @@ from audit.deltas import script_language
 from audit.signed import (
     AmbiguousStudy,
     NoMatchingStudy,
-    SignedReport,
     SignedReportError,
     SignedReportIn,
     SignedText,
     content_version,
     store_signed_report,
 )
-from reporting.fhir.ids import DICOM_UID_SYSTEM, V2_0203
-from reporting.fhir.timing import instant
+from audit.signed_report import SIGNED_STATUSES, SignedReport
 from ground.clock import utcnow
 from ground.db import session_scope
+from reporting.fhir.ids import DICOM_UID_SYSTEM, V2_0203
+from reporting.fhir.timing import instant
 
 from .auth import Principal
 from .deps import IdPath, fhir_api
@@ -69,7 +69,6 @@ from .store import FhirResource
 
 log = logging.getLogger(__name__)
 
-SIGNED_STATUSES = ("final", "amended", "corrected")
 _TAG = re.compile(r"<[^>]+>")
 _BREAK = re.compile(r"<\s*(br|/p|/div|/li|/h\d)\s*/?>", re.IGNORECASE)
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import record
+from ground.clock import as_utc, utcnow
 from reporting.draft import Draft
 from reporting.fhir import Review, build_resources, build_review_provenance, build_reviewed_report
 from reporting.fhir.ids import device_id, report_id
@@ -33,7 +34,6 @@ from reporting.fhir.supersession import (
 )
 from reporting.fhir.timing import instant
 from reporting.labels import with_labels
-from ground.clock import as_utc, utcnow
 
 from .errors import Conflict, InvalidRequest, NotFound, PreconditionFailed, Superseded
 

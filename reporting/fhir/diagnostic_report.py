@@ -49,7 +49,7 @@ def attachment(data: bytes, *, content_type: str, language: Language, title: str
         "language": language,
         "data": base64.b64encode(data).decode("ascii"),
         "size": len(data),
-        "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),
+        "hash": base64.b64encode(hashlib.sha1(data, usedforsecurity=False).digest()).decode("ascii"),
         "title": title,
         "creation": creation,
     }

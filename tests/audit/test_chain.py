@@ -11,7 +11,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from audit import chain
-from audit.chain import ChainEvent, append, chain_sql, export_jsonl, lock_chain, record, record_many, verify
+from audit.chain import (
+    ChainEvent,
+    append,
+    chain_sql,
+    export_jsonl,
+    lock_chain,
+    record,
+    record_many,
+    verify,
+)
 from ground.clock import as_utc
 from ground.db import session_scope
 

@@ -13,15 +13,15 @@ from audit.deltas import ReportDelta, compute_study_deltas
 from audit.signed import (
     AmbiguousStudy,
     NoMatchingStudy,
-    SignedReport,
     SignedReportIn,
     SignedText,
     current_signed,
     store_signed_report,
 )
+from audit.signed_report import SignedReport
 from ground.db import session_scope
+from reporting.draft_record import DraftRecord
 from tests.factories.signed import add_draft, add_study, seed
-from workers.state import DraftRecord
 
 UID = "1.2.826.0.1.3680043.8.498.1001"
 EN = SignedText(language="en", findings="The lungs are clear. Small left pleural effusion.",
@@ -93,7 +93,7 @@ def test_matching_by_uid_accession_and_refusals(engine: Engine) -> None:
         assert res.study_instance_uid == UID
     with pytest.raises(NoMatchingStudy, match="accession number 'NOPE'"), session_scope(engine) as s:
         store_signed_report(s, signed(source_id="M3", accession_number="NOPE"))
-    with pytest.raises(NoMatchingStudy, match="Study Instance UID 9.9"), session_scope(engine) as s:
+    with pytest.raises(NoMatchingStudy, match=r"Study Instance UID 9\.9"), session_scope(engine) as s:
         store_signed_report(s, signed(source_id="M4", study_instance_uid="9.9"))
     with pytest.raises(AmbiguousStudy, match="more than one study"), session_scope(engine) as s:
         store_signed_report(s, signed(source_id="M5", accession_number="DUP"))
@@ -138,14 +138,12 @@ def test_preliminary_is_stored_without_deltas(engine: Engine) -> None:
 def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
     from audit.chain import record
     from audit.deltas import recompute_all
-    from integrations.fhir.store import FhirDraft
-    from ground.clock import utcnow
-
     _, draft_id = seed(engine)
     with session_scope(engine) as s:
         store_signed_report(s, signed())
-        s.add(FhirDraft(draft_id=draft_id or "", report_id="dr-x", study_uid=UID, published_at=utcnow(),
-                        draft_json="{}"))
+        rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).one()
+        rec.fhir_report_id = "dr-x"  # what the publish stage records once the FHIR report exists
+        s.add(rec)
         record(s, action="fhir.review.edit", actor="dr.amal", entity_type="DiagnosticReport", entity_id="dr-x")
     assert recompute_all(engine) == (1, 2)
     with session_scope(engine) as s:

@@ -15,8 +15,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.filereader import read_preamble
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dsutils import create_file_meta
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import create_file_meta
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -63,7 +63,7 @@ def send_raw(port: int, path: Path, *, called: str = "TAQRIR", calling: str = "R
     ts = meta.TransferSyntaxUID
     if "MediaStorageSOPClassUID" not in meta or "MediaStorageSOPInstanceUID" not in meta:
         # pynetdicom streams from a file only with complete meta: give it one, dataset untouched
-        fixed = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False)
+        fixed = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False)  # noqa: SIM115 - closed below, after DCMTK wrote it
         raw = path.read_bytes()
         start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
         with fixed:

@@ -11,15 +11,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.signed import SignedReportIn, SignedText, store_signed_report
+from ground.db import session_scope
 from integrations.dicom.index import Patient, Series, Study
 from integrations.fhir.store import publish_draft, review_report
 from reporting.consistency import check_sections
 from reporting.draft import Sections
+from reporting.draft_record import DraftRecord
 from reporting.fhir import Review
-from ground.db import session_scope
 from tests.factories.drafts import CT_3SLICE, MR_SMALL, draft_from_dicom
 from tests.factories.signed import add_draft, add_study
-from workers.state import DraftRecord
 
 CT_UID = "1.2.826.0.1.3680043.8.498.2001"
 MR_UID = "1.2.826.0.1.3680043.8.498.2002"

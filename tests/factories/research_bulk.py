@@ -23,13 +23,13 @@ from sqlalchemy.engine import Engine
 
 from audit.chain import ChainEvent, record_many
 from audit.deltas import ReportDelta, text_delta
-from audit.signed import SignedReport
+from audit.signed_report import SignedReport
+from ground.db import session_scope
 from integrations.dicom.index import Patient, Series, Study
 from reporting.consistency import check_sections
 from reporting.draft import Sections
-from ground.db import session_scope
+from reporting.draft_record import DraftRecord
 from tests.factories.drafts import sample_draft
-from workers.state import DraftRecord
 
 MODALITIES = (("CT", "CHEST", 0.40), ("CR", "CHEST", 0.25), ("MR", "BRAIN", 0.20), ("US", "ABDOMEN", 0.10),
               ("SM", "", 0.05))

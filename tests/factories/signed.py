@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ground.db import session_scope
 from integrations.dicom.index import Patient, Study, StudyState
 from reporting.draft import Draft, Sections
-from ground.db import session_scope
+from reporting.draft_record import DraftRecord
 from tests.factories.drafts import sample_draft
-from workers.state import DraftRecord
 
 ARRIVAL = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 

@@ -99,7 +99,7 @@ def test_sizing_table_for_datasheet_gpus(bench: ModuleType, tmp_path: Path) -> N
     data = json.loads((tmp_path / "sizing.json").read_text())
     rows = {(r["device"], r["prefix_reuse"], r["latency_s"]): r for r in data["rows"]}
     h100, h200 = "H100 SXM (datasheet)", "H200 (datasheet)"
-    for (device, reuse, latency), row in rows.items():
+    for (device, _reuse, latency), row in rows.items():
         assert 0 < row["batch_s"] <= latency and row["studies_in_flight"] <= row["max_in_memory"]
         # one study alone cannot beat reading the 7.5 B non-embedding weights once per generated token
         assert row["one_study_s"] > 700 * 15e9 / (3.35e12 if device == h100 else 4.8e12)

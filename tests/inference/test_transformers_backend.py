@@ -90,8 +90,8 @@ def test_direct_arabic_mode(tiny_backend: TransformersBackend) -> None:
 
 
 def test_unstructured_gibberish_is_rejected_with_raw_outputs(tiny_backend: TransformersBackend) -> None:
-    from inference.errors import OutputRejected
     from ground.errors import PermanentError
+    from inference.errors import OutputRejected
 
     settings = InferenceSettings(seed=2, structured_output=False)
     with pytest.raises(OutputRejected) as info:

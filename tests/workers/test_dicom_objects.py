@@ -15,19 +15,20 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select, update
 
 from audit.chain import AuditRecord
+from ground.db import session_scope
 from inference.types import BilingualReport, InferenceProvenance, ReportSections
 from integrations.dicom.index import Study
 from integrations.dicom.ingest import ingest_file
 from reporting.draft import Draft, Sections
+from reporting.draft_record import DraftRecord
 from reporting.fhir import Review
-from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, DICOM, SECTIONS, draft_from_dicom
 from tests.reporting.dicom.checks import dciodvfy_errors
 from tests.reporting.dicom.pdftext import arabic_column_text, letters
 from workers.dicom_objects import read_source, store_verified_sr
 from workers.service import PipelineContext, _study_ref, build_draft, publish_stage, render_stage
-from workers.state import DraftRecord, KeyImageSet
+from workers.state import KeyImageSet
 
 
 def _ingest(ctx: PipelineContext, paths: list[Path]) -> None:

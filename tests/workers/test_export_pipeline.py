@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from ground.db import session_scope
 from integrations.dicom.outbox import OutboxItem
 from reporting.draft import Draft
-from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import CT_3SLICE, SECTIONS
 from tests.factories.orthanc import OrthancServer

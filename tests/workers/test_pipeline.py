@@ -11,25 +11,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from inference.tiny import write_tiny
 from integrations.dicom.index import Study
 from integrations.dicom.listener import Listener
-from storage import open_storage
 from reporting.consistency import ConsistencyResult
-from ground.db import session_scope
+from reporting.draft_record import DraftRecord
+from storage import open_storage
 from taqrir.settings import Settings, load_settings
 from tests.conftest import REPO, free_port
 from tests.factories.dcmtk import send_raw, storescu
 from workers.pipeline import Dispatcher, Sweeper
 from workers.service import PipelineContext
-from workers.state import DraftRecord
 
 CORPUS = REPO / "tests" / "data" / "dicom"
 CT3 = sorted((CORPUS / "ct" / "series_dcmqi_ct3slice").iterdir())
@@ -107,7 +106,8 @@ class Pipeline:
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         log = self.tmp_path / f"worker{len(self.workers)}.log"
         proc = subprocess.Popen([sys.executable, "-m", "taqrir", "worker", "--queues", "render,infer,publish"],
-                                env={**self.env, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+                                env={**self.env, **env}, stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+                                stderr=subprocess.STDOUT)
         self.workers.append(proc)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -205,10 +205,10 @@ def test_studies_end_as_drafts_and_an_undecodable_one_fails_alone(make_pipeline:
     jxl_uid = next(uid for uid in p.states() if uid not in (CT_UID, MR_UID))
     for uid in (CT_UID, MR_UID):
         assert p.wait_state(uid, {"drafted"})[0] == "drafted"
-    state, _, reason = p.wait_state(jxl_uid, {"failed"})
+    _state, _, reason = p.wait_state(jxl_uid, {"failed"})
     assert reason and "1.2.840.10008.1.2.4.111" in reason  # JPEG XL: no decoder
     for uid in (CT_UID, MR_UID):
-        (d,) = p.drafts(uid)
+        (_d,) = p.drafts(uid)
         deadline = time.monotonic() + 30
         while p.drafts(uid)[0].published_at is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -301,7 +301,7 @@ def test_unreachable_model_server_fails_then_redraft_succeeds(make_pipeline: Cal
                       TAQRIR_INFERENCE__CONNECT_TIMEOUT="1")
     p.start_worker()
     assert storescu(p.port, CT3).statuses() == ["Success"] * 3
-    state, _, reason = p.wait_state(CT_UID, {"failed"}, timeout=120)
+    _state, _, reason = p.wait_state(CT_UID, {"failed"}, timeout=120)
     assert reason and "gave up after 3 attempts" in reason, reason
     server = subprocess.Popen([sys.executable, "-m", "taqrir", "model", "serve", "--model-path", str(tiny_model),
                                "--port", str(model_port), "--served-model-name", "BiMediX2-8B-Bi"],

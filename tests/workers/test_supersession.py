@@ -11,15 +11,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.dicom.index import Patient, Study
 from integrations.fhir.store import FhirResource
 from reporting.draft import Draft
+from reporting.draft_record import DraftRecord
 from reporting.fhir.ids import report_id
-from ground.db import session_scope
 from taqrir.settings import load_settings
 from tests.factories.drafts import sample_draft
 from workers.service import PipelineContext, publish_stage
-from workers.state import DraftRecord
 
 
 def _record(s: object, study_pk: int, draft: Draft) -> None:

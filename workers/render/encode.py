@@ -92,7 +92,7 @@ def montage(tiles: Sequence[Image.Image], labels: Sequence[str], max_side: int) 
     sheet = Image.new(mode, (cols * cell, rows * cell), 0)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=max(8, cell // 12))
-    for n, (tile, label) in enumerate(zip(tiles, labels)):
+    for n, (tile, label) in enumerate(zip(tiles, labels, strict=False)):
         t = tile.convert(mode)
         t.thumbnail((cell, cell), Image.Resampling.LANCZOS)
         x0 = (n % cols) * cell + (cell - t.width) // 2

@@ -151,7 +151,7 @@ def read_frames(path: Path, indices: Sequence[int]) -> tuple[Dataset, dict[int, 
             frames_iter = iter_pixels(
                 str(path), ds_out=ds, specific_tags=_EXTRA_TAGS, indices=wanted
             )
-            for idx, arr in zip(wanted, frames_iter):
+            for idx, arr in zip(wanted, frames_iter, strict=False):
                 frames[idx] = arr
         return ds, frames
     except (
@@ -178,7 +178,7 @@ def read_frames(path: Path, indices: Sequence[int]) -> tuple[Dataset, dict[int, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frames = {}
-            for idx, arr in zip(wanted, iter_pixels(full, indices=wanted)):
+            for idx, arr in zip(wanted, iter_pixels(full, indices=wanted), strict=False):
                 frames[idx] = arr
     except Exception as err:  # decoder plugins raise RuntimeError, ValueError, OSError...
         logger.debug("direct decoding failed first: %s", _compact_error(first_error))

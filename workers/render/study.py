@@ -207,7 +207,7 @@ def _choose_and_decode(
                 continue
             try:
                 cache[key] = _decode(group[0].instance, list(key[1]))
-            except Exception as err:  # noqa: BLE001 - decoder plugins raise anything
+            except Exception as err:
                 bad[uid] = _skip(ctx, group[0].instance, err)
                 failed = True
                 break
@@ -413,7 +413,7 @@ def _render_series(
         for n, i in enumerate(ordered, start=1):
             try:
                 views.append(_render_single(i, summary, ctx, n, len(ordered)))
-            except Exception as err:  # noqa: BLE001 - skip the instance, keep the series
+            except Exception as err:
                 reasons.append(_skip(ctx, i, err))
         if not views:
             raise SeriesRenderError(f"no instance of the series decodes: {'; '.join(reasons[:3])}")
@@ -426,7 +426,7 @@ def _render_series(
     for inst in clips[: settings.views_per_series]:
         try:
             images.extend(_render_clip(inst, summary, ctx))
-        except Exception as err:  # noqa: BLE001 - skip the instance, keep the series
+        except Exception as err:
             clip_reasons.append(_skip(ctx, inst, err))
     if not images:
         raise SeriesRenderError(f"no instance of the series decodes: {'; '.join(clip_reasons[:3])}")
@@ -491,7 +491,7 @@ def render_study(instances: Sequence[InstanceInput], settings: RenderSettings) -
             continue
         try:
             images = _render_series(groups[uid], summary, ctx)
-        except Exception as err:  # noqa: BLE001 - decoder plugins raise anything; one series must not sink the study
+        except Exception as err:
             reason = (
                 str(err) if isinstance(err, SeriesRenderError) else f"{type(err).__name__}: {err}"
             )

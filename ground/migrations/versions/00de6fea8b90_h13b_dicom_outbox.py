@@ -11,7 +11,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 revision = '00de6fea8b90'
 down_revision = "5e1c0a7b9d42"
 branch_labels = None

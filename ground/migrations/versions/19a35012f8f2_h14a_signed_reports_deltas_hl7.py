@@ -11,7 +11,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 revision = '19a35012f8f2'
 down_revision = '67c3dfaf14ce'
 branch_labels = None

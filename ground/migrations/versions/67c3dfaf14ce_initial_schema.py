@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 67c3dfaf14ce
-Revises: 
+Revises:
 Create Date: 2026-11-27 20:35:23.973164
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlmodel
 from alembic import op
-
 
 revision = '67c3dfaf14ce'
 down_revision = None

@@ -19,13 +19,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.chain import AuditRecord
+from ground.clock import utcnow
+from ground.db import session_scope
+from integrations.dicom.config import StudySettings
 from integrations.dicom.headers import read_headers
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.listener import Listener
 from integrations.dicom.stability import sweep_stable
-from ground.clock import utcnow
-from ground.db import session_scope
-from integrations.dicom.config import StudySettings
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu
 from tests.factories.studies import make_ct_series

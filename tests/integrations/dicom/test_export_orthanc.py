@@ -22,11 +22,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select, update
 
 from audit.chain import AuditRecord, verify
+from ground.clock import utcnow
+from ground.db import session_scope
 from integrations.dicom.destinations import Destination, ExportSettings
 from integrations.dicom.export import deliver
 from integrations.dicom.outbox import OutboxItem, OutboxObject, due_rows, enqueue_objects, take_due
-from ground.clock import utcnow
-from ground.db import session_scope
 from tests.conftest import DICOM_DIR, REPO, free_port
 from tests.factories.export_objects import pdf_object, sr_object
 from tests.factories.orthanc import OrthancServer

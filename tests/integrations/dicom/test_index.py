@@ -24,35 +24,42 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
+from ground.clock import as_utc, utcnow
+from ground.db import make_engine, session_scope
 from integrations.dicom.errors import CannotUnderstand, IdentifiersMissing, OutOfResources
-from integrations.dicom.headers import InstanceHeaders, read_headers, read_headers_pydicom
+from integrations.dicom.headers import read_headers, read_headers_pydicom
 from integrations.dicom.index import (
     Instance,
     Patient,
     Series,
     StoreOutcome,
     Study,
-    find_instance,
-    index_instance,
 )
 from integrations.dicom.ingest import IngestResult, ingest_file
 from integrations.dicom.lifecycle import StudyEvent, transition
-from storage import TMP_DIR_NAME, FileStorage, StoredFile
-from ground.clock import as_utc, utcnow
-from ground.db import make_engine, session_scope
+from storage import TMP_DIR_NAME, FileStorage
 from tests.factories.studies import make_ct_series
 
 
-def _h(study: str, sop: str, patient_id: str = "") -> InstanceHeaders:
-    return InstanceHeaders(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, study_instance_uid=study,
-                           series_instance_uid=study + ".1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                           patient_id=patient_id, modality="CT")
+def _instance(tmp_path: Path, study: str, sop: str, patient_id: str = "", marker: str = "a") -> bytes:
+    """One small CT instance of ``study`` (series ``study.1``); ``marker`` changes its bytes (the
+    same arguments give the same bytes: a resend)."""
+    folder = tmp_path / f"{sop}-{marker}"
+    if folder.exists():
+        return next(folder.glob("*.dcm")).read_bytes()
+    (path,) = make_ct_series(folder, 1, rows=8, cols=8, patient_id=patient_id, study_uid=study)
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SeriesInstanceUID = study + ".1"
+    ds.ImageComments = marker
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
 
 
-def _index(engine: Engine, h: InstanceHeaders, sha: str) -> None:
-    with session_scope(engine) as s:
-        index_instance(s, headers=h, stored=StoredFile(key=f"{h.sop_instance_uid}.{sha}", size=1, sha256=sha),
-                       calling_ae="T", existing=find_instance(s, h.sop_instance_uid))
+def _index(engine: Engine, storage: FileStorage, tmp_path: Path, study: str, sop: str, patient_id: str = "",
+           marker: str = "a") -> None:
+    """File one instance the way the listener does (ingest_file: storage, index, audit)."""
+    _ingest(engine, storage, _instance(tmp_path, study, sop, patient_id, marker))
 
 
 def _drive(engine: Engine, *events: StudyEvent) -> None:
@@ -67,11 +74,12 @@ def _drive(engine: Engine, *events: StudyEvent) -> None:
 TO_DRAFTED = (StudyEvent.quiet, StudyEvent.enqueue, StudyEvent.render, StudyEvent.infer, StudyEvent.drafted)
 
 
-def test_studies_without_patient_id_do_not_share_a_patient(engine: Engine) -> None:
-    _index(engine, _h("1.2.3", "1.2.3.1.1"), "a" * 64)
-    _index(engine, _h("1.2.4", "1.2.4.1.1"), "b" * 64)
-    _index(engine, _h("1.2.5", "1.2.5.1.1", patient_id="MRN1"), "c" * 64)
-    _index(engine, _h("1.2.6", "1.2.6.1.1", patient_id="MRN1"), "d" * 64)
+def test_studies_without_patient_id_do_not_share_a_patient(engine: Engine, storage: FileStorage,
+                                                           tmp_path: Path) -> None:
+    _index(engine, storage, tmp_path, "1.2.3", "1.2.3.1.1")
+    _index(engine, storage, tmp_path, "1.2.4", "1.2.4.1.1")
+    _index(engine, storage, tmp_path, "1.2.5", "1.2.5.1.1", patient_id="MRN1")
+    _index(engine, storage, tmp_path, "1.2.6", "1.2.6.1.1", patient_id="MRN1")
     with session_scope(engine) as s:
         patients = s.exec(select(Patient)).all()
         studies = s.exec(select(Study)).all()
@@ -79,14 +87,15 @@ def test_studies_without_patient_id_do_not_share_a_patient(engine: Engine) -> No
     assert len({st.patient_pk for st in studies}) == 3
 
 
-def test_late_instance_after_drafting_starts_a_new_version(engine: Engine) -> None:
-    _index(engine, _h("1.2.3", "1.2.3.1.1", "P"), "a" * 64)
+def test_late_instance_after_drafting_starts_a_new_version(engine: Engine, storage: FileStorage,
+                                                           tmp_path: Path) -> None:
+    _index(engine, storage, tmp_path, "1.2.3", "1.2.3.1.1", "P")
     _drive(engine, *TO_DRAFTED)
-    _index(engine, _h("1.2.3", "1.2.3.1.1", "P"), "a" * 64)  # duplicate: no change
+    _index(engine, storage, tmp_path, "1.2.3", "1.2.3.1.1", "P")  # duplicate: no change
     with session_scope(engine) as s:
         st = s.exec(select(Study)).one()
         assert (st.state, st.version) == ("drafted", 1)
-    _index(engine, _h("1.2.3", "1.2.3.1.2", "P"), "b" * 64)
+    _index(engine, storage, tmp_path, "1.2.3", "1.2.3.1.2", "P", marker="b")
     with session_scope(engine) as s:
         st = s.exec(select(Study)).one()
         assert (st.state, st.version) == ("receiving", 2)

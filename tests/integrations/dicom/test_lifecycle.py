@@ -30,23 +30,23 @@ from integrations.dicom.lifecycle import (
     transition,
 )
 
-R, ST, Q, RE, I, D, F = (StudyState.receiving, StudyState.stable, StudyState.queued, StudyState.rendering,
+R, ST, Q, RE, INF, D, F = (StudyState.receiving, StudyState.stable, StudyState.queued, StudyState.rendering,
                          StudyState.inferring, StudyState.drafted, StudyState.failed)
 E = StudyEvent
 
 #: The specification, written out independently of the module's table: event -> (sources, target).
 SPEC: dict[StudyEvent, tuple[set[StudyState], StudyState]] = {
-    E.arrived: ({R, ST, Q, RE, I, D, F}, R),
+    E.arrived: ({R, ST, Q, RE, INF, D, F}, R),
     E.quiet: ({R}, ST),
     E.enqueue: ({ST, Q, F}, Q),
     E.render: ({ST, Q, RE}, RE),
-    E.infer: ({ST, Q, RE, I}, I),
-    E.draft_found: ({ST, Q, RE, I}, D),
-    E.drafted: ({I}, D),
-    E.fail: ({ST, Q, RE, I}, F),
+    E.infer: ({ST, Q, RE, INF}, INF),
+    E.draft_found: ({ST, Q, RE, INF}, D),
+    E.drafted: ({INF}, D),
+    E.fail: ({ST, Q, RE, INF}, F),
     E.redraft: ({F, D}, Q),
 }
-NEW_VERSION_ON_ARRIVAL = {Q, RE, I, D, F}
+NEW_VERSION_ON_ARRIVAL = {Q, RE, INF, D, F}
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 REPORT_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.104.1")

@@ -17,11 +17,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.dicom.index import Instance, Patient, Series, Study
 from integrations.dicom.listener import Listener
-from ground.db import session_scope
-from tests.factories.studies import make_ct_series
 from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
+from tests.factories.studies import make_ct_series
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
 

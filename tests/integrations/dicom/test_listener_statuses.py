@@ -19,9 +19,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.dicom.index import Instance, Patient, Series
 from integrations.dicom.listener import Listener
-from ground.db import session_scope
 from tests.factories import damaged
 from tests.factories.dcmtk import echoscu, send_raw_many, storescu
 

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from ground.db import session_scope
 from integrations.dicom.index import Instance, Study
 from integrations.dicom.listener import Listener
-from ground.db import session_scope
 from tests.conftest import free_port
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
@@ -58,7 +58,7 @@ def test_orthanc_routes_a_study_to_taqrir(start_listener: Callable[..., Listener
     listener = start_listener(allowed_calling_aes=["ORTHANC"])
     base, start = orthanc
     start(listener.port)  # type: ignore[attr-defined]
-    files = sorted((CORPUS / "mr" / "series_dcm4che_wrist").iterdir()) + [CORPUS / "ct" / "wg04_CT1" / "CT1_J2KR.dcm"]
+    files = [*sorted((CORPUS / "mr" / "series_dcm4che_wrist").iterdir()), CORPUS / "ct" / "wg04_CT1" / "CT1_J2KR.dcm"]
     ids = set()
     for f in files:
         r = httpx.post(f"{base}/instances", content=f.read_bytes(), timeout=30)

@@ -8,6 +8,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select, update
 
 from audit.chain import AuditRecord, verify
+from ground.clock import utcnow
+from ground.db import session_scope
 from integrations.dicom.destinations import Destination, ExportSettings, ObjectKind
 from integrations.dicom.outbox import (
     OutboxItem,
@@ -17,15 +19,13 @@ from integrations.dicom.outbox import (
     due_rows,
     enqueue_objects,
     expire_commitments,
-    note_commitment_requested,
-    record_commitment,
     mark_dead,
     mark_failed,
     mark_sent,
+    note_commitment_requested,
+    record_commitment,
     replay,
 )
-from ground.clock import utcnow
-from ground.db import session_scope
 
 PACS = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 ARCHIVE = Destination(name="archive", ae_title="ARCH", host="127.0.0.1", port=4243, kinds=[ObjectKind.pdf])

@@ -215,7 +215,7 @@ def test_association_limit_rejects_transiently(peer: Callable[..., tuple]) -> No
 
 
 def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple]) -> None:
-    sock, ac, listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], max_pdu=32))
+    sock, _ac, _listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], max_pdu=32))
     data = CT.read_bytes()
     dataset = data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
     sop = dcmread(CT, stop_before_pixels=True).SOPInstanceUID
@@ -239,14 +239,14 @@ def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple])
 
 
 def test_unsupported_operation_gets_a_status_not_a_hangup(peer: Callable[..., tuple]) -> None:
-    sock, ac, listener = peer()
+    sock, _ac, _listener = peer()
     sock.sendall(_p_data(1, 0x03, _command(0x0020, 9, has_dataset=True)))  # C-FIND-RQ on a storage context
     sock.sendall(_p_data(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
-    pdu_type, raw = _read_pdu(sock)
+    _pdu_type, raw = _read_pdu(sock)
     rsp = decode(io.BytesIO(raw[12:]), True, True)
     assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8020, 9, 0x0211)
     sock.sendall(_p_data(1, 0x03, _command(0x0030, 10, has_dataset=False, sop_class="1.2.840.10008.1.1")))
-    pdu_type, raw = _read_pdu(sock)
+    _pdu_type, raw = _read_pdu(sock)
     rsp = decode(io.BytesIO(raw[12:]), True, True)
     assert (rsp.CommandField, rsp.Status) == (0x8030, 0x0000)  # C-ECHO on any accepted context
     sock.close()
@@ -261,7 +261,7 @@ def test_unsupported_operation_gets_a_status_not_a_hangup(peer: Callable[..., tu
     (_p_data(1, 0x03, struct.pack("<HHL", 0, 0x100, 2) + b"\x01"), 0x06),  # undecodable command
 ])
 def test_protocol_violations_abort_and_serving_goes_on(peer: Callable[..., tuple], bad: bytes, reason: int) -> None:
-    sock, ac, listener = peer()
+    sock, _ac, listener = peer()
     sock.sendall(bad)
     pdu_type, raw = _read_pdu(sock)
     assert pdu_type == 0x07 and raw[9] == reason
@@ -271,17 +271,17 @@ def test_protocol_violations_abort_and_serving_goes_on(peer: Callable[..., tuple
 
 
 def test_oversized_command_set_aborts(peer: Callable[..., tuple]) -> None:
-    sock, ac, listener = peer()
+    sock, _ac, listener = peer()
     for _ in range(3):
         sock.sendall(_p_data(1, 0x01, b"\0" * 30_000))
-    pdu_type, raw = _read_pdu(sock)
+    pdu_type, _raw = _read_pdu(sock)
     assert pdu_type == 0x07
     sock.close()
     _still_serving(listener)
 
 
 def test_abrupt_close_mid_dataset_leaves_no_staged_file(peer: Callable[..., tuple]) -> None:
-    sock, ac, listener = peer()
+    sock, _ac, listener = peer()
     sock.sendall(_p_data(1, 0x03, _command(0x0001, 1, has_dataset=True)))
     sock.sendall(_p_data(1, 0x00, b"\x08\x00" * 5000))
     sock.close()

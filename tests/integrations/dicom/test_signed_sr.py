@@ -14,13 +14,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from audit.deltas import ReportDelta
-from audit.signed import SignedReport
+from audit.signed_report import SignedReport
+from ground.db import session_scope
+from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.index import Instance, Study, StudyState
 from integrations.dicom.listener import Listener
 from integrations.dicom.signed_sr import NotSigned, SignedSrReader, signed_from_sr
 from storage import FileStorage
-from ground.db import session_scope
-from integrations.dicom.config import ListenerSettings, StudySettings
 from tests.factories.dcmtk import storescu
 from tests.factories.signed import seed
 from tests.factories.sr import signed_sr

@@ -13,14 +13,13 @@ import pytest
 import uvicorn
 from sqlalchemy.engine import Engine
 
+from ground.db import session_scope
 from integrations.fhir.app import create_app
 from integrations.fhir.auth import issue_token
 from integrations.fhir.store import publish_draft
 from reporting.draft import Draft
-from ground.db import session_scope
 from taqrir.settings import Settings, load_settings
 from tests.conftest import free_port
-from workers.dicom_objects import store_verified_sr
 from tests.factories.drafts import (
     ARABIC_NAME,
     CT_3SLICE,
@@ -29,6 +28,7 @@ from tests.factories.drafts import (
     draft_from_dicom,
     draft_variant,
 )
+from workers.dicom_objects import store_verified_sr
 
 READER_SCOPES = ["user/*.rs"]
 REVIEWER_SCOPES = ["user/*.rs", "user/DiagnosticReport.u"]

@@ -14,8 +14,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from audit.chain import AuditRecord, record, verify
 from audit.access_writer import AccessNotRecorded, access_writer
+from audit.chain import AuditRecord, record, verify
 from ground.db import session_scope
 
 

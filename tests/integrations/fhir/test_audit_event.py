@@ -16,6 +16,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.fhir.audit_event import (
     CHAIN_EXTENSION,
     AuditSource,
@@ -24,7 +25,6 @@ from integrations.fhir.audit_event import (
 )
 from integrations.fhir.audit_routes import parse_date
 from integrations.fhir.errors import InvalidRequest
-from ground.db import session_scope
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import Server
 

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.fhir.errors import Unauthorized
 from integrations.fhir.fastpath import FastPath
 from integrations.fhir.interactions import FhirApi
@@ -29,7 +30,6 @@ from integrations.fhir.search import run_search
 from integrations.fhir.search_params import parse_search
 from integrations.fhir.store import fetch_current
 from reporting.fhir.ids import patient_id
-from ground.db import session_scope
 from tests.conftest import free_port
 from tests.integrations.fhir.conftest import Server, start_server
 
@@ -206,7 +206,7 @@ def test_reads_match_the_sqlalchemy_reads(fhir_server: Server) -> None:
         return
     assert api.pg is not None
     pg = api.pg
-    patients = sorted({patient_id(d.study.patient) for d in fhir_server.drafts}) + ["nobody"]
+    patients = [*sorted({patient_id(d.study.patient) for d in fhir_server.drafts}), "nobody"]
 
     async def compare() -> None:
         try:

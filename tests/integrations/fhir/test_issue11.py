@@ -14,10 +14,10 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
+from ground.db import session_scope
 from integrations.fhir.store import publish_draft
 from reporting.draft import Draft
 from reporting.fhir.ids import patient_id, report_id
-from ground.db import session_scope
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 from tests.integrations.fhir.test_fastpath import _same, general  # noqa: F401 - the fixture

@@ -9,8 +9,8 @@ import httpx
 from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
-from reporting.labels import has_labels
 from ground.db import session_scope
+from reporting.labels import has_labels
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 

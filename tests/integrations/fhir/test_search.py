@@ -13,8 +13,8 @@ from fhirclient.models.provenance import Provenance
 from sqlmodel import select
 
 from audit.chain import AuditRecord
-from reporting.fhir.ids import patient_id
 from ground.db import session_scope
+from reporting.fhir.ids import patient_id
 from tests.integrations.fhir.conftest import Server
 
 

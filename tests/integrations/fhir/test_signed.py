@@ -15,9 +15,9 @@ from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
 from audit.deltas import ReportDelta
-from audit.signed import SignedReport
-from reporting.fhir.ids import study_id
+from audit.signed_report import SignedReport
 from ground.db import session_scope
+from reporting.fhir.ids import study_id
 from tests.factories.signed import add_draft, add_study
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 

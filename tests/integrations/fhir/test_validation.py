@@ -9,8 +9,8 @@ import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
-from integrations.fhir.store import publish_draft
 from ground.db import session_scope
+from integrations.fhir.store import publish_draft
 from taqrir.settings import load_settings
 from tests.conftest import free_port
 from tests.fhir_validator.validator import assert_valid_r4

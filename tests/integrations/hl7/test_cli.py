@@ -13,7 +13,7 @@ from hl7.client import MLLPClient
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.signed import SignedReport
+from audit.signed_report import SignedReport
 from ground.db import session_scope
 from tests.conftest import free_port
 from tests.factories.hl7 import oru

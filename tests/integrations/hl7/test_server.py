@@ -17,11 +17,11 @@ from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
 from audit.deltas import ReportDelta
-from audit.signed import SignedReport
+from audit.signed_report import SignedReport
+from ground.db import session_scope
 from integrations.hl7.config import Hl7Settings
 from integrations.hl7.inbox import Hl7Message
 from integrations.hl7.server import MllpServer, Receiver
-from ground.db import session_scope
 from tests.conftest import free_port
 from tests.factories.hl7 import frame, mllp_exchange, oru
 from tests.factories.signed import add_study, seed

@@ -166,7 +166,7 @@ def test_no_key_images_gives_an_sr_without_evidence(tmp_path: Path) -> None:
 def test_source_of_another_study_is_refused() -> None:
     draft = sample_draft()
     other = SourceAttributes.from_study_ref(draft.study).model_copy(update={"study_instance_uid": "1.2.3"})
-    with pytest.raises(ValueError, match="source attributes are of study 1.2.3"):
+    with pytest.raises(ValueError, match=r"source attributes are of study 1\.2\.3"):
         build_draft_sr(draft, other, EQUIPMENT)
 
 

@@ -33,7 +33,7 @@ def _shuffled_copies(src_dir: Path, dst: Path, seed: int) -> list[Path]:
     numbers = list(range(1, len(files) + 1))
     random.Random(seed).shuffle(numbers)
     out = []
-    for n, src in zip(numbers, files):
+    for n, src in zip(numbers, files, strict=True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = dcmread(src)

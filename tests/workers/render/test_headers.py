@@ -71,7 +71,7 @@ def test_unusable_files_are_skipped_with_a_reason(corpus: Path, tmp_path: Path) 
 
 def test_sort_paths_walks_folders(corpus: Path) -> None:
     files = sort_paths([corpus / "mr/series_dcm4che_wrist", corpus / "ct/pydicom_CT_small.dcm"])
-    assert len(files) == 17 and files == sorted(files[:16]) + [corpus / "ct/pydicom_CT_small.dcm"]
+    assert len(files) == 17 and files == [*sorted(files[:16]), corpus / "ct/pydicom_CT_small.dcm"]
 
 
 def test_the_pipeline_and_the_files_give_the_renderer_the_same_rows(engine: Engine, tmp_path: Path,

@@ -16,10 +16,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
+from ground.db import session_scope
 from integrations.dicom.index import study_by_uid
 from integrations.dicom.ingest import ingest_file
 from storage import FileStorage
-from ground.db import session_scope
 from tests.conftest import DICOM_DIR
 from workers.render import instances_from_files, render_study
 from workers.render.output import provenance
@@ -126,7 +126,7 @@ def test_series_selection_does_not_depend_on_arrival_order(engine: Engine, tmp_p
     same chosen series, key images and provenance."""
     arterial, delayed = _late_phase_study(tmp_path)
     d0, d1, d2 = delayed  # d1 is the derived image
-    orders = [arterial + delayed, [d1, d0, d2] + arterial, [d2, d1, d0] + arterial,
+    orders = [arterial + delayed, [d1, d0, d2, *arterial], [d2, d1, d0, *arterial],
               [p for pair in itertools.zip_longest([d1, d2, d0], arterial) for p in pair if p]]
     settings = RenderSettings(max_series=1, montage=False)
     results = []

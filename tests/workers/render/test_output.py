@@ -23,7 +23,7 @@ def test_written_files_match_provenance(corpus: Path, tmp_path: Path) -> None:
     assert path == out / "provenance.json"
     prov = json.loads(path.read_text("utf-8"))
     assert len(prov["key_images"]) == len(rendered.key_images) == 4  # 3 slices + lung window
-    for entry, key in zip(prov["key_images"], rendered.key_images):
+    for entry, key in zip(prov["key_images"], rendered.key_images, strict=True):
         data = (out / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] == key.sha256
         assert png_array(data).shape[:2] == (entry["height"], entry["width"])
