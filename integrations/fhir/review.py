@@ -26,7 +26,7 @@ from .deps import ApiDep, IdPath, PrincipalDep
 from .errors import InvalidRequest, PreconditionRequired
 from .interactions import check_compartment, version_headers
 from .responses import fhir_response, openapi_responses, resource_body
-from .store import FhirDraft, get_current, review_report
+from .store import get_current, review_report, stored_draft
 
 _ETAG = re.compile(r'^(W/)?"(\d+)"$')
 
@@ -116,12 +116,12 @@ def review(resource_id: IdPath, principal: PrincipalDep,
     with session_scope(api.engine) as session:
         row = get_current(session, "DiagnosticReport", resource_id)
         check_compartment(principal, row, "u")
-        drow = session.get(FhirDraft, row.draft_id) if row.draft_id else None
-        sections = {} if drow is None else dict(Draft.model_validate_json(drow.draft_json).sections)
+        draft = stored_draft(session, row.draft_id) if row.draft_id else None
+        sections = {} if draft is None else dict(draft.sections)
         rv = review_from_parameters(body, principal, sections)
         outcome = review_report(session, resource_id, rv, if_match=expected, study_timezone=api.study_timezone)
-        if drow is not None and rv.action != "reject":  # the verified SR, in this transaction (issue 13)
-            store_verified_sr(session, api.settings, Draft.model_validate_json(drow.draft_json), rv,
+        if draft is not None and rv.action != "reject":  # the verified SR, in this transaction (issue 13)
+            store_verified_sr(session, api.settings, draft, rv,
                               report_version=outcome.version)
         current = get_current(session, "DiagnosticReport", resource_id)
         headers = version_headers(outcome.version, current.last_updated)

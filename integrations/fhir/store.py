@@ -3,7 +3,9 @@
 ``fhir_resource`` holds the current version of each resource with its search columns;
 ``fhir_resource_history`` every version ever written (read by vread and ``_history``);
 ``fhir_search_token`` the token parameters (identifier, category, code) of current versions;
-``fhir_draft`` the published drafts (the input a review rebuilds the report from).
+``fhir_draft`` which draft became which report. The draft itself (what a review rebuilds the report
+from, what supersession compares) is read from the pipeline's ``draft`` table
+(:class:`reporting.draft_record.DraftRecord`); it is stored once.
 
 Writes go through :func:`put_resource`, which bumps the version only when the content changed and
 re-applies the research labels (:mod:`reporting.labels`) to every version, so no path can drop them.
@@ -25,6 +27,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from audit.chain import record
 from ground.clock import as_utc, utcnow
 from reporting.draft import Draft
+from reporting.draft_record import DraftRecord
 from reporting.fhir import Review, build_resources, build_review_provenance, build_reviewed_report
 from reporting.fhir.ids import device_id, report_id
 from reporting.fhir.supersession import (
@@ -99,7 +102,8 @@ class FhirSearchToken(SQLModel, table=True):
 
 
 class FhirDraft(SQLModel, table=True):
-    """A published draft (immutable), with the report it became."""
+    """A published draft (immutable): the report it became. Its content is the ``draft`` row of the
+    same ``draft_id``."""
 
     __tablename__ = "fhir_draft"
 
@@ -107,7 +111,6 @@ class FhirDraft(SQLModel, table=True):
     report_id: str = Field(max_length=64, index=True)
     study_uid: str = Field(max_length=128)
     published_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
-    draft_json: str = Field(sa_column=Column(Text, nullable=False))
 
 
 @dataclass
@@ -238,6 +241,9 @@ def publish_draft(session: Session, draft: Draft, *, study_timezone: tzinfo = UT
     existing = session.get(FhirDraft, draft.draft_id)
     if existing is not None:
         return existing.report_id
+    if stored_draft(session, draft.draft_id) is None:
+        raise ValueError(f"draft {draft.draft_id} is not in the draft table: store it (the pipeline's persist "
+                         "stage) before publishing; reviews and supersession read it from there")
     res = build_resources(draft, study_timezone=study_timezone)
     now = utcnow()
     versions: dict[str, int] = {}
@@ -248,7 +254,7 @@ def publish_draft(session: Session, draft: Draft, *, study_timezone: tzinfo = UT
     versions["DiagnosticReport"], _ = put_resource(session, _json(res.report), now=now, draft_id=draft.draft_id)
     versions["Provenance"], _ = put_resource(session, _json(res.provenance), now=now, draft_id=draft.draft_id)
     session.add(FhirDraft(draft_id=draft.draft_id, report_id=rid, study_uid=draft.study.study_instance_uid,
-                          published_at=now, draft_json=draft.model_dump_json()))
+                          published_at=now))
     record(session, action="fhir.publish", actor=actor, entity_type="DiagnosticReport", entity_id=rid,
            details={"draft_id": draft.draft_id, "study_uid": draft.study.study_instance_uid,
                     "study_version": draft.study.version, "versions": versions})
@@ -262,21 +268,29 @@ def _supersede_versions(session: Session, draft: Draft, rid: str, *, now: dateti
     """Supersede the unreviewed drafts of older versions of ``draft``'s study by ``rid``; or, when
     a newer version was published first (a late publish), supersede ``rid`` by the newest one.
     In the publishing transaction (:mod:`reporting.fhir.supersession` says what is written, why)."""
-    others = session.exec(select(FhirDraft).where(FhirDraft.study_uid == draft.study.study_instance_uid,
-                                                  FhirDraft.draft_id != draft.draft_id)).all()
-    newest: tuple[int, FhirDraft] | None = None
-    for other in others:
-        other_draft = Draft.model_validate_json(other.draft_json)
-        version = other_draft.study.version
+    others = session.exec(
+        select(FhirDraft.report_id, DraftRecord.version, DraftRecord.draft_id)
+        .join(DraftRecord, col(DraftRecord.draft_id) == col(FhirDraft.draft_id))
+        .where(FhirDraft.study_uid == draft.study.study_instance_uid, FhirDraft.draft_id != draft.draft_id)
+    ).all()
+    newest: tuple[int, str, str] | None = None
+    for other_rid, version, other_draft_id in others:
         if version < draft.study.version:
-            supersede_report(session, other.report_id, by=rid, by_study_version=draft.study.version,
+            supersede_report(session, other_rid, by=rid, by_study_version=draft.study.version,
                              by_device=device_id(draft.model), now=now, actor=actor)
         elif version > draft.study.version and (newest is None or version > newest[0]):
-            newest = (version, other)
+            newest = (version, other_rid, other_draft_id)
     if newest is not None:
-        newer = Draft.model_validate_json(newest[1].draft_json)
-        supersede_report(session, rid, by=newest[1].report_id, by_study_version=newest[0],
+        newer = stored_draft(session, newest[2])
+        assert newer is not None  # joined above
+        supersede_report(session, rid, by=newest[1], by_study_version=newest[0],
                          by_device=device_id(newer.model), now=now, actor=actor)
+
+
+def stored_draft(session: Session, draft_id: str) -> Draft | None:
+    """The draft ``draft_id`` as the pipeline stored it, or None."""
+    text_ = session.exec(select(DraftRecord.draft_json).where(DraftRecord.draft_id == draft_id)).first()
+    return None if text_ is None else Draft.model_validate_json(text_)
 
 
 def supersede_report(session: Session, old_rid: str, *, by: str, by_study_version: int, by_device: str,
@@ -403,10 +417,9 @@ def review_report(session: Session, rid: str, review: Review, *, if_match: int |
                          f"study: review {newer} instead")
     if current.status != "partial" or current.draft_id is None:
         raise Conflict(f"DiagnosticReport/{rid} is {current.status}: only a partial (unreviewed) draft can be reviewed")
-    drow = session.get(FhirDraft, current.draft_id)
-    if drow is None:
+    draft = stored_draft(session, current.draft_id)
+    if draft is None:
         raise Conflict(f"DiagnosticReport/{rid} has no stored draft to review")
-    draft = Draft.model_validate_json(drow.draft_json)
     stale = review.stale_languages(draft)
     if stale and not review.sections(draft):
         raise InvalidRequest("the edit changes different sections in each language, so neither language's text "

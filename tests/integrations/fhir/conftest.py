@@ -28,6 +28,7 @@ from tests.factories.drafts import (
     draft_from_dicom,
     draft_variant,
 )
+from tests.factories.stored import store_draft
 from workers.dicom_objects import store_verified_sr
 
 READER_SCOPES = ["user/*.rs"]
@@ -83,7 +84,7 @@ def fhir_server(engine: Engine, tmp_path: Path) -> Iterator[Server]:
                              api={"port": port, "base_url": f"http://127.0.0.1:{port}/fhir"})
     drafts = corpus_drafts()
     with session_scope(engine) as s:
-        ids = [publish_draft(s, d) for d in drafts]
+        ids = [publish_draft(s, store_draft(s, d)) for d in drafts]
     server, thread = start_server(settings, engine)
     try:
         yield Server(f"http://127.0.0.1:{port}/fhir", settings, engine, drafts, ids)

@@ -18,6 +18,7 @@ from ground.db import session_scope
 from integrations.fhir.store import publish_draft
 from reporting.draft import Draft
 from reporting.fhir.ids import patient_id, report_id
+from tests.factories.stored import store_draft
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 from tests.integrations.fhir.test_fastpath import _same, general  # noqa: F401 - the fixture
@@ -53,7 +54,7 @@ def test_10_a_newer_version_supersedes_the_older_draft(fhir_server: Server) -> N
     old_draft, old_rid = fhir_server.drafts[0], fhir_server.report_ids[0]
     new_draft = _version_two(old_draft)
     with session_scope(fhir_server.engine) as s:
-        new_rid = publish_draft(s, new_draft)
+        new_rid = publish_draft(s, store_draft(s, new_draft))
     assert new_rid == report_id(new_draft) != old_rid
     h = fhir_server.headers()
     old = httpx.get(f"{fhir_server.base}/DiagnosticReport/{old_rid}", headers=h).json()
@@ -93,8 +94,8 @@ def test_10_an_older_draft_published_late_is_superseded_at_once(fhir_server: Ser
     d = fhir_server.drafts[5]
     v2, v3 = _version_two(d), _version_two(_version_two(d))
     with session_scope(fhir_server.engine) as s:
-        r3 = publish_draft(s, v3)
-        r2 = publish_draft(s, v2)
+        r3 = publish_draft(s, store_draft(s, v3))
+        r2 = publish_draft(s, store_draft(s, v2))
     h = fhir_server.headers()
     assert httpx.get(f"{fhir_server.base}/DiagnosticReport/{r2}", headers=h).json()["status"] == "cancelled"
     assert httpx.get(f"{fhir_server.base}/DiagnosticReport/{r3}", headers=h).json()["status"] == "partial"

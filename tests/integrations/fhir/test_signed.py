@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -17,8 +18,10 @@ from audit.chain import AuditRecord, verify
 from audit.deltas import ReportDelta
 from audit.signed_report import SignedReport
 from ground.db import session_scope
+from integrations.dicom.index import Study
+from reporting.draft_record import DraftRecord
 from reporting.fhir.ids import study_id
-from tests.factories.signed import add_draft, add_study
+from tests.factories.signed import ARRIVAL
 from tests.integrations.fhir.conftest import REVIEWER_SCOPES, Server
 
 RIS = ["system/DiagnosticReport.cu"]
@@ -59,8 +62,14 @@ def drafted(fhir_server: Server) -> Server:
     """The first published draft's study, indexed with that draft (as the pipeline leaves it)."""
     d = fhir_server.drafts[0]
     with session_scope(fhir_server.engine) as s:
-        study = add_study(s, study_uid=d.study.study_instance_uid, accession=d.study.accession_number or "ACC-CT3")
-        add_draft(s, study, draft=d)
+        rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == d.draft_id)).one()
+        study = s.get(Study, rec.study_pk)
+        assert study is not None
+        study.accession_number = study.accession_number or "ACC-CT3"
+        study.first_received_at = study.last_received_at = ARRIVAL
+        rec.created_at = ARRIVAL + timedelta(minutes=2)
+        rec.fhir_report_id = fhir_server.report_ids[0]  # as the publish stage records it
+        s.add_all([study, rec])
     return fhir_server
 
 

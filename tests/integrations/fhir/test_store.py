@@ -13,6 +13,7 @@ from ground.db import session_scope
 from integrations.fhir.store import FhirResource, FhirResourceVersion, publish_draft, put_resource
 from reporting.labels import has_labels
 from tests.factories.drafts import CT_3SLICE, draft_from_dicom, draft_variant
+from tests.factories.stored import store_draft
 
 
 def _count(engine: Engine, model: type) -> int:
@@ -23,7 +24,7 @@ def _count(engine: Engine, model: type) -> int:
 def test_publish_is_idempotent_and_upserts_shared_resources(engine: Engine) -> None:
     draft = draft_from_dicom(CT_3SLICE)
     with session_scope(engine) as s:
-        rid = publish_draft(s, draft)
+        rid = publish_draft(s, store_draft(s, draft))
     rows, versions = _count(engine, FhirResource), _count(engine, FhirResourceVersion)
     assert rows == 5 and versions == 5
     with session_scope(engine) as s:
@@ -35,7 +36,7 @@ def test_publish_is_idempotent_and_upserts_shared_resources(engine: Engine) -> N
     v2 = draft.model_copy(update={"draft_id": draft.draft_id + "-v2",
                                   "study": draft.study.model_copy(update={"version": 2, "series": (*draft.study.series, late)})})
     with session_scope(engine) as s:
-        rid2 = publish_draft(s, v2)
+        rid2 = publish_draft(s, store_draft(s, v2))
         assert rid2 != rid
         study = s.exec(select(FhirResource).where(FhirResource.resource_type == "ImagingStudy")).one()
         patient = s.exec(select(FhirResource).where(FhirResource.resource_type == "Patient")).one()
@@ -50,7 +51,7 @@ def test_publish_is_idempotent_and_upserts_shared_resources(engine: Engine) -> N
 def test_store_puts_labels_back_on_every_version(engine: Engine) -> None:
     draft = draft_variant(draft_from_dicom(CT_3SLICE), 3)
     with session_scope(engine) as s:
-        rid = publish_draft(s, draft)
+        rid = publish_draft(s, store_draft(s, draft))
         row = s.get(FhirResource, ("DiagnosticReport", rid))
         assert row is not None
         data = json.loads(row.json_text)
@@ -68,6 +69,9 @@ def test_concurrent_publishers_of_one_patient_do_not_collide(engine: Engine) -> 
     base = draft_from_dicom(CT_3SLICE)
     drafts = [draft_variant(base, n, patients=1) for n in range(1, 9)]
     errors: list[BaseException] = []
+    with session_scope(engine) as s:
+        for d in drafts:
+            store_draft(s, d)
 
     def publish(d: object) -> None:
         try:

@@ -13,6 +13,7 @@ from ground.db import session_scope
 from integrations.fhir.store import publish_draft
 from taqrir.settings import load_settings
 from tests.conftest import free_port
+from tests.factories.stored import store_draft
 from tests.fhir_validator.validator import assert_valid_r4
 from tests.integrations.fhir.conftest import READER_SCOPES, Server, corpus_drafts, start_server
 
@@ -40,7 +41,7 @@ def test_served_json_is_valid_r4(engine: Engine, tmp_path: Any, mode: str) -> No
                              api={"port": port, "base_url": f"http://127.0.0.1:{port}/fhir", "response_mode": mode})
     drafts = corpus_drafts(variants=3)
     with session_scope(engine) as s:
-        ids = [publish_draft(s, d) for d in drafts]
+        ids = [publish_draft(s, store_draft(s, d)) for d in drafts]
     uv, thread = start_server(settings, engine)
     try:
         served = _served(Server(f"http://127.0.0.1:{port}/fhir", settings, engine, drafts, ids))
