@@ -72,6 +72,19 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test]"
 
+# SGLang's own request models (sglang/srt/entrypoints/openai/protocol.py) import without a GPU, but
+# the sglang package depends on CUDA kernels: its wheel alone, with the few modules that file
+# imports, goes into a folder of its own that tests/inference/test_sglang_protocol.py appends to a
+# subprocess's sys.path (nothing there shadows the venv's packages). Pinned: the release checked.
+SGLANG_PROTOCOL=.venv/sglang-protocol
+if [ ! -f "$SGLANG_PROTOCOL/.installed-0.5.23" ]; then
+  rm -rf "$SGLANG_PROTOCOL"
+  .venv/bin/python -m pip install -q --no-deps --target "$SGLANG_PROTOCOL" sglang==0.5.23 \
+    msgspec==0.23.0 pybase64==1.5.1 orjson==3.13.0 pyzmq==27.3.0
+  .venv/bin/python -m pip install -q --target "$SGLANG_PROTOCOL" ipython==9.19.1 aiohttp==3.14.5
+  touch "$SGLANG_PROTOCOL/.installed-0.5.23"
+fi
+
 # The house's rules before the tests (pyproject.toml holds each tool's configuration): the import
 # contracts (layers and each room's "must not"), ruff's rule set, mypy --strict on every package.
 .venv/bin/lint-imports --no-cache
