@@ -23,8 +23,10 @@ from reporting.draft import ModelProvenance
 CHARSET = "ISO_IR 192"
 
 #: What every series description starts with: viewers such as OHIF ignore Verification/
-#: Preliminary flags, so the status has to be in words they do show.
-RESEARCH_LABEL = "AI draft, unverified, research only"
+#: Preliminary flags, so the status has to be in words they do show, and the words that matter
+#: first: OHIF v3's study browser cuts a series description after about 26 characters (it showed
+#: "AI draft, unverified, rese..." when "research only" came last).
+RESEARCH_LABEL = "Research only: unverified AI draft"
 
 
 def new_object(

@@ -27,7 +27,7 @@ def test_kos_lists_the_key_images(tmp_path: Path) -> None:
     ds = write_and_read(build_kos(draft, SourceAttributes.from_study_ref(draft.study), EQUIPMENT), tmp_path / "kos.dcm")
     assert dciodvfy_errors(tmp_path / "kos.dcm") == []
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
-    assert ds.Modality == "KO" and "research only" in ds.SeriesDescription
+    assert ds.Modality == "KO" and "research only" in ds.SeriesDescription.lower()
     title = ds.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("113000", "DCM", "Of Interest")
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "2010"

@@ -76,7 +76,7 @@ def test_bilingual_pdf_text_fonts_images_and_wrapper(tmp_path: Path) -> None:
     assert ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
     assert ds.StudyInstanceUID == draft.study.study_instance_uid
     assert ds.SOPInstanceUID == object_uids(draft, "pdf").sop_instance_uid
-    assert "research only" in ds.SeriesDescription and ds.VerificationFlag == "UNVERIFIED"
+    assert "research only" in ds.SeriesDescription.lower() and ds.VerificationFlag == "UNVERIFIED"
     assert {s.ReferencedSOPInstanceUID for s in ds.SourceInstanceSequence} == {
         k.sop_instance_uids[0] for k in draft.key_images}
 

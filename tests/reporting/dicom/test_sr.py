@@ -48,7 +48,7 @@ def test_draft_sr_tree_flags_and_labels(tmp_path: Path) -> None:
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert (ds.VerificationFlag, ds.CompletionFlag, ds.PreliminaryFlag) == ("UNVERIFIED", "PARTIAL", "PRELIMINARY")
     assert ds.Modality == "SR"
-    assert "AI draft, unverified, research only" in ds.SeriesDescription
+    assert ds.SeriesDescription.startswith("Research only: unverified AI draft")
     assert ds.StudyInstanceUID == draft.study.study_instance_uid
     assert ds.SeriesInstanceUID not in {s.series_instance_uid for s in draft.study.series}
     assert (ds.PatientID, ds.AccessionNumber) == (source.patient_id, source.accession_number)

@@ -50,7 +50,7 @@ def test_verified_sr(tmp_path: Path) -> None:
     assert pred.ReferencedSeriesSequence[0].SeriesInstanceUID == draft_sr.SeriesInstanceUID
     assert pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == draft_sr.SOPInstanceUID
     assert ds.SOPInstanceUID != draft_sr.SOPInstanceUID
-    assert "research only" in ds.SeriesDescription
+    assert "research only" in ds.SeriesDescription.lower()
     texts = [str(i.TextValue).strip("\u2067\u2069") for i in ds.ContentSequence if i.ValueType == "TEXT"]
     assert DISCLAIMER["en"] in texts and DISCLAIMER["ar"] in texts
     assert any(t.startswith("Verified by Layla Haddad (Research Hospital), edited") for t in texts)
