@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -135,6 +136,24 @@ def _ssl_context(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host
 
 
+def _keep_handshake_error(ctx: ssl.SSLContext, errors: list[ssl.SSLError]) -> None:
+    """Collect a failed TLS handshake into ``errors``. pynetdicom catches it in
+    ``AssociationSocket.connect``, only logs it, and reports no association at all, so without
+    this an unknown CA or a misnamed certificate was recorded as "refused, or no association
+    answer": the outbox row must say the real cause (found by tests/integrations/dicom/
+    test_export_statuses.py)."""
+
+    class _Recording(ssl.SSLSocket):
+        def connect(self, addr: Any) -> None:
+            try:
+                super().connect(addr)
+            except ssl.SSLError as err:
+                errors.append(err)
+                raise
+
+    ctx.sslsocket_class = _Recording
+
+
 def _transfer_syntax(path: Path) -> str:
     try:
         meta = dcmread(path, stop_before_pixels=True, specific_tags=[(0x0002, 0x0010)])
@@ -172,8 +191,12 @@ def associate(dest: Destination, settings: ExportSettings, items: Sequence[SendI
         ae.add_requested_context(sop_class, syntaxes)
     if commitment:
         ae.add_requested_context(StorageCommitmentPushModel)
+    tls = _ssl_context(dest)
+    tls_errors: list[ssl.SSLError] = []
+    if tls is not None:
+        _keep_handshake_error(tls[0], tls_errors)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_ssl_context(dest),
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
                              evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     except (OSError, ssl.SSLError) as err:
         raise TransientExportError(f"cannot reach {dest.host}:{dest.port}: {type(err).__name__}: {err}") from err
@@ -187,6 +210,16 @@ def associate(dest: Destination, settings: ExportSettings, items: Sequence[SendI
         outcome, reason = classify_rejection(result, source, diagnostic)
         reason = f"{dest.ae_title}@{dest.host}:{dest.port} {reason} (we called as {settings.calling_ae(dest)})"
         if outcome is Outcome.permanent:
+            raise PermanentExportError(reason)
+        raise TransientExportError(reason)
+    if tls_errors:
+        reason = (f"TLS handshake with {dest.ae_title}@{dest.host}:{dest.port} failed: {tls_errors[0]}; check the "
+                  f"destination's tls.ca_file (and cert_file) against the PACS's certificate")
+        # A certificate that fails verification fails every later attempt the same way (as the
+        # ATNA sender holds too): dead at once, replayed by `taqrir outbox retry` once the CA file
+        # or the PACS's certificate is fixed. Any other handshake failure (a reset mid-handshake)
+        # may pass next time.
+        if isinstance(tls_errors[0], ssl.SSLCertVerificationError):
             raise PermanentExportError(reason)
         raise TransientExportError(reason)
     if assoc.acceptor.primitive is None:  # no answer at all: TCP refused, or silence until the ACSE timeout
