@@ -24,8 +24,9 @@ import httpx
 from pydicom import dcmread
 from pynetdicom import AE, _config
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
+from audit.chain import AuditRecord
 from ground.db import session_scope
 from ground.errors import TaqrirError
 from integrations.dicom.index import Patient, Study, list_studies, study_by_uid
@@ -216,6 +217,7 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
     say("")
     say("Results:")
     first: Draft | None = None
+    skipped: dict[str, str] = {}
     with session_scope(engine) as s:
         for uid, title in sent.items():
             study = study_by_uid(s, uid)
@@ -235,6 +237,8 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
                 dicom = [n for n in ("sr.dcm", "report.pdf", "kos.dcm") if (out / n).is_file()]
                 if dicom:
                     say(f"      {out}/  {', '.join(dicom)}  (DICOM SR, report PDF, key images)")
+                for kind, why in _skipped_objects(s, rec.draft_id).items():
+                    skipped[kind] = why
             else:
                 say(f"  {title}: {study.state}: {(study.failure_reason or '')[:160]}")
     if first is not None:
@@ -247,6 +251,16 @@ def _print_results(settings: Settings, engine: Engine, sent: dict[str, str], say
             say("The same draft as DICOM objects for the PACS (research-labelled, VerificationFlag UNVERIFIED):")
             say(f"  {out / 'report.pdf'}  (open in any PDF reader; English and Arabic on one page)")
             say(f"  dsrdump {out / 'sr.dcm'}  (the bilingual SR tree); {out / 'kos.dcm'}: the key images")
+    for kind, why in skipped.items():
+        say(f"Not made on this machine ({kind}): {why}")
+
+
+def _skipped_objects(s: Session, draft_id: str) -> dict[str, str]:
+    """The DICOM objects publishing could not make for a draft, with why (its audit record)."""
+    rec = s.exec(select(AuditRecord).where(col(AuditRecord.action) == "draft.dicom_objects",
+                                           col(AuditRecord.entity_id) == draft_id)).first()
+    skipped = json.loads(rec.details).get("skipped", {}) if rec is not None else {}
+    return {str(k): str(v) for k, v in skipped.items()}
 
 
 def _show_api(base_url: str, bearer: str, say: Callable[[str], None]) -> None:

@@ -126,19 +126,39 @@ def storage_folder(draft: Draft) -> str:
     return f"exports/{key_component(draft.study.study_instance_uid)}/{key_component(draft.draft_id)}"
 
 
+@dataclass(frozen=True)
+class WrittenObjects:
+    """What publishing wrote of a draft's DICOM objects, and what it could not make, with why."""
+
+    written: list[WrittenObject]
+    skipped: dict[str, str]
+
+
+_warned_no_pdf = False
+
+
 def write_draft_objects(settings: ObjectSettings, storage: Storage, draft: Draft, inputs: ObjectInputs,
-                        out: Path) -> list[WrittenObject]:
+                        out: Path) -> WrittenObjects:
     """Read the inputs, build the draft's SR, PDF and KOS and write them (export folder and storage)."""
+    global _warned_no_pdf  # one warning per process; each draft's audit record says it too
     source, pngs = load_source(inputs, draft), load_key_images(inputs)
     objects = build_draft_objects(draft, source, equipment(settings), pngs)
     folder = storage_folder(draft)
     written: list[WrittenObject] = []
-    items = [("sr", objects.sr, "sr.dcm", "sr.dcm"), ("pdf", objects.pdf_document, "report.pdf.dcm", "pdf.dcm")]
+    skipped: dict[str, str] = {}
+    items = [("sr", objects.sr, "sr.dcm", "sr.dcm")]
+    if objects.pdf is not None and objects.pdf_document is not None:
+        items.append(("pdf", objects.pdf_document, "report.pdf.dcm", "pdf.dcm"))
+        write_atomic(out / "report.pdf", objects.pdf)
+    else:
+        skipped["pdf"] = objects.pdf_skipped or "no PDF was made"
+        if not _warned_no_pdf:
+            log.warning("%s", skipped["pdf"])
+            _warned_no_pdf = True
     if objects.kos is not None:
         items.append(("kos", objects.kos, "kos.dcm", "kos.dcm"))
     else:
         log.info("draft %s has no key images: no KOS", draft.draft_id)
-    write_atomic(out / "report.pdf", objects.pdf)
     for kind, ds, export_name, storage_name in items:
         data = part10(ds)
         key = f"{folder}/{storage_name}"
@@ -147,7 +167,7 @@ def write_draft_objects(settings: ObjectSettings, storage: Storage, draft: Draft
         written.append(WrittenObject(kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                      sop_instance_uid=str(ds.SOPInstanceUID), storage_key=key,
                                      export_file=out / export_name))
-    return written
+    return WrittenObjects(written, skipped)
 
 
 def verification_from_review(settings: ObjectSettings, draft: Draft, review: Review, *, report_version: int) -> Verification:

@@ -465,13 +465,16 @@ def publish_stage(ctx: PipelineContext, draft_id: str) -> str | None:
     # DICOM SR, report PDF and KOS (issue 13): built and written (deterministically, so a rerun
     # rewrites the same files) before the draft is marked published; queued for export in the
     # same transaction as that mark.
-    written = write_draft_objects(ctx.settings, ctx.storage, draft, inputs, out) if inputs is not None else []
+    objects = write_draft_objects(ctx.settings, ctx.storage, draft, inputs, out) if inputs is not None else None
     with session_scope(ctx.engine) as s:
-        if written:
-            enqueue_export(s, ctx.settings, draft, written)
+        if objects is not None and objects.written:
+            enqueue_export(s, ctx.settings, draft, objects.written)
+            details: dict[str, object] = {"study": draft.study.study_instance_uid,
+                                          "objects": {o.kind: o.sop_instance_uid for o in objects.written}}
+            if objects.skipped:
+                details["skipped"] = objects.skipped
             record(s, action="draft.dicom_objects", actor=ACTOR, entity_type="Draft", entity_id=draft_id,
-                   details={"study": draft.study.study_instance_uid,
-                            "objects": {o.kind: o.sop_instance_uid for o in written}})
+                   details=details)
         s.exec(update(DraftRecord).where(col(DraftRecord.draft_id) == draft_id)
                .values(published_at=utcnow(), fhir_report_id=report_id, publish_error=None))
     _add_stage_time(ctx.engine, draft_id, publish_s=time.perf_counter() - t0)

@@ -12,6 +12,11 @@ class DicomObjectError(PermanentError):
     """
 
 
+class PdfRendererMissing(DicomObjectError):
+    """WeasyPrint cannot run on this host (its Pango, HarfBuzz and FriBidi libraries are missing):
+    no report PDF can be made until they are installed; the SR and KOS do not need them."""
+
+
 class NoKeyImages(DicomObjectError):
     """A Key Object Selection needs at least one image (PS3.16 TID 2010, row 5: 1-n)."""
 

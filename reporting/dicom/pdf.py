@@ -50,7 +50,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 
 from reporting.dicom.concepts import REPORT_DOCUMENT
 from reporting.dicom.equipment import Equipment, dicom_dt
-from reporting.dicom.errors import DicomObjectError
+from reporting.dicom.errors import DicomObjectError, PdfRendererMissing
 from reporting.dicom.evidence import key_instances
 from reporting.dicom.modules import RESEARCH_LABEL, new_object
 from reporting.dicom.source import SourceAttributes
@@ -206,7 +206,14 @@ def render_report_pdf(draft: Draft, source: SourceAttributes, key_image_pngs: Ma
     ``key_image_pngs`` maps a key image's SHA-256 (``KeyImageRef.sha256``, the PNG the model saw)
     to its PNG bytes; a key image without bytes is shown as "image not available".
     """
-    from weasyprint import HTML  # heavy import (Pango): only where a PDF is made
+    try:
+        from weasyprint import HTML  # heavy import (Pango): only where a PDF is made
+    except (ImportError, OSError) as err:  # WeasyPrint raises OSError when it cannot load Pango
+        raise PdfRendererMissing(
+            f"no report PDF: WeasyPrint cannot load its text libraries ({err}). Install Pango and the "
+            "report's fonts (Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0 "
+            "fonts-noto-core fonts-hosny-amiri); the SR and KOS are made without them"
+        ) from err
 
     document = HTML(string=report_html(draft, source, key_image_pngs, sections=sections,
                                        review_note=review_note)).render()

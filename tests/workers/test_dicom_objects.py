@@ -114,6 +114,34 @@ def test_publish_writes_sr_pdf_kos_from_the_stored_header(engine: Engine, tmp_pa
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
+def test_a_host_without_pango_publishes_the_sr_and_kos_and_says_why_there_is_no_pdf(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a fresh machine without Pango looks like to WeasyPrint: its import raises OSError.
+    import sys
+    import types
+
+    broken = types.ModuleType("weasyprint")
+
+    def _no_pango(name: str) -> object:
+        raise OSError("cannot load library 'libpango-1.0-0': cannot open shared object file")
+
+    broken.__getattr__ = _no_pango  # type: ignore[method-assign]  # `from weasyprint import HTML` fails
+    monkeypatch.setitem(sys.modules, "weasyprint", broken)
+    ctx = _context(engine, tmp_path)
+    draft = _drafted(ctx, CT_3SLICE)
+    report_id = publish_stage(ctx, draft.draft_id)
+    out = ctx.settings.data_dir / "drafts" / draft.study.study_instance_uid / "v1"
+    assert (out / "sr.dcm").is_file() and (out / "kos.dcm").is_file()
+    assert not (out / "report.pdf").exists() and not (out / "report.pdf.dcm").exists()
+    assert dciodvfy_errors(out / "sr.dcm") == []
+    with session_scope(engine) as s:
+        rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft.draft_id)).one()
+        assert rec.published_at is not None and rec.fhir_report_id == report_id
+        audit = json.loads(s.exec(select(AuditRecord).where(AuditRecord.action == "draft.dicom_objects")).one().details)
+    assert set(audit["objects"]) == {"sr", "kos"}
+    assert "libpango" in audit["skipped"]["pdf"] and "apt-get install libpango" in audit["skipped"]["pdf"]
+
+
 @pytest.mark.parametrize(("name", "expected"), [
     ("pydicom_chrH32.dcm", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),  # ISO 2022 IR 13 / IR 87 (Japanese)
     ("pydicom_chrFrenMulti.dcm", "Buc^Jérôme"),  # ISO_IR 100
