@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .config import InferenceSettings
+from .sglang import SGLangBackend
 from .types import GenerationRequest, GenerationResult
+
+# The modules that import torch and transformers (tiny, checkpoint, transformers_backend: 1.3-2 s
+# of start-up) are imported inside the functions that need them, so that a process using the
+# SGLang backend (workers beside a GPU server, the API, every CLI command) never loads them.
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def ensure_tiny(path: Path) -> Path:
     import shutil
     import tempfile
 
-    from .checkpoint import relocate_checkpoint
+    from .checkpoint import relocate_checkpoint  # torch: see the note on imports at the top
     from .tiny import write_tiny
 
     if (path / "config.json").is_file():
@@ -69,8 +74,6 @@ def ensure_tiny(path: Path) -> Path:
 def make_backend(settings: InferenceSettings, *, data_dir: Path) -> InferenceBackend:
     """Build the backend ``settings.backend`` names (the only place backends are constructed)."""
     if settings.backend == "sglang":
-        from .sglang import SGLangBackend
-
         return SGLangBackend(
             settings.server_url,
             model_name=settings.model_name,
@@ -83,6 +86,7 @@ def make_backend(settings: InferenceSettings, *, data_dir: Path) -> InferenceBac
             max_concurrency=settings.max_concurrency,
             max_connections=settings.max_connections,
         )
+    # torch + transformers: only a process that runs this backend loads them
     from .transformers_backend import TransformersBackend
 
     path = settings.resolved_model_path(data_dir)

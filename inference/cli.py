@@ -10,6 +10,11 @@ import typer
 
 from ground.errors import ConfigError
 
+from .errors import BackendUnavailable
+
+# Each command imports its torch/transformers/uvicorn modules inside its body: `taqrir --help` and
+# every other command import this module, and torch alone costs 1.3-2 s of start-up.
+
 model_app = typer.Typer(help="Model checkpoints and a local OpenAI-compatible server.", no_args_is_help=True)
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,6 @@ def serve(
     """Serve a local checkpoint over OpenAI's /v1/chat/completions (development without a GPU)."""
     import uvicorn
 
-    from .errors import BackendUnavailable
     from .server import create_app
     from .transformers_backend import TransformersBackend
 
