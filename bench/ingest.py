@@ -92,6 +92,12 @@ def run_taqrir(files: list[Path], data_dir: Path, parallel: int, database_url: s
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
         env.pop("TAQRIR_LISTENER__PROCESSES")  # an older tree may not know the setting
+    # `taqrir listen` refuses a database that is not at the newest schema (migrations run only from
+    # `taqrir db upgrade`, which older trees also have)
+    migrate = subprocess.run([sys.executable, "-m", "taqrir", "db", "upgrade"], env=env, capture_output=True,
+                             text=True, check=False, cwd=str(tree) if tree is not None else None)
+    if migrate.returncode != 0:
+        raise RuntimeError(f"taqrir db upgrade failed: {migrate.stderr[-1000:]}")
     proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--port", str(port)], env=env,
                             cwd=str(tree) if tree is not None else None,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
