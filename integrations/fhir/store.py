@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from audit.chain import record
+from audit.deltas import compute_study_deltas
 from ground.clock import as_utc, utcnow
 from reporting.draft import Draft
 from reporting.draft_record import DraftRecord
@@ -435,6 +436,11 @@ def review_report(session: Session, rid: str, review: Review, *, if_match: int |
                                    "changed": review.changed_sections(draft) if review.action == "edit" else [],
                                    "dropped_translations": list(stale),
                                    "provenance": prov.id})
+    # The review is part of every draft-versus-signed delta of the study (issue 14): when the
+    # signed report came back first, its deltas take this review in the same transaction.
+    study_pk = session.exec(select(DraftRecord.study_pk).where(col(DraftRecord.draft_id) == draft.draft_id)).first()
+    if study_pk is not None:
+        compute_study_deltas(session, study_pk)
     return ReviewOutcome(report_json=get_current(session, "DiagnosticReport", rid).json_text, version=version,
                          provenance_id=str(prov.id))
 

@@ -151,6 +151,48 @@ def test_cli_export_and_the_placeholder_key(db_url: str, engine: Engine, tmp_pat
     assert r.exit_code != 0 and "pseudonym_key" in str(r.exception)
 
 
+def test_a_terminal_sees_the_progress_bar_and_a_pipe_does_not(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    """The long-export progress bar, seen as a user sees it: `taqrir research export` with its
+    stderr on a pseudo-terminal, and again with stderr a pipe (scripts and cron get no bar)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    research.build(engine)
+    env = {**os.environ, "TAQRIR_DATABASE_URL": db_url, "TAQRIR_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "taqrir", "research", "export"]
+    leader, follower = pty.openpty()
+    # a terminal of 100 columns (a pty starts at 0x0, where tqdm's dynamic width draws nothing)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    try:
+        proc = subprocess.run([*command, str(tmp_path / "tty")], env=env, stdout=subprocess.PIPE,
+                              stderr=follower, timeout=120, check=False, cwd=REPO)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the pty is drained and closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0, proc.stdout
+    rows = int(proc.stdout.decode().split("exported ")[1].split()[0])
+    bar = shown.decode("utf-8", "replace")
+    assert rows > 0 and "research export: 100%|" in bar and f"{rows}/{rows}" in bar and "rows/s" in bar, bar
+    piped = subprocess.run([*command, str(tmp_path / "pipe")], env=env, capture_output=True, text=True,
+                           timeout=120, check=False, cwd=REPO)
+    assert piped.returncode == 0, piped.stderr
+    assert "%|" not in piped.stderr and "rows/s" not in piped.stderr, piped.stderr  # no bar, the log line only
+
+
 def test_deidentifier_parts() -> None:
     d = Deidentifier(b"k" * 32, "shifted", 30)
     assert d.pseudonym("patient", "", "P1") == d.pseudonym("patient", "", "P1") != d.pseudonym("study", "", "P1")

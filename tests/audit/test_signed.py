@@ -135,7 +135,8 @@ def test_preliminary_is_stored_without_deltas(engine: Engine) -> None:
     assert res.deltas == 0 and len(res.signed_ids) == 2
 
 
-def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
+@pytest.mark.parametrize(("action", "outcome"), [("accept", "accepted"), ("edit", "edited"), ("reject", "rejected")])
+def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine, action: str, outcome: str) -> None:
     from audit.chain import record
     from audit.deltas import recompute_all
     _, draft_id = seed(engine)
@@ -144,10 +145,10 @@ def test_a_late_review_is_picked_up_by_recompute_all(engine: Engine) -> None:
         rec = s.exec(select(DraftRecord).where(DraftRecord.draft_id == draft_id)).one()
         rec.fhir_report_id = "dr-x"  # what the publish stage records once the FHIR report exists
         s.add(rec)
-        record(s, action="fhir.review.edit", actor="dr.amal", entity_type="DiagnosticReport", entity_id="dr-x")
+        record(s, action=f"fhir.review.{action}", actor="dr.amal", entity_type="DiagnosticReport", entity_id="dr-x")
     assert recompute_all(engine) == (1, 2)
     with session_scope(engine) as s:
-        assert {(d.review_outcome, d.reviewer) for d in s.exec(select(ReportDelta)).all()} == {("edited", "dr.amal")}
+        assert {(d.review_outcome, d.reviewer) for d in s.exec(select(ReportDelta)).all()} == {(outcome, "dr.amal")}
 
 
 def test_a_preliminary_never_supersedes_a_signed_report(engine: Engine) -> None:

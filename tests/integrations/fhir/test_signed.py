@@ -140,6 +140,27 @@ def test_imaging_study_reference_and_the_review_outcome(drafted: Server) -> None
         assert all(x.arrival_to_review_s is not None and x.arrival_to_signature_s is not None for x in deltas)
 
 
+@pytest.mark.parametrize("action", ["accept", "reject"])
+def test_a_review_after_the_signature_updates_the_deltas_at_once(drafted: Server, action: str) -> None:
+    # the other order: the RIS signs first, the clinician reviews the draft afterwards; the deltas
+    # carry the review as soon as it is answered, not at the next `taqrir deltas`
+    d, rid = drafted.drafts[0], drafted.report_ids[0]
+    r = httpx.post(f"{drafted.base}/DiagnosticReport", headers=drafted.headers(RIS, user="ris"),
+                   json=report(None, imaging_study=f"ImagingStudy/{study_id(d.study.study_instance_uid)}"))
+    assert r.status_code == 201, r.text
+    with session_scope(drafted.engine) as s:
+        assert {x.review_outcome for x in s.exec(select(ReportDelta)).all()} == {"none"}
+    rv = httpx.post(f"{drafted.base}/DiagnosticReport/{rid}/$review",
+                    headers={**drafted.headers(REVIEWER_SCOPES, user="dr.amal"), "If-Match": 'W/"1"'},
+                    json={"resourceType": "Parameters", "parameter": [{"name": "action", "valueCode": action}]})
+    assert rv.status_code == 200, rv.text
+    with session_scope(drafted.engine) as s:
+        mine = [x for x in s.exec(select(ReportDelta)).all() if x.draft_id == d.draft_id]
+        outcome = {"accept": "accepted", "reject": "rejected"}[action]
+        assert mine and all(x.review_outcome == outcome and x.reviewer == "dr.amal" for x in mine)
+        assert all(x.arrival_to_review_s is not None for x in mine)
+
+
 @pytest.mark.parametrize(("body", "status", "code", "words"), [
     (report("ACC-CT3", status="preliminary"), 422, "business-rule", "not a signed report"),
     (report("NOPE"), 422, "not-found", "accession number 'NOPE'"),
