@@ -26,7 +26,9 @@ from reporting.dicom.sr import SR_SOP_CLASS, report_content, sr_document
 from reporting.dicom.uids import object_uids
 from reporting.draft import Draft, Language, Sections
 
-VERIFIED_SERIES_DESCRIPTION: Final = "Clinician-verified AI-assisted report, research only"
+# "Research only" first, as every series description of ours (see modules.RESEARCH_LABEL: OHIF
+# shows only the first ~26 characters)
+VERIFIED_SERIES_DESCRIPTION: Final = "Research only: clinician-verified AI-assisted report"
 _NOTE: Final[dict[Language, str]] = {
     "en": "Verified by {who} ({org}), {action} on {at} UTC. The text began as an AI research draft.",
     "ar": "تحقق منه {who} ({org})، {action} في {at} بالتوقيت العالمي. بدأ النص مسودة بحثية من الذكاء الاصطناعي.",

@@ -119,3 +119,47 @@ def test_the_sweep_sends_what_is_due_after_the_pacs_comes_back(engine: Engine, t
             "DOC", "KO", "SR"]
     finally:
         pacs.stop(kill=True)
+
+
+def test_the_verified_sr_of_a_review_reaches_the_pacs_beside_the_draft(engine: Engine, tmp_path: Path,
+                                                                       pacs: OrthancServer) -> None:
+    from datetime import UTC, datetime
+
+    from reporting.draft import Sections
+    from reporting.fhir import Review
+    from workers.dicom_objects import store_verified_sr
+
+    draft, rows = publish_to_pacs(engine, tmp_path, pacs)
+    assert {r.state for r in rows} == {"sent"}
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
+        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
+    # what the FHIR $review's hook does in the review's transaction (tests/integrations/fhir/
+    # test_review_verified_sr.py drives it through the API); the outbox row is sent by the sweep
+    edit = Review(action="edit", reviewer_id="dr.amal", reviewer_display="Dr Amal Haddad",
+                  reviewed_at=datetime(2026, 12, 5, 9, 30, tzinfo=UTC),
+                  edits={"en": Sections(findings="Small right pleural effusion.", impression="Effusion.")})
+    with session_scope(engine) as s:
+        written = store_verified_sr(s, settings, draft, edit, report_version=2)
+    assert written is not None
+    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
+    try:
+        assert dispatcher.sweep() == 1
+        dispatcher.wait_idle()
+    finally:
+        dispatcher.close()
+        set_context(None)
+    with session_scope(engine) as s:
+        [row] = s.exec(select(OutboxItem).where(OutboxItem.kind == "verified_sr")).all()
+    assert row.state == "sent" and row.attempts == 1, row.last_error
+    [inst] = pacs.find_instance(written.sop_instance_uid)
+    [study_id] = pacs.get("/studies")
+    assert pacs.get(f"/instances/{inst}/study")["ID"] == study_id  # the same study as the draft's
+    ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(inst)))
+    assert ds.VerificationFlag == "VERIFIED" and ds.CompletionFlag == "COMPLETE"
+    assert str(ds.VerifyingObserverSequence[0].VerifyingObserverName) == "Haddad^Amal^^Dr"
+    [draft_sr] = [r for r in rows if r.kind == "sr"]
+    predecessors = [i.ReferencedSOPInstanceUID for st in ds.PredecessorDocumentsSequence
+                    for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert predecessors == [draft_sr.sop_instance_uid]
+    assert ds.SeriesDescription.lower().startswith("research only")
