@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -16,7 +17,7 @@ from sqlmodel import select
 from ground.db import session_scope
 from integrations.dicom.outbox import OutboxItem
 from reporting.draft import Draft
-from taqrir.settings import load_settings
+from taqrir.settings import Settings, load_settings
 from tests.factories.drafts import CT_3SLICE, SECTIONS
 from tests.factories.orthanc import OrthancServer
 from tests.reporting.dicom.pdftext import arabic_column_text, letters, pdf_text
@@ -36,24 +37,36 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
     server.stop(kill=True)
 
 
+def pacs_settings(engine: Engine, tmp_path: Path, pacs: OrthancServer) -> Settings:
+    """Taqrir's settings with the PACS as its one export destination."""
+    return load_settings(
+        data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
+        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
+
+
+@contextmanager
+def dispatching(settings: Settings, ctx: PipelineContext) -> Iterator[Dispatcher]:
+    """A dispatcher (embedded mode) whose tasks have run when the block ends; closed either way."""
+    dispatcher = Dispatcher(settings, ctx)
+    try:
+        yield dispatcher
+        dispatcher.wait_idle()
+    finally:
+        dispatcher.close()
+        set_context(None)
+
+
 def publish_to_pacs(engine: Engine, tmp_path: Path, pacs: OrthancServer, *,
                     upload: bool = True) -> tuple[Draft, list[OutboxItem]]:
     """The PACS holds a CT study; Taqrir drafts it (fixed text), publishes it through the tasks
     (embedded mode) and the outbox sends its objects to the PACS. Returns the draft and its rows."""
     for f in CT_3SLICE if upload else []:  # the PACS holds the study it routed to Taqrir
         pacs.upload(f.read_bytes())
-    settings = load_settings(
-        data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
-        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
+    settings = pacs_settings(engine, tmp_path, pacs)
     ctx = PipelineContext.from_settings(settings, engine)
     draft = _drafted(ctx, CT_3SLICE)
-    dispatcher = Dispatcher(settings, ctx)
-    try:
+    with dispatching(settings, ctx) as dispatcher:
         dispatcher.republish(draft.draft_id)  # the publish task, then one export task per object
-        dispatcher.wait_idle()
-    finally:
-        dispatcher.close()
-        set_context(None)
     with session_scope(engine) as s:
         return draft, list(s.exec(select(OutboxItem)).all())
 
@@ -98,20 +111,12 @@ def test_the_sweep_sends_what_is_due_after_the_pacs_comes_back(engine: Engine, t
         _draft, rows = publish_to_pacs(engine, tmp_path, pacs, upload=False)
         assert {r.state for r in rows} == {"failed"} and all(r.attempts == 1 for r in rows)
         pacs.start()
-        settings = load_settings(
-            data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
-            export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                      "port": pacs.dicom_port}]})
-        dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-        try:
+        settings = pacs_settings(engine, tmp_path, pacs)
+        with dispatching(settings, PipelineContext.from_settings(settings, engine)) as dispatcher:
             assert dispatcher.sweep() == 0  # not due yet: the backoff holds
             with session_scope(engine) as s:
                 s.exec(update(OutboxItem).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
             assert dispatcher.sweep() == 3
-            dispatcher.wait_idle()
-        finally:
-            dispatcher.close()
-            set_context(None)
         with session_scope(engine) as s:
             after = s.exec(select(OutboxItem)).all()
         assert {r.state for r in after} == {"sent"} and all(r.attempts == 2 for r in after)
@@ -131,9 +136,7 @@ def test_the_verified_sr_of_a_review_reaches_the_pacs_beside_the_draft(engine: E
 
     draft, rows = publish_to_pacs(engine, tmp_path, pacs)
     assert {r.state for r in rows} == {"sent"}
-    settings = load_settings(
-        data_dir=tmp_path / "data", database_url=engine.url.render_as_string(hide_password=False),
-        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}]})
+    settings = pacs_settings(engine, tmp_path, pacs)
     # what the FHIR $review's hook does in the review's transaction (tests/integrations/fhir/
     # test_review_verified_sr.py drives it through the API); the outbox row is sent by the sweep
     edit = Review(action="edit", reviewer_id="dr.amal", reviewer_display="Dr Amal Haddad",
@@ -142,13 +145,8 @@ def test_the_verified_sr_of_a_review_reaches_the_pacs_beside_the_draft(engine: E
     with session_scope(engine) as s:
         written = store_verified_sr(s, settings, draft, edit, report_version=2)
     assert written is not None
-    dispatcher = Dispatcher(settings, PipelineContext.from_settings(settings, engine))
-    try:
+    with dispatching(settings, PipelineContext.from_settings(settings, engine)) as dispatcher:
         assert dispatcher.sweep() == 1
-        dispatcher.wait_idle()
-    finally:
-        dispatcher.close()
-        set_context(None)
     with session_scope(engine) as s:
         [row] = s.exec(select(OutboxItem).where(OutboxItem.kind == "verified_sr")).all()
     assert row.state == "sent" and row.attempts == 1, row.last_error
