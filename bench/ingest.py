@@ -1,175 +1,134 @@
-"""Ingest benchmark: ``taqrir listen`` against DCMTK's ``storescp``, same sender, same run.
+"""Ingest benchmark: ``taqrir listen`` beside Orthanc, DCMTK's ``storescp`` and the flush floor, one run.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--runs 3] [--database-url URL]
-                                     [--processes N] [--baseline-tree DIR]
+    .venv/bin/python bench/ingest.py [--runs 3] [--database-url URL] [--scenarios ct-1,ct-4,tiny-1]
+                                     [--processes N] [--baseline-tree DIR] [--slices 300] [--tiny 2000]
 
-A generated 300-slice CT study (512x512, 16-bit, ~150 MB) is written to /dev/shm (the VM evicts
-cached files from ordinary disk within seconds) and sent by DCMTK ``storescu`` over one
-association (and, second table, 4 parallel associations) to each receiver. Both receivers write to
-disk under the same folder; storescp writes plain files, Taqrir writes durably (fsync + rename) and
-indexes each instance with its audit record. ``TCP_NODELAY=1`` for DCMTK (PERFORMANCE-NOTES, 1).
-Prints instances/s and MB/s (median of runs) and the ratio Taqrir/storescp.
+Scenarios (the same sender, DCMTK ``storescu``, ``TCP_NODELAY=1``):
 
-Further receivers in the same runs (the machine is shared and noisy: compare only within one run):
-``--processes N`` (default 2; 1 leaves it out) adds ``taqrir listen`` with ``listener.processes=N``;
-``--baseline-tree DIR`` adds ``taqrir listen`` run from another checkout (e.g. a ``git worktree``
-of the previous commit), for before/after numbers.
+- ``ct-1``: a generated 300-slice CT study (512x512, 16-bit, ~150 MB), one association;
+- ``ct-4``: the same study split over 4 associations in parallel (a PACS commonly sends with several);
+- ``tiny-1``: 2,000 instances of 64x64 (~9 kB each), one association: the per-instance cost that
+  ultrasound, X-ray, SR, presentation states and whole-slide tiles expose;
+- ``tiny-4``: the same over 4 associations (not in the default set).
+
+The inputs live in /dev/shm (the VM evicts cached files from ordinary disk within seconds). Every
+receiver writes under one folder of the current directory's disk; see ``bench/receivers.py`` for
+each receiver, how its CPU is counted and how its result is checked. Durability: storescp writes
+plain files and fsyncs nothing; Orthanc fsyncs each file and commits its SQLite index; the flush
+floor and Taqrir fsync the file, rename it into place, fsync the directory and commit the index
+(WAL, ``synchronous=FULL`` on SQLite) before answering.
+
+Prints, per scenario, instances/s (median of runs), MB/s, the receiver's CPU milliseconds per
+instance, and the ratios to Orthanc and to storescp. ``--database-url`` puts Taqrir's index on
+PostgreSQL (the schema is reset before each Taqrir run). ``--processes N`` adds ``taqrir listen``
+with ``listener.processes=N``; ``--baseline-tree DIR`` adds ``taqrir listen`` run from another
+checkout (e.g. a ``git worktree`` of the previous commit), for before/after figures in one run.
+Receivers take turns within each run, so that a slow spell of the machine hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from receivers import Run, run_floor, run_orthanc, run_storescp, run_taqrir
+
 from tests.factories.db import reset_postgres_schema
 from tests.factories.studies import make_ct_series
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_echo(port: int, called: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if subprocess.run(["echoscu", "-aec", called, "127.0.0.1", str(port)], env=ENV,
-                          capture_output=True, check=False).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"receiver on {port} did not answer C-ECHO")
-
-
-def send(port: int, called: str, files: list[Path], parallel: int) -> float:
-    chunks = [files[i::parallel] for i in range(parallel)]
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, c)], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - t0
-
-
-def run_storescp(files: list[Path], out: Path, parallel: int) -> float:
-    port = free_port()
-    out.mkdir(parents=True, exist_ok=True)
-    args = ["storescp", "-od", str(out), "--fork"] if parallel > 1 else ["storescp", "-od", str(out)]
-    proc = subprocess.Popen([*args, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_echo(port, "ANY-SCP")
-        elapsed = send(port, "ANY-SCP", files, parallel)
-    finally:
-        proc.terminate()
-        proc.wait()
-    stored = sum(1 for p in out.rglob("*") if p.is_file())
-    if stored != len(files):
-        raise RuntimeError(f"storescp stored {stored} of {len(files)} instances")
-    return elapsed
-
-
-def run_taqrir(files: list[Path], data_dir: Path, parallel: int, database_url: str | None, *,
-               processes: int = 1, tree: Path | None = None) -> float:
-    port = free_port()
-    env = {**ENV, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_LISTENER__MIN_FREE_BYTES": "0",
-           "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": str(processes)}
-    if database_url:
-        env["TAQRIR_DATABASE_URL"] = database_url
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-        env.pop("TAQRIR_LISTENER__PROCESSES")  # an older tree may not know the setting
-    # `taqrir listen` refuses a database that is not at the newest schema (migrations run only from
-    # `taqrir db upgrade`, which older trees also have)
-    migrate = subprocess.run([sys.executable, "-m", "taqrir", "db", "upgrade"], env=env, capture_output=True,
-                             text=True, check=False, cwd=str(tree) if tree is not None else None)
-    if migrate.returncode != 0:
-        raise RuntimeError(f"taqrir db upgrade failed: {migrate.stderr[-1000:]}")
-    proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--port", str(port)], env=env,
-                            cwd=str(tree) if tree is not None else None,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_echo(port, "TAQRIR")
-        elapsed = send(port, "TAQRIR", files, parallel)
-    finally:
-        proc.terminate()
-        proc.wait()
-    check_indexed(database_url or f"sqlite:///{data_dir.resolve() / 'taqrir.db'}", len(files))
-    return elapsed
-
-
-def check_indexed(url: str, expected: int) -> None:
-    """Check the receiver indexed every instance, not only that storescu saw no failure."""
-    from sqlalchemy import create_engine, text
-
-    eng = create_engine(url)
-    try:
-        with eng.connect() as conn:
-            n = conn.execute(text("SELECT count(*) FROM instance")).scalar_one()
-    finally:
-        eng.dispose()
-    if n != expected:
-        raise RuntimeError(f"taqrir indexed {n} of {expected} instances")
+SCENARIOS = {  # name: (input, associations)
+    "ct-1": ("ct", 1),
+    "ct-4": ("ct", 4),
+    "tiny-1": ("tiny", 1),
+    "tiny-4": ("tiny", 4),
+}
+TAQRIR = "taqrir listen"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--database-url", default=None, help="e.g. postgresql+psycopg://postgres@127.0.0.1/bench (reset each run)")
-    ap.add_argument("--processes", type=int, default=2, help="also run taqrir with this many receiving processes (1: not)")
+    ap.add_argument("--scenarios", default="ct-1,ct-4,tiny-1", help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    ap.add_argument("--slices", type=int, default=300, help="CT slices (ct-*)")
+    ap.add_argument("--tiny", type=int, default=2000, help="64x64 instances (tiny-*)")
+    ap.add_argument("--database-url", default=None,
+                    help="Taqrir's index on PostgreSQL, e.g. postgresql+psycopg://postgres@127.0.0.1/bench (reset each run)")
+    ap.add_argument("--processes", type=int, default=1, help="also run taqrir with listener.processes=N (N > 1)")
     ap.add_argument("--baseline-tree", type=Path, default=None, help="also run taqrir from this checkout")
+    ap.add_argument("--receivers", default="storescp,orthanc,floor,taqrir",
+                    help="which of storescp, orthanc, floor, taqrir to run (the optional ones by their flags)")
     args = ap.parse_args()
-    receivers: dict[str, Callable[[list[Path], Path, int], float]] = {
-        "DCMTK storescp": lambda f, out, par: run_storescp(f, out, par),
-        "taqrir listen (durable+index)": lambda f, out, par: run_taqrir(f, out, par, args.database_url),
-    }
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    wanted = {r.strip() for r in args.receivers.split(",")}
+    db = args.database_url
+
+    receivers: dict[str, Callable[[list[Path], Path, int], Run]] = {}
+    if "storescp" in wanted:
+        receivers["DCMTK storescp (no fsync)"] = run_storescp
+    if "orthanc" in wanted:
+        receivers["Orthanc (durable)"] = run_orthanc
+    if "floor" in wanted:
+        receivers["flush floor (3 flushes)"] = run_floor
+    if "taqrir" in wanted:
+        receivers[TAQRIR] = lambda f, out, par: run_taqrir(f, out, par, db)
     if args.processes > 1:
         receivers[f"taqrir, {args.processes} processes"] = lambda f, out, par: run_taqrir(
-            f, out, par, args.database_url, processes=args.processes)
+            f, out, par, db, processes=args.processes)
     if args.baseline_tree is not None:
         tree = args.baseline_tree.resolve()
-        receivers["taqrir baseline tree"] = lambda f, out, par: run_taqrir(f, out, par, args.database_url, tree=tree)
+        receivers["taqrir baseline tree"] = lambda f, out, par: run_taqrir(f, out, par, db, tree=tree)
+
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     src = Path(tempfile.mkdtemp(prefix="taqrir-bench-src-", dir=shm))
     work = Path(tempfile.mkdtemp(prefix="taqrir-bench-out-", dir=str(Path.cwd())))
     try:
-        files = make_ct_series(src, args.slices)
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        print(f"study: {len(files)} slices, {mb:.1f} MB in {src}; receivers write under {work}")
-        for parallel in (1, 4):
-            times: dict[str, list[float]] = {name: [] for name in receivers}
+        inputs: dict[str, list[Path]] = {}
+        for kind in {SCENARIOS[s][0] for s in scenarios}:
+            inputs[kind] = (make_ct_series(src / "ct", args.slices) if kind == "ct" else
+                            make_ct_series(src / "tiny", args.tiny, rows=64, cols=64, seed=1, patient_id="BENCH002"))
+        print(f"index: {'PostgreSQL' if db else 'SQLite'}; receivers write under {work}; runs: {args.runs}")
+        for scenario in scenarios:
+            kind, parallel = SCENARIOS[scenario]
+            files = inputs[kind]
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            runs: dict[str, list[Run]] = {name: [] for name in receivers}
             for i in range(args.runs):
                 for n, (name, run) in enumerate(receivers.items()):
-                    if args.database_url and n:
-                        reset_postgres_schema(args.database_url)
-                    out = work / f"r{n}-{parallel}-{i}"
-                    times[name].append(run(files, out, parallel))
+                    if db and name.startswith("taqrir"):
+                        reset_postgres_schema(db)
+                    out = work / f"{scenario}-r{n}-{i}"
+                    runs[name].append(run(files, out, parallel))
                     shutil.rmtree(out, ignore_errors=True)
-            print(f"\n{parallel} association(s), median of {args.runs}:")
-            print(f"{'receiver':<32}{'inst/s':>8}{'MB/s':>8}{'/storescp':>11}")
-            med = {k: statistics.median(v) for k, v in times.items()}
-            scp = med["DCMTK storescp"]
-            for name, t in med.items():
-                label = name + (" --fork" if parallel > 1 and name == "DCMTK storescp" else "")
-                print(f"{label:<32}{len(files) / t:>8.0f}{mb / t:>8.1f}{scp / t:>11.2f}")
-            print(f"ratio taqrir/storescp: {scp / med['taqrir listen (durable+index)']:.2f}")
+            report(scenario, len(files), mb, parallel, runs)
     finally:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report(scenario: str, count: int, mb: float, parallel: int, runs: dict[str, list[Run]]) -> None:
+    rate = {name: count / statistics.median(r.seconds for r in rs) for name, rs in runs.items()}
+    cpu = {name: 1000 * statistics.median(r.cpu_seconds for r in rs) / count for name, rs in runs.items()}
+    orthanc = next((v for k, v in rate.items() if k.startswith("Orthanc")), None)
+    scp = next((v for k, v in rate.items() if k.startswith("DCMTK")), None)
+    print(f"\n{scenario}: {count} instances ({mb:.1f} MB), {parallel} association(s), median of "
+          f"{len(next(iter(runs.values())))}")
+    print(f"{'receiver':<34}{'inst/s':>8}{'MB/s':>8}{'CPU ms/inst':>13}{'/Orthanc':>10}{'/storescp':>11}")
+    for name, r in rate.items():
+        label = name + (" --fork" if parallel > 1 and name.startswith("DCMTK") else "")
+        vs_orthanc = f"{r / orthanc:.2f}" if orthanc else "-"
+        vs_scp = f"{r / scp:.2f}" if scp else "-"
+        print(f"{label:<34}{r:>8.0f}{r * mb / count:>8.1f}{cpu[name]:>13.2f}{vs_orthanc:>10}{vs_scp:>11}")
+    spread = {name: sorted(round(count / x.seconds) for x in rs) for name, rs in runs.items()}
+    print("  runs (inst/s): " + "; ".join(f"{k}: {v}" for k, v in spread.items()))
 
 
 if __name__ == "__main__":

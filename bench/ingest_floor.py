@@ -20,45 +20,56 @@ what Taqrir's own work (hashing, parsing, indexing, auditing) adds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ingest import ENV, free_port, run_storescp, run_taqrir, send, wait_echo
+from receivers import run_floor, run_storescp, run_taqrir
+
+from storage import FileStorage
 
 STEPS = ("receive", "fsync", "rename", "commit")
 
 
 class _FloorHandler:
-    """An ScpHandler doing the first ``depth`` steps of STEPS per instance."""
+    """An ScpHandler doing the first ``depth`` steps of STEPS per instance (thread-safe: parallel
+    associations each commit on a connection of their own, as SQLite serialises writers)."""
 
     def __init__(self, out: Path, depth: int) -> None:
         self.out = out
-        self.tmp = out / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        # staged as Taqrir stages (storage.FileStorage: empty files made ahead of time, renamed
+        # into a staging folder), so that the floor is the flushes, not the file creations
+        self.staging = FileStorage(out / "staging")
         self.depth = depth
-        self.n = 0
-        self.db: sqlite3.Connection | None = None
+        self._numbers = itertools.count(1)
+        self._local = threading.local()
         if depth >= 4:
-            self.db = sqlite3.connect(out / "floor.db", isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS i (uid TEXT PRIMARY KEY, path TEXT)")
+            self._connect().execute("CREATE TABLE IF NOT EXISTS i (uid TEXT PRIMARY KEY, path TEXT)")
+
+    def _connect(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.out / "floor.db", isolation_level=None, timeout=60)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
 
     def refuse_associations(self) -> bool:
         return False
 
     def staging_file(self) -> Any:
-        return tempfile.NamedTemporaryFile(dir=self.tmp, delete=False, suffix=".dcm")
+        return self.staging.staging_file()
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         if self.depth >= 2:
@@ -68,18 +79,18 @@ class _FloorHandler:
             finally:
                 os.close(fd)
         if self.depth >= 3:
-            self.n += 1
-            dst = self.out / f"{self.n}.dcm"
+            dst = self.out / f"{next(self._numbers)}.dcm"
             os.replace(staged, dst)
             dfd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-            if self.db is not None:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute("INSERT OR REPLACE INTO i VALUES (?, ?)", (sop_instance_uid, str(dst)))
-                self.db.execute("COMMIT")
+            if self.depth >= 4:
+                db = self._connect()
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT OR REPLACE INTO i VALUES (?, ?)", (sop_instance_uid, str(dst)))
+                db.execute("COMMIT")
         return 0x0000, ""
 
     def association_event(self, *args: Any, **kwargs: Any) -> None:
@@ -94,19 +105,6 @@ def serve(out: Path, depth: int, port: int) -> None:
 
     config = ScpConfig(max_pdu=131072, network_timeout=30, acse_timeout=15, dimse_timeout=60, max_associations=4)
     StorageScp(config, _FloorHandler(out, depth), ("127.0.0.1", port)).serve_forever()
-
-
-def run_floor(files: list[Path], out: Path, depth: int) -> float:
-    port = free_port()
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(depth), "--port", str(port), "--out", str(out)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_echo(port, "FLOOR")
-        return send(port, "FLOOR", files, 1)
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main() -> None:
@@ -130,13 +128,13 @@ def main() -> None:
         receivers: dict[str, Any] = {"DCMTK storescp": lambda o: run_storescp(files, o, 1)}
         for depth, step in enumerate(STEPS, start=1):
             label = "receive" if depth == 1 else f"+ {step}"
-            receivers[f"engine: {label}"] = lambda o, d=depth: run_floor(files, o, d)
+            receivers[f"engine: {label}"] = lambda o, d=depth: run_floor(files, o, 1, depth=d)
         receivers["taqrir listen"] = lambda o: run_taqrir(files, o, 1, None)
         times: dict[str, list[float]] = {name: [] for name in receivers}
         for i in range(args.runs):
             for n, (name, run) in enumerate(receivers.items()):
                 out = work / f"r{n}-{i}"
-                times[name].append(run(out))
+                times[name].append(run(out).seconds)
                 shutil.rmtree(out, ignore_errors=True)
         base = len(files) / statistics.median(times["DCMTK storescp"])
         print(f"{len(files)} instances, 1 association, median of {args.runs}:")
