@@ -9,14 +9,16 @@ It does not know what a study is: callers name what they store with keys of thei
 from .errors import StorageFailure
 from .files import file_digest, fsync_dir, write_atomic
 from .keys import StoredFile, check_key, key_component
-from .local import TMP_DIR_NAME, FileStorage, StagingFile
+from .local import SPARE_DIR_NAME, TMP_DIR_NAME, FileStorage, HandedOver, StagingFile
 from .protocol import Storage
 from .url import SUPPORTED, file_storage, open_storage
 
 __all__ = [
+    "SPARE_DIR_NAME",
     "SUPPORTED",
     "TMP_DIR_NAME",
     "FileStorage",
+    "HandedOver",
     "StagingFile",
     "Storage",
     "StorageFailure",

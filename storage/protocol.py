@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from .keys import StoredFile
-from .local import StagingFile
+from .local import HandedOver, StagingFile
 
 
 class Storage(Protocol):
@@ -16,7 +16,7 @@ class Storage(Protocol):
     before they return.
 
     Received instances stream in through :meth:`staging_file`, and are made durable in steps
-    (:meth:`staged_digest`, :meth:`sync_staged`, :meth:`commit`) so that the ingest can overlap the
+    (:meth:`hand_over`, :meth:`sync_staged`, :meth:`commit_synced`) so that the ingest can overlap the
     slowest one with its own work and rename under its index lock. Whole objects (key images,
     model outputs, a draft's DICOM objects) go through :meth:`put` and :meth:`put_folder`.
     """
@@ -39,6 +39,11 @@ class Storage(Protocol):
         """A new temporary file to stream an incoming object into."""
         ...
 
+    def hand_over(self, path: Path) -> HandedOver:
+        """A complete staged file: size, SHA-256 and, when its writer kept them, its bytes (its
+        fsync may start meanwhile)."""
+        ...
+
     def staged_digest(self, path: Path) -> tuple[int, str]:
         """Size and SHA-256 of a staged file (its fsync may start meanwhile)."""
         ...
@@ -49,6 +54,11 @@ class Storage(Protocol):
 
     def commit(self, staged: Path, key: str, *, synced: bool = False) -> None:
         """Make a staged file durable and visible under ``key``."""
+        ...
+
+    def commit_synced(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """Make staged files whose bytes are durable visible under their keys, durably, all or
+        nothing (one fsync per folder)."""
         ...
 
     def discard_staged(self) -> int:

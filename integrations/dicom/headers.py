@@ -20,6 +20,7 @@ a gigabyte slide costs no more than a CT slice. Dates and times are pydicom's DA
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import struct
@@ -284,7 +285,8 @@ class _Values:
 DEFAULT_MAX_SEQUENCE_DEPTH = 64
 
 
-def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH) -> InstanceHeaders:
+def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
+                 data: bytes | None = None) -> InstanceHeaders:
     """Parse a stored/received file's headers (no pixel data) and check that its Pixel Data is
     complete. Every parse failure becomes :class:`CannotUnderstand`, never another exception.
 
@@ -292,19 +294,20 @@ def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_D
     than a handful of levels, and a reference receiver crashed on thousands (RELIABILITY-NOTES).
 
     The answer is always that of :func:`read_headers_pydicom`; the raw walk (:mod:`.walk`)
-    gives it several times faster where it can (``bench/header_walk.py``).
+    gives it several times faster where it can (``bench/header_walk.py``). ``data``, when given,
+    is the file's content already in memory (the walk reads it instead of the file).
     """
-    headers = _read_headers_fast(path, max_sequence_depth)
+    headers = _read_headers_fast(path, max_sequence_depth, data)
     if headers is not None:
         return headers
     return read_headers_pydicom(path, max_sequence_depth=max_sequence_depth)
 
 
-def _read_headers_fast(path: Path, max_depth: int) -> InstanceHeaders | None:
+def _read_headers_fast(path: Path, max_depth: int, data: bytes | None = None) -> InstanceHeaders | None:
     """The headers by the raw walk, or None where the full parse must decide."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(path, "rb") if data is None else io.BytesIO(data) as f:
+            size = os.fstat(f.fileno()).st_size if data is None else len(data)
             header = walk_header(f, INDEXED_KEYWORDS, file_size=size, max_sequence_depth=max_depth)
             pixel_length = None
             if header.pixel_data_at is not None:
