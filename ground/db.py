@@ -31,6 +31,8 @@ aborting one of them.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlmodel import Session, create_engine
 
 from ground import migrations
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -139,3 +143,91 @@ def writer_lock(session: Session) -> None:
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision (``taqrir db upgrade``)."""
     migrations.upgrade(engine)
+
+
+class WriterConnection:
+    """One DBAPI connection kept by a writer for its hot path (the listener's ingest), whose
+    transactions begin holding the writer lock in one round trip.
+
+    Each transaction through the pool cost PostgreSQL three round trips before the first row was
+    read (the pool's pre-ping, psycopg's BEGIN, the lock) and SQLite a pool checkout and a
+    reset-on-return; here the connection is checked out once and kept, and a transaction is
+    ``BEGIN IMMEDIATE`` on SQLite, and on PostgreSQL ``BEGIN; SELECT pg_advisory_xact_lock(...)``
+    sent as one simple-protocol query on a connection in autocommit mode (so the driver sends no
+    BEGIN of its own). After any error the caller calls :meth:`discard`: the next transaction
+    gets a fresh connection, as a pre-ping would have given it. Not thread-safe: one transaction
+    at a time (the ingest's group commit has one leader at a time). A forked child never uses its
+    parent's connection.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        name = engine.dialect.name
+        if name == "postgresql":
+            self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})"
+        elif name == "sqlite":
+            self._begin = "BEGIN IMMEDIATE"
+        else:
+            raise ValueError(f"no writer connection for {name!r}: use SQLite or PostgreSQL")
+        self._raw: Any = None
+        self._pid = 0
+        self._cursor: Any = None
+
+    def _connection(self) -> Any:
+        if self._raw is not None and self._pid != os.getpid():
+            self._raw = None  # the parent's: neither used nor closed here
+        if self._raw is None:
+            raw = self.engine.raw_connection()
+            if self.dialect.name == "postgresql":
+                raw.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            self._raw, self._pid = raw, os.getpid()
+        return self._raw
+
+    def begin(self) -> Any:
+        """Begin a transaction holding the writer lock; returns its DBAPI cursor."""
+        cursor = self._connection().cursor()
+        try:
+            cursor.execute(self._begin)
+        except BaseException:
+            cursor.close()
+            raise
+        self._cursor = cursor
+        return cursor
+
+    def commit(self) -> None:
+        self._end("COMMIT")
+
+    def rollback(self) -> None:
+        self._end("ROLLBACK")
+
+    def _end(self, statement: str) -> None:
+        cursor, self._cursor = self._cursor, None
+        if cursor is None:
+            raise RuntimeError(f"{statement} outside a transaction")
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
+
+    def discard(self) -> None:
+        """Drop the connection (after an error: its state is unknown); the next :meth:`begin`
+        connects afresh."""
+        raw, self._raw, self._cursor = self._raw, None, None
+        if raw is not None:
+            try:
+                raw.invalidate()
+            except Exception:  # already broken: nothing to give back
+                log.debug("invalidating a broken writer connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Give the connection back to the pool (as the pool expects it: not in autocommit)."""
+        raw, self._raw, self._cursor = self._raw, None, None
+        if raw is None:
+            return
+        try:
+            if self.dialect.name == "postgresql":
+                raw.dbapi_connection.autocommit = False
+            raw.close()
+        except Exception:
+            raw.invalidate()

@@ -42,6 +42,15 @@ class ListenerSettings(BaseModel):
     max_sequence_depth: int = Field(
         64, ge=1, description="Datasets nesting sequences deeper are refused as unparseable."
     )
+    group_commit_wait: float = Field(
+        0.002,
+        ge=0,
+        le=0.1,
+        description=(
+            "Seconds a group commit waits for instances other associations are preparing, so that "
+            "they share one index transaction and disk flush (never waited for with one association)."
+        ),
+    )
     processes: int = Field(
         1,
         ge=1,

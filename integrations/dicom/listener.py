@@ -15,6 +15,10 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   their slot; a free-space floor below which associations are refused with A-ASSOCIATE-RJ
   (transient, local limit exceeded) and C-STORE answers 0xA700.
 - Handlers return DIMSE statuses and never raise into the network threads.
+- Instances are filed through one :class:`~.ingest.Ingestor` per process: concurrent associations
+  share each index transaction and its disk flushes (a group commit), and each is answered once
+  its own instance committed (``listener.group_commit_wait`` bounds how long a commit waits for
+  instances other associations are preparing).
 - ``listener.processes`` > 1 pre-forks receiving processes that accept on the same listening
   socket (the kernel hands each connection to one of them). One process is bound by the GIL to
   about one core; each process runs its own associations, handlers and database connections, and
@@ -52,7 +56,7 @@ from .errors import (
     OutOfResources,
     refusal_status,
 )
-from .ingest import IngestResult, ingest_file, record_rejection
+from .ingest import Ingestor, IngestResult, record_rejection
 from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
 from .stability import Handoff, log_handoff, sweep_stable
@@ -86,6 +90,11 @@ class Listener:
         self.engine = engine
         self.storage = storage
         self.handoff = handoff
+        #: Files received instances, concurrent associations sharing each commit (per process:
+        #: a forked receiver's kept connection is its own)
+        self.ingestor = Ingestor(engine, storage, min_free_bytes=settings.min_free_bytes,
+                                 max_sequence_depth=settings.max_sequence_depth,
+                                 group_wait=settings.group_commit_wait)
         self._server: StorageScp | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -107,15 +116,11 @@ class Listener:
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         try:
-            result = ingest_file(
-                engine=self.engine,
-                storage=self.storage,
-                staged=staged,
+            result = self.ingestor.ingest(
+                staged,
                 calling_ae=calling_ae,
                 announced_sop_instance_uid=sop_instance_uid or None,
                 announced_sop_class_uid=sop_class_uid or None,
-                min_free_bytes=self.settings.min_free_bytes,
-                max_sequence_depth=self.settings.max_sequence_depth,
             )
         except (DicomInputError, OutOfResources, StorageFailure) as err:
             status = refusal_status(err)
@@ -274,6 +279,7 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.ingestor.close()
 
     def request_stop(self) -> None:
         """Make :meth:`wait` return (safe from a signal handler: it only sets an event); the

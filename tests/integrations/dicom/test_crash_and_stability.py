@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.chain import AuditRecord
+from audit.chain import AuditRecord, verify
 from ground.clock import utcnow
 from ground.db import session_scope
 from integrations.dicom.config import StudySettings
@@ -143,3 +144,93 @@ def test_stability_survives_restart(engine: Engine, start_listener: Callable[...
     became = sweep_stable(engine, stable_after=30, handoff=lambda u, v: got.append((u, v)))
     assert became == got and len(got) == 1
     assert sweep_stable(engine, stable_after=30, handoff=lambda u, v: got.append((u, v))) == []
+
+
+# The listener, with its group commits made to stop after the batch's files are placed and
+# before the batch commits, telling the test which instances it holds (the window a SIGKILL
+# would have to hit by chance otherwise).
+_HELD_BATCH = """
+import json, os, sys, time
+from pathlib import Path
+from storage import FileStorage
+real = FileStorage.commit_synced
+def held(self, placements):
+    real(self, placements)
+    if len(placements) >= 2:
+        Path(os.environ["HELD_BATCH"]).write_text(json.dumps([Path(k).name for _, k in placements]))
+        time.sleep(60)
+FileStorage.commit_synced = held
+from taqrir.cli import main
+sys.argv = ["taqrir", "listen", "--port", sys.argv[1]]
+main()
+"""
+
+
+def test_sigkill_during_a_group_commit_loses_no_acknowledged_instance(db_url: str, engine: Engine,
+                                                                       tmp_path: Path) -> None:
+    """Four associations share commits; the listener is killed while one batch of several is in
+    flight (files placed, rows written, not committed). Every acknowledged instance is indexed
+    with its file; the batch's instances were never acknowledged and are not indexed; a restart
+    and a resend file everything once, with a chain that verifies."""
+    files = make_ct_series(tmp_path / "src", 120, rows=64, cols=64)
+    sop_of = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    port = free_port()
+    data_dir = tmp_path / "data"
+    held = tmp_path / "held.json"
+    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+           "TAQRIR_LISTENER__GROUP_COMMIT_WAIT": "0.05", "HELD_BATCH": str(held)}
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_BATCH, str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while echoscu(port).returncode != 0:
+        assert time.monotonic() < deadline, "listener did not start"
+        time.sleep(0.3)
+    # the series' first instance alone, then four associations at once
+    assert set(storescu(port, files[:1]).statuses()) == {"Success"}
+    senders = [subprocess.Popen(
+        ["storescu", "-v", "-aec", "TAQRIR", "-to", "5", "127.0.0.1", str(port), *map(str, files[1 + i::4])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV) for i in range(4)]
+    deadline = time.monotonic() + 60
+    while not held.exists():
+        assert time.monotonic() < deadline, "no group commit of several instances happened"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    acknowledged = {sop_of[str(files[0])]}
+    for sender in senders:
+        out, _ = sender.communicate(timeout=60)
+        current = None
+        for line in out.splitlines():
+            m = re.search(r"Sending file: (.*)$", line)
+            if m:
+                current = m.group(1).strip()
+            if "Received Store Response (Success)" in line and current:
+                acknowledged.add(sop_of[current])
+    in_flight = json.loads(held.read_text())
+    assert len(in_flight) >= 2
+
+    storage = data_dir / "storage"
+    with session_scope(engine) as s:
+        rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+    assert acknowledged <= set(rows), "acknowledged instances missing after SIGKILL"
+    for sop in acknowledged:
+        row = rows[sop]
+        assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
+    assert not {Path(r.storage_key).name for r in rows.values()} & set(in_flight)  # never committed
+    assert len(rows) < len(files)
+
+    # A restart serves again; resending everything files each instance once.
+    proc = _start_listener_process(data_dir, db_url, port)
+    try:
+        run = storescu(port, files)
+        assert set(run.statuses()) == {"Success"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    with session_scope(engine) as s:
+        rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+        assert len(rows) == len(files)
+        assert verify(s).ok
+    for row in rows.values():
+        assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256

@@ -1,0 +1,197 @@
+"""Group commit: concurrent instances share one index transaction, each answered with its own
+outcome; one instance's failure stays its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from audit.chain import verify
+from ground.db import session_scope
+from integrations.dicom import ingest as ingest_module
+from integrations.dicom.group_commit import GroupCommit
+from integrations.dicom.index import Instance, StoreOutcome
+from integrations.dicom.ingest import Ingestor, IngestResult
+from storage import FileStorage
+from tests.factories.studies import make_ct_series
+
+# -- the primitive ------------------------------------------------------------------------
+
+
+def _doubler(log: list[list[int]]) -> Any:
+    def run(items: Sequence[int]) -> list[int | BaseException]:
+        log.append(list(items))
+        time.sleep(0.02)  # a commit takes a while: others queue meanwhile
+        return [ValueError(f"bad {i}") if i < 0 else 2 * i for i in items]
+    return run
+
+
+def test_one_caller_runs_at_once_in_its_own_thread() -> None:
+    batches: list[list[int]] = []
+    group: GroupCommit[int, int] = GroupCommit(_doubler(batches), max_wait=1.0)
+    t0 = time.monotonic()
+    assert group.submit(21) == 42
+    assert time.monotonic() - t0 < 0.5  # nothing announced: no waiting for company
+    assert batches == [[21]]
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_outcome() -> None:
+    batches: list[list[int]] = []
+    group: GroupCommit[int, int] = GroupCommit(_doubler(batches), max_wait=0.5)
+    n = 12
+    results: dict[int, Any] = {}
+    start = threading.Barrier(n)
+
+    def caller(i: int) -> None:
+        group.expect()
+        start.wait()
+        time.sleep(0.001 * (i % 4))
+        try:
+            results[i] = group.submit(-i if i % 5 == 3 else i, expected=True)
+        except ValueError as err:
+            results[i] = str(err)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {i: (f"bad {-i}" if i % 5 == 3 else 2 * i) for i in range(n)}
+    assert sorted(i for b in batches for i in b) == sorted(-i if i % 5 == 3 else i for i in range(n))
+    assert len(batches) < n  # shared: fewer commits than items
+    assert group.batches == len(batches) and group.items == n
+
+
+def test_a_batch_that_raises_fails_each_of_its_callers_and_the_group_goes_on() -> None:
+    calls = 0
+
+    def run(items: Sequence[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.05)
+            raise RuntimeError("database went away")
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(run, max_wait=0.2)
+    errors: list[str] = []
+
+    def caller(i: int) -> None:
+        try:
+            group.submit(i)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    first = threading.Thread(target=caller, args=(0,))
+    first.start()
+    first.join(5)
+    assert errors == ["database went away"]
+    assert group.submit(7) == 7  # the next leader is unaffected
+
+
+def test_an_announced_item_that_never_comes_does_not_hold_the_leader() -> None:
+    group: GroupCommit[int, int] = GroupCommit(lambda items: list(items), max_wait=5.0)
+    group.expect()
+    threading.Timer(0.1, group.unexpect).start()
+    t0 = time.monotonic()
+    assert group.submit(1) == 1
+    assert time.monotonic() - t0 < 2.0
+
+
+# -- the listener's ingest through it ---------------------------------------------------------
+
+
+class _Staged:
+    def __init__(self, storage: FileStorage, data: bytes) -> None:
+        self.writer = storage.staging_file()
+        self.writer.write(data)
+        self.path = Path(self.writer.name)
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _ingest_concurrently(ingestor: Ingestor, storage: FileStorage, data: list[bytes]) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    start = threading.Barrier(len(data))
+
+    def one(i: int) -> None:
+        staged = _Staged(storage, data[i])
+        start.wait()
+        try:
+            out[i] = ingestor.ingest(staged.path, calling_ae="MODALITY")
+        except Exception as err:
+            out[i] = err
+        finally:
+            staged.discard()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_associations_share_commits_and_the_index_is_as_if_one_by_one(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 24, rows=32, cols=32)]
+    ingestor = Ingestor(engine, storage, group_wait=0.05)
+    try:
+        # the series' first instance alone (it takes the ORM upserts), then the rest at once
+        first = _ingest_concurrently(ingestor, storage, data[:1])
+        rest = _ingest_concurrently(ingestor, storage, data[1:])
+    finally:
+        ingestor.close()
+    results = [first[0], *rest.values()]
+    assert all(isinstance(r, IngestResult) and r.outcome is StoreOutcome.new for r in results)
+    assert ingestor.group.batches < ingestor.group.items  # at least one commit was shared
+    with session_scope(engine) as s:
+        rows = s.exec(select(Instance)).all()
+        assert len(rows) == len(data)
+        assert verify(s).ok and verify(s).checked == len(data)
+    for r in rows:
+        assert storage.path(r.storage_key).exists()
+    assert not any(storage.tmp_dir.iterdir())
+
+
+def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 9, rows=32, cols=32)
+    data = [p.read_bytes() for p in files]
+    ingestor = Ingestor(engine, storage, group_wait=0.05)
+    _ingest_concurrently(ingestor, storage, data[:1])
+    real = ingest_module.run_writes
+    bad_uid = str(dcmread(files[4], stop_before_pixels=True).SOPInstanceUID)
+
+    def run_writes(cursor: Any, sql: Any, writes: Any) -> None:
+        if any(bad_uid in map(str, params) for _, params in writes):
+            raise RuntimeError("value too long for the index")
+        real(cursor, sql, writes)
+
+    monkeypatch.setattr(ingest_module, "run_writes", run_writes)
+    try:
+        out = _ingest_concurrently(ingestor, storage, data[1:])
+    finally:
+        ingestor.close()
+    failed = [r for r in out.values() if isinstance(r, Exception)]
+    assert len(failed) == 1 and "value too long" in str(failed[0])
+    assert sum(isinstance(r, IngestResult) for r in out.values()) == len(data) - 2
+    with session_scope(engine) as s:
+        uids = {i.sop_instance_uid for i in s.exec(select(Instance)).all()}
+        assert bad_uid not in uids and len(uids) == len(data) - 1
+        assert verify(s).ok
+    stored = {p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*.dcm")
+              if ".incoming" not in p.parts}
+    with session_scope(engine) as s:
+        assert stored == {i.storage_key for i in s.exec(select(Instance)).all()}  # no orphan of the failure
