@@ -351,12 +351,15 @@ class _Spares:
                 return name, os.open(self.folder / name, os.O_WRONLY | os.O_CLOEXEC)
             except OSError:  # gone behind our back: make one here
                 pass
-        name = self._make()
-        return name, os.open(self.folder / name, os.O_WRONLY | os.O_CLOEXEC)
+        return self._create()  # none ready: made here, and kept open
+
+    def _create(self) -> tuple[str, int]:
+        name = f"{os.getpid()}-{next(self._names)}-{uuid.uuid4().hex[:8]}"
+        return name, os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     def _make(self) -> str:
-        name = f"{os.getpid()}-{next(self._names)}-{uuid.uuid4().hex[:8]}"
-        os.close(os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        name, fd = self._create()
+        os.close(fd)
         return name
 
     def _refill(self, wanted: threading.Event, pid: int) -> None:

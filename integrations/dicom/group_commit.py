@@ -60,7 +60,7 @@ class GroupCommit(Generic[T, R]):
         self._queue: list[_Waiter[T, R]] = []
         self._leading = False
         self._expected = 0
-        #: batches run and items committed (for tests and the benchmark's curiosity)
+        #: batches run and items committed (the tests check that commits are shared)
         self.batches = 0
         self.items = 0
 
