@@ -26,15 +26,17 @@ its header need not read it back.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import itertools
 import os
 import shutil
+import sys
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +119,8 @@ class FileStorage:
         self._writing_lock = threading.Lock()
         # fsyncs started by staged_digest, waited for by sync_staged
         self._syncing: dict[str, Future[None]] = {}
+        # the same, for staged files placed (by their staged path), waited for by settle
+        self._placed_syncs: dict[str, Future[None]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 
@@ -152,11 +156,12 @@ class FileStorage:
             self._writing[writer.name] = writer
         return writer
 
-    def hand_over(self, path: Path) -> HandedOver:
+    def hand_over(self, path: Path, *, sync_above: int = -1) -> HandedOver:
         """A staged file, complete: its size, SHA-256 and (when its writer kept them) bytes. For a
-        file written through :meth:`staging_file` (and not changed since), its fsync starts first,
-        in a helper thread, and overlaps the hashing and whatever the caller does next;
-        :meth:`sync_staged` then waits for that fsync instead of starting one."""
+        file written through :meth:`staging_file` (and not changed since) of more than
+        ``sync_above`` bytes, its fsync starts first, in a helper thread, and overlaps the hashing
+        and whatever the caller does next; :meth:`sync_staged` then waits for that fsync instead
+        of starting one. (The ingest leaves the fsync of a spooled instance to :meth:`settle`.)"""
         with self._writing_lock:
             writer = self._writing.pop(str(path), None)
         data = None
@@ -164,7 +169,8 @@ class FileStorage:
             try:
                 fd = writer.file.fileno()
                 if os.fstat(fd).st_size == writer.size:
-                    self._start_sync(str(path), os.dup(fd))
+                    if writer.size > sync_above:
+                        self._start_sync(str(path), os.dup(fd))
                     data = writer.kept()
             except (OSError, ValueError):  # ValueError: the writer was already closed
                 pass
@@ -235,20 +241,8 @@ class FileStorage:
         the renames durable, fsyncing each folder once however many files went into it. All or
         nothing: when one fails, those already renamed go back to their staged paths."""
         placed: list[tuple[Path, Path]] = []
-        folders: dict[Path, None] = {}
-        key = ""
         try:
-            for staged, key in placements:
-                dst = self.path(key)
-                if not dst.parent.exists():
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    # a new folder's entry (and its parent's, which may be new too) must last
-                    folders[dst.parent.parent] = None
-                    folders[dst.parent.parent.parent] = None
-                os.replace(staged, dst)
-                placed.append((staged, dst))
-                folders[dst.parent] = None
-            key = f"{len(placements)} file(s)"
+            folders = self._rename_into_place(placements, placed)
             for folder in _deepest_first(folders):
                 fsync_dir(folder)
         except OSError as err:
@@ -257,7 +251,92 @@ class FileStorage:
                     os.replace(dst, staged)
                 except OSError:
                     pass
-            raise StorageFailure(f"could not store {key}: {err.strerror or err}; check {self.root}") from err
+            what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
+            raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
+
+    def place(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """Rename staged files into place and make nothing durable: for files whose bytes are
+        already durable elsewhere (the index's spool of small instances), so that readers find
+        them at once; :meth:`settle` makes them durable later. Not all or nothing: on failure the
+        files before the failing one are in place."""
+        with self._writing_lock:  # their fsyncs, if started, are now settle()'s to wait for
+            for staged, _ in placements:
+                started = self._syncing.pop(str(staged), None)
+                if started is not None:
+                    self._placed_syncs[str(staged)] = started
+        try:
+            self._rename_into_place(placements, [])
+        except OSError as err:
+            raise StorageFailure(f"could not place {len(placements)} file(s): {err.strerror or err}; "
+                                 f"check {self.root}") from err
+
+    def settle(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """Make files that :meth:`place` put under their keys durable: each file's fsync (the one
+        :meth:`hand_over` started for its staged path, or a new one), then every folder on the way
+        from the root to each, once (a folder :meth:`place` created must last too). A key whose
+        file is gone (removed since: a replaced instance) is skipped."""
+        if not placements:
+            return
+        if _syncfs is not None:
+            with self._writing_lock:
+                early = [f for f in (self._placed_syncs.pop(str(staged), None) for staged, _ in placements) if f]
+            try:
+                for future in early:
+                    future.result()
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    if _syncfs(fd) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, os.strerror(err))
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                raise StorageFailure(f"could not make {len(placements)} placed file(s) durable: "
+                                     f"{err.strerror or err}; check {self.root}") from err
+            return
+        folders: dict[Path, None] = {}
+        try:
+            for staged, key in placements:
+                with self._writing_lock:
+                    started = self._placed_syncs.pop(str(staged), None) or self._syncing.pop(str(staged), None)
+                if started is not None:
+                    started.result()
+                else:
+                    try:
+                        fd = os.open(self.path(key), os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                folder = self.path(key).parent
+                while folder != self.root and self.root in folder.parents:
+                    folders[folder] = None
+                    folder = folder.parent
+            folders[self.root] = None
+            for folder in _deepest_first(folders):
+                fsync_dir(folder)
+        except OSError as err:
+            raise StorageFailure(f"could not make {len(placements)} placed file(s) durable: "
+                                 f"{err.strerror or err}; check {self.root}") from err
+
+    def _rename_into_place(self, placements: Sequence[tuple[Path, str]],
+                           placed: list[tuple[Path, Path]]) -> dict[Path, None]:
+        """Rename each staged file to its key (making missing folders), appending to ``placed``
+        as it goes; returns the folders whose entries changed."""
+        folders: dict[Path, None] = {}
+        for staged, key in placements:
+            dst = self.path(key)
+            if not dst.parent.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                # a new folder's entry (and its parent's, which may be new too) must last
+                folders[dst.parent.parent] = None
+                folders[dst.parent.parent.parent] = None
+            os.replace(staged, dst)
+            placed.append((staged, dst))
+            folders[dst.parent] = None
+        return folders
 
     # -- whole objects: key images, model outputs, the draft's DICOM objects -------------------
 
@@ -310,6 +389,25 @@ class FileStorage:
         except OSError as err:
             raise StorageFailure(f"could not remove {key}: {err}") from err
 
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2), which makes every file and folder of one filesystem durable in one call
+    (one journal commit, where an fsync per file costs one each); None elsewhere. It reports
+    writeback errors since Linux 5.8."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
 
 
 def _deepest_first(folders: Iterable[Path]) -> list[Path]:

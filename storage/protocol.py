@@ -17,7 +17,9 @@ class Storage(Protocol):
 
     Received instances stream in through :meth:`staging_file`, and are made durable in steps
     (:meth:`hand_over`, :meth:`sync_staged`, :meth:`commit_synced`) so that the ingest can overlap the
-    slowest one with its own work and rename under its index lock. Whole objects (key images,
+    slowest one with its own work and rename under its index lock; a small instance whose bytes the
+    index spools is made visible by :meth:`place` and durable after its acknowledgement by
+    :meth:`settle`. Whole objects (key images,
     model outputs, a draft's DICOM objects) go through :meth:`put` and :meth:`put_folder`.
     """
 
@@ -39,7 +41,7 @@ class Storage(Protocol):
         """A new temporary file to stream an incoming object into."""
         ...
 
-    def hand_over(self, path: Path) -> HandedOver:
+    def hand_over(self, path: Path, *, sync_above: int = -1) -> HandedOver:
         """A complete staged file: size, SHA-256 and, when its writer kept them, its bytes (its
         fsync may start meanwhile)."""
         ...
@@ -59,6 +61,15 @@ class Storage(Protocol):
     def commit_synced(self, placements: Sequence[tuple[Path, str]]) -> None:
         """Make staged files whose bytes are durable visible under their keys, durably, all or
         nothing (one fsync per folder)."""
+        ...
+
+    def place(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """Make staged files visible under their keys without making them durable (their bytes
+        are durable elsewhere until :meth:`settle`)."""
+        ...
+
+    def settle(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """Make files :meth:`place` put under their keys durable (each file's fsync, each folder's)."""
         ...
 
     def discard_staged(self) -> int:

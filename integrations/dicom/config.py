@@ -51,6 +51,17 @@ class ListenerSettings(BaseModel):
             "they share one index transaction and disk flush (never waited for with one association)."
         ),
     )
+    spool_max_bytes: int = Field(
+        256 * 1024,
+        ge=0,
+        le=1 << 20,
+        description=(
+            "Instances up to this size are written into the index's commit (its one flush makes them "
+            "durable) and their files made durable after the acknowledgement, instead of three flushes "
+            "before it (integrations.dicom.spool); 0 turns the spool off. At most 1 MiB: only instances "
+            "kept in memory can be spooled."
+        ),
+    )
     processes: int = Field(
         1,
         ge=1,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time
 from typing import Any
 
-from sqlalchemy import Column, Index, String, Text, UniqueConstraint, func
+from sqlalchemy import Column, Index, LargeBinary, String, Text, UniqueConstraint, func
 from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -108,6 +108,20 @@ class Instance(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     calling_ae: str = Field(max_length=16)
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class InstanceSpool(SQLModel, table=True):
+    """The bytes of a small instance, committed with its row so that one flush makes both durable
+    (:mod:`.spool`): the file is renamed into place after the commit, made durable after the
+    acknowledgement, and then this row is deleted. Rows left by a crash are written back to their
+    files when the listener starts."""
+
+    __tablename__ = "instance_spool"
+
+    #: one per received transfer (a key received twice in a row has two)
+    id: str = Field(primary_key=True, max_length=32)
+    storage_key: str = Field(max_length=512, index=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class StoreOutcome(str, enum.Enum):
@@ -258,6 +272,7 @@ class IndexSql:
             f"UPDATE instance SET {', '.join(f'{c} = {ph}' for c in self._INSTANCE_COLUMNS)}"
             f" WHERE id = {ph}"
         )
+        self.insert_spool = f"INSERT INTO instance_spool (id, storage_key, data) VALUES ({ph}, {ph}, {ph})"
         # every timestamp written here is a UTCDateTime column
         self.bind_time = bind_processor(Study.__table__.c.last_received_at, dialect)  # type: ignore[attr-defined]
         #: the study's UPDATE, the lifecycle's statement

@@ -32,8 +32,10 @@ associations share one transaction, one fsync per folder and one WAL flush
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ from .index import (
     read_state,
     run_writes,
 )
+from .spool import Placed, Settler, delete_spooled
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,10 @@ class Prepared:
     headers: InstanceHeaders
     stored: StoredFile
     calling_ae: str
+    #: the bytes, when they go into the index's spool (:mod:`.spool`) instead of being fsynced
+    #: before the commit; and that spool row's id
+    spool: bytes | None = None
+    spool_id: str = ""
 
 
 def prepare(
@@ -96,11 +103,14 @@ def prepare(
     announced_sop_class_uid: str | None = None,
     min_free_bytes: int = 0,
     max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
+    spool_max_bytes: int = 0,
 ) -> Prepared:
     """Everything before the index transaction: hash, free-space check, header parse, the checks
     against what the C-STORE announced, and the file's fsync (started when it was handed over, so
-    it overlaps the rest). Raises what :func:`ingest_file` raises; indexes nothing."""
-    handed = storage.hand_over(staged)
+    it overlaps the rest). An instance of up to ``spool_max_bytes`` that its writer kept in memory
+    is not waited for: its bytes go into the index's spool (:mod:`.spool`). Raises what
+    :func:`ingest_file` raises; indexes nothing."""
+    handed = storage.hand_over(staged, sync_above=spool_max_bytes)
     size = handed.size
     if min_free_bytes and storage.free_bytes() - size < min_free_bytes:
         raise OutOfResources(
@@ -121,10 +131,13 @@ def prepare(
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
-    storage.sync_staged(staged)
     key = instance_key(headers.study_instance_uid, headers.series_instance_uid,
                        headers.sop_instance_uid, handed.sha256)
-    return Prepared(staged, headers, StoredFile(key=key, size=size, sha256=handed.sha256), calling_ae)
+    stored = StoredFile(key=key, size=size, sha256=handed.sha256)
+    if handed.data is not None and size <= spool_max_bytes:
+        return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=uuid.uuid4().hex)
+    storage.sync_staged(staged)
+    return Prepared(staged, headers, stored, calling_ae)
 
 
 def ingest_file(
@@ -161,7 +174,8 @@ def ingest_file(
 
 def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
                   items: Sequence[Prepared], *,
-                  commit_error: type[Exception] | None = None) -> list[IngestResult]:
+                  commit_error: type[Exception] | None = None,
+                  settle: Callable[[Sequence[Placed]], None] | None = None) -> list[IngestResult]:
     """File prepared instances in one index transaction, in order, and commit once: each row and
     audit record is written, then every new file is renamed into place and the renames made
     durable (each folder fsynced once), then the transaction commits. So every file is in place
@@ -175,28 +189,32 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     batch is then indexed, and no file placed (unless the COMMIT itself failed, which may have
     happened all the same: the files stay, and a resend finds its row or files it again; that
     failure is raised as ``commit_error`` when given, chained to its cause).
+
+    Spooled instances (:attr:`Prepared.spool`) are written into the transaction as spool rows
+    instead of being placed before it; after the commit their files are renamed into place (no
+    flush) and handed to ``settle`` (:meth:`.spool.Settler.add`), or, without one, settled here.
     """
     sql = index_sql(engine.dialect)
     cursor = writer.begin()
     try:
-        results = _file_locked(cursor, sql, None, storage=storage, items=items)
+        filed = _file_locked(cursor, sql, None, storage=storage, items=items)
     except BaseException:
         try:
             writer.rollback()
         except Exception:
             log.warning("rollback failed after an ingest error", exc_info=True)
         raise
-    if results is None:
+    if filed is None:
         writer.rollback()
         with engine.connect() as conn, conn.begin():  # SQLite: BEGIN IMMEDIATE (ground.db)
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 if sql.chain.lock:
                     cursor.execute(sql.chain.lock, sql.chain.lock_params)
-                results = _file_locked(cursor, sql, conn, storage=storage, items=items)
+                filed = _file_locked(cursor, sql, conn, storage=storage, items=items)
             finally:
                 cursor.close()
-        assert results is not None
+        assert filed is not None
     else:
         try:
             writer.commit()
@@ -204,11 +222,35 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
             if commit_error is None:
                 raise
             raise commit_error(f"the index commit failed: {err}") from err
+    results, spooled = filed
+    if spooled:
+        _place_spooled(engine, storage, spooled, settle)
     for result in results:
         if result.obsolete_key:
             _remove_quietly(storage, result.obsolete_key)
     return [IngestResult(item.headers, item.stored, r.outcome, r.study_version, r.new_version)
             for item, r in zip(items, results, strict=True)]
+
+
+def _place_spooled(engine: Engine, storage: Storage, spooled: Sequence[Placed],
+                   settle: Callable[[Sequence[Placed]], None] | None) -> None:
+    """After the commit: spooled instances' files under their keys, then settled (their bytes are
+    durable as spool rows meanwhile). A failure is logged, not raised: the instances are filed
+    and durable, and their files are written back from the spool (the settler's retry, or
+    :func:`.spool.recover` when the listener next starts)."""
+    try:
+        storage.place([(staged, key) for staged, key, _ in spooled])
+    except StorageFailure:
+        log.exception("could not place %d spooled instance(s); they are written back from the spool", len(spooled))
+    if settle is not None:
+        settle(spooled)
+        return
+    try:
+        storage.settle([(staged, key) for staged, key, _ in spooled])
+        delete_spooled(engine, [spool_id for _, _, spool_id in spooled])
+    except Exception:
+        log.exception("could not settle %d spooled instance(s); `taqrir listen` writes them back when it starts",
+                      len(spooled))
 
 
 def _file_locked(
@@ -218,10 +260,11 @@ def _file_locked(
     *,
     storage: Storage,
     items: Sequence[Prepared],
-) -> list[IndexResult] | None:
+) -> tuple[list[IndexResult], list[Placed]] | None:
     """The index transaction's work, once it holds the writer lock, up to (not including) the
-    commit. Returns None, having written and placed nothing, when an instance opens a new series
-    and ``conn`` is None: that needs the ORM upserts, on a SQLAlchemy connection."""
+    commit; returns each instance's result and the spooled instances to place after the commit.
+    Returns None, having written and placed nothing, when an instance opens a new series and
+    ``conn`` is None: that needs the ORM upserts, on a SQLAlchemy connection."""
     # The writer lock serialises index writers (lock, then rows): two associations filing the
     # first instances of one patient or study would otherwise race to insert the same rows, and
     # the study's state read below decides the lifecycle's arrival. Each instance's state is read
@@ -229,6 +272,7 @@ def _file_locked(
     # one after another (the same SOP Instance twice in one batch is a duplicate the second time).
     results: list[IndexResult] = []
     placements: list[tuple[Path, str]] = []
+    spooled: list[Placed] = []
     for item in items:
         headers, stored = item.headers, item.stored
         state = read_state(cursor, sql, headers)
@@ -256,15 +300,23 @@ def _file_locked(
                 "study_version": result.study_version,
             },
         ), *filing.events])  # the study's state change, if the instance made one (lifecycle)
-        run_writes(cursor, sql, [*filing.writes, *(sql.chain.write(row) for row in audit)])
-        if not duplicate:
+        writes = [*filing.writes, *(sql.chain.write(row) for row in audit)]
+        if item.spool is not None and not duplicate:
+            writes.append((sql.insert_spool, (item.spool_id, stored.key, item.spool)))
+            spooled.append((item.staged, stored.key, item.spool_id))
+        elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
+            # a duplicate whose file is missing (a COMMIT reported failed that happened, before
+            # its file was placed): placed again; its earlier spool row holds it until settled
+            spooled.append((item.staged, stored.key, item.spool_id))
+        elif not duplicate:
             placements.append((item.staged, stored.key))
+        run_writes(cursor, sql, writes)
         results.append(result)
     # Renamed into place and made durable under the lock, after the rows are written and before
     # they commit: each file is in place and durable before its row is. All or nothing: when a
     # rename fails, the files already renamed go back and the transaction rolls back.
     storage.commit_synced(placements)
-    return results
+    return results, spooled
 
 
 class CommitFailed(Exception):
@@ -286,11 +338,14 @@ class Ingestor:
 
     def __init__(self, engine: Engine, storage: Storage, *, min_free_bytes: int = 0,
                  max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH, group_wait: float = 0.002,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, spool_max_bytes: int = 0) -> None:
         self.engine = engine
         self.storage = storage
         self.min_free_bytes = min_free_bytes
         self.max_sequence_depth = max_sequence_depth
+        self.spool_max_bytes = spool_max_bytes
+        #: makes spooled instances' files durable after their acknowledgement (:mod:`.spool`)
+        self.settler = Settler(engine, storage)
         self._writer = WriterConnection(engine)
         self._writer_lock = threading.Lock()  # the leader's, uncontended; close() waits for it
         self.group: GroupCommit[Prepared, IngestResult] = GroupCommit(self._file_batch, max_wait=group_wait,
@@ -304,7 +359,7 @@ class Ingestor:
             item = prepare(storage=self.storage, staged=staged, calling_ae=calling_ae,
                            announced_sop_instance_uid=announced_sop_instance_uid,
                            announced_sop_class_uid=announced_sop_class_uid, min_free_bytes=self.min_free_bytes,
-                           max_sequence_depth=self.max_sequence_depth)
+                           max_sequence_depth=self.max_sequence_depth, spool_max_bytes=self.spool_max_bytes)
         except BaseException:
             self.group.unexpect()
             raise
@@ -329,13 +384,16 @@ class Ingestor:
     def _file(self, items: Sequence[Prepared]) -> list[IngestResult]:
         with self._writer_lock:
             try:
-                return file_prepared(self.engine, self.storage, self._writer, items, commit_error=CommitFailed)
+                return file_prepared(self.engine, self.storage, self._writer, items, commit_error=CommitFailed,
+                                     settle=self.settler.add)
             except BaseException:
                 self._writer.discard()
                 raise
 
     def close(self) -> None:
-        """Give the kept connection back (a later instance takes a new one)."""
+        """Settle the spooled instances still pending and give the kept connection back (a later
+        instance takes a new one)."""
+        self.settler.close()
         with self._writer_lock:
             self._writer.close()
 

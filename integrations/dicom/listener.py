@@ -59,6 +59,7 @@ from .errors import (
 from .ingest import Ingestor, IngestResult, record_rejection
 from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
+from .spool import recover as recover_spool
 from .stability import Handoff, log_handoff, sweep_stable
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Listener:
         #: a forked receiver's kept connection is its own)
         self.ingestor = Ingestor(engine, storage, min_free_bytes=settings.min_free_bytes,
                                  max_sequence_depth=settings.max_sequence_depth,
-                                 group_wait=settings.group_commit_wait)
+                                 group_wait=settings.group_commit_wait,
+                                 spool_max_bytes=settings.spool_max_bytes)
         self._server: StorageScp | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -208,6 +210,9 @@ class Listener:
         discarded = self.storage.discard_staged()
         if discarded:
             log.info("discarded %d partial transfers left by an earlier run", discarded)
+        # Acknowledged small instances whose files an earlier run had not made durable yet
+        # (:mod:`.spool`): written back before anything is served.
+        recover_spool(self.engine, self.storage)
         server = StorageScp(self._config(), self, (self.settings.host, self.settings.port))
         self._server = server
         if self.settings.processes > 1:

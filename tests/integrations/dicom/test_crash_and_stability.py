@@ -179,7 +179,9 @@ def test_sigkill_during_a_group_commit_loses_no_acknowledged_instance(db_url: st
     held = tmp_path / "held.json"
     env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
            "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
-           "TAQRIR_LISTENER__GROUP_COMMIT_WAIT": "0.05", "HELD_BATCH": str(held)}
+           "TAQRIR_LISTENER__GROUP_COMMIT_WAIT": "0.05", "HELD_BATCH": str(held),
+           # files placed before the commit: the spool of small instances is test_spool's
+           "TAQRIR_LISTENER__SPOOL_MAX_BYTES": "0"}
     proc = subprocess.Popen([sys.executable, "-c", _HELD_BATCH, str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

@@ -1,0 +1,220 @@
+"""The spool of small instances (:mod:`integrations.dicom.spool`): bytes committed with their row,
+the file visible before the answer and durable after it; what a crash leaves is written back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from audit.chain import verify
+from ground.db import session_scope
+from integrations.dicom.index import Instance, StoreOutcome
+from integrations.dicom.ingest import Ingestor, IngestResult
+from integrations.dicom.spool import recover
+from storage import FileStorage
+from tests.conftest import free_port
+from tests.factories.dcmtk import echoscu, storescu
+from tests.factories.studies import make_ct_series
+
+
+def _ingest(ingestor: Ingestor, storage: FileStorage, data: bytes) -> IngestResult:
+    writer = storage.staging_file()
+    writer.write(data)
+    path = Path(writer.name)
+    try:
+        return ingestor.ingest(path, calling_ae="MODALITY")
+    finally:
+        writer.close()
+        path.unlink(missing_ok=True)
+
+
+def _spooled(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT storage_key FROM instance_spool ORDER BY storage_key")).scalars())
+
+
+def _check_files(engine: Engine, storage: FileStorage) -> dict[str, Instance]:
+    with session_scope(engine) as s:
+        rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+        assert verify(s).ok
+    for row in rows.values():
+        assert hashlib.sha256(storage.path(row.storage_key).read_bytes()).hexdigest() == row.sha256
+    return rows
+
+
+def test_small_instances_are_visible_at_once_and_settled_after(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 8, rows=32, cols=32)]
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    ingestor.settler.batch_wait = 0.5  # long enough to see rows before they are settled
+    try:
+        for d in data:
+            result = _ingest(ingestor, storage, d)
+            assert result.outcome is StoreOutcome.new
+            assert storage.path(result.stored.key).read_bytes() == d  # readers find it before the answer
+        assert _spooled(engine), "nothing went through the spool"
+        assert ingestor.settler.flush(10)
+    finally:
+        ingestor.close()
+    assert _spooled(engine) == []
+    assert ingestor.settler.settled == len(data)
+    assert len(_check_files(engine, storage)) == len(data)
+    assert not any(storage.tmp_dir.iterdir())
+
+
+def test_instances_above_the_limit_are_filed_the_plain_way(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 3, rows=32, cols=32)]
+    ingestor = Ingestor(engine, storage, spool_max_bytes=min(map(len, data)) - 1)
+    ingestor.settler.batch_wait = 5.0
+    try:
+        for d in data:
+            _ingest(ingestor, storage, d)
+        assert _spooled(engine) == []  # nothing waits in the spool: every file was durable before its commit
+    finally:
+        ingestor.close()
+    assert ingestor.settler.settled == 0
+    _check_files(engine, storage)
+
+
+def test_recover_writes_back_what_a_crash_left(engine: Engine, tmp_path: Path) -> None:
+    """Acknowledged, never settled (the process died): a power loss may have lost or torn their
+    files. recover() writes each back from its row, durably, and empties the spool; the row of an
+    instance replaced since is only dropped."""
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 6, rows=32, cols=32)
+    data = [p.read_bytes() for p in files]
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    ingestor.settler.add = lambda placed: None  # type: ignore[method-assign]  # the crash: never settled
+    results = [_ingest(ingestor, storage, d) for d in data]
+    changed = bytearray(data[3])
+    changed[-1] ^= 0xFF  # same instance, other bytes (last pixel): a replacement
+    replaced = _ingest(ingestor, storage, bytes(changed))
+    ingestor.close()
+    assert replaced.outcome is StoreOutcome.replaced
+    assert not storage.path(results[3].stored.key).exists()  # the old file went
+    assert len(_spooled(engine)) == len(data) + 1
+    # what a power loss may do to files that were never fsynced
+    storage.path(results[0].stored.key).unlink()
+    storage.path(results[1].stored.key).write_bytes(b"")
+    storage.path(results[2].stored.key).write_bytes(b"\0" * len(data[2]))
+
+    assert recover(engine, storage) == len(data)  # 5 originals and the replacement; the old row dropped
+    assert _spooled(engine) == []
+    rows = _check_files(engine, storage)
+    assert len(rows) == len(data)
+    assert not storage.path(results[3].stored.key).exists()  # not brought back: nothing points at it
+    assert recover(engine, storage) == 0
+
+
+def test_a_duplicate_whose_file_is_missing_is_placed_again(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    data = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)[0].read_bytes()
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    try:
+        first = _ingest(ingestor, storage, data)
+        assert ingestor.settler.flush(10)
+        storage.path(first.stored.key).unlink()
+        again = _ingest(ingestor, storage, data)
+        assert again.outcome is StoreOutcome.duplicate
+        assert storage.path(first.stored.key).read_bytes() == data
+        assert ingestor.settler.flush(10)
+    finally:
+        ingestor.close()
+    _check_files(engine, storage)
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+def test_storage_place_then_settle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool) -> None:
+    from storage import local
+
+    if not syncfs:
+        monkeypatch.setattr(local, "_syncfs", None)
+    elif local._syncfs is None:
+        pytest.skip("no syncfs(2) here")
+    calls: list[Any] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    storage = FileStorage(tmp_path / "storage")
+    staged = []
+    for i in range(3):
+        w = storage.staging_file()
+        w.write(b"x" * (100 + i))
+        storage.hand_over(Path(w.name), sync_above=1000)  # small: no early fsync
+        w.close()
+        staged.append((Path(w.name), f"s/{i % 2}/f{i}.dcm"))
+    assert calls == []
+    storage.place(staged)
+    assert [storage.read(k) for _, k in staged] == [b"x" * 100, b"x" * 101, b"x" * 102]
+    assert calls == []  # visible, nothing flushed yet
+    storage.settle([*staged, (tmp_path / "gone", "s/0/removed-since.dcm")])
+    # syncfs: one call for the filesystem; else each file and each folder up to the root
+    assert len(calls) == (0 if syncfs else 3 + 4)
+
+
+# The listener with its settler stopped: acknowledged small instances stay in the spool until the
+# SIGKILL, then the test plays the power loss (their files gone) before the restart.
+_HELD_SETTLER = """
+import sys, time
+from integrations.dicom.spool import Settler
+Settler._settle = lambda self, batch: time.sleep(3600)
+from taqrir.cli import main
+sys.argv = ["taqrir", "listen", "--port", sys.argv[1]]
+main()
+"""
+
+
+def test_sigkill_and_a_lost_page_cache_lose_no_acknowledged_small_instance(db_url: str, engine: Engine,
+                                                                           tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "src", 30, rows=64, cols=64)
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1"}
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline, "listener did not start"
+            time.sleep(0.3)
+        return proc
+
+    proc = start("-c", _HELD_SETTLER)
+    assert set(storescu(port, files).statuses()) == {"Success"}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    storage = FileStorage(data_dir / "storage")
+    spooled = _spooled(engine)
+    assert len(spooled) == len(files)  # every one acknowledged, none settled
+    for key in spooled:
+        storage.path(key).unlink()  # never fsynced: what a power loss may leave
+
+    proc = start("-m", "taqrir", "listen", "--port")
+    try:
+        assert _spooled(engine) == []  # written back before it served
+        rows = _check_files(engine, storage)
+        assert {r.sop_instance_uid for r in rows.values()} == {
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+        assert set(storescu(port, files).statuses()) == {"Success"}  # and it serves: duplicates
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
