@@ -22,6 +22,12 @@ durability changes: a spare holds no data, and a staged file is made durable by 
 rename into place and the directory's fsync, as before. A staged file of up to
 :data:`KEEP_IN_MEMORY` bytes is also kept in memory by its writer, so that hashing it and reading
 its header need not read it back.
+
+A file whose bytes the caller keeps durable elsewhere until then (the listener's spool of small
+instances, committed with their index rows) is made visible by :meth:`FileStorage.place` (a
+rename, no flush) and durable later by :meth:`FileStorage.settle`: on Linux one ``syncfs(2)``
+for a whole batch (one journal commit; an fsync per file cost one each), elsewhere each file's
+fsync and each folder's.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 This is the service function behind the C-STORE handler; it knows nothing of pynetdicom. The
 order is what makes an acknowledgement mean something: the file is durable and renamed into place
 before the index row and its audit record commit, and only then does the caller answer Success.
-A crash before the commit leaves at most an unindexed file that the sender will send again.
+A crash before the commit leaves at most an unindexed file that the sender will send again. (A
+small instance the listener spools is the exception, with the same guarantee: its bytes commit
+with its row, and its file is made durable after the answer; :mod:`.spool`.)
 
 Where the time goes (300-slice CT, 0.5 MB per instance, one association, this shared 2-core VM,
 ``bench/ingest_index.py``, medians of one run with the previous version alongside): ingest_file

@@ -15,6 +15,10 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   their slot; a free-space floor below which associations are refused with A-ASSOCIATE-RJ
   (transient, local limit exceeded) and C-STORE answers 0xA700.
 - Handlers return DIMSE statuses and never raise into the network threads.
+- An instance of up to ``listener.spool_max_bytes`` is spooled (:mod:`.spool`): its bytes commit
+  with its index row, so its acknowledgement waits for one flush instead of three; its file is
+  made durable after the answer, and the spool rows a crash leaves are written back in
+  :meth:`Listener.start`, before anything is served.
 - Instances are filed through one :class:`~.ingest.Ingestor` per process: concurrent associations
   share each index transaction and its disk flushes (a group commit), and each is answered once
   its own instance committed (``listener.group_commit_wait`` bounds how long a commit waits for
