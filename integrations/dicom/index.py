@@ -120,7 +120,9 @@ class InstanceSpool(SQLModel, table=True):
 
     #: one per received transfer (a key received twice in a row has two)
     id: str = Field(primary_key=True, max_length=32)
-    storage_key: str = Field(max_length=512, index=True)
+    #: the instance it belongs to (joined on instance's unique index when written back)
+    sop_instance_uid: str = Field(max_length=64)
+    storage_key: str = Field(max_length=512)
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
@@ -272,7 +274,8 @@ class IndexSql:
             f"UPDATE instance SET {', '.join(f'{c} = {ph}' for c in self._INSTANCE_COLUMNS)}"
             f" WHERE id = {ph}"
         )
-        self.insert_spool = f"INSERT INTO instance_spool (id, storage_key, data) VALUES ({ph}, {ph}, {ph})"
+        self.insert_spool = (f"INSERT INTO instance_spool (id, sop_instance_uid, storage_key, data)"
+                             f" VALUES ({ph}, {ph}, {ph}, {ph})")
         # every timestamp written here is a UTCDateTime column
         self.bind_time = bind_processor(Study.__table__.c.last_received_at, dialect)  # type: ignore[attr-defined]
         #: the study's UPDATE, the lifecycle's statement

@@ -60,7 +60,7 @@ from .index import (
     read_state,
     run_writes,
 )
-from .spool import Placed, Settler, delete_spooled
+from .spool import Placed, Settler, delete_spooled, recover
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,14 @@ def prepare(
             f"dataset SOP Class UID {headers.sop_class_uid} differs from the announced "
             f"{announced_sop_class_uid}"
         )
-    # The file's fsync (the slowest step) happens before the index lock, so that concurrent
-    # associations overlap it; deciding whether to rename it into place, the rename and the
-    # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
     key = instance_key(headers.study_instance_uid, headers.series_instance_uid,
                        headers.sop_instance_uid, handed.sha256)
     stored = StoredFile(key=key, size=size, sha256=handed.sha256)
     if handed.data is not None and size <= spool_max_bytes:
         return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=uuid.uuid4().hex)
+    # The file's fsync (the slowest step) happens before the index lock, so that concurrent
+    # associations overlap it; deciding whether to rename it into place, the rename and the
+    # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
     storage.sync_staged(staged)
     return Prepared(staged, headers, stored, calling_ae)
 
@@ -243,7 +243,14 @@ def _place_spooled(engine: Engine, storage: Storage, spooled: Sequence[Placed],
     try:
         storage.place([(staged, key) for staged, key, _ in spooled])
     except StorageFailure:
-        log.exception("could not place %d spooled instance(s); they are written back from the spool", len(spooled))
+        # Some may be in place, some not: every one is written back from its spool row (durably;
+        # a row whose file cannot be written stays, for the next start), none settled as placed.
+        log.exception("could not place %d spooled instance(s); writing them back from the spool", len(spooled))
+        try:
+            recover(engine, storage, ids=[spool_id for _, _, spool_id in spooled])
+        except Exception:
+            log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
+        return
     if settle is not None:
         settle(spooled)
         return
@@ -304,7 +311,7 @@ def _file_locked(
         ), *filing.events])  # the study's state change, if the instance made one (lifecycle)
         writes = [*filing.writes, *(sql.chain.write(row) for row in audit)]
         if item.spool is not None and not duplicate:
-            writes.append((sql.insert_spool, (item.spool_id, stored.key, item.spool)))
+            writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
             spooled.append((item.staged, stored.key, item.spool_id))
         elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before

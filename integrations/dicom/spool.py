@@ -147,7 +147,8 @@ def recover(engine: Engine, storage: Storage, *, ids: Sequence[str] | None = Non
     or whose bytes do not hash to the instance's SHA-256 is only deleted. Returns how many files
     were written back."""
     query = ("SELECT sp.id, sp.storage_key, i.sha256 FROM instance_spool sp"
-             " LEFT JOIN instance i ON i.storage_key = sp.storage_key")
+             " LEFT JOIN instance i ON i.sop_instance_uid = sp.sop_instance_uid"
+             " AND i.storage_key = sp.storage_key")
     params: dict[str, str] = {}
     if ids is not None:
         if not ids:

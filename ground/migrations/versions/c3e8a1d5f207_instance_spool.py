@@ -26,11 +26,11 @@ def upgrade() -> None:
     op.create_table(
         "instance_spool",
         sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+        sa.Column("sop_instance_uid", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("storage_key", sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(op.f("ix_instance_spool_storage_key"), "instance_spool", ["storage_key"], unique=False)
 
 
 def downgrade() -> None:
@@ -39,5 +39,4 @@ def downgrade() -> None:
         raise RuntimeError(
             f"instance_spool holds {rows} instance(s) whose files may not be durable yet; start "
             "`taqrir listen` once (it writes them back and empties the spool), then downgrade")
-    op.drop_index(op.f("ix_instance_spool_storage_key"), table_name="instance_spool")
     op.drop_table("instance_spool")

@@ -23,7 +23,7 @@ from ground.db import session_scope
 from integrations.dicom.index import Instance, StoreOutcome
 from integrations.dicom.ingest import Ingestor, IngestResult
 from integrations.dicom.spool import recover
-from storage import FileStorage
+from storage import FileStorage, StorageFailure
 from tests.conftest import free_port
 from tests.factories.dcmtk import echoscu, storescu
 from tests.factories.studies import make_ct_series
@@ -134,6 +134,52 @@ def test_a_duplicate_whose_file_is_missing_is_placed_again(engine: Engine, tmp_p
     finally:
         ingestor.close()
     _check_files(engine, storage)
+
+
+def test_a_rename_into_place_that_fails_is_written_back_from_the_spool(engine: Engine, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit made the instance durable; when placing its file fails, it is written back
+    from its spool row, never settled as if it were in place (which would delete its only copy)."""
+    storage = FileStorage(tmp_path / "storage")
+    data = make_ct_series(tmp_path / "ct", 2, rows=32, cols=32)
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    settled: list[Any] = []
+    ingestor.settler.add = settled.append  # type: ignore[method-assign]
+
+    def refuse(placements: Any) -> None:
+        raise StorageFailure("could not place 1 file(s): No space left on device")
+
+    monkeypatch.setattr(storage, "place", refuse)
+    try:
+        results = [_ingest(ingestor, storage, p.read_bytes()) for p in data]
+    finally:
+        ingestor.close()
+    assert [r.outcome for r in results] == [StoreOutcome.new, StoreOutcome.new]  # acknowledged
+    assert settled == []
+    assert _spooled(engine) == []  # written back durably, rows gone
+    assert len(_check_files(engine, storage)) == 2
+
+
+def test_a_settle_that_fails_is_retried_by_writing_back(engine: Engine, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    data = make_ct_series(tmp_path / "ct", 3, rows=32, cols=32)
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    ingestor.settler.retry_after = 0.05
+
+    def fail(placements: Any) -> None:
+        raise StorageFailure("could not make 1 placed file(s) durable: Input/output error")
+
+    monkeypatch.setattr(storage, "settle", fail)
+    try:
+        for p in data:
+            _ingest(ingestor, storage, p.read_bytes())
+        assert ingestor.settler.flush(10)
+    finally:
+        ingestor.close()
+    assert ingestor.settler.settled == 0
+    assert _spooled(engine) == []  # each written back with put() (fsync, rename, folder fsync)
+    assert len(_check_files(engine, storage)) == 3
 
 
 @pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
