@@ -274,8 +274,10 @@ class IndexSql:
             f"UPDATE instance SET {', '.join(f'{c} = {ph}' for c in self._INSTANCE_COLUMNS)}"
             f" WHERE id = {ph}"
         )
+        # psycopg's %b sends the bytes in binary (as text they are hex-escaped, twice the size)
+        blob = "%b" if ph == "%s" and dialect.driver == "psycopg" else ph
         self.insert_spool = (f"INSERT INTO instance_spool (id, sop_instance_uid, storage_key, data)"
-                             f" VALUES ({ph}, {ph}, {ph}, {ph})")
+                             f" VALUES ({ph}, {ph}, {ph}, {blob})")
         # every timestamp written here is a UTCDateTime column
         self.bind_time = bind_processor(Study.__table__.c.last_received_at, dialect)  # type: ignore[attr-defined]
         #: the study's UPDATE, the lifecycle's statement

@@ -31,6 +31,9 @@ def upgrade() -> None:
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # pixel data compresses poorly and the row lives milliseconds: out of line, uncompressed
+        op.execute("ALTER TABLE instance_spool ALTER COLUMN data SET STORAGE EXTERNAL")
 
 
 def downgrade() -> None:
