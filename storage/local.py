@@ -125,8 +125,6 @@ class FileStorage:
         self._writing_lock = threading.Lock()
         # fsyncs started by staged_digest, waited for by sync_staged
         self._syncing: dict[str, Future[None]] = {}
-        # the same, for staged files placed (by their staged path), waited for by settle
-        self._placed_syncs: dict[str, Future[None]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 
@@ -265,11 +263,6 @@ class FileStorage:
         already durable elsewhere (the index's spool of small instances), so that readers find
         them at once; :meth:`settle` makes them durable later. Not all or nothing: on failure the
         files before the failing one are in place."""
-        with self._writing_lock:  # their fsyncs, if started, are now settle()'s to wait for
-            for staged, _ in placements:
-                started = self._syncing.pop(str(staged), None)
-                if started is not None:
-                    self._placed_syncs[str(staged)] = started
         try:
             self._rename_into_place(placements, [])
         except OSError as err:
@@ -277,18 +270,14 @@ class FileStorage:
                                  f"check {self.root}") from err
 
     def settle(self, placements: Sequence[tuple[Path, str]]) -> None:
-        """Make files that :meth:`place` put under their keys durable: each file's fsync (the one
-        :meth:`hand_over` started for its staged path, or a new one), then every folder on the way
-        from the root to each, once (a folder :meth:`place` created must last too). A key whose
-        file is gone (removed since: a replaced instance) is skipped."""
+        """Make files that :meth:`place` put under their keys durable: on Linux one ``syncfs`` of
+        the filesystem; elsewhere each file's fsync, then every folder on the way from the root to
+        each, once (a folder :meth:`place` created must last too), skipping a key whose file is
+        gone (removed since: a replaced instance)."""
         if not placements:
             return
         if _syncfs is not None:
-            with self._writing_lock:
-                early = [f for f in (self._placed_syncs.pop(str(staged), None) for staged, _ in placements) if f]
             try:
-                for future in early:
-                    future.result()
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     if _syncfs(fd) != 0:
@@ -302,20 +291,15 @@ class FileStorage:
             return
         folders: dict[Path, None] = {}
         try:
-            for staged, key in placements:
-                with self._writing_lock:
-                    started = self._placed_syncs.pop(str(staged), None) or self._syncing.pop(str(staged), None)
-                if started is not None:
-                    started.result()
-                else:
-                    try:
-                        fd = os.open(self.path(key), os.O_RDONLY)
-                    except FileNotFoundError:
-                        continue
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            for _, key in placements:
+                try:
+                    fd = os.open(self.path(key), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 folder = self.path(key).parent
                 while folder != self.root and self.root in folder.parents:
                     folders[folder] = None

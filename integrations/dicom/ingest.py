@@ -60,7 +60,8 @@ from .index import (
     read_state,
     run_writes,
 )
-from .spool import Placed, Settler, delete_spooled, recover
+from .spool import Placed, Settler, write_back
+from .spool import settle as settle_now
 
 log = logging.getLogger(__name__)
 
@@ -246,20 +247,12 @@ def _place_spooled(engine: Engine, storage: Storage, spooled: Sequence[Placed],
         # Some may be in place, some not: every one is written back from its spool row (durably;
         # a row whose file cannot be written stays, for the next start), none settled as placed.
         log.exception("could not place %d spooled instance(s); writing them back from the spool", len(spooled))
-        try:
-            recover(engine, storage, ids=[spool_id for _, _, spool_id in spooled])
-        except Exception:
-            log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
+        write_back(engine, storage, spooled)
         return
     if settle is not None:
         settle(spooled)
-        return
-    try:
-        storage.settle([(staged, key) for staged, key, _ in spooled])
-        delete_spooled(engine, [spool_id for _, _, spool_id in spooled])
-    except Exception:
-        log.exception("could not settle %d spooled instance(s); `taqrir listen` writes them back when it starts",
-                      len(spooled))
+    else:
+        settle_now(engine, storage, spooled)
 
 
 def _file_locked(

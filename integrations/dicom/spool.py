@@ -7,8 +7,8 @@ small instance (up to ``listener.spool_max_bytes``; its writer keeps it in memor
 instead written into the index transaction that files it, as an :class:`~.index.InstanceSpool`
 row: the commit's one flush makes the row and the bytes durable together. Then, before Success is
 answered, the staged file is renamed under its key (no flush: readers find it at once), and after
-the answer a :class:`Settler` makes the file durable (its fsync, started when the transfer ended,
-and each folder's) and deletes the spool rows, many per transaction.
+the answer a :class:`Settler` makes the files durable, a batch at a time (``Storage.settle``: one
+``syncfs`` on Linux, else each file's fsync and each folder's), and deletes their spool rows.
 
 So an acknowledged instance is always durable: as its file, or as its spool row. A crash (power
 loss included) can leave spool rows whose files are missing, torn or not durable; :func:`recover`
@@ -41,8 +41,8 @@ class Settler:
     """Makes placed instances' files durable after their acknowledgement, then deletes their spool
     rows, in batches, in a helper thread (per process: a forked child starts its own).
 
-    ``batch_wait`` is how long it lets instances gather before settling them together (one fsync
-    per folder and one delete transaction per batch). A batch that fails is retried, rewriting the
+    ``batch_wait`` is how long it lets instances gather before settling them together (one
+    ``Storage.settle`` and one delete transaction per batch, :func:`settle`). A batch that fails is retried, rewriting the
     files from their spool rows (``retry_after`` seconds later); until then they stay durable as
     those rows.
     """
@@ -91,24 +91,12 @@ class Settler:
                 batch, self._pending = self._pending, []
                 self._busy = True
             try:
-                self._settle(batch)
-            except Exception:
-                log.exception("could not settle %d spooled instance(s); they stay durable in the spool, "
-                              "retrying in %.0f s", len(batch), self.retry_after)
-                time.sleep(self.retry_after)
-                try:
-                    recover(self.engine, self.storage, ids=[spool_id for _, _, spool_id in batch])
-                except Exception:
-                    log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
+                if settle(self.engine, self.storage, batch, retry_after=self.retry_after):
+                    self.settled += len(batch)
             finally:
                 with self._lock:
                     self._busy = False
                     self._lock.notify_all()
-
-    def _settle(self, batch: Sequence[Placed]) -> None:
-        self.storage.settle([(staged, key) for staged, key, _ in batch])
-        delete_spooled(self.engine, [spool_id for _, _, spool_id in batch])
-        self.settled += len(batch)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything added so far is settled (or ``timeout``); False on timeout."""
@@ -127,6 +115,32 @@ class Settler:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+
+
+def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_after: float = 0.0) -> bool:
+    """Make placed instances' files durable, then delete their spool rows. On failure, after
+    ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`). Never
+    raises; True when settled as placed."""
+    try:
+        storage.settle([(staged, key) for staged, key, _ in placed])
+        delete_spooled(engine, [spool_id for _, _, spool_id in placed])
+        return True
+    except Exception:
+        log.exception("could not settle %d spooled instance(s); they stay durable in the spool, "
+                      "written back in %.0f s", len(placed), retry_after)
+    time.sleep(retry_after)
+    write_back(engine, storage, placed)
+    return False
+
+
+def write_back(engine: Engine, storage: Storage, placed: Sequence[Placed]) -> None:
+    """Write placed (or meant to be placed) instances back from their spool rows (:func:`recover`),
+    when placing or settling them failed. Never raises: what stays in the spool is written back
+    when the listener next starts."""
+    try:
+        recover(engine, storage, ids=[spool_id for _, _, spool_id in placed])
+    except Exception:
+        log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
 
 
 def delete_spooled(engine: Engine, ids: Sequence[str]) -> None:

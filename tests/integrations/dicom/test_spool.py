@@ -219,8 +219,8 @@ def test_storage_place_then_settle(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 # SIGKILL, then the test plays the power loss (their files gone) before the restart.
 _HELD_SETTLER = """
 import sys, time
-from integrations.dicom.spool import Settler
-Settler._settle = lambda self, batch: time.sleep(3600)
+from integrations.dicom import spool
+spool.settle = lambda *args, **kwargs: time.sleep(3600)  # the settler's batches never settle
 from taqrir.cli import main
 sys.argv = ["taqrir", "listen", "--port", sys.argv[1]]
 main()
