@@ -114,6 +114,7 @@ class FileStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_str = str(root)
         self.tmp_dir = root / TMP_DIR_NAME
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.spare_dir = root / SPARE_DIR_NAME
@@ -149,13 +150,13 @@ class FileStorage:
         del kwargs
         # Not a context manager: the writer owns the file and closes it when the transfer ends.
         name, fd = self._spares.take()
-        path = self.tmp_dir / name
+        path = f"{self._root_str}/{TMP_DIR_NAME}/{name}"
         try:
-            os.replace(self.spare_dir / name, path)
+            os.replace(f"{self._root_str}/{SPARE_DIR_NAME}/{name}", path)
         except OSError:
             os.close(fd)
             raise
-        writer = StagingFile(str(path), fd)
+        writer = StagingFile(path, fd)
         with self._writing_lock:
             self._writing[writer.name] = writer
         return writer
@@ -244,7 +245,7 @@ class FileStorage:
         """Rename staged files whose bytes are durable (:meth:`sync_staged`) into place, then make
         the renames durable, fsyncing each folder once however many files went into it. All or
         nothing: when one fails, those already renamed go back to their staged paths."""
-        placed: list[tuple[Path, Path]] = []
+        placed: list[tuple[Path, str]] = []
         try:
             folders = self._rename_into_place(placements, placed)
             for folder in _deepest_first(folders):
@@ -312,20 +313,30 @@ class FileStorage:
                                  f"{err.strerror or err}; check {self.root}") from err
 
     def _rename_into_place(self, placements: Sequence[tuple[Path, str]],
-                           placed: list[tuple[Path, Path]]) -> dict[Path, None]:
+                           placed: list[tuple[Path, str]]) -> dict[str, None]:
         """Rename each staged file to its key (making missing folders), appending to ``placed``
-        as it goes; returns the folders whose entries changed."""
-        folders: dict[Path, None] = {}
+        as it goes; returns the folders whose entries changed.
+
+        The hot path of every received instance, so plain strings and no ``stat``: the rename is
+        tried first, and only when it fails for want of a folder is the folder made (a folder
+        removed behind our back is made again the same way)."""
+        folders: dict[str, None] = {}
+        root = self._root_str
         for staged, key in placements:
-            dst = self.path(key)
-            if not dst.parent.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
+            dst = f"{root}/{key}"
+            parent = os.path.dirname(dst)
+            try:
+                os.replace(staged, dst)
+            except FileNotFoundError:
+                if os.path.isdir(parent) or not os.path.exists(staged):
+                    raise
+                os.makedirs(parent, exist_ok=True)
                 # a new folder's entry (and its parent's, which may be new too) must last
-                folders[dst.parent.parent] = None
-                folders[dst.parent.parent.parent] = None
-            os.replace(staged, dst)
+                folders[os.path.dirname(parent)] = None
+                folders[os.path.dirname(os.path.dirname(parent))] = None
+                os.replace(staged, dst)
             placed.append((staged, dst))
-            folders[dst.parent] = None
+            folders[parent] = None
         return folders
 
     # -- whole objects: key images, model outputs, the draft's DICOM objects -------------------
@@ -400,8 +411,8 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
-def _deepest_first(folders: Iterable[Path]) -> list[Path]:
-    return sorted(folders, key=lambda f: len(f.parts), reverse=True)
+def _deepest_first(folders: Iterable[str | Path]) -> list[Path]:
+    return sorted((Path(f) for f in folders), key=lambda f: len(f.parts), reverse=True)
 
 
 class _Spares:
@@ -414,6 +425,7 @@ class _Spares:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._folder = str(folder)
         self._lock = threading.Lock()
         self._ready: list[str] = []
         self._pid = 0
@@ -436,14 +448,14 @@ class _Spares:
                     self._helper.start()
         if name is not None:
             try:
-                return name, os.open(self.folder / name, os.O_WRONLY | os.O_CLOEXEC)
+                return name, os.open(f"{self._folder}/{name}", os.O_WRONLY | os.O_CLOEXEC)
             except OSError:  # gone behind our back: make one here
                 pass
         return self._create()  # none ready: made here, and kept open
 
     def _create(self) -> tuple[str, int]:
-        name = f"{os.getpid()}-{next(self._names)}-{uuid.uuid4().hex[:8]}"
-        return name, os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        name = f"{os.getpid()}-{next(self._names)}-{os.urandom(4).hex()}"
+        return name, os.open(f"{self._folder}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     def _make(self) -> str:
         name, fd = self._create()

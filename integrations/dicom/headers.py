@@ -267,10 +267,14 @@ def _check_pixel_length(ds: _Elements, length: int | None) -> None:
                        photometric_interpretation=_text(ds, "PhotometricInterpretation"))
 
 
+_INDEXED = frozenset(INDEXED_KEYWORDS)
+_META = frozenset(META_KEYWORDS)
+
+
 class _Values:
     """The converted values :func:`headers_from_dataset` reads, in place of a ``Dataset``."""
 
-    def __init__(self, values: Mapping[str, Any], known: tuple[str, ...],
+    def __init__(self, values: Mapping[str, Any], known: frozenset[str],
                  file_meta: _Values | None = None) -> None:
         self._values = values
         self._known = known
@@ -318,7 +322,7 @@ def _read_headers_fast(path: Path, max_depth: int, data: bytes | None = None) ->
         raise  # a Pixel Data extent the file does not hold: the full parse refuses it alike
     except (NotWalkable, Exception):
         return None
-    elements = _Values(header.values, INDEXED_KEYWORDS, _Values(header.file_meta, META_KEYWORDS))
+    elements = _Values(header.values, _INDEXED, _Values(header.file_meta, _META))
     headers = headers_from_dataset(elements, transfer_syntax_uid=header.transfer_syntax_uid)
     _check_pixel_length(elements, pixel_length)
     return headers

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +134,7 @@ def prepare(
                        headers.sop_instance_uid, handed.sha256)
     stored = StoredFile(key=key, size=size, sha256=handed.sha256)
     if handed.data is not None and size <= spool_max_bytes:
-        return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=uuid.uuid4().hex)
+        return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=os.urandom(16).hex())
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
