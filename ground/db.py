@@ -30,6 +30,7 @@ aborting one of them.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -158,16 +159,31 @@ class WriterConnection:
     gets a fresh connection, as a pre-ping would have given it. Not thread-safe: one transaction
     at a time (the ingest's group commit has one leader at a time). A forked child never uses its
     parent's connection.
+
+    On SQLite, several processes (``listener.processes``) each keep one: a transaction first
+    takes an exclusive ``flock`` on a lock file beside the database, then ``BEGIN IMMEDIATE``.
+    SQLite's own wait for its write lock is a busy handler that sleeps (1, 2, 5, 10... ms) and
+    polls, so two receiving processes handing the write lock back and forth hundreds of times a
+    second slept more than they wrote (``listener.processes=2`` gained nothing in
+    ``bench/ingest.py``); the kernel wakes a ``flock`` waiter the moment the holder lets go. Other
+    writers (the API, the workers) keep SQLite's wait: the flock only orders these connections.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect
+        self._lock_path: str | None = None
+        self._lock_fd = -1
+        self._lock_pid = 0
+        self._locked = False
         name = engine.dialect.name
         if name == "postgresql":
             self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})"
         elif name == "sqlite":
             self._begin = "BEGIN IMMEDIATE"
+            database = engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self._lock_path = database + ".writer-lock"
         else:
             raise ValueError(f"no writer connection for {name!r}: use SQLite or PostgreSQL")
         self._raw: Any = None
@@ -188,12 +204,28 @@ class WriterConnection:
         """Begin a transaction holding the writer lock; returns its DBAPI cursor."""
         cursor = self._connection().cursor()
         try:
+            self._take_flock()
             cursor.execute(self._begin)
         except BaseException:
             cursor.close()
+            self._release_flock()
             raise
         self._cursor = cursor
         return cursor
+
+    def _take_flock(self) -> None:
+        if self._lock_path is None:
+            return
+        if self._lock_pid != os.getpid():  # a forked child's own open file: a flock is per open file
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_pid = os.getpid()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._locked = True
+
+    def _release_flock(self) -> None:
+        if self._locked:
+            self._locked = False
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def commit(self) -> None:
         self._end("COMMIT")
@@ -209,10 +241,12 @@ class WriterConnection:
             cursor.execute(statement)
         finally:
             cursor.close()
+            self._release_flock()
 
     def discard(self) -> None:
         """Drop the connection (after an error: its state is unknown); the next :meth:`begin`
         connects afresh."""
+        self._release_flock()
         raw, self._raw, self._cursor = self._raw, None, None
         if raw is not None:
             try:
@@ -222,6 +256,10 @@ class WriterConnection:
 
     def close(self) -> None:
         """Give the connection back to the pool (as the pool expects it: not in autocommit)."""
+        self._release_flock()
+        if self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+            self._lock_pid, self._lock_fd = 0, -1
         raw, self._raw, self._cursor = self._raw, None, None
         if raw is None:
             return

@@ -59,7 +59,7 @@ from .index import (
     read_state,
     run_writes,
 )
-from .spool import Placed, Settler, write_back
+from .spool import Placed, Settler, delete_rows, write_back
 from .spool import settle as settle_now
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def ingest_file(
 def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
                   items: Sequence[Prepared], *,
                   commit_error: type[Exception] | None = None,
-                  settle: Callable[[Sequence[Placed]], None] | None = None) -> list[IngestResult]:
+                  settle: Callable[[Sequence[Placed]], None] | None = None,
+                  spool_deletes: Sequence[str] = ()) -> list[IngestResult]:
     """File prepared instances in one index transaction, in order, and commit once: each row and
     audit record is written, then every new file is renamed into place and the renames made
     durable (each folder fsynced once), then the transaction commits. So every file is in place
@@ -195,11 +196,15 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     Spooled instances (:attr:`Prepared.spool`) are written into the transaction as spool rows
     instead of being placed before it; after the commit their files are renamed into place (no
     flush) and handed to ``settle`` (:meth:`.spool.Settler.add`), or, without one, settled here.
+    ``spool_deletes`` are spool rows of instances already settled, deleted in this transaction
+    (:meth:`.spool.Settler.take_settled`).
     """
     sql = index_sql(engine.dialect)
     cursor = writer.begin()
     try:
         filed = _file_locked(cursor, sql, None, storage=storage, items=items)
+        if filed is not None and spool_deletes:
+            delete_rows(cursor, sql.placeholder, spool_deletes)
     except BaseException:
         try:
             writer.rollback()
@@ -214,6 +219,8 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
                 if sql.chain.lock:
                     cursor.execute(sql.chain.lock, sql.chain.lock_params)
                 filed = _file_locked(cursor, sql, conn, storage=storage, items=items)
+                if spool_deletes:
+                    delete_rows(cursor, sql.placeholder, spool_deletes)
             finally:
                 cursor.close()
         assert filed is not None
@@ -384,11 +391,13 @@ class Ingestor:
 
     def _file(self, items: Sequence[Prepared]) -> list[IngestResult]:
         with self._writer_lock:
+            deletes = self.settler.take_settled()
             try:
                 return file_prepared(self.engine, self.storage, self._writer, items, commit_error=CommitFailed,
-                                     settle=self.settler.add)
+                                     settle=self.settler.add, spool_deletes=deletes)
             except BaseException:
                 self._writer.discard()
+                self.settler.give_back(deletes)  # (a COMMIT that failed may have deleted them: harmless)
                 raise
 
     def close(self) -> None:

@@ -23,8 +23,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -38,23 +39,34 @@ Placed = tuple[Path, str, str]
 
 
 class Settler:
-    """Makes placed instances' files durable after their acknowledgement, then deletes their spool
-    rows, in batches, in a helper thread (per process: a forked child starts its own).
+    """Makes placed instances' files durable after their acknowledgement, then has their spool
+    rows deleted, in batches, in a helper thread (per process: a forked child starts its own).
 
     ``batch_wait`` is how long it lets instances gather before settling them together (one
-    ``Storage.settle`` and one delete transaction per batch, :func:`settle`). A batch that fails is retried, rewriting the
+    ``Storage.settle`` per batch, :func:`settle`). A batch that fails is retried, rewriting the
     files from their spool rows (``retry_after`` seconds later); until then they stay durable as
     those rows.
+
+    The rows of settled instances are not deleted in a transaction of their own: the next ingest
+    transaction takes them (:meth:`take_settled`) and deletes them with its own writes, so that
+    deleting costs neither a commit nor a wait for the write lock. Measured in-process (2,000
+    small instances, SQLite, 2026-12-06): the settler's own delete transactions made every
+    ingest wait for the write lock or share a flush with it, ~0.17 ms more per instance.
+    Rows nobody takes within ``delete_after`` seconds (no instance arriving) are deleted here,
+    as are those still queued when :meth:`flush` or :meth:`close` is called.
     """
 
     def __init__(self, engine: Engine, storage: Storage, *, batch_wait: float = 0.05,
-                 retry_after: float = 5.0) -> None:
+                 retry_after: float = 5.0, delete_after: float = 1.0) -> None:
         self.engine = engine
         self.storage = storage
         self.batch_wait = batch_wait
         self.retry_after = retry_after
+        self.delete_after = delete_after
         self._lock = threading.Condition()
         self._pending: list[Placed] = []
+        self._settled_ids: list[str] = []  # settled, rows not deleted yet
+        self._settled_since = 0.0
         self._busy = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -71,6 +83,39 @@ class Settler:
             self._ensure_thread()
             self._lock.notify_all()
 
+    def take_settled(self) -> list[str]:
+        """The spool rows of settled instances, for the caller's transaction to delete (give
+        them back with :meth:`give_back` if it does not commit)."""
+        with self._lock:
+            ids, self._settled_ids = self._settled_ids, []
+        return ids
+
+    def give_back(self, ids: Sequence[str]) -> None:
+        """Rows from :meth:`take_settled` that the caller's transaction did not delete."""
+        if ids:
+            with self._lock:
+                if not self._settled_ids:
+                    self._settled_since = time.monotonic()
+                self._settled_ids[:0] = ids
+                self._ensure_thread()
+                self._lock.notify_all()
+
+    def _queue_deletes(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            if not self._settled_ids:
+                self._settled_since = time.monotonic()
+            self._settled_ids.extend(ids)
+
+    def _delete_queued(self) -> None:
+        ids = self.take_settled()
+        if not ids:
+            return
+        try:
+            delete_spooled(self.engine, ids)
+        except Exception:  # they stay durable and settled; the rows go later, or at the next start
+            log.exception("could not delete %d settled spool row(s); retried later", len(ids))
+            self.give_back(ids)
+
     def _ensure_thread(self) -> None:
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._pid = os.getpid()
@@ -82,16 +127,30 @@ class Settler:
         while True:
             with self._lock:
                 while not self._pending and not self._closed:
-                    self._lock.wait()
-                if not self._pending and self._closed:
-                    return
+                    if self._settled_ids:
+                        left = self._settled_since + self.delete_after - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._lock.wait(left)
+                    else:
+                        self._lock.wait()
+                if not self._pending:
+                    if self._closed:
+                        return
+                    stale = True
+                else:
+                    stale = False
+            if stale:  # nobody took them: an idle listener
+                self._delete_queued()
+                continue
             if self.batch_wait:
                 time.sleep(self.batch_wait)
             with self._lock:
                 batch, self._pending = self._pending, []
                 self._busy = True
             try:
-                if settle(self.engine, self.storage, batch, retry_after=self.retry_after):
+                if settle(self.engine, self.storage, batch, retry_after=self.retry_after,
+                          delete=self._queue_deletes):
                     self.settled += len(batch)
             finally:
                 with self._lock:
@@ -99,7 +158,8 @@ class Settler:
                     self._lock.notify_all()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything added so far is settled (or ``timeout``); False on timeout."""
+        """Wait until everything added so far is settled and its spool rows deleted (or
+        ``timeout``); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._pending or self._busy:
@@ -107,7 +167,9 @@ class Settler:
                 if left <= 0 or self._thread is None or not self._thread.is_alive():
                     return not (self._pending or self._busy)
                 self._lock.wait(left)
-        return True
+        self._delete_queued()
+        with self._lock:
+            return not self._settled_ids
 
     def close(self, timeout: float = 30.0) -> None:
         """Settle what is pending, then stop the helper (a later :meth:`add` starts another)."""
@@ -117,13 +179,19 @@ class Settler:
             self._lock.notify_all()
 
 
-def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_after: float = 0.0) -> bool:
-    """Make placed instances' files durable, then delete their spool rows. On failure, after
-    ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`). Never
-    raises; True when settled as placed."""
+def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_after: float = 0.0,
+           delete: Callable[[Sequence[str]], None] | None = None) -> bool:
+    """Make placed instances' files durable, then delete their spool rows (or hand their ids to
+    ``delete``: the :class:`Settler` queues them for the next ingest transaction). On failure,
+    after ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`).
+    Never raises; True when settled as placed."""
     try:
         storage.settle([(staged, key) for staged, key, _ in placed])
-        delete_spooled(engine, [spool_id for _, _, spool_id in placed])
+        ids = [spool_id for _, _, spool_id in placed]
+        if delete is None:
+            delete_spooled(engine, ids)
+        else:
+            delete(ids)
         return True
     except Exception:
         log.exception("could not settle %d spooled instance(s); they stay durable in the spool, "
@@ -141,6 +209,15 @@ def write_back(engine: Engine, storage: Storage, placed: Sequence[Placed]) -> No
         recover(engine, storage, ids=[spool_id for _, _, spool_id in placed])
     except Exception:
         log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
+
+
+def delete_rows(cursor: Any, placeholder: str, ids: Sequence[str]) -> None:
+    """Delete these spool rows on a DBAPI cursor, in the caller's transaction (the ingest's:
+    :meth:`Settler.take_settled`)."""
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        cursor.execute(f"DELETE FROM instance_spool WHERE id IN ({', '.join([placeholder] * len(chunk))})",
+                       tuple(chunk))
 
 
 def delete_spooled(engine: Engine, ids: Sequence[str]) -> None:

@@ -74,6 +74,45 @@ def test_small_instances_are_visible_at_once_and_settled_after(engine: Engine, t
     assert not any(storage.tmp_dir.iterdir())
 
 
+def test_settled_rows_are_deleted_by_the_next_ingest_transaction(engine: Engine, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settler queues the rows of settled instances; the next instance's transaction deletes
+    them (no transaction of the settler's own), and rows nobody takes go after delete_after."""
+    from integrations.dicom import spool
+
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 6, rows=32, cols=32)]
+    own: list[int] = []
+    real_delete = spool.delete_spooled
+    monkeypatch.setattr(spool, "delete_spooled", lambda eng, ids: (own.append(len(ids)), real_delete(eng, ids)))
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
+    ingestor.settler.batch_wait = 0.5  # the five arrive before their batch is settled
+    ingestor.settler.delete_after = 3600.0
+    try:
+        for d in data[:5]:
+            _ingest(ingestor, storage, d)
+        deadline = time.monotonic() + 10
+        while ingestor.settler.settled < 5:
+            assert time.monotonic() < deadline, "not settled"
+            time.sleep(0.01)
+        assert len(_spooled(engine)) == 5  # settled, rows queued
+        _ingest(ingestor, storage, data[5])
+        assert len(_spooled(engine)) == 1  # the sixth's own row; the five went with its transaction
+        assert own == []
+        ingestor.settler.delete_after = 0.05  # nothing more arrives: the settler deletes it itself
+        ingestor.settler.add([])  # (no-op)
+        deadline = time.monotonic() + 10
+        while _spooled(engine):
+            assert time.monotonic() < deadline, "an idle listener's settled row was never deleted"
+            time.sleep(0.02)
+            with ingestor.settler._lock:
+                ingestor.settler._lock.notify_all()  # wake it to see the shorter delay
+        assert own == [1]
+    finally:
+        ingestor.close()
+    assert len(_check_files(engine, storage)) == 6
+
+
 def test_instances_above_the_limit_are_filed_the_plain_way(engine: Engine, tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "storage")
     data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 3, rows=32, cols=32)]
