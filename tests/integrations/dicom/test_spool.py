@@ -84,7 +84,12 @@ def test_settled_rows_are_deleted_by_the_next_ingest_transaction(engine: Engine,
     data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 6, rows=32, cols=32)]
     own: list[int] = []
     real_delete = spool.delete_spooled
-    monkeypatch.setattr(spool, "delete_spooled", lambda eng, ids: (own.append(len(ids)), real_delete(eng, ids)))
+
+    def counted(eng: Engine, ids: Any) -> None:
+        own.append(len(ids))
+        real_delete(eng, ids)
+
+    monkeypatch.setattr(spool, "delete_spooled", counted)
     ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20)
     ingestor.settler.batch_wait = 0.5  # the five arrive before their batch is settled
     ingestor.settler.delete_after = 3600.0
