@@ -8,7 +8,8 @@ instead written into the index transaction that files it, as an :class:`~.index.
 row: the commit's one flush makes the row and the bytes durable together. Then, before Success is
 answered, the staged file is renamed under its key (no flush: readers find it at once), and after
 the answer a :class:`Settler` makes the files durable, a batch at a time (``Storage.settle``: one
-``syncfs`` on Linux, else each file's fsync and each folder's), and deletes their spool rows.
+``syncfs`` on Linux, else each file's fsync and each folder's); their spool rows are then
+deleted by the next ingest transaction (or by the settler when none comes).
 
 So an acknowledged instance is always durable: as its file, or as its spool row. A crash (power
 loss included) can leave spool rows whose files are missing, torn or not durable; :func:`recover`
