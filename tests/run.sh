@@ -2,7 +2,7 @@
 # Install what the test suite needs and run it. The README's test command; .ci/run calls it.
 #
 # Needs: Python 3.11+, and for the real peers and services Debian packages dcmtk, orthanc,
-# orthanc-dicomweb, redis-server, postgresql, rsyslog, rsyslog-gnutls, nodejs, npm, chromium,
+# orthanc-dicomweb, redis-server, postgresql, iproute2, procps, rsyslog, rsyslog-gnutls, nodejs, npm, chromium,
 # dicom3tools, poppler-utils, fonts-noto-core, fonts-hosny-amiri and Pango (for WeasyPrint),
 # installed with apt-get when missing and running as root.
 # PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) are started
@@ -16,6 +16,9 @@ command -v dcmsend >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
+# ss and pgrep: which receiving process holds an association (test_crash_and_stability)
+command -v ss >/dev/null || need_pkgs+=(iproute2)
+command -v pgrep >/dev/null || need_pkgs+=(procps)
 # the ATNA collector of tests/audit/test_ship.py: rsyslogd with its TLS (gtls) stream driver
 command -v rsyslogd >/dev/null || need_pkgs+=(rsyslog)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)

@@ -15,6 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -235,4 +238,67 @@ def test_sigkill_during_a_group_commit_loses_no_acknowledged_instance(db_url: st
         assert len(rows) == len(files)
         assert verify(s).ok
     for row in rows.values():
+        assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
+
+
+def _server_pids(port: int) -> set[int]:
+    """The processes holding the server side of established connections to ``port``."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"sport = :{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+),", out)}
+
+
+def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    """``listener.processes=2``: two receiving processes accept on one socket. Both serve
+    associations; four associations of small (spooled) instances at once are all acknowledged,
+    each instance filed once with its file, and the audit chain both wrote verifies (on SQLite
+    their transactions queue on the writer flock)."""
+    files = make_ct_series(tmp_path / "src", 160, rows=64, cols=64)
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+           "TAQRIR_LISTENER__PROCESSES": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline, "listener did not start"
+            time.sleep(0.3)
+        children = {int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                        text=True).stdout.split()}
+        assert len(children) == 1, f"expected one pre-forked receiver, found {children}"
+        # Held-open associations until each process has accepted one (the kernel picks).
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context(Verification)
+        held: list[Association] = []
+        try:
+            while _server_pids(port) != {proc.pid, *children}:
+                assert len(held) < 24, f"only {_server_pids(port)} accepted {len(held)} associations"
+                assoc = ae.associate("127.0.0.1", port, ae_title="TAQRIR")
+                assert assoc.is_established
+                held.append(assoc)
+        finally:
+            for assoc in held:
+                assoc.release()
+        senders = [subprocess.Popen(
+            ["storescu", "-v", "-aec", "TAQRIR", "-to", "5", "127.0.0.1", str(port), *map(str, files[i::4])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV) for i in range(4)]
+        successes = 0
+        for sender in senders:
+            out, _ = sender.communicate(timeout=120)
+            assert sender.returncode == 0, out[-2000:]
+            successes += out.count("Received Store Response (Success)")
+        assert successes == len(files)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    storage = data_dir / "storage"
+    with session_scope(engine) as s:
+        rows = s.exec(select(Instance)).all()
+        assert verify(s).ok
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
+    for row in rows:
         assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
