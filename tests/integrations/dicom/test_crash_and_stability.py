@@ -37,9 +37,10 @@ from tests.factories.studies import make_ct_series
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
 
 
-def _start_listener_process(data_dir: Path, db_url: str, port: int) -> subprocess.Popen[bytes]:
+def _start_listener_process(data_dir: Path, db_url: str, port: int,
+                            extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
-           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1"}
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1", **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
@@ -256,16 +257,8 @@ def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: 
     files = make_ct_series(tmp_path / "src", 160, rows=64, cols=64)
     port = free_port()
     data_dir = tmp_path / "data"
-    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
-           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
-           "TAQRIR_LISTENER__PROCESSES": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
     try:
-        deadline = time.monotonic() + 30
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline, "listener did not start"
-            time.sleep(0.3)
         children = {int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                         text=True).stdout.split()}
         assert len(children) == 1, f"expected one pre-forked receiver, found {children}"
