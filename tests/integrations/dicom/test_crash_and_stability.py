@@ -186,8 +186,10 @@ def test_sigkill_during_a_group_commit_loses_no_acknowledged_instance(db_url: st
            "TAQRIR_LISTENER__GROUP_COMMIT_WAIT": "0.05", "HELD_BATCH": str(held),
            # files placed before the commit: the spool of small instances is test_spool's
            "TAQRIR_LISTENER__SPOOL_MAX_BYTES": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", _HELD_BATCH, str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener_log = tmp_path / "listener.log"
+    with listener_log.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", _HELD_BATCH, str(port)], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while echoscu(port).returncode != 0:
         assert time.monotonic() < deadline, "listener did not start"
@@ -199,7 +201,15 @@ def test_sigkill_during_a_group_commit_loses_no_acknowledged_instance(db_url: st
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV) for i in range(4)]
     deadline = time.monotonic() + 60
     while not held.exists():
-        assert time.monotonic() < deadline, "no group commit of several instances happened"
+        if time.monotonic() > deadline:  # say why: what each sender and the listener last said
+            proc.kill()
+            tails = []
+            for i, sender in enumerate(senders):
+                sender.kill()
+                out = sender.communicate()[0]
+                tails.append(f"--- sender {i} (exit {sender.returncode}):\n" + "\n".join(out.splitlines()[-15:]))
+            raise AssertionError("no group commit of several instances happened in 60 s\n" + "\n".join(tails)
+                                 + "\n--- listener:\n" + listener_log.read_text(errors="replace")[-4000:])
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
