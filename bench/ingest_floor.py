@@ -99,6 +99,9 @@ class _FloorHandler:
     def refused_host(self, host: str) -> None:
         return None
 
+    def release(self) -> None:
+        return None
+
 
 def serve(out: Path, depth: int, port: int) -> None:
     from integrations.dicom.scp import ScpConfig, StorageScp

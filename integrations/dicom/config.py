@@ -62,6 +62,15 @@ class ListenerSettings(BaseModel):
             "kept in memory can be spooled."
         ),
     )
+    intake_journal: bool = Field(
+        True,
+        description=(
+            "Answer an instance of up to spool_max_bytes once it is durable in the intake journal "
+            "(one append and flush) and index it right after the answer, in batches; the association's "
+            "release waits for its instances to be indexed (integrations.dicom.intake). Off: such "
+            "instances are answered after their index commit (the spool)."
+        ),
+    )
     processes: int = Field(
         1,
         ge=1,

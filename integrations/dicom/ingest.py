@@ -33,17 +33,22 @@ associations share one transaction, one fsync per folder and one WAL flush
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import select
 
 from audit.chain import ChainEvent, link, record
+from ground.clock import as_utc, utcnow
 from ground.db import WriterConnection, session_scope
 from storage import Storage, StorageFailure, StoredFile, key_component
 
@@ -53,12 +58,14 @@ from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
 from .index import (
     IndexResult,
     IndexSql,
+    Instance,
     StoreOutcome,
     index_sql,
     plan_filing,
     read_state,
     run_writes,
 )
+from .intake import Entry, IntakeJournal, Record
 from .spool import Placed, Settler, delete_rows, write_back
 from .spool import settle as settle_now
 
@@ -94,6 +101,8 @@ class Prepared:
     #: before the commit; and that spool row's id
     spool: bytes | None = None
     spool_id: str = ""
+    #: its bytes are durable in the intake journal (:mod:`.intake`), not as a spool row
+    journaled: bool = False
 
 
 def prepare(
@@ -172,6 +181,34 @@ def ingest_file(
         raise
     finally:
         writer.close()
+
+
+def refile(engine: Engine, storage: Storage, record: Record) -> None:
+    """File a journaled instance again (:func:`.intake.replay`), as its arrival would have; a
+    no-op when it is filed already. Its file is rewritten when missing. Idempotent: a record
+    whose instance was replaced by a later arrival (the row's ``received_at`` is not older than
+    the record) is not filed over it."""
+    header, data = record.header, record.data
+    if hashlib.sha256(data).hexdigest() != header["sha256"]:
+        raise ValueError(f"journaled bytes of {header['key']} do not match their SHA-256")
+    sf = storage.staging_file(delete=False, suffix=".dcm")
+    staged = Path(sf.name)
+    try:
+        sf.write(data)
+        sf.close()
+        headers = read_headers(staged, data=data)
+        with session_scope(engine) as session:
+            row = session.exec(select(Instance).where(Instance.sop_instance_uid == headers.sop_instance_uid)).first()
+        if row is not None and row.sha256 == header["sha256"]:
+            path = storage.path(row.storage_key)
+            if not path.exists() or path.stat().st_size != len(data):
+                storage.put(row.storage_key, data)
+            return
+        if row is not None and as_utc(row.received_at) >= datetime.fromisoformat(header["at"]):
+            return  # replaced by an instance that arrived after this one
+        ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
@@ -310,7 +347,8 @@ def _file_locked(
         ), *filing.events])  # the study's state change, if the instance made one (lifecycle)
         writes = [*filing.writes, *(sql.chain.write(row) for row in audit)]
         if item.spool is not None and not duplicate:
-            writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
+            if not item.journaled:
+                writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
             spooled.append((item.staged, stored.key, item.spool_id))
         elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before
@@ -332,46 +370,214 @@ class CommitFailed(Exception):
     filed again one by one (a resend finds its row, or files it again)."""
 
 
+@dataclass(eq=False)
+class _Journaled:
+    """A journaled instance waiting to be indexed, and who waits for it."""
+
+    item: Prepared
+    entry: Entry
+    indexed: threading.Event
+    attempts: int = 0
+    not_before: float = 0.0
+
+
 class Ingestor:
     """The listener's ingest: each association's thread prepares its instance (:func:`prepare`),
     then files it through a group commit (:mod:`.group_commit`) on one kept connection
     (:class:`ground.db.WriterConnection`): concurrent associations share one transaction, one
     fsync per folder and one WAL flush, and each is answered once its own instance committed.
 
+    With a ``journal`` (:mod:`.intake`), an instance of up to ``spool_max_bytes`` is answered
+    once its record in the journal is durable instead, and indexed after the answer by this
+    ingestor's indexing thread, in batches (``index_wait`` lets one gather) through the same
+    group commit; :meth:`wait_indexed` waits for the calling thread's (association's) instances.
+    A journaled instance whose indexing fails is retried with backoff while the error is
+    transient (the database unreachable, a disk error), and otherwise kept in the journal for
+    the next start's replay, logged; it is never lost and never retried in a loop.
+
     When a batch of several fails before its COMMIT, its instances are filed again one at a time,
     so that one instance's failure (a value the index cannot hold, say) is its own and not its
     neighbours'. A failed COMMIT fails the whole batch (:class:`CommitFailed`). After any failure
     the kept connection is dropped and the next batch connects afresh.
+
+    ``after_filing`` is called with each filed instance's result and calling AE (in the
+    association's thread, or the indexing thread for a journaled one); its errors are logged.
     """
 
     def __init__(self, engine: Engine, storage: Storage, *, min_free_bytes: int = 0,
                  max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH, group_wait: float = 0.002,
-                 max_batch: int = 64, spool_max_bytes: int = 0) -> None:
+                 max_batch: int = 64, spool_max_bytes: int = 0, journal: IntakeJournal | None = None,
+                 index_wait: float = 0.01,
+                 after_filing: Callable[[IngestResult, str], None] | None = None) -> None:
         self.engine = engine
         self.storage = storage
         self.min_free_bytes = min_free_bytes
         self.max_sequence_depth = max_sequence_depth
         self.spool_max_bytes = spool_max_bytes
+        self.journal = journal
+        self.index_wait = index_wait
+        self.after_filing = after_filing
         #: makes spooled instances' files durable after their acknowledgement (:mod:`.spool`)
-        self.settler = Settler(engine, storage)
+        self.settler = Settler(engine, storage, settled=self._settled if journal is not None else None)
         self._writer = WriterConnection(engine)
         self._writer_lock = threading.Lock()  # the leader's, uncontended; close() waits for it
         self.group: GroupCommit[Prepared, IngestResult] = GroupCommit(self._file_batch, max_wait=group_wait,
                                                                       max_batch=max_batch)
+        self._max_batch = max_batch
+        self._queue: list[_Journaled] = []
+        self._queued = threading.Condition()
+        self._placing: dict[str, _Journaled] = {}  # spool id -> journaled instance, until settled
+        self._handed: set[str] = set()  # those of them placed and handed to the settler
+        self._indexer: threading.Thread | None = None
+        self._indexer_pid = 0
+        self._closing = False
+        self._mine = threading.local()  # the calling thread's journaled instances not yet indexed
 
     def ingest(self, staged: Path, *, calling_ae: str, announced_sop_instance_uid: str | None = None,
-               announced_sop_class_uid: str | None = None) -> IngestResult:
-        """As :func:`ingest_file`, sharing the commit with concurrent callers."""
+               announced_sop_class_uid: str | None = None) -> IngestResult | None:
+        """As :func:`ingest_file`, sharing the commit with concurrent callers; None when the
+        instance was journaled (durable, indexed after the return: :meth:`wait_indexed`)."""
         self.group.expect()
         try:
             item = prepare(storage=self.storage, staged=staged, calling_ae=calling_ae,
                            announced_sop_instance_uid=announced_sop_instance_uid,
                            announced_sop_class_uid=announced_sop_class_uid, min_free_bytes=self.min_free_bytes,
                            max_sequence_depth=self.max_sequence_depth, spool_max_bytes=self.spool_max_bytes)
+            if self.journal is not None and item.spool is not None:
+                self._journal(item)
+                self.group.unexpect()
+                return None
         except BaseException:
             self.group.unexpect()
             raise
-        return self.group.submit(item, expected=True)
+        result = self.group.submit(item, expected=True)
+        self._after(result, calling_ae)
+        return result
+
+    def _journal(self, item: Prepared) -> None:
+        assert self.journal is not None and item.spool is not None
+        entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256, "ae": item.calling_ae,
+                                     "at": utcnow().isoformat()}, item.spool)
+        # the network engine deletes the staged file once answered: keep it under a name of its own
+        held = item.staged.with_name(item.staged.name + ".held")
+        try:
+            os.replace(item.staged, held)
+        except OSError:  # indexed all the same; its file is written from the bytes
+            held = item.staged
+        job = _Journaled(replace(item, staged=held, journaled=True), entry, threading.Event())
+        with self._queued:
+            self._queue.append(job)
+            self._ensure_indexer()
+            self._queued.notify()
+        mine: list[threading.Event] | None = getattr(self._mine, "events", None)
+        if mine is None:
+            mine = self._mine.events = []
+        mine.append(job.indexed)
+
+    def wait_indexed(self, timeout: float) -> bool:
+        """Wait until the instances this thread journaled are indexed (or given up on: see the
+        class); False after ``timeout`` seconds (they are durable all the same)."""
+        mine: list[threading.Event] = getattr(self._mine, "events", None) or []
+        self._mine.events = []
+        deadline = time.monotonic() + timeout
+        return all(event.wait(max(0.0, deadline - time.monotonic())) for event in mine)
+
+    def _ensure_indexer(self) -> None:  # under _queued
+        if self._indexer is None or self._indexer_pid != os.getpid() or not self._indexer.is_alive():
+            self._indexer_pid = os.getpid()
+            self._indexer = threading.Thread(target=self._index_loop, name="intake-indexer", daemon=True)
+            self._indexer.start()
+
+    def _index_loop(self) -> None:
+        while True:
+            with self._queued:
+                while True:
+                    now = time.monotonic()
+                    ready = [j for j in self._queue if j.not_before <= now]
+                    if ready or (self._closing and not self._queue):
+                        break
+                    later = min((j.not_before for j in self._queue), default=None)
+                    self._queued.wait(None if later is None else later - now)
+                if not ready:
+                    return
+            if self.index_wait and len(ready) < self._max_batch and not self._closing:
+                time.sleep(self.index_wait)  # let the batch gather (other associations, the next PDUs)
+            with self._queued:
+                now = time.monotonic()
+                batch = [j for j in self._queue if j.not_before <= now][:self._max_batch * 4]
+                taken = set(map(id, batch))
+                self._queue = [j for j in self._queue if id(j) not in taken]
+            self._index(batch)
+
+    def _index(self, batch: Sequence[_Journaled]) -> None:
+        for job in batch:
+            self._placing[job.item.spool_id] = job
+        outcomes = self._file_batch([job.item for job in batch])
+        retry: list[_Journaled] = []
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self._placing.pop(job.item.spool_id, None)
+                job.attempts += 1
+                if _transient(outcome):
+                    delay = min(60.0, 0.5 * 2 ** job.attempts)
+                    log.warning("indexing journaled instance %s failed (%s); retrying in %.0f s",
+                                job.item.stored.key, outcome, delay)
+                    job.not_before = time.monotonic() + delay
+                    retry.append(job)
+                else:
+                    log.error("indexing journaled instance %s failed: %s; it stays durable in the intake "
+                              "journal and is filed again when the listener next starts", job.item.stored.key,
+                              outcome, exc_info=outcome)
+                job.indexed.set()
+                continue
+            if job.item.spool_id in self._handed:
+                self._handed.discard(job.item.spool_id)  # done once settled
+            else:  # a duplicate whose file was there, or placing failed: write it from its bytes
+                self._write_and_done(job, outcome)
+            job.indexed.set()
+            self._after(outcome, job.item.calling_ae)
+        if retry:
+            with self._queued:
+                self._queue.extend(retry)
+                self._queued.notify()
+
+    def _write_and_done(self, job: _Journaled, result: IngestResult) -> None:
+        key, data = job.item.stored.key, job.item.spool
+        try:
+            if data is not None and (result.outcome is not StoreOutcome.duplicate
+                                     or not os.path.exists(self.storage.path(key))):
+                self.storage.put(key, data)
+        except StorageFailure:
+            log.exception("could not write %s; it stays in the intake journal, written when the listener "
+                          "next starts", key)
+            self._placing.pop(job.item.spool_id, None)
+            return
+        self._done(job)
+
+    def _settle(self, placed: Sequence[Placed]) -> None:
+        self._handed.update(spool_id for _, _, spool_id in placed if spool_id in self._placing)
+        self.settler.add(placed)
+
+    def _settled(self, ids: Sequence[str]) -> None:
+        for spool_id in ids:
+            job = self._placing.get(spool_id)
+            if job is not None:
+                self._done(job)
+
+    def _done(self, job: _Journaled) -> None:
+        if self._placing.pop(job.item.spool_id, None) is None:
+            return
+        assert self.journal is not None
+        self.journal.done(job.entry)
+        if job.item.staged.name.endswith(".held"):
+            job.item.staged.unlink(missing_ok=True)  # (placed: renamed away already)
+
+    def _after(self, result: IngestResult, calling_ae: str) -> None:
+        if self.after_filing is not None:
+            try:
+                self.after_filing(result, calling_ae)
+            except Exception:
+                log.exception("post-store hook failed for an instance from %s", calling_ae)
 
     def _file_batch(self, items: Sequence[Prepared]) -> list[IngestResult | BaseException]:
         try:
@@ -394,18 +600,40 @@ class Ingestor:
             deletes = self.settler.take_settled()
             try:
                 return file_prepared(self.engine, self.storage, self._writer, items, commit_error=CommitFailed,
-                                     settle=self.settler.add, spool_deletes=deletes)
+                                     settle=self._settle, spool_deletes=deletes)
             except BaseException:
                 self._writer.discard()
                 self.settler.give_back(deletes)  # (a COMMIT that failed may have deleted them: harmless)
                 raise
 
     def close(self) -> None:
-        """Settle the spooled instances still pending and give the kept connection back (a later
-        instance takes a new one)."""
+        """Index what is journaled, settle the spooled instances still pending and give the kept
+        connection back (a later instance takes a new one)."""
+        with self._queued:
+            self._closing = True
+            indexer = self._indexer if self._indexer_pid == os.getpid() else None
+            self._queued.notify_all()
+        if indexer is not None:
+            indexer.join(timeout=60)
         self.settler.close()
         with self._writer_lock:
             self._writer.close()
+        if self.journal is not None:
+            self.journal.close()
+        with self._queued:
+            self._closing = False
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether filing may succeed when simply tried again: the database or the disk failing, not
+    the instance (a value the index cannot hold, a constraint)."""
+    if isinstance(err, CommitFailed):
+        err = err.__cause__ or err
+    # SQLAlchemy's and the drivers' own (the hot path runs on DBAPI cursors) share these names
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & {"OperationalError", "InterfaceError"}:
+        return True
+    return not names & {"Error", "DBAPIError"} and isinstance(err, (OSError, StorageFailure, CommitFailed))
 
 
 def _remove_quietly(storage: Storage, key: str) -> None:

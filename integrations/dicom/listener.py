@@ -60,7 +60,8 @@ from .errors import (
     OutOfResources,
     refusal_status,
 )
-from .ingest import Ingestor, IngestResult, record_rejection
+from .ingest import Ingestor, IngestResult, record_rejection, refile
+from .intake import INTAKE_DIR_NAME, IntakeJournal, replay
 from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
 from .spool import recover as recover_spool
@@ -88,8 +89,9 @@ class Listener:
         after_store: Callable[[IngestResult, str], None] | None = None,
     ) -> None:
         self.settings = settings
-        #: Called with each stored instance and its calling AE once it is durably indexed, before
-        #: Success is answered: it must only hand off (e.g. the signed-SR reader queues SRs).
+        #: Called with each stored instance and its calling AE once it is durably indexed (before
+        #: Success is answered, or after it for a journaled instance): it must only hand off (e.g.
+        #: the signed-SR reader queues SRs).
         self.after_store = after_store
         self.study_settings = study_settings
         self.engine = engine
@@ -97,10 +99,13 @@ class Listener:
         self.handoff = handoff
         #: Files received instances, concurrent associations sharing each commit (per process:
         #: a forked receiver's kept connection is its own)
+        self.journal_dir = storage.root / INTAKE_DIR_NAME
         self.ingestor = Ingestor(engine, storage, min_free_bytes=settings.min_free_bytes,
                                  max_sequence_depth=settings.max_sequence_depth,
                                  group_wait=settings.group_commit_wait,
-                                 spool_max_bytes=settings.spool_max_bytes)
+                                 spool_max_bytes=settings.spool_max_bytes,
+                                 journal=IntakeJournal(self.journal_dir) if settings.intake_journal else None,
+                                 after_filing=after_store)
         self._server: StorageScp | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -122,7 +127,7 @@ class Listener:
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         try:
-            result = self.ingestor.ingest(
+            self.ingestor.ingest(
                 staged,
                 calling_ae=calling_ae,
                 announced_sop_instance_uid=sop_instance_uid or None,
@@ -139,12 +144,15 @@ class Listener:
             record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, err=err,
                              status=STATUS_PROCESSING_FAILURE)
             return STATUS_PROCESSING_FAILURE, f"processing failure ({type(err).__name__})"
-        if self.after_store is not None:
-            try:
-                self.after_store(result, calling_ae)
-            except Exception:
-                log.exception("post-store hook failed for an instance from %s", calling_ae)
         return STATUS_SUCCESS, ""
+
+    def release(self) -> None:
+        """The association is being released: wait until the instances it sent are indexed
+        (journaled ones are answered before, :mod:`.intake`), so that a sender that has finished
+        finds them all. Bounded by the DIMSE timeout: they are durable all the same."""
+        if not self.ingestor.wait_indexed(self.settings.dimse_timeout):
+            log.warning("instances of a released association still not indexed after %.0f s",
+                        self.settings.dimse_timeout)
 
     def association_event(self, action: str, calling_ae: str, address: str, port: int, outcome: str,
                           reason: str = "") -> None:
@@ -217,6 +225,7 @@ class Listener:
         # Acknowledged small instances whose files an earlier run had not made durable yet
         # (:mod:`.spool`): written back before anything is served.
         recover_spool(self.engine, self.storage)
+        self.replay_journal()
         server = StorageScp(self._config(), self, (self.settings.host, self.settings.port))
         self._server = server
         if self.settings.processes > 1:
@@ -227,12 +236,36 @@ class Listener:
             self.engine.dispose()
             for _ in range(self.settings.processes - 1):
                 self._fork_receiver(server)
+        self._open_journal()
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="stability-sweep", daemon=True)
         self._sweeper.start()
         port = int(server.server_address[1])
         log.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host, port)
         return port
+
+    def _open_journal(self) -> None:
+        """This process's journal segment, preallocated before the first instance needs it (after
+        forking: a segment's lock must not be shared with a child)."""
+        if self.ingestor.journal is not None:
+            try:
+                self.ingestor.journal.open()
+            except OSError:
+                log.exception("could not prepare the intake journal in %s; the first instance tries again",
+                              self.journal_dir)
+
+    def replay_journal(self) -> int:
+        """File again what the intake journal segments of processes no longer running hold
+        (:func:`.intake.replay`): before serving, and in the sweeper (a receiving process that
+        died). Never raises; returns how many records were read."""
+        try:
+            count = replay(self.journal_dir, lambda record: refile(self.engine, self.storage, record))
+        except Exception:
+            log.exception("replaying the intake journal failed; retried at the next sweep")
+            return 0
+        if count:
+            log.info("replayed %d journaled instance(s) left by an earlier run", count)
+        return count
 
     def _fork_receiver(self, server: StorageScp) -> None:
         pid = os.fork()
@@ -259,6 +292,7 @@ class Listener:
                 os._exit(0)
 
             threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
+            self._open_journal()
             server.serve_forever()
         except BaseException:
             log.exception("receiving process %d failed", os.getpid())
@@ -277,6 +311,8 @@ class Listener:
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
+            if self.settings.processes > 1:
+                self.replay_journal()  # a receiving process that died leaves its segment
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)
             except Exception:
@@ -289,6 +325,8 @@ class Listener:
             self._server.shutdown()
             self._server = None
         self.ingestor.close()
+        if self.settings.processes > 1:
+            self.replay_journal()  # what stopped receiving processes had not indexed
 
     def request_stop(self) -> None:
         """Make :meth:`wait` return (safe from a signal handler: it only sets an event); the

@@ -93,6 +93,10 @@ class ScpHandler(Protocol):
                           reason: str = "") -> None:
         """Audit an association accepted or refused. Never raises."""
 
+    def release(self) -> None:
+        """The peer asked to release the association (A-RELEASE-RQ); called in its thread before
+        the A-RELEASE-RP, e.g. to finish what its instances started. Never raises."""
+
     def refused_host(self, host: str) -> None:
         """Audit a connection from a host outside the allow-list. Never raises."""
 
@@ -340,6 +344,10 @@ class Association:
                 if length != 4:
                     raise _Abort(0x06, f"A-RELEASE-RQ of length {length}")
                 self._recv_exact(4)
+                try:
+                    self.handler.release()
+                except Exception:  # answer the release all the same
+                    log.exception("release handler failed")
                 self._send(_RELEASE_RP)
                 self._linger()
                 return

@@ -55,11 +55,17 @@ class Settler:
     ingest wait for the write lock or share a flush with it, ~0.17 ms more per instance.
     Rows nobody takes within ``delete_after`` seconds (no instance arriving) are deleted here,
     as are those still queued when :meth:`flush` or :meth:`close` is called.
+
+    With ``settled``, the instances' bytes are durable elsewhere (the intake journal,
+    :mod:`.intake`) rather than as spool rows: the ids of each settled batch go to ``settled``
+    instead, and a batch that fails to settle is left to the journal's replay.
     """
 
     def __init__(self, engine: Engine, storage: Storage, *, batch_wait: float = 0.05,
-                 retry_after: float = 5.0, delete_after: float = 1.0) -> None:
+                 retry_after: float = 5.0, delete_after: float = 1.0,
+                 settled: Callable[[Sequence[str]], None] | None = None) -> None:
         self.engine = engine
+        self._settled = settled
         self.storage = storage
         self.batch_wait = batch_wait
         self.retry_after = retry_after
@@ -151,7 +157,7 @@ class Settler:
                 self._busy = True
             try:
                 if settle(self.engine, self.storage, batch, retry_after=self.retry_after,
-                          delete=self._queue_deletes):
+                          delete=self._settled or self._queue_deletes, write_back=self._settled is None):
                     self.settled += len(batch)
             finally:
                 with self._lock:
@@ -181,11 +187,12 @@ class Settler:
 
 
 def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_after: float = 0.0,
-           delete: Callable[[Sequence[str]], None] | None = None) -> bool:
+           delete: Callable[[Sequence[str]], None] | None = None, write_back: bool = True) -> bool:
     """Make placed instances' files durable, then delete their spool rows (or hand their ids to
     ``delete``: the :class:`Settler` queues them for the next ingest transaction). On failure,
-    after ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`).
-    Never raises; True when settled as placed."""
+    after ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`;
+    not with ``write_back=False``: their bytes are durable elsewhere). Never raises; True when
+    settled as placed."""
     try:
         storage.settle([(staged, key) for staged, key, _ in placed])
         ids = [spool_id for _, _, spool_id in placed]
@@ -195,10 +202,11 @@ def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_
             delete(ids)
         return True
     except Exception:
-        log.exception("could not settle %d spooled instance(s); they stay durable in the spool, "
-                      "written back in %.0f s", len(placed), retry_after)
-    time.sleep(retry_after)
-    write_back(engine, storage, placed)
+        log.exception("could not settle %d spooled instance(s); they stay durable in the spool "
+                      "(written back in %.0f s) or the intake journal (replayed)", len(placed), retry_after)
+    if write_back:
+        time.sleep(retry_after)
+        _write_back(engine, storage, placed)
     return False
 
 
@@ -210,6 +218,9 @@ def write_back(engine: Engine, storage: Storage, placed: Sequence[Placed]) -> No
         recover(engine, storage, ids=[spool_id for _, _, spool_id in placed])
     except Exception:
         log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
+
+
+_write_back = write_back
 
 
 def delete_rows(cursor: Any, placeholder: str, ids: Sequence[str]) -> None:

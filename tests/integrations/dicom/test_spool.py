@@ -277,7 +277,9 @@ def test_sigkill_and_a_lost_page_cache_lose_no_acknowledged_small_instance(db_ur
     port = free_port()
     data_dir = tmp_path / "data"
     env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
-           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1"}
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+           # the spool itself: the intake journal's counterpart is in test_intake
+           "TAQRIR_LISTENER__INTAKE_JOURNAL": "false"}
 
     def start(*args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
