@@ -105,11 +105,13 @@ def listen(
     if ae_title is not None:
         settings.listener.ae_title = ae_title
     parts = wiring.receiving(settings, _engine())
+    # SIGTERM stops as Ctrl-C does: what was journaled is indexed and the journal closed
+    # (integrations.dicom.intake), instead of being left to the next start's replay.
+    signal.signal(signal.SIGTERM, lambda signum, frame: parts.listener.request_stop())
     bound = parts.start()
     typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
     parts.listener.wait()
-    parts.stop_background()
-    parts.dispatcher.close()
+    parts.close()
 
 
 @app.command()

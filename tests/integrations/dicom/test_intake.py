@@ -1,0 +1,241 @@
+"""The intake journal (:mod:`integrations.dicom.intake`): a small instance is answered once its
+journal record is durable and indexed after the answer; what a crash leaves is filed again."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from audit.chain import AuditRecord, verify
+from ground.clock import utcnow
+from ground.db import session_scope
+from integrations.dicom.index import Instance
+from integrations.dicom.ingest import Ingestor, refile
+from integrations.dicom.intake import (
+    HEAD_BYTES,
+    SUFFIX,
+    IntakeJournal,
+    Record,
+    encode,
+    read_records,
+    replay,
+)
+from storage import FileStorage
+from tests.conftest import free_port
+from tests.factories.dcmtk import echoscu, storescu
+from tests.factories.studies import make_ct_series
+
+
+def _segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+
+
+def _rows(engine: Engine) -> dict[str, Instance]:
+    with session_scope(engine) as s:
+        return {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+
+
+def _audit_count(engine: Engine) -> int:
+    with session_scope(engine) as s:
+        return int(s.exec(select(func.count()).select_from(AuditRecord)).one())
+
+
+def _check(engine: Engine, storage: FileStorage, files: list[Path]) -> None:
+    rows = _rows(engine)
+    assert set(rows) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    for row in rows.values():
+        assert hashlib.sha256(storage.path(row.storage_key).read_bytes()).hexdigest() == row.sha256
+    with session_scope(engine) as s:
+        assert verify(s).ok
+
+
+def test_records_round_trip_up_to_a_torn_or_stale_one() -> None:
+    epoch = b"e" * 16
+    head = (b"TQJS" + epoch).ljust(HEAD_BYTES, b"\0")
+    records = [encode(epoch, {"key": f"k{i}", "n": i}, os.urandom(100 + i)) for i in range(3)]
+    blob = head + b"".join(records) + bytes(4096)  # preallocated zeros after the last
+    got = list(read_records(blob))
+    assert [r.header["key"] for r in got] == ["k0", "k1", "k2"]
+    assert got[1].data == records[1][-101:]
+    torn = head + records[0] + records[1][:-1]  # the second never finished: not acknowledged
+    assert [r.header["key"] for r in read_records(torn)] == ["k0"]
+    # a reused segment's new epoch: the records of the earlier one no longer check out
+    stale = (b"TQJS" + b"f" * 16).ljust(HEAD_BYTES, b"\0") + b"".join(records)
+    assert list(read_records(stale)) == []
+
+
+def test_segments_are_reused_then_deleted_and_undone_records_replayed(tmp_path: Path) -> None:
+    folder = tmp_path / "intake"
+    journal = IntakeJournal(folder, segment_bytes=64 * 1024)
+    entries = [journal.append({"key": f"k{i}"}, os.urandom(10_000)) for i in range(15)]  # > 2 segments
+    assert len(_segments(folder)) == 3
+    for entry in entries[:12]:
+        journal.done(entry)
+    # the segments done are recycled (one kept as a spare under a new epoch) or deleted
+    seen: list[str] = []
+    assert replay(folder, lambda r: seen.append(r.header["key"])) == 0  # all live: this process holds them
+    journal.close()  # three records were never done: their segment stays
+    left = _segments(folder)
+    assert len(left) == 1
+    assert replay(folder, lambda r: seen.append(r.header["key"])) == 3
+    assert seen == ["k12", "k13", "k14"]
+    assert _segments(folder) == []
+
+
+def test_a_record_that_cannot_be_filed_keeps_its_segment(tmp_path: Path) -> None:
+    folder = tmp_path / "intake"
+    journal = IntakeJournal(folder)
+    journal.append({"key": "k"}, b"x")
+    journal.close()
+
+    def fail(record: Record) -> None:
+        raise RuntimeError("database down")
+
+    assert replay(folder, fail) == 1
+    assert len(_segments(folder)) == 1  # kept for the next replay
+    assert replay(folder, lambda r: None) == 1
+    assert _segments(folder) == []
+
+
+def _ingest(ingestor: Ingestor, storage: FileStorage, data: bytes) -> None:
+    writer = storage.staging_file()
+    writer.write(data)
+    path = Path(writer.name)
+    try:
+        assert ingestor.ingest(path, calling_ae="MODALITY") is None  # journaled: answered before indexing
+    finally:
+        writer.close()
+        path.unlink(missing_ok=True)  # as the network engine does once it has answered
+
+
+def test_journaled_instances_are_indexed_after_the_answer(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 12, rows=32, cols=32)
+    folder = tmp_path / "storage" / ".intake"
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(folder), index_wait=0.2)
+    try:
+        for p in files:
+            _ingest(ingestor, storage, p.read_bytes())
+        assert len(_rows(engine)) < len(files)  # the batch is still gathering: answered before indexed
+        assert ingestor.wait_indexed(30)
+        _check(engine, storage, files)
+        assert ingestor.settler.flush(10)
+        assert ingestor.journal is not None and ingestor.journal.pending() == 0
+    finally:
+        ingestor.close()
+    assert _segments(folder) == []  # every record done: nothing to replay
+    assert not any(storage.tmp_dir.iterdir())  # no staged file left behind
+
+
+def _variant(path: Path) -> bytes:
+    """The same SOP Instance with other pixel values (a corrected resend)."""
+    ds = dcmread(path)
+    pixels = bytearray(ds.PixelData)
+    pixels[0] ^= 0xFF
+    ds.PixelData = bytes(pixels)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_refile_is_idempotent_and_never_undoes_a_later_replacement(engine: Engine, tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 2, rows=32, cols=32)
+    first, second = files[0].read_bytes(), files[1].read_bytes()
+    corrected = _variant(files[0])
+
+    def record(data: bytes, at: str) -> Record:
+        return Record({"key": "", "sha256": hashlib.sha256(data).hexdigest(), "ae": "MODALITY", "at": at}, data)
+
+    before = utcnow().isoformat()
+    refile(engine, storage, record(first, before))
+    refile(engine, storage, record(second, before))
+    _check(engine, storage, files)
+    events = _audit_count(engine)
+    refile(engine, storage, record(first, before))  # already filed: nothing happens
+    assert _audit_count(engine) == events
+    storage.path(_rows(engine)[str(dcmread(files[1]).SOPInstanceUID)].storage_key).unlink()
+    refile(engine, storage, record(second, before))  # filed, file lost: written again
+    _check(engine, storage, files)
+
+    time.sleep(0.01)
+    refile(engine, storage, record(corrected, utcnow().isoformat()))  # a replacement, arrived later
+    sop = str(dcmread(files[0]).SOPInstanceUID)
+    assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
+    refile(engine, storage, record(first, before))  # the earlier version, replayed again: not filed over it
+    assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
+    with session_scope(engine) as s:
+        assert verify(s).ok
+
+
+# The listener with its indexing thread stopped: small instances are acknowledged (journaled) and
+# never indexed until the SIGKILL; the release waits its (shortened) DIMSE timeout for them.
+_HELD_INDEXER = """
+import sys, time
+from integrations.dicom.ingest import Ingestor
+Ingestor._index = lambda self, batch: time.sleep(3600)
+from taqrir.cli import main
+sys.argv = ["taqrir", "listen", "--port", sys.argv[1]]
+main()
+"""
+
+
+def test_sigkill_before_indexing_loses_no_acknowledged_instance(db_url: str, engine: Engine,
+                                                                tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "src", 30, rows=64, cols=64)
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+           "TAQRIR_LISTENER__DIMSE_TIMEOUT": "1"}
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline, "listener did not start"
+            time.sleep(0.3)
+        return proc
+
+    proc = start("-c", _HELD_INDEXER)
+    assert set(storescu(port, files).statuses()) == {"Success"}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _rows(engine) == {}  # acknowledged, durable only in the journal
+    storage = FileStorage(data_dir / "storage")
+    folder = data_dir / "storage" / ".intake"
+    assert [len(list(read_records(p.read_bytes()))) for p in _segments(folder)] == [len(files)]
+
+    proc = start("-m", "taqrir", "listen", "--port")
+    try:
+        _check(engine, storage, files)  # filed again before it served
+        assert set(storescu(port, files).statuses()) == {"Success"}  # and it serves: duplicates
+        assert len(_rows(engine)) == len(files)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert _segments(folder) == []  # the replayed segment, and the new run's once all was done
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_a_finished_sender_finds_every_instance_indexed(engine: Engine, tmp_path: Path, journal: bool,
+                                                        start_listener: object) -> None:
+    """The release waits for the association's journaled instances: no sleep between the sender
+    exiting and the index being complete."""
+    files = make_ct_series(tmp_path / "src", 40, rows=32, cols=32)
+    listener = start_listener(intake_journal=journal, group_commit_wait=0.05)  # type: ignore[operator]
+    assert set(storescu(listener.port, files).statuses()) == {"Success"}
+    _check(engine, FileStorage(tmp_path / "storage"), files)
