@@ -493,7 +493,7 @@ class Ingestor:
             with self._queued:
                 while True:
                     now = time.monotonic()
-                    ready = [j for j in self._queue if j.not_before <= now]
+                    ready = [j for j in self._queue if self._closing or j.not_before <= now]
                     if ready or (self._closing and not self._queue):
                         break
                     later = min((j.not_before for j in self._queue), default=None)
@@ -504,10 +504,16 @@ class Ingestor:
                 time.sleep(self.index_wait)  # let the batch gather (other associations, the next PDUs)
             with self._queued:
                 now = time.monotonic()
-                batch = [j for j in self._queue if j.not_before <= now][:self._max_batch * 4]
+                batch = [j for j in self._queue if self._closing or j.not_before <= now][:self._max_batch * 4]
                 taken = set(map(id, batch))
                 self._queue = [j for j in self._queue if id(j) not in taken]
-            self._index(batch)
+            try:
+                self._index(batch)
+            except Exception:  # they stay in the journal: filed again at the next start
+                log.exception("indexing %d journaled instance(s) failed", len(batch))
+                for job in batch:
+                    self._placing.pop(job.item.spool_id, None)
+                    job.indexed.set()
 
     def _index(self, batch: Sequence[_Journaled]) -> None:
         for job in batch:
@@ -518,7 +524,7 @@ class Ingestor:
             if isinstance(outcome, BaseException):
                 self._placing.pop(job.item.spool_id, None)
                 job.attempts += 1
-                if _transient(outcome):
+                if _transient(outcome) and not self._closing:
                     delay = min(60.0, 0.5 * 2 ** job.attempts)
                     log.warning("indexing journaled instance %s failed (%s); retrying in %.0f s",
                                 job.item.stored.key, outcome, delay)

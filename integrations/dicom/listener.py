@@ -15,10 +15,12 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   their slot; a free-space floor below which associations are refused with A-ASSOCIATE-RJ
   (transient, local limit exceeded) and C-STORE answers 0xA700.
 - Handlers return DIMSE statuses and never raise into the network threads.
-- An instance of up to ``listener.spool_max_bytes`` is spooled (:mod:`.spool`): its bytes commit
-  with its index row, so its acknowledgement waits for one flush instead of three; its file is
-  made durable after the answer, and the spool rows a crash leaves are written back in
-  :meth:`Listener.start`, before anything is served.
+- An instance of up to ``listener.spool_max_bytes`` is answered once it is durable in the intake
+  journal (:mod:`.intake`: one append and one flush) and indexed after the answer, in batches; an
+  association's release waits for its instances to be indexed. The journal segments a crash
+  leaves are filed again in :meth:`Listener.start`, before anything is served. With
+  ``listener.intake_journal`` off it is spooled instead (:mod:`.spool`): its bytes commit with its
+  index row (one flush instead of three); either way its file is made durable after the answer.
 - Instances are filed through one :class:`~.ingest.Ingestor` per process: concurrent associations
   share each index transaction and its disk flushes (a group commit), and each is answered once
   its own instance committed (``listener.group_commit_wait`` bounds how long a commit waits for

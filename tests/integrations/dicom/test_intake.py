@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -239,3 +240,41 @@ def test_a_finished_sender_finds_every_instance_indexed(engine: Engine, tmp_path
     listener = start_listener(intake_journal=journal, group_commit_wait=0.05)  # type: ignore[operator]
     assert set(storescu(listener.port, files).statuses()) == {"Success"}
     _check(engine, FileStorage(tmp_path / "storage"), files)
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("database is locked"), ValueError("a value the index cannot hold")])
+def test_indexing_failures_are_retried_when_transient_and_kept_when_not(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 3, rows=32, cols=32)
+    folder = tmp_path / "storage" / ".intake"
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(folder), index_wait=0.0)
+    real_file = Ingestor._file
+    calls: list[int] = []
+
+    def failing_once(self: Ingestor, items: object) -> object:
+        calls.append(1)
+        if len(calls) <= 2:  # the batch, then its first instance alone
+            raise error
+        return real_file(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_file", failing_once)
+    try:
+        _ingest(ingestor, storage, files[0].read_bytes())
+        assert ingestor.wait_indexed(10)
+        if isinstance(error, sqlite3.OperationalError):  # retried after its backoff
+            deadline = time.monotonic() + 10
+            while not _rows(engine):
+                assert time.monotonic() < deadline, "a transient failure was not retried"
+                time.sleep(0.05)
+            _check(engine, storage, files[:1])
+        else:  # not retried in a loop: kept in the journal
+            time.sleep(1.5)
+            assert _rows(engine) == {} and len(calls) == 1
+    finally:
+        ingestor.close()
+    if isinstance(error, ValueError):
+        assert len(_segments(folder)) == 1
+        assert replay(folder, lambda record: refile(engine, storage, record)) == 1  # the next start
+        _check(engine, storage, files[:1])
+    assert _segments(folder) == []
