@@ -33,6 +33,7 @@ associations share one transaction, one fsync per folder and one WAL flush
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -456,8 +457,13 @@ class Ingestor:
 
     def _journal(self, item: Prepared) -> None:
         assert self.journal is not None and item.spool is not None
-        entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256, "ae": item.calling_ae,
-                                     "at": utcnow().isoformat()}, item.spool)
+        try:
+            entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256,
+                                         "ae": item.calling_ae, "at": utcnow().isoformat()}, item.spool)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OutOfResources(f"no space left for the intake journal in {self.journal.folder}") from err
+            raise StorageFailure(f"could not write the intake journal in {self.journal.folder}: {err}") from err
         # the network engine deletes the staged file once answered: keep it under a name of its own
         held = item.staged.with_name(item.staged.name + ".held")
         try:
