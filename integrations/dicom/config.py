@@ -65,10 +65,11 @@ class ListenerSettings(BaseModel):
     intake_journal: bool = Field(
         True,
         description=(
-            "Answer an instance of up to spool_max_bytes once it is durable in the intake journal "
-            "(one append and flush) and index it right after the answer, in batches; the association's "
-            "release waits for its instances to be indexed (integrations.dicom.intake). Off: such "
-            "instances are answered after their index commit (the spool)."
+            "Answer an instance once it is durable in the intake journal (up to spool_max_bytes: its "
+            "bytes, one append and flush; larger: its file in place, then a record of its key) and index "
+            "it right after the answer, in batches; the association's release waits for its instances "
+            "to be indexed (integrations.dicom.intake). Off: instances are answered after their index "
+            "commit (small ones through the spool)."
         ),
     )
     processes: int = Field(

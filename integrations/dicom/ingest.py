@@ -104,6 +104,8 @@ class Prepared:
     spool_id: str = ""
     #: its bytes are durable in the intake journal (:mod:`.intake`), not as a spool row
     journaled: bool = False
+    #: its file is durable under its key already (a large journaled instance): nothing to place
+    placed: bool = False
 
 
 def prepare(
@@ -186,27 +188,35 @@ def ingest_file(
 
 def refile(engine: Engine, storage: Storage, record: Record) -> None:
     """File a journaled instance again (:func:`.intake.replay`), as its arrival would have; a
-    no-op when it is filed already. Its file is rewritten when missing. Idempotent: a record
-    whose instance was replaced by a later arrival (the row's ``received_at`` is not older than
-    the record) is not filed over it."""
-    header, data = record.header, record.data
-    if hashlib.sha256(data).hexdigest() != header["sha256"]:
+    no-op when it is filed already. Its file is rewritten when missing (a small instance's bytes
+    are in the record; a large one's file was durable under its key before it was answered).
+    Idempotent: a record whose instance was replaced by a later arrival (the row's
+    ``received_at`` is not older than the record) is not filed over it."""
+    header = record.header
+    data: bytes | None = record.data
+    if header.get("placed"):
+        path = storage.path(header["key"])
+        data = path.read_bytes() if path.exists() else None
+    if data is not None and hashlib.sha256(data).hexdigest() != header["sha256"]:
         raise ValueError(f"journaled bytes of {header['key']} do not match their SHA-256")
     sf = storage.staging_file(delete=False, suffix=".dcm")
     staged = Path(sf.name)
     try:
-        sf.write(data)
+        if data is not None:
+            sf.write(data)
         sf.close()
-        headers = read_headers(staged, data=data)
+        sop = header.get("sop") or (read_headers(staged, data=data).sop_instance_uid if data is not None else "")
         with session_scope(engine) as session:
-            row = session.exec(select(Instance).where(Instance.sop_instance_uid == headers.sop_instance_uid)).first()
+            row = session.exec(select(Instance).where(Instance.sop_instance_uid == sop)).first()
         if row is not None and row.sha256 == header["sha256"]:
             path = storage.path(row.storage_key)
-            if not path.exists() or path.stat().st_size != len(data):
+            if data is not None and (not path.exists() or path.stat().st_size != len(data)):
                 storage.put(row.storage_key, data)
             return
         if row is not None and as_utc(row.received_at) >= datetime.fromisoformat(header["at"]):
             return  # replaced by an instance that arrived after this one
+        if data is None:
+            raise ValueError(f"the file of journaled instance {header['key']} is missing and it is not indexed")
         ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
     finally:
         staged.unlink(missing_ok=True)
@@ -355,7 +365,7 @@ def _file_locked(
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before
             # its file was placed): placed again; its earlier spool row holds it until settled
             spooled.append((item.staged, stored.key, item.spool_id))
-        elif not duplicate:
+        elif not duplicate and not item.placed:
             placements.append((item.staged, stored.key))
         run_writes(cursor, sql, writes)
         results.append(result)
@@ -388,10 +398,11 @@ class Ingestor:
     (:class:`ground.db.WriterConnection`): concurrent associations share one transaction, one
     fsync per folder and one WAL flush, and each is answered once its own instance committed.
 
-    With a ``journal`` (:mod:`.intake`), an instance of up to ``spool_max_bytes`` is answered
-    once its record in the journal is durable instead, and indexed after the answer by this
-    ingestor's indexing thread, in batches (``index_wait`` lets one gather) through the same
-    group commit; :meth:`wait_indexed` waits for the calling thread's (association's) instances.
+    With a ``journal`` (:mod:`.intake`), an instance is answered once its record in the journal
+    is durable instead (a small one's bytes; a larger one's key, its file durable in place first),
+    and indexed after the answer by this ingestor's indexing thread, in batches (``index_wait``
+    lets one gather); :meth:`wait_indexed` waits for the calling thread's (association's)
+    instances.
     A journaled instance whose indexing fails is retried with backoff while the error is
     transient (the database unreachable, a disk error), and otherwise kept in the journal for
     the next start's replay, logged; it is never lost and never retried in a loop.
@@ -438,39 +449,49 @@ class Ingestor:
                announced_sop_class_uid: str | None = None) -> IngestResult | None:
         """As :func:`ingest_file`, sharing the commit with concurrent callers; None when the
         instance was journaled (durable, indexed after the return: :meth:`wait_indexed`)."""
-        self.group.expect()
+        journaled = self.journal is not None
+        if not journaled:
+            self.group.expect()
         try:
             item = prepare(storage=self.storage, staged=staged, calling_ae=calling_ae,
                            announced_sop_instance_uid=announced_sop_instance_uid,
                            announced_sop_class_uid=announced_sop_class_uid, min_free_bytes=self.min_free_bytes,
                            max_sequence_depth=self.max_sequence_depth, spool_max_bytes=self.spool_max_bytes)
-            if self.journal is not None and item.spool is not None:
+            if journaled:
                 self._journal(item)
-                self.group.unexpect()
                 return None
         except BaseException:
-            self.group.unexpect()
+            if not journaled:
+                self.group.unexpect()
             raise
         result = self.group.submit(item, expected=True)
         self._after(result, calling_ae)
         return result
 
     def _journal(self, item: Prepared) -> None:
-        assert self.journal is not None and item.spool is not None
+        """Make ``item`` durable in the journal (a small one's bytes; a large one is first renamed
+        into place, durably, and journaled by key) and queue it for indexing."""
+        assert self.journal is not None
+        if item.spool is None:
+            self.storage.commit_synced([(item.staged, item.stored.key)])
+            item = replace(item, placed=True, spool_id=os.urandom(16).hex())
         try:
             entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256,
-                                         "ae": item.calling_ae, "at": utcnow().isoformat()}, item.spool)
+                                         "sop": item.headers.sop_instance_uid, "ae": item.calling_ae,
+                                         "at": utcnow().isoformat(), "placed": item.placed}, item.spool or b"")
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise OutOfResources(f"no space left for the intake journal in {self.journal.folder}") from err
             raise StorageFailure(f"could not write the intake journal in {self.journal.folder}: {err}") from err
-        # the network engine deletes the staged file once answered: keep it under a name of its own
-        held = item.staged.with_name(item.staged.name + ".held")
-        try:
-            os.replace(item.staged, held)
-        except OSError:  # indexed all the same; its file is written from the bytes
-            held = item.staged
-        job = _Journaled(replace(item, staged=held, journaled=True), entry, threading.Event())
+        staged = item.staged
+        if not item.placed:
+            # the network engine deletes the staged file once answered: keep it under a name of its own
+            staged = item.staged.with_name(item.staged.name + ".held")
+            try:
+                os.replace(item.staged, staged)
+            except OSError:  # indexed all the same; its file is written from the bytes
+                staged = item.staged
+        job = _Journaled(replace(item, staged=staged, journaled=True), entry, threading.Event())
         with self._queued:
             self._queue.append(job)
             self._ensure_indexer()

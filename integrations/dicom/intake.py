@@ -11,6 +11,12 @@ the :class:`~.ingest.Ingestor`'s indexing thread; the association's release wait
 instances to be indexed, so that a sender that has finished sees every instance it sent in the
 index.
 
+A larger instance (above ``listener.spool_max_bytes``) is not copied into the journal: its file
+is fsynced and renamed into place, its folder fsynced, and then a record of its key (no bytes) is
+journaled; its index transaction runs after the answer as a small one's does. That takes the
+index commit (a WAL flush; on PostgreSQL its round trips) off the answer's path, not the file's
+two flushes.
+
 So an acknowledged instance is durable as a journal record until its index row has committed and
 its file is durable (settled, :mod:`.spool`); then the record is done, and a segment whose records
 are all done is deleted. A crash (power loss included) leaves segments with records that may not

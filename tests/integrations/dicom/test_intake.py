@@ -171,12 +171,23 @@ def test_refile_is_idempotent_and_never_undoes_a_later_replacement(engine: Engin
     refile(engine, storage, record(second, before))  # filed, file lost: written again
     _check(engine, storage, files)
 
+    placed = Record({**record(second, before).header, "placed": True,
+                     "key": _rows(engine)[str(dcmread(files[1]).SOPInstanceUID)].storage_key}, b"")
+    refile(engine, storage, placed)  # a large instance's record: its file is read from its key
+    assert _audit_count(engine) == events
+
     time.sleep(0.01)
     refile(engine, storage, record(corrected, utcnow().isoformat()))  # a replacement, arrived later
     sop = str(dcmread(files[0]).SOPInstanceUID)
     assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
     refile(engine, storage, record(first, before))  # the earlier version, replayed again: not filed over it
     assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
+    # the earlier version placed by key, its file removed as obsolete since: nothing to file
+    gone = Record({**record(first, before).header, "placed": True, "sop": sop, "key": "gone/x.dcm"}, b"")
+    refile(engine, storage, gone)
+    assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
+    with pytest.raises(ValueError, match="missing and it is not indexed"):  # kept for a person to see
+        refile(engine, storage, Record({**gone.header, "sop": "1.2.3.4.5"}, b""))
     with session_scope(engine) as s:
         assert verify(s).ok
 
@@ -193,14 +204,17 @@ main()
 """
 
 
-def test_sigkill_before_indexing_loses_no_acknowledged_instance(db_url: str, engine: Engine,
-                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("spool_max_bytes", ["262144", "0"], ids=["bytes-journaled", "placed-then-journaled"])
+def test_sigkill_before_indexing_loses_no_acknowledged_instance(db_url: str, engine: Engine, tmp_path: Path,
+                                                                spool_max_bytes: str) -> None:
+    """Small instances are journaled with their bytes; with ``spool_max_bytes=0`` every one is
+    a large one, placed durably under its key and journaled by key."""
     files = make_ct_series(tmp_path / "src", 30, rows=64, cols=64)
     port = free_port()
     data_dir = tmp_path / "data"
     env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
            "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
-           "TAQRIR_LISTENER__DIMSE_TIMEOUT": "1"}
+           "TAQRIR_LISTENER__DIMSE_TIMEOUT": "1", "TAQRIR_LISTENER__SPOOL_MAX_BYTES": spool_max_bytes}
 
     def start(*args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
