@@ -128,6 +128,7 @@ class FileStorage:
         self._syncing: dict[str, Future[None]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        self._folder_syncs = _FolderSyncs()
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self.root)!r})"
@@ -243,13 +244,14 @@ class FileStorage:
 
     def commit_synced(self, placements: Sequence[tuple[Path, str]]) -> None:
         """Rename staged files whose bytes are durable (:meth:`sync_staged`) into place, then make
-        the renames durable, fsyncing each folder once however many files went into it. All or
+        the renames durable, fsyncing each folder once however many files went into it (and
+        sharing each folder's fsync with concurrent callers: :class:`_FolderSyncs`). All or
         nothing: when one fails, those already renamed go back to their staged paths."""
         placed: list[tuple[Path, str]] = []
         try:
             folders = self._rename_into_place(placements, placed)
             for folder in _deepest_first(folders):
-                fsync_dir(folder)
+                self._folder_syncs.sync(str(folder))
         except OSError as err:
             for staged, dst in reversed(placed):
                 try:
@@ -409,6 +411,33 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _syncfs = _load_syncfs()
+
+
+class _FolderSyncs:
+    """Folder fsyncs shared by concurrent callers (associations renaming instances into one
+    series folder): a caller whose rename came before an fsync of that folder started needs no
+    fsync of its own, so N concurrent callers cost one or two fsyncs instead of N."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[str, list[Any]] = {}  # folder -> [requested, done, flush lock]
+
+    def sync(self, folder: str) -> None:
+        with self._lock:
+            state = self._folders.get(folder)
+            if state is None:
+                if len(self._folders) >= 4096:  # forget idle folders
+                    self._folders = {f: st for f, st in self._folders.items() if st[0] != st[1]}
+                state = self._folders[folder] = [0, 0, threading.Lock()]
+            state[0] += 1
+            ticket = state[0]
+        with state[2]:
+            if state[1] >= ticket:
+                return  # an fsync that started after our rename covered it
+            with self._lock:
+                target = state[0]
+            fsync_dir(Path(folder))
+            state[1] = target
 
 
 def _deepest_first(folders: Iterable[str | Path]) -> list[Path]:
