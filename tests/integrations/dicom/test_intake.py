@@ -8,8 +8,6 @@ import io
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +33,8 @@ from integrations.dicom.intake import (
 )
 from storage import FileStorage
 from tests.conftest import free_port
-from tests.factories.dcmtk import echoscu, storescu
+from tests.factories.dcmtk import storescu
+from tests.factories.listener import listener_env, start_process
 from tests.factories.studies import make_ct_series
 
 
@@ -212,20 +211,9 @@ def test_sigkill_before_indexing_loses_no_acknowledged_instance(db_url: str, eng
     files = make_ct_series(tmp_path / "src", 30, rows=64, cols=64)
     port = free_port()
     data_dir = tmp_path / "data"
-    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
-           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
-           "TAQRIR_LISTENER__DIMSE_TIMEOUT": "1", "TAQRIR_LISTENER__SPOOL_MAX_BYTES": spool_max_bytes}
+    env = listener_env(data_dir, db_url, dimse_timeout="1", spool_max_bytes=spool_max_bytes)
 
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline, "listener did not start"
-            time.sleep(0.3)
-        return proc
-
-    proc = start("-c", _HELD_INDEXER)
+    proc = start_process(["-c", _HELD_INDEXER], port, env)
     assert set(storescu(port, files).statuses()) == {"Success"}
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
@@ -234,7 +222,7 @@ def test_sigkill_before_indexing_loses_no_acknowledged_instance(db_url: str, eng
     folder = data_dir / "storage" / ".intake"
     assert [len(list(read_records(p.read_bytes()))) for p in _segments(folder)] == [len(files)]
 
-    proc = start("-m", "taqrir", "listen", "--port")
+    proc = start_process(["-m", "taqrir", "listen", "--port"], port, env)
     try:
         _check(engine, storage, files)  # filed again before it served
         assert set(storescu(port, files).statuses()) == {"Success"}  # and it serves: duplicates

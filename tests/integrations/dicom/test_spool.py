@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,8 @@ from integrations.dicom.ingest import Ingestor, IngestResult
 from integrations.dicom.spool import recover
 from storage import FileStorage, StorageFailure
 from tests.conftest import free_port
-from tests.factories.dcmtk import echoscu, storescu
+from tests.factories.dcmtk import storescu
+from tests.factories.listener import listener_env, start_process
 from tests.factories.studies import make_ct_series
 
 
@@ -276,21 +275,10 @@ def test_sigkill_and_a_lost_page_cache_lose_no_acknowledged_small_instance(db_ur
     files = make_ct_series(tmp_path / "src", 30, rows=64, cols=64)
     port = free_port()
     data_dir = tmp_path / "data"
-    env = {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
-           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
-           # the spool itself: the intake journal's counterpart is in test_intake
-           "TAQRIR_LISTENER__INTAKE_JOURNAL": "false"}
+    # the spool itself: the intake journal's counterpart is in test_intake
+    env = listener_env(data_dir, db_url, intake_journal="false")
 
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline, "listener did not start"
-            time.sleep(0.3)
-        return proc
-
-    proc = start("-c", _HELD_SETTLER)
+    proc = start_process(["-c", _HELD_SETTLER], port, env)
     assert set(storescu(port, files).statuses()) == {"Success"}
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
@@ -300,7 +288,7 @@ def test_sigkill_and_a_lost_page_cache_lose_no_acknowledged_small_instance(db_ur
     for key in spooled:
         storage.path(key).unlink()  # never fsynced: what a power loss may leave
 
-    proc = start("-m", "taqrir", "listen", "--port")
+    proc = start_process(["-m", "taqrir", "listen", "--port"], port, env)
     try:
         assert _spooled(engine) == []  # written back before it served
         rows = _check_files(engine, storage)

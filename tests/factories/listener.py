@@ -1,0 +1,32 @@
+"""``taqrir listen`` (or a script standing in for it) as a separate process, for crash tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.factories.dcmtk import echoscu
+
+
+def listener_env(data_dir: Path, db_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a listener on 127.0.0.1 storing under ``data_dir``; ``settings`` are
+    listener settings by field name (``spool_max_bytes="0"``)."""
+    return {**os.environ, "TAQRIR_DATA_DIR": str(data_dir), "TAQRIR_DATABASE_URL": db_url,
+            "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+            **{f"TAQRIR_LISTENER__{name.upper()}": value for name, value in settings.items()}}
+
+
+def start_process(args: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Run ``python *args port`` and wait until it answers C-ECHO (30 s at most)."""
+    proc = subprocess.Popen([sys.executable, *args, str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while echoscu(port).returncode != 0:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("listener did not start")
+        time.sleep(0.3)
+    return proc
