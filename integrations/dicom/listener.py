@@ -37,11 +37,13 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
 import signal
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,23 @@ from .spool import recover as recover_spool
 from .stability import Handoff, log_handoff, sweep_stable
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this (forked receiving) process the moment its parent dies.
+    A child outliving a killed parent kept the listening port and its intake journal segment
+    locked, so a restart could neither bind nor replay that segment at once; elsewhere the
+    parent-watch thread's polling (every second) ends it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("could not ask to be stopped with the parent process; polling instead")
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _configure_pydicom() -> None:
@@ -270,18 +289,21 @@ class Listener:
         return count
 
     def _fork_receiver(self, server: StorageScp) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self._serve_in_child(server)
+            self._serve_in_child(server, parent)
         self._children.append(pid)
         log.info("receiving process %d started", pid)
 
-    def _serve_in_child(self, server: StorageScp) -> NoReturn:
+    def _serve_in_child(self, server: StorageScp, parent: int) -> NoReturn:
         """A pre-forked receiving process: serve the inherited socket until told to stop or
         orphaned. Never returns into the parent's code."""
         code = 0
         try:
-            parent = os.getppid()
+            _die_with_parent()
+            if os.getppid() != parent:  # it died before we asked
+                os._exit(0)
             self._children = []
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

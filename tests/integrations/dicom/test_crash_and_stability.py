@@ -309,3 +309,33 @@ def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: 
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
     for row in rows:
         assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: Path) -> None:
+    """SIGKILL of the parent ends the pre-forked receivers at once (not after their one-second
+    poll): a child left behind kept the port and its journal segment, so a restart could neither
+    bind nor replay what the child had acknowledged."""
+    port = free_port()
+    proc = _start_listener_process(tmp_path / "data", db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+    assert len(children) == 1
+    time.sleep(1.2)  # the child is serving (its parent watch and its journal are up)
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 0.5
+    while any(map(_alive, children)):
+        assert time.monotonic() < deadline, "a receiving process outlived its killed parent"
+        time.sleep(0.02)
+    restarted = _start_listener_process(tmp_path / "data", db_url, port)
+    restarted.terminate()
+    restarted.wait(timeout=20)
