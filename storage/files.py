@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -50,3 +52,44 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class SharedFlush:
+    """One flush shared by concurrent writers of one target (a file's data, a folder's entries).
+
+    A writer notes its change once it is made (:meth:`changed`, which returns a ticket), then
+    waits for it to be durable (:meth:`wait`). The first waiter runs ``flush`` for every change
+    noted before it started; a waiter whose change such a flush covered returns at once, so that
+    N concurrent writers cost one or two flushes instead of N.
+    """
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._changes = 0
+        self._flushed = 0
+
+    def changed(self) -> int:
+        """Note a change made; returns the ticket to :meth:`wait` on."""
+        with self._lock:
+            self._changes += 1
+            return self._changes
+
+    def wait(self, ticket: int) -> None:
+        """Return once the change of ``ticket`` is durable (flushing it, or waiting for a flush
+        that covers it). Raises what ``flush`` raises."""
+        if self._flushed >= ticket:
+            return
+        with self._flushing:
+            if self._flushed >= ticket:
+                return  # a flush that started after our change covered it
+            with self._lock:
+                target = self._changes
+            self._flush()
+            self._flushed = target
+
+    @property
+    def idle(self) -> bool:
+        """No change waits for a flush."""
+        return self._flushed >= self._changes

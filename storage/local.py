@@ -33,6 +33,7 @@ fsync and each folder's.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import io
 import itertools
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StorageFailure
-from .files import file_digest, fsync_dir
+from .files import SharedFlush, file_digest, fsync_dir
 from .keys import StoredFile, check_key
 
 TMP_DIR_NAME = ".incoming"
@@ -415,29 +416,22 @@ _syncfs = _load_syncfs()
 
 class _FolderSyncs:
     """Folder fsyncs shared by concurrent callers (associations renaming instances into one
-    series folder): a caller whose rename came before an fsync of that folder started needs no
-    fsync of its own, so N concurrent callers cost one or two fsyncs instead of N."""
+    series folder), one :class:`~.files.SharedFlush` per folder."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._folders: dict[str, list[Any]] = {}  # folder -> [requested, done, flush lock]
+        self._folders: dict[str, SharedFlush] = {}
 
     def sync(self, folder: str) -> None:
+        """Make the renames already done in ``folder`` durable."""
         with self._lock:
-            state = self._folders.get(folder)
-            if state is None:
+            flush = self._folders.get(folder)
+            if flush is None:
                 if len(self._folders) >= 4096:  # forget idle folders
-                    self._folders = {f: st for f, st in self._folders.items() if st[0] != st[1]}
-                state = self._folders[folder] = [0, 0, threading.Lock()]
-            state[0] += 1
-            ticket = state[0]
-        with state[2]:
-            if state[1] >= ticket:
-                return  # an fsync that started after our rename covered it
-            with self._lock:
-                target = state[0]
-            fsync_dir(Path(folder))
-            state[1] = target
+                    self._folders = {f: fl for f, fl in self._folders.items() if not fl.idle}
+                flush = self._folders[folder] = SharedFlush(functools.partial(fsync_dir, Path(folder)))
+            ticket = flush.changed()
+        flush.wait(ticket)
 
 
 def _deepest_first(folders: Iterable[str | Path]) -> list[Path]:

@@ -41,6 +41,7 @@ the segment: it was never acknowledged, or is done.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.files import fsync_dir
+from storage.files import SharedFlush, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,13 @@ class _Segment:
     size: int
     epoch: bytes
     written: int = HEAD_BYTES  # bytes used
-    synced: int = 0  # bytes known durable
     appended: int = 0  # records appended
     done: int = 0  # records done (indexed, file durable)
-    sync_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the segment's fdatasync, shared by concurrent appends
+    flush: SharedFlush = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.flush = SharedFlush(functools.partial(os.fdatasync, self.fd))
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,6 @@ class Entry:
     """Where a record went: :meth:`IntakeJournal.done` takes it once the instance is filed."""
 
     segment: _Segment
-    end: int
 
 
 def encode(epoch: bytes, header: dict[str, Any], data: bytes) -> bytes:
@@ -166,15 +169,9 @@ class IntakeJournal:
             os.pwrite(seg.fd, record, seg.written)
             seg.written += len(record)
             seg.appended += 1
-            end = seg.written
-        if seg.synced < end:
-            with seg.sync_lock:  # the first waiter flushes for everyone appended so far
-                if seg.synced < end:
-                    with self._lock:
-                        target = seg.written
-                    os.fdatasync(seg.fd)
-                    seg.synced = target
-        return Entry(seg, end)
+            ticket = seg.flush.changed()
+        seg.flush.wait(ticket)
+        return Entry(seg)
 
     def done(self, entry: Entry) -> None:
         """The instance of ``entry`` is filed and its file durable: its record is no longer needed."""

@@ -65,8 +65,8 @@ class Settler:
                  retry_after: float = 5.0, delete_after: float = 1.0,
                  settled: Callable[[Sequence[str]], None] | None = None) -> None:
         self.engine = engine
-        self._settled = settled
         self.storage = storage
+        self._settled = settled
         self.batch_wait = batch_wait
         self.retry_after = retry_after
         self.delete_after = delete_after
@@ -157,7 +157,7 @@ class Settler:
                 self._busy = True
             try:
                 if settle(self.engine, self.storage, batch, retry_after=self.retry_after,
-                          delete=self._settled or self._queue_deletes, write_back=self._settled is None):
+                          delete=self._settled or self._queue_deletes, rewrite=self._settled is None):
                     self.settled += len(batch)
             finally:
                 with self._lock:
@@ -187,11 +187,11 @@ class Settler:
 
 
 def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_after: float = 0.0,
-           delete: Callable[[Sequence[str]], None] | None = None, write_back: bool = True) -> bool:
+           delete: Callable[[Sequence[str]], None] | None = None, rewrite: bool = True) -> bool:
     """Make placed instances' files durable, then delete their spool rows (or hand their ids to
     ``delete``: the :class:`Settler` queues them for the next ingest transaction). On failure,
     after ``retry_after`` seconds, write them back from their rows instead (:func:`write_back`;
-    not with ``write_back=False``: their bytes are durable elsewhere). Never raises; True when
+    not with ``rewrite=False``: their bytes are durable elsewhere). Never raises; True when
     settled as placed."""
     try:
         storage.settle([(staged, key) for staged, key, _ in placed])
@@ -204,9 +204,9 @@ def settle(engine: Engine, storage: Storage, placed: Sequence[Placed], *, retry_
     except Exception:
         log.exception("could not settle %d spooled instance(s); they stay durable in the spool "
                       "(written back in %.0f s) or the intake journal (replayed)", len(placed), retry_after)
-    if write_back:
+    if rewrite:
         time.sleep(retry_after)
-        _write_back(engine, storage, placed)
+        write_back(engine, storage, placed)
     return False
 
 
@@ -218,9 +218,6 @@ def write_back(engine: Engine, storage: Storage, placed: Sequence[Placed]) -> No
         recover(engine, storage, ids=[spool_id for _, _, spool_id in placed])
     except Exception:
         log.exception("spooled instances not written back; `taqrir listen` does it when it starts")
-
-
-_write_back = write_back
 
 
 def delete_rows(cursor: Any, placeholder: str, ids: Sequence[str]) -> None:
