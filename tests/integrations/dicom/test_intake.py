@@ -266,7 +266,7 @@ def test_indexing_failures_are_retried_when_transient_and_kept_when_not(
         assert ingestor.wait_indexed(10)
         if isinstance(error, sqlite3.OperationalError):  # retried after its backoff
             deadline = time.monotonic() + 10
-            while not _rows(engine):
+            while ingestor.settler.settled < 1:  # indexed, placed (its file visible) and settled
                 assert time.monotonic() < deadline, "a transient failure was not retried"
                 time.sleep(0.05)
             _check(engine, storage, files[:1])
