@@ -68,22 +68,41 @@ class StagingFile:
     """A staged file open for writing (unbuffered: every ``write`` reaches the file). ``name`` is
     its path and ``file`` the open file. It counts what is written, so that
     :meth:`FileStorage.hand_over` can tell whether anything else changed the file, and keeps a
-    copy of the bytes while they stay within ``keep`` bytes."""
+    copy of the bytes while they stay within ``keep`` bytes.
 
-    def __init__(self, path: str, fd: int, keep: int = KEEP_IN_MEMORY) -> None:
+    Made with ``fd`` None and an ``open_file`` that creates the file at ``name``, it is memory
+    first: nothing reaches the disk until more than ``spill_above`` bytes are written or the file
+    is asked for (:meth:`spill`), so that a small instance whose bytes go durably elsewhere (the
+    listener's intake journal) costs no file operation before it is answered."""
+
+    def __init__(self, path: str, fd: int | None, keep: int = KEEP_IN_MEMORY, *,
+                 open_file: Callable[[], int] | None = None, spill_above: int = 0) -> None:
         self.name = path
-        self.file = io.FileIO(fd, "wb", closefd=True)
+        self.file: io.FileIO | None = io.FileIO(fd, "wb", closefd=True) if fd is not None else None
         self.size = 0
         self._keep = keep
-        self._copy: bytearray | None = bytearray() if keep > 0 else None
+        self._copy: bytearray | None = bytearray() if keep > 0 or fd is None else None
+        self._open_file = open_file
+        self._spill_above = spill_above
+        if fd is None and open_file is None:
+            raise ValueError("a memory-first staging file needs open_file")
+
+    @property
+    def in_memory(self) -> bool:
+        """Nothing of it is on disk yet (a memory-first file that has not spilled)."""
+        return self.file is None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         n = len(view)
-        written = 0
-        while written < n:  # a regular file takes it all at once but for rare short writes
-            k = self.file.write(view[written:])
-            written += k or 0
+        if self.file is None:
+            assert self._copy is not None
+            self._copy += view
+            self.size += n
+            if self.size > self._spill_above:
+                self.spill()
+            return n
+        _write_all(self.file, view)
         self.size += n
         if self._copy is not None:
             if self.size > self._keep:
@@ -92,12 +111,34 @@ class StagingFile:
                 self._copy += view
         return n
 
+    def spill(self) -> None:
+        """Put what a memory-first file holds on disk, at its name, and write on from there."""
+        if self.file is not None:
+            return
+        assert self._open_file is not None and self._copy is not None
+        self.file = io.FileIO(self._open_file(), "wb", closefd=True)
+        _write_all(self.file, memoryview(self._copy))
+        if self.size > self._keep:
+            self._copy = None
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
     def kept(self) -> bytes | None:
         """The bytes written, when they stayed within the size kept in memory."""
         return bytes(self._copy) if self._copy is not None else None
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _write_all(file: io.FileIO, view: memoryview) -> None:
+    written, n = 0, len(view)
+    while written < n:  # a regular file takes it all at once but for rare short writes
+        k = file.write(view[written:])
+        written += k or 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +149,8 @@ class HandedOver:
     size: int
     sha256: str
     data: bytes | None
+    #: the bytes are only in memory (``data``): no file was made at the staged path
+    in_memory: bool = False
 
 
 class FileStorage:
@@ -130,6 +173,7 @@ class FileStorage:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._folder_syncs = _FolderSyncs()
+        self._names = itertools.count()  # memory-first staging files' names
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self.root)!r})"
@@ -144,35 +188,61 @@ class FileStorage:
 
     # -- streamed writes: stage, hash, sync, commit (the listener's path) ----------------------
 
-    def staging_file(self, **kwargs: Any) -> StagingFile:
+    def staging_file(self, *, memory_first: int = 0, **kwargs: Any) -> StagingFile:
         """A new empty file in the staging folder, open for writing (a spare made ahead of time,
-        renamed there); hand it over with :meth:`hand_over`. Keyword arguments are accepted for
-        the callers written for ``tempfile.NamedTemporaryFile`` and ignored: the file is never
-        deleted on close, and its name is ours."""
+        renamed there); hand it over with :meth:`hand_over`. With ``memory_first`` > 0 it stays
+        in memory until more than that many bytes are written (:class:`StagingFile`; its name is
+        reserved all the same). Keyword arguments are accepted for the callers written for
+        ``tempfile.NamedTemporaryFile`` and ignored: the file is never deleted on close, and its
+        name is ours."""
         del kwargs
         # Not a context manager: the writer owns the file and closes it when the transfer ends.
+        if memory_first > 0:
+            path = f"{self._root_str}/{TMP_DIR_NAME}/{os.getpid()}-m{next(self._names)}-{os.urandom(4).hex()}"
+            writer = StagingFile(path, None, open_file=lambda: self._take_spare(path)[1],
+                                 spill_above=memory_first)
+        else:
+            writer = StagingFile(*self._take_spare())
+        with self._writing_lock:
+            self._writing[writer.name] = writer
+        return writer
+
+    def _take_spare(self, path: str | None = None) -> tuple[str, int]:
+        """A spare renamed into the staging folder (as ``path``, or under its own name): its path
+        and a descriptor open for writing."""
         name, fd = self._spares.take()
-        path = f"{self._root_str}/{TMP_DIR_NAME}/{name}"
+        path = path or f"{self._root_str}/{TMP_DIR_NAME}/{name}"
         try:
             os.replace(f"{self._root_str}/{SPARE_DIR_NAME}/{name}", path)
         except OSError:
             os.close(fd)
             raise
-        writer = StagingFile(path, fd)
-        with self._writing_lock:
-            self._writing[writer.name] = writer
-        return writer
+        return path, fd
 
-    def hand_over(self, path: Path, *, sync_above: int = -1) -> HandedOver:
+    def hand_over(self, path: Path, *, sync_above: int = -1, memory_ok: bool = False) -> HandedOver:
         """A staged file, complete: its size, SHA-256 and (when its writer kept them) bytes. For a
         file written through :meth:`staging_file` (and not changed since) of more than
         ``sync_above`` bytes, its fsync starts first, in a helper thread, and overlaps the hashing
         and whatever the caller does next; :meth:`sync_staged` then waits for that fsync instead
-        of starting one. (The ingest leaves the fsync of a spooled instance to :meth:`settle`.)"""
+        of starting one. (The ingest leaves the fsync of a spooled instance to :meth:`settle`.)
+
+        A memory-first file still in memory (:class:`StagingFile`) of up to ``sync_above`` bytes
+        stays there when ``memory_ok`` (:attr:`HandedOver.in_memory`: no file at ``path``; the
+        caller keeps its bytes durable and writes them under their key itself); otherwise it is
+        put on disk first."""
         with self._writing_lock:
             writer = self._writing.pop(str(path), None)
         data = None
-        if writer is not None:
+        if writer is not None and writer.in_memory:
+            if memory_ok and writer.size <= sync_above:
+                data = writer.kept()
+                assert data is not None
+                return HandedOver(len(data), hashlib.sha256(data).hexdigest(), data, in_memory=True)
+            try:
+                writer.spill()
+            except OSError as err:
+                raise StorageFailure(f"could not stage {path.name}: {err.strerror or err}; check {self.root}") from err
+        if writer is not None and writer.file is not None:
             try:
                 fd = writer.file.fileno()
                 if os.fstat(fd).st_size == writer.size:
@@ -262,18 +332,29 @@ class FileStorage:
             what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
             raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
 
-    def place(self, placements: Sequence[tuple[Path, str]]) -> None:
+    def place(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Rename staged files into place and make nothing durable: for files whose bytes are
-        already durable elsewhere (the index's spool of small instances), so that readers find
-        them at once; :meth:`settle` makes them durable later. Not all or nothing: on failure the
-        files before the failing one are in place."""
+        already durable elsewhere (the index's spool, the intake journal), so that readers find
+        them at once; :meth:`settle` makes them durable later. A placement of bytes (a staged
+        file that stayed in memory: :meth:`hand_over`) is written to a staging file first, so
+        that a reader never finds half of it. Not all or nothing: on failure the files before
+        the failing one are in place."""
         try:
-            self._rename_into_place(placements, [])
+            files: list[tuple[Path, str]] = []
+            for source, key in placements:
+                if isinstance(source, Path):
+                    files.append((source, key))
+                    continue
+                path, fd = self._take_spare()
+                with io.FileIO(fd, "wb", closefd=True) as f:
+                    _write_all(f, memoryview(source))
+                files.append((Path(path), key))
+            self._rename_into_place(files, [])
         except OSError as err:
             raise StorageFailure(f"could not place {len(placements)} file(s): {err.strerror or err}; "
                                  f"check {self.root}") from err
 
-    def settle(self, placements: Sequence[tuple[Path, str]]) -> None:
+    def settle(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Make files that :meth:`place` put under their keys durable: on Linux one ``syncfs`` of
         the filesystem; elsewhere each file's fsync, then every folder on the way from the root to
         each, once (a folder :meth:`place` created must last too), skipping a key whose file is

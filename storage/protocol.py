@@ -37,13 +37,15 @@ class Storage(Protocol):
         """Free space where new keys go."""
         ...
 
-    def staging_file(self, **kwargs: Any) -> StagingFile:
-        """A new temporary file to stream an incoming object into."""
+    def staging_file(self, *, memory_first: int = 0, **kwargs: Any) -> StagingFile:
+        """A new temporary file to stream an incoming object into (kept in memory up to
+        ``memory_first`` bytes, when > 0)."""
         ...
 
-    def hand_over(self, path: Path, *, sync_above: int = -1) -> HandedOver:
+    def hand_over(self, path: Path, *, sync_above: int = -1, memory_ok: bool = False) -> HandedOver:
         """A complete staged file: size, SHA-256 and, when its writer kept them, its bytes (its
-        fsync may start meanwhile)."""
+        fsync may start meanwhile). With ``memory_ok``, a memory-first file of up to
+        ``sync_above`` bytes stays in memory (no file at ``path``)."""
         ...
 
     def staged_digest(self, path: Path) -> tuple[int, str]:
@@ -63,12 +65,12 @@ class Storage(Protocol):
         nothing (one fsync per folder)."""
         ...
 
-    def place(self, placements: Sequence[tuple[Path, str]]) -> None:
-        """Make staged files visible under their keys without making them durable (their bytes
-        are durable elsewhere until :meth:`settle`)."""
+    def place(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
+        """Make staged files (or bytes that stayed in memory) visible under their keys without
+        making them durable (their bytes are durable elsewhere until :meth:`settle`)."""
         ...
 
-    def settle(self, placements: Sequence[tuple[Path, str]]) -> None:
+    def settle(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Make files :meth:`place` put under their keys durable (each file's fsync, each folder's)."""
         ...
 

@@ -304,7 +304,7 @@ def read_headers(path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_D
     headers = _read_headers_fast(path, max_sequence_depth, data)
     if headers is not None:
         return headers
-    return read_headers_pydicom(path, max_sequence_depth=max_sequence_depth)
+    return read_headers_pydicom(path, max_sequence_depth=max_sequence_depth, data=data)
 
 
 def _read_headers_fast(path: Path, max_depth: int, data: bytes | None = None) -> InstanceHeaders | None:
@@ -329,7 +329,7 @@ def _read_headers_fast(path: Path, max_depth: int, data: bytes | None = None) ->
 
 
 def read_headers_pydicom(
-    path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH
+    path: Path, *, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH, data: bytes | None = None
 ) -> InstanceHeaders:
     """:func:`read_headers` by a full pydicom parse: the reference, and the path for whatever the
     raw walk leaves to it.
@@ -341,7 +341,7 @@ def read_headers_pydicom(
     such headers) is kept unread, unless the index or the pixel description needs that element.
     """
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if data is None else io.BytesIO(data) as f:
             ds = dcmread(f, stop_before_pixels=True, force=False)
             ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
             depth = _convert_all(ds, max_sequence_depth, top=True)
@@ -349,7 +349,8 @@ def read_headers_pydicom(
                 raise CannotUnderstand(
                     f"sequences nest deeper than {max_sequence_depth} levels (listener.max_sequence_depth)"
                 )
-            pixel_length = check_pixel_extent(f, transfer_syntax_uid=ts, file_size=os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size if data is None else len(data)
+            pixel_length = check_pixel_extent(f, transfer_syntax_uid=ts, file_size=size)
     except (IdentifiersMissing, CannotUnderstand):
         raise
     except (InvalidDicomError, RecursionError, ValueError, TypeError, KeyError, IndexError,
@@ -359,7 +360,7 @@ def read_headers_pydicom(
     try:
         headers = headers_from_dataset(ds, transfer_syntax_uid=ts)
     except UidMissing as err:
-        raise _explain_missing(path, ds, err) from err
+        raise _explain_missing(path, ds, err, data) from err
     _check_pixel_length(ds, pixel_length)
     return headers
 
@@ -415,17 +416,19 @@ _DICOM_VRS = frozenset(vr.value for vr in VR if len(vr.value) == 2)
 _MAX_SEARCH = 16 << 20  # bytes searched for a hidden UID
 
 
-def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputError:
+def _explain_missing(path: Path, ds: Dataset, err: UidMissing, whole: bytes | None = None) -> DicomInputError:
     """Why an identifying UID was not found: really absent (0xA900, ``err`` itself), or present
     in the bytes but hidden by a broken encoding before it (0xC210, naming where it breaks) -
-    a data set is never refused as lacking a UID that it carries."""
+    a data set is never refused as lacking a UID that it carries. ``whole``: the file's bytes,
+    when they are in memory (else read from ``path``)."""
     tag = tag_for_keyword(err.keyword)
     if tag is None:
         return err
     try:
-        data = path.read_bytes()[:_MAX_SEARCH]
+        whole = path.read_bytes() if whole is None else whole
     except OSError:
         return err
+    data = whole[:_MAX_SEARCH]
     meta_end = 132
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     little = ts != ExplicitVRBigEndian
@@ -438,7 +441,7 @@ def _explain_missing(path: Path, ds: Dataset, err: UidMissing) -> DicomInputErro
     if at == -1:
         return err
     try:  # read again, unconverted: raw elements know where their values lie
-        unread: Dataset = dcmread(path, stop_before_pixels=True, force=True)
+        unread: Dataset = dcmread(io.BytesIO(whole), stop_before_pixels=True, force=True)
     except Exception:
         unread = Dataset()
     # In file order, the first element out of tag order or running past the end of the data is

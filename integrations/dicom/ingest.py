@@ -106,6 +106,13 @@ class Prepared:
     journaled: bool = False
     #: its file is durable under its key already (a large journaled instance): nothing to place
     placed: bool = False
+    #: its bytes (``spool``) are only in memory: no file at ``staged`` (the intake journal's path)
+    in_memory: bool = False
+
+    @property
+    def source(self) -> Path | bytes:
+        """What placing it puts under its key: its staged file, or its bytes."""
+        return self.spool if self.in_memory and self.spool is not None else self.staged
 
 
 def prepare(
@@ -118,13 +125,15 @@ def prepare(
     min_free_bytes: int = 0,
     max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
     spool_max_bytes: int = 0,
+    memory_ok: bool = False,
 ) -> Prepared:
     """Everything before the index transaction: hash, free-space check, header parse, the checks
     against what the C-STORE announced, and the file's fsync (started when it was handed over, so
     it overlaps the rest). An instance of up to ``spool_max_bytes`` that its writer kept in memory
-    is not waited for: its bytes go into the index's spool (:mod:`.spool`). Raises what
+    is not waited for: its bytes go into the index's spool (:mod:`.spool`) or the intake journal;
+    with ``memory_ok`` it may have no staged file at all (:attr:`Prepared.in_memory`). Raises what
     :func:`ingest_file` raises; indexes nothing."""
-    handed = storage.hand_over(staged, sync_above=spool_max_bytes)
+    handed = storage.hand_over(staged, sync_above=spool_max_bytes, memory_ok=memory_ok)
     size = handed.size
     if min_free_bytes and storage.free_bytes() - size < min_free_bytes:
         raise OutOfResources(
@@ -146,7 +155,8 @@ def prepare(
                        headers.sop_instance_uid, handed.sha256)
     stored = StoredFile(key=key, size=size, sha256=handed.sha256)
     if handed.data is not None and size <= spool_max_bytes:
-        return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=os.urandom(16).hex())
+        return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=os.urandom(16).hex(),
+                        in_memory=handed.in_memory)
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
@@ -296,7 +306,7 @@ def _place_spooled(engine: Engine, storage: Storage, spooled: Sequence[Placed],
     and durable, and their files are written back from the spool (the settler's retry, or
     :func:`.spool.recover` when the listener next starts)."""
     try:
-        storage.place([(staged, key) for staged, key, _ in spooled])
+        storage.place([(source, key) for source, key, _ in spooled])
     except StorageFailure:
         # Some may be in place, some not: every one is written back from its spool row (durably;
         # a row whose file cannot be written stays, for the next start), none settled as placed.
@@ -360,11 +370,11 @@ def _file_locked(
         if item.spool is not None and not duplicate:
             if not item.journaled:
                 writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
-            spooled.append((item.staged, stored.key, item.spool_id))
+            spooled.append((item.source, stored.key, item.spool_id))
         elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before
             # its file was placed): placed again; its earlier spool row holds it until settled
-            spooled.append((item.staged, stored.key, item.spool_id))
+            spooled.append((item.source, stored.key, item.spool_id))
         elif not duplicate and not item.placed:
             placements.append((item.staged, stored.key))
         run_writes(cursor, sql, writes)
@@ -456,7 +466,8 @@ class Ingestor:
             item = prepare(storage=self.storage, staged=staged, calling_ae=calling_ae,
                            announced_sop_instance_uid=announced_sop_instance_uid,
                            announced_sop_class_uid=announced_sop_class_uid, min_free_bytes=self.min_free_bytes,
-                           max_sequence_depth=self.max_sequence_depth, spool_max_bytes=self.spool_max_bytes)
+                           max_sequence_depth=self.max_sequence_depth, spool_max_bytes=self.spool_max_bytes,
+                           memory_ok=journaled)
             if journaled:
                 self._journal(item)
                 return None
@@ -484,7 +495,7 @@ class Ingestor:
                 raise OutOfResources(f"no space left for the intake journal in {self.journal.folder}") from err
             raise StorageFailure(f"could not write the intake journal in {self.journal.folder}: {err}") from err
         staged = item.staged
-        if not item.placed:
+        if not item.placed and not item.in_memory:
             # the network engine deletes the staged file once answered: keep it under a name of its own
             staged = item.staged.with_name(item.staged.name + ".held")
             try:

@@ -17,7 +17,8 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
 - Handlers return DIMSE statuses and never raise into the network threads.
 - An instance of up to ``listener.spool_max_bytes`` is answered once it is durable in the intake
   journal (:mod:`.intake`: one append and one flush) and indexed after the answer, in batches; an
-  association's release waits for its instances to be indexed. The journal segments a crash
+  association's release waits for its instances to be indexed. Such an instance is received into
+  memory (no staging file), and its file is written under its key after the answer. The journal segments a crash
   leaves are filed again in :meth:`Listener.start`, before anything is served. With
   ``listener.intake_journal`` off it is spooled instead (:mod:`.spool`): its bytes commit with its
   index row (one flush instead of three); either way its file is made durable after the answer.
@@ -144,7 +145,10 @@ class Listener:
         return self.storage_low()
 
     def staging_file(self) -> StagingFile:
-        return self.storage.staging_file(delete=False, suffix=".dcm")
+        # With the intake journal, an instance of up to spool_max_bytes is received into memory:
+        # its bytes go into the journal, and its file is written under its key after the answer.
+        memory_first = self.settings.spool_max_bytes if self.ingestor.journal is not None else 0
+        return self.storage.staging_file(delete=False, suffix=".dcm", memory_first=memory_first)
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         try:

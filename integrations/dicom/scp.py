@@ -444,7 +444,7 @@ class Association:
         abstract = self._contexts[store.context_id][0]
         if store.failure is None:
             try:
-                store.writer.file.flush()
+                store.writer.flush()
             except (OSError, ValueError) as err:
                 store.failure = (0xA700, f"cannot write the instance: {err}")
             else:

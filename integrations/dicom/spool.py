@@ -35,8 +35,9 @@ from storage import Storage, StorageFailure
 
 log = logging.getLogger(__name__)
 
-#: (staged path, storage key, spool row id) of a placed instance
-Placed = tuple[Path, str, str]
+#: (staged path, or the bytes of one that stayed in memory; storage key; spool row id) of a placed
+#: instance
+Placed = tuple[Path | bytes, str, str]
 
 
 class Settler:

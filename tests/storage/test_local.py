@@ -138,3 +138,52 @@ def test_write_atomic_replaces_a_file_whole(tmp_path: Path) -> None:
     write_atomic(path, b"new")
     assert path.read_bytes() == b"new"
     assert [p.name for p in path.parent.iterdir()] == ["draft.json"]
+
+
+def test_a_memory_first_staging_file_touches_the_disk_only_past_its_threshold(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    small = storage.staging_file(memory_first=1000)
+    small.write(b"a" * 600)
+    small.write(b"b" * 400)  # 1000: not past the threshold
+    path = Path(small.name)
+    assert path.parent == storage.tmp_dir and not path.exists()
+    assert small.in_memory
+    handed = storage.hand_over(path, sync_above=1000, memory_ok=True)
+    assert handed.in_memory and handed.data == b"a" * 600 + b"b" * 400
+    assert handed.sha256 == hashlib.sha256(handed.data).hexdigest()
+    assert not path.exists() and list(storage.tmp_dir.iterdir()) == []
+    small.close()
+
+    big = storage.staging_file(memory_first=1000)
+    big.write(b"c" * 900)
+    big.write(b"d" * 200)  # past it: spilled, everything so far on disk, and written on from there
+    big.write(b"e" * 10)
+    big.flush()
+    assert not big.in_memory
+    assert Path(big.name).read_bytes() == b"c" * 900 + b"d" * 200 + b"e" * 10
+    handed = storage.hand_over(Path(big.name), sync_above=1000, memory_ok=True)
+    assert not handed.in_memory and handed.data == Path(big.name).read_bytes()
+    big.close()
+
+
+def test_a_memory_first_file_is_put_on_disk_when_its_taker_needs_the_file(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    for memory_ok, sync_above in ((False, 1000), (True, 100)):  # not asked for, or too big to stay
+        writer = storage.staging_file(memory_first=1000)
+        writer.write(b"x" * 500)
+        path = Path(writer.name)
+        handed = storage.hand_over(path, sync_above=sync_above, memory_ok=memory_ok)
+        assert not handed.in_memory and handed.data == b"x" * 500
+        assert path.read_bytes() == b"x" * 500
+        writer.close()
+
+
+def test_place_writes_bytes_under_their_key_beside_renamed_files(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    staged = _stage(storage, b"renamed")
+    _writers[-1].close()  # type: ignore[attr-defined]
+    storage.place([(staged, "s1/a.dcm"), (b"from memory", "s2/deeper/b.dcm")])
+    assert (storage.root / "s1/a.dcm").read_bytes() == b"renamed"
+    assert (storage.root / "s2/deeper/b.dcm").read_bytes() == b"from memory"
+    assert not staged.exists() and list(storage.tmp_dir.iterdir()) == []
+    storage.settle([(staged, "s1/a.dcm"), (b"from memory", "s2/deeper/b.dcm")])

@@ -33,7 +33,7 @@ from integrations.dicom.intake import (
 )
 from storage import FileStorage
 from tests.conftest import free_port
-from tests.factories.dcmtk import storescu
+from tests.factories.dcmtk import send_raw, storescu
 from tests.factories.listener import listener_env, start_process
 from tests.factories.studies import make_ct_series
 
@@ -280,3 +280,26 @@ def test_indexing_failures_are_retried_when_transient_and_kept_when_not(
         assert replay(folder, lambda record: refile(engine, storage, record)) == 1  # the next start
         _check(engine, storage, files[:1])
     assert _segments(folder) == []
+
+
+def test_small_instances_the_walk_leaves_to_pydicom_are_read_from_memory(
+        engine: Engine, tmp_path: Path, start_listener: object) -> None:
+    """A journaled small instance is received into memory, with no staging file (storage's
+    memory-first staging): implicit VR data sets, which the raw walk leaves to pydicom, are parsed
+    from those bytes and stored as received."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    files = []
+    for p in make_ct_series(tmp_path / "src", 6, rows=32, cols=32):
+        ds = dcmread(p)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(p, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        files.append(p)
+    listener = start_listener(intake_journal=True)  # type: ignore[operator]
+    assert [send_raw(listener.port, p) for p in files] == [0x0000] * len(files)  # as encoded, implicit VR
+    storage = FileStorage(tmp_path / "storage")
+    _check(engine, storage, files)
+    for row in _rows(engine).values():
+        stored = dcmread(storage.path(row.storage_key))
+        assert stored.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert not any(storage.tmp_dir.iterdir())
