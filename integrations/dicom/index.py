@@ -21,7 +21,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time
 from typing import Any
 
@@ -284,6 +284,28 @@ class IndexSql:
         self.study = ArrivalSql(ph)
         self.combine_writes = dialect.name == "postgresql"
         self._combined: dict[tuple[str, ...], str] = {}
+        self._read_many: dict[tuple[int, int], str] = {}
+
+    def read_many(self, instances: int, series: int) -> str:
+        """:attr:`read` for a batch: the instances with any of ``instances`` SOP Instance UIDs
+        (kind 1), the study and series rows of any of ``series`` Series Instance UIDs (kind 2),
+        the chain head (kind 3); each row carries the UIDs it answers for."""
+        key = (instances, series)
+        stmt = self._read_many.get(key)
+        if stmt is None:
+            ph = self.placeholder
+            stmt = self._read_many[key] = (
+                "SELECT 1, i.sop_instance_uid, NULL, i.id, i.study_pk, s.version, i.sha256, i.storage_key"
+                " FROM instance i JOIN study s ON s.id = i.study_pk"
+                f" WHERE i.sop_instance_uid IN ({', '.join([ph] * instances)})"
+                " UNION ALL"
+                " SELECT 2, s.study_instance_uid, se.series_instance_uid, s.id, se.id, s.version, s.state, NULL"
+                " FROM study s JOIN series se ON se.study_pk = s.id"
+                f" WHERE se.series_instance_uid IN ({', '.join([ph] * series)})"
+                " UNION ALL"
+                f" SELECT 3, NULL, NULL, h.seq, NULL, NULL, h.hash, NULL FROM ({self.chain.head}) h"
+            )
+        return stmt
 
     def combined(self, statements: tuple[str, ...]) -> str:
         """One PostgreSQL statement running ``statements`` (parameters in the same order)."""
@@ -317,6 +339,63 @@ def read_state(cursor: Any, sql: IndexSql, headers: InstanceHeaders) -> IndexSta
     return IndexState(existing, known, head)
 
 
+class BatchState:
+    """What :func:`read_state` reads, for every instance of a batch at once (one query instead
+    of one per instance), kept current as the batch is filed (:meth:`filed`): each instance's
+    state is what :func:`read_state` would read after the writes of the instances before it.
+    An instance whose SOP Instance UID came earlier in the batch is not answered here (None):
+    its caller reads it with :func:`read_state`, which sees the earlier one's row."""
+
+    def __init__(self, existing: dict[str, ExistingInstance], known: dict[tuple[str, str], KnownSeries],
+                 chain_head: tuple[int, str] | None) -> None:
+        self._existing = existing
+        self._known = known
+        self._head = chain_head
+        self._seen: set[str] = set()
+        self._versions: dict[int, int] = {}  # study pk -> version, as decided in this batch
+
+    def state(self, headers: InstanceHeaders) -> IndexState | None:
+        sop = headers.sop_instance_uid
+        if sop in self._seen:
+            return None
+        self._seen.add(sop)
+        existing = self._existing.get(sop)
+        if existing is not None and existing.study_pk in self._versions:
+            existing = replace(existing, study_version=self._versions[existing.study_pk])
+        return IndexState(existing, self._known.get((headers.study_instance_uid, headers.series_instance_uid)),
+                          self._head)
+
+    def filed(self, filing: Filing, chain_head: tuple[int, str] | None) -> None:
+        """After an instance's writes: the chain's new head and its study's decided state."""
+        self._head = chain_head
+        if filing.study_state is None:
+            return
+        study_pk = filing.result.study_pk
+        self._versions[study_pk] = filing.result.study_version
+        for key, known in self._known.items():
+            if known.study_pk == study_pk:
+                self._known[key] = KnownSeries(study_pk, known.series_pk, filing.result.study_version,
+                                               filing.study_state)
+
+
+def read_states(cursor: Any, sql: IndexSql, batch: Sequence[InstanceHeaders]) -> BatchState:
+    """:func:`read_state` for a whole batch, in one query (under the index lock, as it)."""
+    sops = list(dict.fromkeys(h.sop_instance_uid for h in batch))
+    series = list(dict.fromkeys(h.series_instance_uid for h in batch))
+    cursor.execute(sql.read_many(len(sops), len(series)), (*sops, *series))
+    existing: dict[str, ExistingInstance] = {}
+    known: dict[tuple[str, str], KnownSeries] = {}
+    head = None
+    for kind, u1, u2, a, b, c, d, e in cursor.fetchall():
+        if kind == 1:
+            existing[u1] = ExistingInstance(a, d, e, b, c)
+        elif kind == 2:
+            known[(u1, u2)] = KnownSeries(a, b, c, d)
+        else:
+            head = (a, d)
+    return BatchState(existing, known, head)
+
+
 @dataclass(frozen=True)
 class Filing:
     """What filing an instance does: its result, the row writes still to run (in order), and the
@@ -325,6 +404,8 @@ class Filing:
     result: IndexResult
     writes: list[Write]
     events: tuple[ChainEvent, ...] = ()
+    #: the study's state as decided (None: a duplicate changes nothing)
+    study_state: str | None = None
 
 
 def plan_filing(
@@ -397,7 +478,7 @@ def plan_filing(
         writes.append((sql.update_instance, (*row, existing.id)))
         outcome = StoreOutcome.replaced
     return Filing(IndexResult(outcome, known.study_pk, study.decision.version, study.decision.new_version, obsolete),
-                  writes, (study.event,) if study.event else ())
+                  writes, (study.event,) if study.event else (), study.decision.state.value)
 
 
 def run_writes(cursor: Any, sql: IndexSql, writes: Sequence[Write]) -> None:

@@ -64,6 +64,7 @@ from .index import (
     index_sql,
     plan_filing,
     read_state,
+    read_states,
     run_writes,
 )
 from .intake import Entry, IntakeJournal, Record
@@ -339,9 +340,12 @@ def _file_locked(
     results: list[IndexResult] = []
     placements: list[tuple[Path, str]] = []
     spooled: list[Placed] = []
+    # On the hot path, one read for the whole batch (kept current as it files); the ORM path,
+    # which creates rows as it goes, reads each instance's state after the previous one's writes.
+    batch = read_states(cursor, sql, [item.headers for item in items]) if conn is None and len(items) > 1 else None
     for item in items:
         headers, stored = item.headers, item.stored
-        state = read_state(cursor, sql, headers)
+        state = (batch.state(headers) if batch is not None else None) or read_state(cursor, sql, headers)
         existing = state.existing
         duplicate = existing is not None and existing.sha256 == stored.sha256
         if not duplicate and state.known is None and conn is None:
@@ -367,6 +371,8 @@ def _file_locked(
             },
         ), *filing.events])  # the study's state change, if the instance made one (lifecycle)
         writes = [*filing.writes, *(sql.chain.write(row) for row in audit)]
+        if batch is not None:
+            batch.filed(filing, (audit[-1].seq, audit[-1].hash))
         if item.spool is not None and not duplicate:
             if not item.journaled:
                 writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))

@@ -3,6 +3,7 @@ outcome; one instance's failure stays its own."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Sequence
@@ -14,12 +15,12 @@ from pydicom import dcmread
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from audit.chain import verify
-from ground.db import session_scope
+from audit.chain import AuditRecord, verify
+from ground.db import WriterConnection, session_scope
 from integrations.dicom import ingest as ingest_module
 from integrations.dicom.group_commit import GroupCommit
-from integrations.dicom.index import Instance, StoreOutcome
-from integrations.dicom.ingest import Ingestor, IngestResult
+from integrations.dicom.index import Instance, StoreOutcome, Study, StudyState
+from integrations.dicom.ingest import Ingestor, IngestResult, file_prepared, prepare
 from storage import FileStorage
 from tests.factories.studies import make_ct_series
 
@@ -195,3 +196,57 @@ def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
               if ".incoming" not in p.parts}
     with session_scope(engine) as s:
         assert stored == {i.storage_key for i in s.exec(select(Instance)).all()}  # no orphan of the failure
+
+
+def _variant(data: bytes) -> bytes:
+    """The same SOP Instance with other pixel values (a corrected resend)."""
+    ds = dcmread(io.BytesIO(data))
+    pixels = bytearray(ds.PixelData)
+    pixels[0] ^= 0xFF
+    ds.PixelData = bytes(pixels)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, tmp_path: Path) -> None:
+    """The hot path reads the index state of a whole batch in one query and keeps it current as
+    the batch files: a study version started by an earlier instance of the batch, a duplicate
+    after it, the same SOP Instance twice and the audit chain's head all come out as filing the
+    instances one by one gives them."""
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 4, rows=32, cols=32)]
+    writer = WriterConnection(engine)
+
+    def file(*blobs: bytes) -> list[IngestResult]:
+        items = []
+        for blob in blobs:
+            staged = _Staged(storage, blob)
+            items.append(prepare(storage=storage, staged=staged.path, calling_ae="MODALITY"))
+        return file_prepared(engine, storage, writer, items)
+
+    try:
+        [first] = file(data[0])  # the series' first instance: the ORM path, alone
+        with session_scope(engine) as s:
+            study = s.exec(select(Study)).one()
+            study.state = StudyState.drafted.value  # drafted: the next image starts version 2
+            s.add(study)
+        a, dup, b, a_again, c = file(data[1], data[0], data[2], _variant(data[1]), data[3])
+    finally:
+        writer.close()
+    assert first.outcome is StoreOutcome.new and first.study_version == 1
+    assert (a.outcome, a.study_version, a.new_version) == (StoreOutcome.new, 2, True)
+    assert (dup.outcome, dup.study_version) == (StoreOutcome.duplicate, 2)  # the version a is in
+    assert (b.outcome, b.study_version, b.new_version) == (StoreOutcome.new, 2, False)
+    assert (a_again.outcome, a_again.study_version) == (StoreOutcome.replaced, 2)
+    assert (c.outcome, c.study_version) == (StoreOutcome.new, 2)
+    with session_scope(engine) as s:
+        study = s.exec(select(Study)).one()
+        assert (study.state, study.version) == (StudyState.receiving.value, 2)
+        rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+        assert len(rows) == 4 and rows[a.headers.sop_instance_uid].sha256 == a_again.stored.sha256
+        report = verify(s)  # one chained record per filed instance and one for the state change
+        assert report.ok and report.checked == 7
+        actions = [r.action for r in s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()]
+    assert actions[1:] == ["instance.new", "study.receiving", "instance.duplicate", "instance.new",
+                           "instance.replaced", "instance.new"]
