@@ -332,6 +332,27 @@ class FileStorage:
             what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
             raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
 
+    def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:
+        """Write bytes under their keys, neither atomically nor durably: only for bytes durable
+        elsewhere (the intake journal) under keys no reader knows yet (their index rows commit
+        after this), which :meth:`settle` makes durable later. A file left half-written by a
+        crash is written again from those bytes (:func:`integrations.dicom.ingest.refile`)."""
+        root = self._root_str
+        try:
+            for data, key in entries:
+                dst = f"{root}/{key}"
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                try:
+                    fd = os.open(dst, flags, 0o644)
+                except FileNotFoundError:
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    fd = os.open(dst, flags, 0o644)
+                with io.FileIO(fd, "wb", closefd=True) as f:
+                    _write_all(f, memoryview(data))
+        except OSError as err:
+            raise StorageFailure(f"could not write {len(entries)} file(s): {err.strerror or err}; "
+                                 f"check {self.root}") from err
+
     def place(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Rename staged files into place and make nothing durable: for files whose bytes are
         already durable elsewhere (the index's spool, the intake journal), so that readers find

@@ -65,6 +65,11 @@ class Storage(Protocol):
         nothing (one fsync per folder)."""
         ...
 
+    def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:
+        """Write bytes under keys no reader knows yet, neither atomically nor durably (their
+        bytes are durable elsewhere until :meth:`settle`)."""
+        ...
+
     def place(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Make staged files (or bytes that stayed in memory) visible under their keys without
         making them durable (their bytes are durable elsewhere until :meth:`settle`)."""

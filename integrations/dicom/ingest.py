@@ -221,7 +221,7 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
             row = session.exec(select(Instance).where(Instance.sop_instance_uid == sop)).first()
         if row is not None and row.sha256 == header["sha256"]:
             path = storage.path(row.storage_key)
-            if data is not None and (not path.exists() or path.stat().st_size != len(data)):
+            if data is not None and not _holds(path, data):  # lost, or half-written (write_unsynced)
                 storage.put(row.storage_key, data)
             return
         if row is not None and as_utc(row.received_at) >= datetime.fromisoformat(header["at"]):
@@ -231,6 +231,13 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
         ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
     finally:
         staged.unlink(missing_ok=True)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
@@ -290,9 +297,9 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
             if commit_error is None:
                 raise
             raise commit_error(f"the index commit failed: {err}") from err
-    results, spooled = filed
-    if spooled:
-        _place_spooled(engine, storage, spooled, settle)
+    results, spooled, written = filed
+    if spooled or written:
+        _place_spooled(engine, storage, spooled, settle, written)
     for result in results:
         if result.obsolete_key:
             _remove_quietly(storage, result.obsolete_key)
@@ -301,23 +308,28 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
 
 
 def _place_spooled(engine: Engine, storage: Storage, spooled: Sequence[Placed],
-                   settle: Callable[[Sequence[Placed]], None] | None) -> None:
-    """After the commit: spooled instances' files under their keys, then settled (their bytes are
-    durable as spool rows meanwhile). A failure is logged, not raised: the instances are filed
-    and durable, and their files are written back from the spool (the settler's retry, or
+                   settle: Callable[[Sequence[Placed]], None] | None, written: Sequence[Placed] = ()) -> None:
+    """After the commit: spooled instances' files under their keys, then settled with those
+    ``written`` under their keys before the commit (their bytes are durable as spool rows or
+    journal records meanwhile). A failure to place is logged, not raised: the instances are
+    filed and durable, and their files are written back from the spool (the settler's retry, or
     :func:`.spool.recover` when the listener next starts)."""
     try:
-        storage.place([(source, key) for source, key, _ in spooled])
+        if spooled:
+            storage.place([(source, key) for source, key, _ in spooled])
     except StorageFailure:
         # Some may be in place, some not: every one is written back from its spool row (durably;
         # a row whose file cannot be written stays, for the next start), none settled as placed.
         log.exception("could not place %d spooled instance(s); writing them back from the spool", len(spooled))
         write_back(engine, storage, spooled)
+        spooled = ()
+    placed = [*written, *spooled]
+    if not placed:
         return
     if settle is not None:
-        settle(spooled)
+        settle(placed)
     else:
-        settle_now(engine, storage, spooled)
+        settle_now(engine, storage, placed)
 
 
 def _file_locked(
@@ -327,9 +339,10 @@ def _file_locked(
     *,
     storage: Storage,
     items: Sequence[Prepared],
-) -> tuple[list[IndexResult], list[Placed]] | None:
+) -> tuple[list[IndexResult], list[Placed], list[Placed]] | None:
     """The index transaction's work, once it holds the writer lock, up to (not including) the
-    commit; returns each instance's result and the spooled instances to place after the commit.
+    commit; returns each instance's result, the spooled instances to place after the commit and
+    those already written under their keys (to settle after it).
     Returns None, having written and placed nothing, when an instance opens a new series and
     ``conn`` is None: that needs the ORM upserts, on a SQLAlchemy connection."""
     # The writer lock serialises index writers (lock, then rows): two associations filing the
@@ -340,6 +353,7 @@ def _file_locked(
     results: list[IndexResult] = []
     placements: list[tuple[Path, str]] = []
     spooled: list[Placed] = []
+    written: list[Placed] = []
     # On the hot path, one read for the whole batch (kept current as it files); the ORM path,
     # which creates rows as it goes, reads each instance's state after the previous one's writes.
     batch = read_states(cursor, sql, [item.headers for item in items]) if conn is None and len(items) > 1 else None
@@ -376,7 +390,7 @@ def _file_locked(
         if item.spool is not None and not duplicate:
             if not item.journaled:
                 writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
-            spooled.append((item.source, stored.key, item.spool_id))
+            (written if item.in_memory else spooled).append((item.source, stored.key, item.spool_id))
         elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before
             # its file was placed): placed again; its earlier spool row holds it until settled
@@ -389,7 +403,11 @@ def _file_locked(
     # they commit: each file is in place and durable before its row is. All or nothing: when a
     # rename fails, the files already renamed go back and the transaction rolls back.
     storage.commit_synced(placements)
-    return results, spooled
+    # Journaled instances received into memory: written straight under their keys before their
+    # rows commit (no reader knows the key yet, so no staging file and rename are needed), and
+    # made durable by the settler after it (their bytes are durable in the journal meanwhile).
+    storage.write_unsynced([(source, key) for source, key, _ in written if isinstance(source, bytes)])
+    return results, spooled, written
 
 
 class CommitFailed(Exception):

@@ -187,3 +187,15 @@ def test_place_writes_bytes_under_their_key_beside_renamed_files(tmp_path: Path)
     assert (storage.root / "s2/deeper/b.dcm").read_bytes() == b"from memory"
     assert not staged.exists() and list(storage.tmp_dir.iterdir()) == []
     storage.settle([(staged, "s1/a.dcm"), (b"from memory", "s2/deeper/b.dcm")])
+
+
+def test_write_unsynced_writes_bytes_under_keys_making_folders(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "s")
+    (storage.root / "old").mkdir()
+    (storage.root / "old/x.dcm").write_bytes(b"a longer leftover of an earlier attempt")
+    storage.write_unsynced([(b"new", "new/deeper/a.dcm"), (b"again", "old/x.dcm")])
+    assert (storage.root / "new/deeper/a.dcm").read_bytes() == b"new"
+    assert (storage.root / "old/x.dcm").read_bytes() == b"again"
+    assert list(storage.tmp_dir.iterdir()) == []
+    with pytest.raises(StorageFailure, match="could not write 1 file"):  # a file where a folder must be
+        storage.write_unsynced([(b"x", "old/x.dcm/y.dcm")])

@@ -169,6 +169,10 @@ def test_refile_is_idempotent_and_never_undoes_a_later_replacement(engine: Engin
     storage.path(_rows(engine)[str(dcmread(files[1]).SOPInstanceUID)].storage_key).unlink()
     refile(engine, storage, record(second, before))  # filed, file lost: written again
     _check(engine, storage, files)
+    second_file = storage.path(_rows(engine)[str(dcmread(files[1]).SOPInstanceUID)].storage_key)
+    second_file.write_bytes(second[:len(second) // 2] + bytes(len(second) - len(second) // 2))
+    refile(engine, storage, record(second, before))  # half-written before a crash (write_unsynced): again
+    _check(engine, storage, files)
 
     placed = Record({**record(second, before).header, "placed": True,
                      "key": _rows(engine)[str(dcmread(files[1]).SOPInstanceUID)].storage_key}, b"")
