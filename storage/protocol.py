@@ -76,7 +76,8 @@ class Storage(Protocol):
         ...
 
     def settle(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
-        """Make files :meth:`place` put under their keys durable (each file's fsync, each folder's)."""
+        """Make files :meth:`place` or :meth:`write_unsynced` put under their keys durable (each
+        file's fsync, each folder's)."""
         ...
 
     def discard_staged(self) -> int:

@@ -225,7 +225,11 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
                 storage.put(row.storage_key, data)
             return
         if row is not None and as_utc(row.received_at) >= datetime.fromisoformat(header["at"]):
-            return  # replaced by an instance that arrived after this one
+            # replaced by an instance that arrived after this one; a file this one's attempt left
+            # under its own key (written before a COMMIT that failed) is nobody's
+            if header.get("key") and header["key"] != row.storage_key and not header.get("placed"):
+                _remove_quietly(storage, header["key"])
+            return
         if data is None:
             raise ValueError(f"the file of journaled instance {header['key']} is missing and it is not indexed")
         ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
@@ -262,6 +266,9 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     Spooled instances (:attr:`Prepared.spool`) are written into the transaction as spool rows
     instead of being placed before it; after the commit their files are renamed into place (no
     flush) and handed to ``settle`` (:meth:`.spool.Settler.add`), or, without one, settled here.
+    Journaled ones received into memory (:attr:`Prepared.in_memory`) are written under their keys
+    before the commit instead (:meth:`storage.FileStorage.write_unsynced`: no reader knows those
+    keys before their rows commit) and handed to ``settle`` after it alike.
     ``spool_deletes`` are spool rows of instances already settled, deleted in this transaction
     (:meth:`.spool.Settler.take_settled`).
     """
@@ -300,8 +307,12 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     results, spooled, written = filed
     if spooled or written:
         _place_spooled(engine, storage, spooled, settle, written)
+    # A key the batch made obsolete is removed, unless a later instance of the batch filed the
+    # same SOP Instance under it again (A, then B, then A's bytes again: A's key is current).
+    current = {item.headers.sop_instance_uid: item.stored.key
+               for item, r in zip(items, results, strict=True) if r.outcome is not StoreOutcome.duplicate}
     for result in results:
-        if result.obsolete_key:
+        if result.obsolete_key and result.obsolete_key not in current.values():
             _remove_quietly(storage, result.obsolete_key)
     return [IngestResult(item.headers, item.stored, r.outcome, r.study_version, r.new_version)
             for item, r in zip(items, results, strict=True)]
@@ -611,16 +622,20 @@ class Ingestor:
 
     def _write_and_done(self, job: _Journaled, result: IngestResult) -> None:
         key, data = job.item.stored.key, job.item.spool
-        try:
-            if data is not None and (result.outcome is not StoreOutcome.duplicate
-                                     or not os.path.exists(self.storage.path(key))):
-                self.storage.put(key, data)
-        except StorageFailure:
-            log.exception("could not write %s; it stays in the intake journal, written when the listener "
-                          "next starts", key)
-            self._placing.pop(job.item.spool_id, None)
+        if data is not None and (result.outcome is not StoreOutcome.duplicate
+                                 or not os.path.exists(self.storage.path(key))):
+            try:
+                self.storage.put(key, data)  # durable
+            except StorageFailure:
+                log.exception("could not write %s; it stays in the intake journal, written when the listener "
+                              "next starts", key)
+                self._placing.pop(job.item.spool_id, None)
+                return
+            self._done(job)
             return
-        self._done(job)
+        # A duplicate whose file is there: perhaps written (not yet durably) before a COMMIT that
+        # reported a failure but happened (write_unsynced). Settled before its record is done.
+        self._settle([(job.item.source, key, job.item.spool_id)])
 
     def _settle(self, placed: Sequence[Placed]) -> None:
         self._handed.update(spool_id for _, _, spool_id in placed if spool_id in self._placing)

@@ -203,7 +203,8 @@ class Listener:
         """Storage Commitment results from a PACS (N-EVENT-REPORT, PS3.4 J.3.3) onto the outbox
         rows of that transaction (:func:`.outbox.record_commitment`)."""
         try:
-            self.storage.hand_over(staged)  # on disk, where it stayed in memory (staging_file)
+            if not staged.exists():  # it stayed in memory (staging_file): on disk, no early fsync
+                self.storage.hand_over(staged, sync_above=1 << 62)
             result = read_commitment_report(staged, event_type_id)
             with session_scope(self.engine) as session:
                 record_commitment(session, transaction_uid=result[0], committed=result[1], failed=result[2],

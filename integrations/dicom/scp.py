@@ -84,7 +84,8 @@ class ScpHandler(Protocol):
         """True while new associations must be refused (e.g. storage below its free-space floor)."""
 
     def staging_file(self) -> Any:
-        """A new writable staging file with ``name``, ``write``, ``file`` and ``close``."""
+        """A new writable staging file with ``name``, ``write``, ``flush`` and ``close`` (its bytes
+        may stay in memory: the handler, not this engine, reads the file at ``name``)."""
 
     def store(self, calling_ae: str, sop_class_uid: str, sop_instance_uid: str, staged: Path) -> tuple[int, str]:
         """Store a received instance; returns (DIMSE status, error comment). Never raises."""

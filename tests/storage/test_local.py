@@ -192,10 +192,13 @@ def test_place_writes_bytes_under_their_key_beside_renamed_files(tmp_path: Path)
 def test_write_unsynced_writes_bytes_under_keys_making_folders(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "s")
     (storage.root / "old").mkdir()
-    (storage.root / "old/x.dcm").write_bytes(b"a longer leftover of an earlier attempt")
+    (storage.root / "old/x.dcm").write_bytes(b"a file a reader may hold")
+    held = open(storage.root / "old/x.dcm", "rb")  # noqa: SIM115 - closed below
     storage.write_unsynced([(b"new", "new/deeper/a.dcm"), (b"again", "old/x.dcm")])
     assert (storage.root / "new/deeper/a.dcm").read_bytes() == b"new"
     assert (storage.root / "old/x.dcm").read_bytes() == b"again"
+    with held:  # an existing file is replaced whole, never truncated under its reader
+        assert held.read() == b"a file a reader may hold"
     assert list(storage.tmp_dir.iterdir()) == []
     with pytest.raises(StorageFailure, match="could not write 1 file"):  # a file where a folder must be
         storage.write_unsynced([(b"x", "old/x.dcm/y.dcm")])

@@ -232,6 +232,7 @@ def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, 
             study.state = StudyState.drafted.value  # drafted: the next image starts version 2
             s.add(study)
         a, dup, b, a_again, c = file(data[1], data[0], data[2], _variant(data[1]), data[3])
+        b_other, b_back = file(_variant(data[2]), data[2])  # b replaced, then back to its bytes
     finally:
         writer.close()
     assert first.outcome is StoreOutcome.new and first.study_version == 1
@@ -246,7 +247,11 @@ def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, 
         rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
         assert len(rows) == 4 and rows[a.headers.sop_instance_uid].sha256 == a_again.stored.sha256
         report = verify(s)  # one chained record per filed instance and one for the state change
-        assert report.ok and report.checked == 7
+        assert report.ok and report.checked == 9
         actions = [r.action for r in s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()]
     assert actions[1:] == ["instance.new", "study.receiving", "instance.duplicate", "instance.new",
-                           "instance.replaced", "instance.new"]
+                           "instance.replaced", "instance.new", "instance.replaced", "instance.replaced"]
+    assert b_back.stored.key == b.stored.key != b_other.stored.key
+    # its key was made obsolete by b_other, then current again: kept; b_other's removed
+    assert storage.path(b.stored.key).read_bytes() == data[2]
+    assert not storage.path(b_other.stored.key).exists()

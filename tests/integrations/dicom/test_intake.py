@@ -110,7 +110,8 @@ def test_a_record_that_cannot_be_filed_keeps_its_segment(tmp_path: Path) -> None
 
 
 def _ingest(ingestor: Ingestor, storage: FileStorage, data: bytes) -> None:
-    writer = storage.staging_file()
+    # as the listener stages it: in memory up to the size whose bytes the journal takes
+    writer = storage.staging_file(memory_first=ingestor.spool_max_bytes if ingestor.journal else 0)
     writer.write(data)
     path = Path(writer.name)
     try:
@@ -307,3 +308,53 @@ def test_small_instances_the_walk_leaves_to_pydicom_are_read_from_memory(
         stored = dcmread(storage.path(row.storage_key))
         assert stored.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert not any(storage.tmp_dir.iterdir())
+
+
+def test_a_commit_reported_failed_that_happened_is_settled_before_its_record_is_done(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance received into memory is written under its key before its row commits. When
+    the COMMIT happens but reports a failure, the retry finds a duplicate whose file is there
+    (not yet durable): its journal record is done only once that file is settled."""
+    from ground.db import WriterConnection
+
+    storage = FileStorage(tmp_path / "storage")
+    files = make_ct_series(tmp_path / "ct", 2, rows=32, cols=32)
+    folder = tmp_path / "storage" / ".intake"
+    journal = IntakeJournal(folder)
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=journal, index_wait=0.0)
+    _ingest(ingestor, storage, files[0].read_bytes())  # the series' first instance, filed normally
+    assert ingestor.wait_indexed(10) and ingestor.settler.flush(10)
+    real_commit, real_settle, real_done = WriterConnection.commit, storage.settle, journal.done
+    failed: list[int] = []
+    settled: set[str] = set()
+    done_before_settled: list[str] = []
+
+    def commit_then_fail(self: WriterConnection) -> None:
+        real_commit(self)
+        if not failed:
+            failed.append(1)
+            raise sqlite3.OperationalError("connection lost after the COMMIT went through")
+
+    def settle(placements: object) -> None:
+        real_settle(placements)  # type: ignore[arg-type]
+        settled.update(key for _, key in placements)  # type: ignore[attr-defined]
+
+    def done(entry: object) -> None:
+        keys = {str(r.storage_key) for r in _rows(engine).values()}
+        done_before_settled.extend(sorted(keys - settled))
+        real_done(entry)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WriterConnection, "commit", commit_then_fail)
+    monkeypatch.setattr(storage, "settle", settle)
+    monkeypatch.setattr(journal, "done", done)
+    try:
+        settled.update(str(r.storage_key) for r in _rows(engine).values())  # the first one: settled above
+        _ingest(ingestor, storage, files[1].read_bytes())
+        deadline = time.monotonic() + 15
+        while journal.pending() or not failed:  # the failed COMMIT, its retry, the settling
+            assert time.monotonic() < deadline, "the instance was not retried and settled"
+            time.sleep(0.05)
+    finally:
+        ingestor.close()
+    assert failed and done_before_settled == []
+    _check(engine, storage, files)
