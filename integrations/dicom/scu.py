@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from ground.errors import PermanentError, TaqrirError, TransientError
@@ -85,6 +86,20 @@ _REJECT_REASONS = {
     (2, 1): "no reason given", (2, 2): "protocol version not supported",
     (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
 }
+
+
+def _rejection(assoc: Association) -> Any | None:
+    """The peer's A-ASSOCIATE-RJ, when it sent one. pynetdicom (3.0) reports a rejection as an
+    abort, with no answer, when its reactor has already handled the RJ and closed the transport
+    before the requesting thread checks the connection (a peer that closes right after
+    rejecting, as Orthanc does, wins that race about one time in a hundred here); the RJ is
+    then still queued for the requestor, and is read from there."""
+    if assoc.is_rejected:
+        return assoc.acceptor.primitive or A_ASSOCIATE()  # (no result read: classified permanent)
+    queued = assoc.dul.peek_next_pdu()
+    if isinstance(queued, A_ASSOCIATE) and getattr(queued, "result", None) in (0x01, 0x02):
+        return queued
+    return None
 
 
 def classify_rejection(result: int, source: int, diagnostic: int) -> tuple[Outcome, str]:
@@ -202,8 +217,8 @@ def associate(dest: Destination, settings: ExportSettings, items: Sequence[SendI
         raise TransientExportError(f"cannot reach {dest.host}:{dest.port}: {type(err).__name__}: {err}") from err
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
+    rsp = _rejection(assoc)
+    if rsp is not None:
         result = int(getattr(rsp, "result", 1) or 1)
         source = int(getattr(rsp, "result_source", 0) or 0)
         diagnostic = int(getattr(rsp, "diagnostic", 0) or 0)

@@ -313,6 +313,34 @@ def test_raw_association_reject_is_classified_on_the_row(
         peer.stop()
 
 
+def test_a_rejection_whose_transport_closed_first_is_still_a_rejection(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's reactor may handle the A-ASSOCIATE-RJ and close the transport before the
+    requesting thread looks (about one association in a hundred against a peer that closes at
+    once): forced here by holding the requesting thread back after its request. The rejection is
+    still read and classified, not taken for a peer that never answered."""
+    from pynetdicom.acse import ACSE
+
+    send_request = ACSE.send_request
+
+    def send_then_dawdle(self: ACSE) -> None:
+        send_request(self)
+        time.sleep(0.3)  # the reactor receives the RJ and closes the socket meanwhile
+
+    monkeypatch.setattr(ACSE, "send_request", send_then_dawdle)
+    peer = RejectingPeer(1, 2, 2)
+    peer.start()
+    try:
+        settings = _settings(_dest(peer.port))
+        row_id, _ = _queue(engine, tmp_path, settings)
+        [done] = deliver(engine, settings, [row_id])
+        row = _row(engine, row_id)
+        assert done.state.value == "dead" and row.state == "dead", row.last_error
+        assert "association rejected (permanent): protocol version not supported" in (row.last_error or "")
+    finally:
+        peer.stop()
+
+
 # -- TLS ---------------------------------------------------------------------------------------
 
 def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
