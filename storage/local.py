@@ -442,7 +442,9 @@ class FileStorage:
             try:
                 os.replace(staged, dst)
             except FileNotFoundError:
-                if os.path.isdir(parent) or not os.path.exists(staged):
+                # the staged file is gone, or the folder is missing (another association may be
+                # making it at this moment: asking whether it exists now would race with that)
+                if not os.path.exists(staged):
                     raise
                 os.makedirs(parent, exist_ok=True)
                 # a new folder's entry (and its parent's, which may be new too) must last

@@ -202,3 +202,29 @@ def test_write_unsynced_writes_bytes_under_keys_making_folders(tmp_path: Path) -
     assert list(storage.tmp_dir.iterdir()) == []
     with pytest.raises(StorageFailure, match="could not write 1 file"):  # a file where a folder must be
         storage.write_unsynced([(b"x", "old/x.dcm/y.dcm")])
+
+
+def test_a_folder_another_writer_makes_meanwhile_does_not_fail_the_rename(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Associations placing the first files of a new series folder at once: one's rename fails
+    for want of the folder, which another makes before the first looks. (Asking whether the
+    folder exists then, to tell a missing folder from a missing staged file, refused the
+    instance with 0xA700: seen with four CT associations in bench/ingest.py.)"""
+    import storage.local as local
+
+    storage = FileStorage(tmp_path / "s")
+    staged = _stage(storage, b"slice")
+    _writers[-1].close()  # type: ignore[attr-defined]
+    real_replace = os.replace
+    raced: list[int] = []
+
+    def replace(src: str, dst: str) -> None:
+        if not raced and not os.path.isdir(os.path.dirname(dst)):
+            raced.append(1)
+            os.makedirs(os.path.dirname(dst))  # the other association, in between
+            raise FileNotFoundError(2, "No such file or directory", dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(local.os, "replace", replace)
+    storage.commit_synced([(staged, "series/new/a.dcm")])
+    assert raced and (storage.root / "series/new/a.dcm").read_bytes() == b"slice"
