@@ -108,8 +108,12 @@ def main() -> None:
                     if db and name.startswith("taqrir"):
                         reset_postgres_schema(db)
                     out = work / f"{scenario}-r{n}-{i}"
-                    runs[name].append(run(files, out, parallel))
-                    shutil.rmtree(out, ignore_errors=True)
+                    try:
+                        runs[name].append(run(files, out, parallel))
+                    except RuntimeError as err:  # one failed run (a sender's refusal) does not end the others
+                        print(f"  {scenario}, {name}, run {i + 1}: {err}", flush=True)
+                    finally:
+                        shutil.rmtree(out, ignore_errors=True)
             report(scenario, len(files), mb, parallel, runs)
     finally:
         shutil.rmtree(src, ignore_errors=True)
@@ -117,6 +121,9 @@ def main() -> None:
 
 
 def report(scenario: str, count: int, mb: float, parallel: int, runs: dict[str, list[Run]]) -> None:
+    runs = {name: rs for name, rs in runs.items() if rs}
+    if not runs:
+        return
     rate = {name: count / statistics.median(r.seconds for r in rs) for name, rs in runs.items()}
     cpu = {name: 1000 * statistics.median(r.cpu_seconds for r in rs) / count for name, rs in runs.items()}
     orthanc = next((v for k, v in rate.items() if k.startswith("Orthanc")), None)
@@ -129,7 +136,7 @@ def report(scenario: str, count: int, mb: float, parallel: int, runs: dict[str, 
         vs_orthanc = f"{r / orthanc:.2f}" if orthanc else "-"
         vs_scp = f"{r / scp:.2f}" if scp else "-"
         print(f"{label:<34}{r:>8.0f}{r * mb / count:>8.1f}{cpu[name]:>13.2f}{vs_orthanc:>10}{vs_scp:>11}")
-    spread = {name: sorted(round(count / x.seconds) for x in rs) for name, rs in runs.items()}
+    spread = {name: sorted(round(count / x.seconds) for x in rs) for name, rs in runs.items()}  # fewer: a run failed
     print("  runs (inst/s): " + "; ".join(f"{k}: {v}" for k, v in spread.items()))
 
 

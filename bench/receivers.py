@@ -95,7 +95,7 @@ def send(port: int, called: str, files: list[Path], parallel: int, receiver_pid:
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+            raise RuntimeError(f"storescu failed (exit status {p.returncode}): {err.decode()[-500:]}")
     elapsed = time.perf_counter() - t0
     time.sleep(0.05)  # a forked storescp reaps its last child after the release
     return Run(elapsed, tree_cpu(receiver_pid) - cpu0)
