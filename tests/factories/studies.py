@@ -68,3 +68,18 @@ def make_ct_series(out_dir: Path, n: int, *, rows: int = 512, cols: int = 512, s
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def corrected_resend(data: bytes) -> bytes:
+    """The same SOP Instance as the file ``data`` with other pixel values (a corrected resend)."""
+    import io
+
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    pixels = bytearray(ds.PixelData)
+    pixels[0] ^= 0xFF
+    ds.PixelData = bytes(pixels)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -10,6 +10,7 @@ given up on is never sent again.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -293,12 +295,7 @@ def test_unknown_calling_ae_is_dead_at_once_and_never_retried(
 ], ids=["transient-user", "transient-congestion", "permanent-called-ae", "permanent-protocol"])
 def test_raw_association_reject_is_classified_on_the_row(
         engine: Engine, tmp_path: Path, result: int, source: int, diagnostic: int, state: str, reason: str) -> None:
-    peer = RejectingPeer(result, source, diagnostic)
-    peer.start()
-    try:
-        settings = _settings(_dest(peer.port))
-        row_id, _ = _queue(engine, tmp_path, settings)
-        [done] = deliver(engine, settings, [row_id])
+    with _delivered_to_rejecting_peer(engine, tmp_path, result, source, diagnostic) as (peer, settings, row_id, done):
         row = _row(engine, row_id)
         assert done.state.value == state and row.state == state and row.attempts == 1
         assert reason in (row.last_error or ""), row.last_error
@@ -309,6 +306,20 @@ def test_raw_association_reject_is_classified_on_the_row(
             time.sleep(0.3)
             assert _sweep(engine) == [row_id]
         assert peer.requests == 1
+
+
+@contextlib.contextmanager
+def _delivered_to_rejecting_peer(engine: Engine, tmp_path: Path, result: int, source: int,
+                                 diagnostic: int) -> Iterator[tuple[RejectingPeer, ExportSettings, int, Any]]:
+    """One object queued for a peer that answers A-ASSOCIATE-RJ, delivered once: (the peer, the
+    settings, the row's id, the delivery's outcome); the peer stops afterwards."""
+    peer = RejectingPeer(result, source, diagnostic)
+    peer.start()
+    try:
+        settings = _settings(_dest(peer.port))
+        row_id, _ = _queue(engine, tmp_path, settings)
+        [done] = deliver(engine, settings, [row_id])
+        yield peer, settings, row_id, done
     finally:
         peer.stop()
 
@@ -328,17 +339,10 @@ def test_a_rejection_whose_transport_closed_first_is_still_a_rejection(
         time.sleep(0.3)  # the reactor receives the RJ and closes the socket meanwhile
 
     monkeypatch.setattr(ACSE, "send_request", send_then_dawdle)
-    peer = RejectingPeer(1, 2, 2)
-    peer.start()
-    try:
-        settings = _settings(_dest(peer.port))
-        row_id, _ = _queue(engine, tmp_path, settings)
-        [done] = deliver(engine, settings, [row_id])
+    with _delivered_to_rejecting_peer(engine, tmp_path, 1, 2, 2) as (_, _, row_id, done):
         row = _row(engine, row_id)
         assert done.state.value == "dead" and row.state == "dead", row.last_error
         assert "association rejected (permanent): protocol version not supported" in (row.last_error or "")
-    finally:
-        peer.stop()
 
 
 # -- TLS ---------------------------------------------------------------------------------------

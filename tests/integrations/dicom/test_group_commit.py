@@ -3,7 +3,6 @@ outcome; one instance's failure stays its own."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
 from ground.db import WriterConnection, session_scope
@@ -22,7 +21,7 @@ from integrations.dicom.group_commit import GroupCommit
 from integrations.dicom.index import Instance, StoreOutcome, Study, StudyState
 from integrations.dicom.ingest import Ingestor, IngestResult, file_prepared, prepare
 from storage import FileStorage
-from tests.factories.studies import make_ct_series
+from tests.factories.studies import corrected_resend, make_ct_series
 
 # -- the primitive ------------------------------------------------------------------------
 
@@ -198,17 +197,6 @@ def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
         assert stored == {i.storage_key for i in s.exec(select(Instance)).all()}  # no orphan of the failure
 
 
-def _variant(data: bytes) -> bytes:
-    """The same SOP Instance with other pixel values (a corrected resend)."""
-    ds = dcmread(io.BytesIO(data))
-    pixels = bytearray(ds.PixelData)
-    pixels[0] ^= 0xFF
-    ds.PixelData = bytes(pixels)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, tmp_path: Path) -> None:
     """The hot path reads the index state of a whole batch in one query and keeps it current as
     the batch files: a study version started by an earlier instance of the batch, a duplicate
@@ -231,8 +219,8 @@ def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, 
             study = s.exec(select(Study)).one()
             study.state = StudyState.drafted.value  # drafted: the next image starts version 2
             s.add(study)
-        a, dup, b, a_again, c = file(data[1], data[0], data[2], _variant(data[1]), data[3])
-        b_other, b_back = file(_variant(data[2]), data[2])  # b replaced, then back to its bytes
+        a, dup, b, a_again, c = file(data[1], data[0], data[2], corrected_resend(data[1]), data[3])
+        b_other, b_back = file(corrected_resend(data[2]), data[2])  # b replaced, then back to its bytes
     finally:
         writer.close()
     assert first.outcome is StoreOutcome.new and first.study_version == 1
@@ -248,7 +236,7 @@ def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, 
         assert len(rows) == 4 and rows[a.headers.sop_instance_uid].sha256 == a_again.stored.sha256
         report = verify(s)  # one chained record per filed instance and one for the state change
         assert report.ok and report.checked == 9
-        actions = [r.action for r in s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()]
+        actions = [r.action for r in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()]
     assert actions[1:] == ["instance.new", "study.receiving", "instance.duplicate", "instance.new",
                            "instance.replaced", "instance.new", "instance.replaced", "instance.replaced"]
     assert b_back.stored.key == b.stored.key != b_other.stored.key

@@ -4,7 +4,6 @@ journal record is durable and indexed after the answer; what a crash leaves is f
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
 import sqlite3
@@ -35,7 +34,7 @@ from storage import FileStorage
 from tests.conftest import free_port
 from tests.factories.dcmtk import send_raw, storescu
 from tests.factories.listener import listener_env, start_process
-from tests.factories.studies import make_ct_series
+from tests.factories.studies import corrected_resend, make_ct_series
 
 
 def _segments(folder: Path) -> list[Path]:
@@ -140,22 +139,11 @@ def test_journaled_instances_are_indexed_after_the_answer(engine: Engine, tmp_pa
     assert not any(storage.tmp_dir.iterdir())  # no staged file left behind
 
 
-def _variant(path: Path) -> bytes:
-    """The same SOP Instance with other pixel values (a corrected resend)."""
-    ds = dcmread(path)
-    pixels = bytearray(ds.PixelData)
-    pixels[0] ^= 0xFF
-    ds.PixelData = bytes(pixels)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def test_refile_is_idempotent_and_never_undoes_a_later_replacement(engine: Engine, tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "storage")
     files = make_ct_series(tmp_path / "ct", 2, rows=32, cols=32)
     first, second = files[0].read_bytes(), files[1].read_bytes()
-    corrected = _variant(files[0])
+    corrected = corrected_resend(files[0].read_bytes())
 
     def record(data: bytes, at: str) -> Record:
         return Record({"key": "", "sha256": hashlib.sha256(data).hexdigest(), "ae": "MODALITY", "at": at}, data)
