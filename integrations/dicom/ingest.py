@@ -309,10 +309,11 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
         _place_spooled(engine, storage, spooled, settle, written)
     # A key the batch made obsolete is removed, unless a later instance of the batch filed the
     # same SOP Instance under it again (A, then B, then A's bytes again: A's key is current).
-    current = {item.headers.sop_instance_uid: item.stored.key
-               for item, r in zip(items, results, strict=True) if r.outcome is not StoreOutcome.duplicate}
+    current = set({item.headers.sop_instance_uid: item.stored.key  # each SOP Instance's last key
+                   for item, r in zip(items, results, strict=True)
+                   if r.outcome is not StoreOutcome.duplicate}.values())
     for result in results:
-        if result.obsolete_key and result.obsolete_key not in current.values():
+        if result.obsolete_key and result.obsolete_key not in current:
             _remove_quietly(storage, result.obsolete_key)
     return [IngestResult(item.headers, item.stored, r.outcome, r.study_version, r.new_version)
             for item, r in zip(items, results, strict=True)]

@@ -18,8 +18,8 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
 - An instance of up to ``listener.spool_max_bytes`` is answered once it is durable in the intake
   journal (:mod:`.intake`: one append and one flush) and indexed after the answer, in batches; an
   association's release waits for its instances to be indexed. Such an instance is received into
-  memory (no staging file), and its file is written under its key after the answer. The journal segments a crash
-  leaves are filed again in :meth:`Listener.start`, before anything is served. With
+  memory (no staging file), and its file is written under its key after the answer. The journal
+  segments a crash leaves are filed again in :meth:`Listener.start`, before anything is served. With
   ``listener.intake_journal`` off it is spooled instead (:mod:`.spool`): its bytes commit with its
   index row (one flush instead of three); either way its file is made durable after the answer.
 - Instances are filed through one :class:`~.ingest.Ingestor` per process: concurrent associations
