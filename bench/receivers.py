@@ -40,6 +40,16 @@ _TICK = os.sysconf("SC_CLK_TCK")
 class Run:
     seconds: float
     cpu_seconds: float
+    #: CPU seconds the whole machine spent during the transfer (senders, receiver, kernel), of
+    #: ``seconds`` times the cores: how close to the machine's ceiling the run was
+    machine_cpu_seconds: float = 0.0
+
+
+def machine_cpu() -> float:
+    """CPU seconds all cores have spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / _TICK
 
 
 def free_port() -> int:
@@ -89,6 +99,7 @@ def tree_cpu(pid: int) -> float:
 def send(port: int, called: str, files: list[Path], parallel: int, receiver_pid: int) -> Run:
     chunks = [files[i::parallel] for i in range(parallel)]
     cpu0 = tree_cpu(receiver_pid)
+    busy0 = machine_cpu()
     t0 = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, c)], env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
@@ -97,8 +108,9 @@ def send(port: int, called: str, files: list[Path], parallel: int, receiver_pid:
         if p.returncode != 0:
             raise RuntimeError(f"storescu failed (exit status {p.returncode}): {err.decode()[-500:]}")
     elapsed = time.perf_counter() - t0
+    busy = machine_cpu() - busy0
     time.sleep(0.05)  # a forked storescp reaps its last child after the release
-    return Run(elapsed, tree_cpu(receiver_pid) - cpu0)
+    return Run(elapsed, tree_cpu(receiver_pid) - cpu0, busy)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -21,6 +21,7 @@ from audit.ship import ShipError
 from ground.db import session_scope
 from ground.errors import SchemaNotCurrent
 from inference.cli import model_app
+from integrations.dicom.config import receiving_processes
 from integrations.dicom.index import list_studies, study_by_uid
 from integrations.dicom.outbox import OutboxState, counts, list_rows, replay
 from integrations.hl7.server import Receiver, run
@@ -104,12 +105,15 @@ def listen(
     settings = with_places(get_settings(), dicom_host=host, dicom_port=port)
     if ae_title is not None:
         settings.listener.ae_title = ae_title
+    # unset: one receiving process per core (an embedded listener, as the demo's, stays at one)
+    settings.listener.processes = receiving_processes(settings.listener.processes)
     parts = wiring.receiving(settings, _engine())
     # SIGTERM stops as Ctrl-C does: what was journaled is indexed and the journal closed
     # (integrations.dicom.intake), instead of being left to the next start's replay.
     signal.signal(signal.SIGTERM, lambda signum, frame: parts.listener.request_stop())
     bound = parts.start()
-    typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} (Ctrl-C to stop)")
+    typer.echo(f"Taqrir listening as {settings.listener.ae_title} on port {bound} with "
+               f"{settings.listener.processes} receiving process(es) (Ctrl-C to stop)")
     parts.listener.wait()
     parts.close()
 

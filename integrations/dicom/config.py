@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+#: the most receiving processes ``taqrir listen`` starts by itself (:func:`receiving_processes`)
+AUTO_PROCESSES_MAX = 4
 
 
 class ListenerSettings(BaseModel):
@@ -72,16 +76,33 @@ class ListenerSettings(BaseModel):
             "commit (small ones through the spool)."
         ),
     )
-    processes: int = Field(
-        1,
+    processes: int | None = Field(
+        None,
         ge=1,
         le=64,
         description=(
-            "Receiving processes sharing the listening socket (pre-forked, Linux/Unix only). One "
-            "process is bound by the GIL to about one core; more let parallel associations use "
-            "more cores. max_associations applies per process."
+            "Receiving processes of `taqrir listen` sharing the listening socket (pre-forked, "
+            "Linux/Unix only). One process is bound by the GIL to about one core; more let parallel "
+            "associations use more cores. Unset: one per CPU core the listener may use, at most "
+            f"{AUTO_PROCESSES_MAX} (receiving_processes). A listener embedded in another program (the "
+            "demo) receives in that program's process. max_associations applies per process."
         ),
     )
+
+
+def receiving_processes(configured: int | None, cores: int | None = None) -> int:
+    """How many receiving processes ``taqrir listen`` runs: ``listener.processes`` when set, else
+    one per CPU core this process may run on (``cores``; read from the scheduler's affinity when
+    None), at most :data:`AUTO_PROCESSES_MAX`: every process's index transaction takes the one
+    index lock, so processes past the cores only add contention (measured on 2 cores, bench/README.md)."""
+    if configured is not None:
+        return configured
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_PROCESSES_MAX))
 
 
 class StudySettings(BaseModel):

@@ -32,8 +32,9 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   the index and audit chain serialise writers across processes as they do across threads. The
   parent also serves and alone runs the stability sweeper. A child that is killed loses at most
   unacknowledged transfers, as any crash does; children leave when the parent does. Every
-  instance's index transaction holds the one index lock, which caps all processes together; the
-  default is 1.
+  instance's index transaction holds the one index lock, which caps all processes together.
+  ``taqrir listen`` runs one per CPU core (at most four) unless ``listener.processes`` is set; a
+  listener embedded in another program runs one.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class Listener:
         after_store: Callable[[IngestResult, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        #: receiving processes: ``listener.processes``, which ``taqrir listen`` sets from the
+        #: cores when unset (:func:`~.config.receiving_processes`); an embedded listener receives
+        #: in its program's process alone
+        self.processes = settings.processes or 1
         #: Called with each stored instance and its calling AE once it is durably indexed (before
         #: Success is answered, or after it for a journaled instance): it must only hand off (e.g.
         #: the signed-SR reader queues SRs).
@@ -255,13 +260,13 @@ class Listener:
         self.replay_journal()
         server = StorageScp(self._config(), self, (self.settings.host, self.settings.port))
         self._server = server
-        if self.settings.processes > 1:
+        if self.processes > 1:
             # Fork before this process starts any thread of its own, and with no database
             # connection open: SQLite's per-process lock and WAL-index state must not be
             # inherited (a child then missed committed tables), and a PostgreSQL connection
             # must not be shared. Everyone reconnects on first use.
             self.engine.dispose()
-            for _ in range(self.settings.processes - 1):
+            for _ in range(self.processes - 1):
                 self._fork_receiver(server)
         self._open_journal()
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
@@ -341,7 +346,7 @@ class Listener:
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
-            if self.settings.processes > 1:
+            if self.processes > 1:
                 self.replay_journal()  # a receiving process that died leaves its segment
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)
@@ -355,7 +360,7 @@ class Listener:
             self._server.shutdown()
             self._server = None
         self.ingestor.close()
-        if self.settings.processes > 1:
+        if self.processes > 1:
             self.replay_journal()  # what stopped receiving processes had not indexed
 
     def request_stop(self) -> None:

@@ -126,6 +126,41 @@ def test_listen_takes_the_same_option_names(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "taqrir.db").is_file()
 
 
+def _receivers(pid: int) -> list[int]:
+    """The processes ``pid`` forked (its pre-forked receivers), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the forked receivers from /proc")
+@pytest.mark.parametrize("setting", [None, "1", "3"])
+def test_listen_runs_one_receiving_process_per_core_unless_told(tmp_path: Path, setting: str | None) -> None:
+    """Unset, ``listener.processes`` is the cores ``taqrir listen`` may run on (at most four):
+    one process is bound by the GIL to one core. Set, it is what was set."""
+    cores = len(os.sched_getaffinity(0))
+    expected = min(cores, 4) if setting is None else int(setting)
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    if setting is not None:
+        env["TAQRIR_LISTENER__PROCESSES"] = setting
+    run_env = {k: v for k, v in os.environ.items() if k != "TAQRIR_LISTENER__PROCESSES"}
+    proc = subprocess.Popen([sys.executable, "-m", "taqrir", "listen", "--dicom-host", "127.0.0.1",
+                             "--dicom-port", str(port)], env={**run_env, **env}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
+            time.sleep(0.5)
+        assert len(_receivers(proc.pid)) == expected - 1
+    finally:
+        out = _end(proc)
+    assert f"with {expected} receiving process(es)" in out
+
+
 def test_demo_honours_taqrir_data_dir_and_never_wipes_foreign_data(tmp_path: Path) -> None:
     place = tmp_path / "clinic-data"
     place.mkdir()
