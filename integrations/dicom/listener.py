@@ -43,10 +43,12 @@ import ctypes
 import ipaddress
 import logging
 import os
+import select
 import signal
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -91,6 +93,22 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _wait_ready(pipes: list[int], *, timeout: float) -> None:
+    """Wait until each receiving process has written to its pipe (or closed it: it failed, and
+    said why in the log), at most ``timeout`` seconds in all, then close the pipes."""
+    deadline = time.monotonic() + timeout
+    try:
+        for fd in pipes:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                log.warning("a receiving process was not ready after %.0f s; serving all the same", timeout)
+                return
+            os.read(fd, 1)
+    finally:
+        for fd in pipes:
+            os.close(fd)
 
 
 def _configure_pydicom() -> None:
@@ -260,15 +278,18 @@ class Listener:
         self.replay_journal()
         server = StorageScp(self._config(), self, (self.settings.host, self.settings.port))
         self._server = server
+        readies: list[int] = []
         if self.processes > 1:
             # Fork before this process starts any thread of its own, and with no database
             # connection open: SQLite's per-process lock and WAL-index state must not be
             # inherited (a child then missed committed tables), and a PostgreSQL connection
             # must not be shared. Everyone reconnects on first use.
             self.engine.dispose()
-            for _ in range(self.processes - 1):
-                self._fork_receiver(server)
+            readies = [self._fork_receiver(server) for _ in range(self.processes - 1)]
         self._open_journal()
+        # serve once every receiver is ready: preparing its journal segment (16 MiB written and
+        # flushed) would otherwise share the disk with the first transfers (bench/README.md)
+        _wait_ready(readies, timeout=30.0)
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="stability-sweep", daemon=True)
         self._sweeper.start()
@@ -299,17 +320,23 @@ class Listener:
             log.info("replayed %d journaled instance(s) left by an earlier run", count)
         return count
 
-    def _fork_receiver(self, server: StorageScp) -> None:
+    def _fork_receiver(self, server: StorageScp) -> int:
+        """Fork a receiving process; returns the read end of a pipe it writes to once ready."""
         parent = os.getpid()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._serve_in_child(server, parent)
+            os.close(ready_r)
+            self._serve_in_child(server, parent, ready_w)
+        os.close(ready_w)
         self._children.append(pid)
         log.info("receiving process %d started", pid)
+        return ready_r
 
-    def _serve_in_child(self, server: StorageScp, parent: int) -> NoReturn:
+    def _serve_in_child(self, server: StorageScp, parent: int, ready: int) -> NoReturn:
         """A pre-forked receiving process: serve the inherited socket until told to stop or
-        orphaned. Never returns into the parent's code."""
+        orphaned, saying on ``ready`` (a pipe) when it is about to. Never returns into the
+        parent's code."""
         code = 0
         try:
             _die_with_parent()
@@ -328,6 +355,8 @@ class Listener:
 
             threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
             self._open_journal()
+            os.write(ready, b"1")
+            os.close(ready)
             server.serve_forever()
         except BaseException:
             log.exception("receiving process %d failed", os.getpid())

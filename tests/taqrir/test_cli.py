@@ -233,3 +233,43 @@ def test_the_worker_refuses_an_old_schema_before_taking_tasks(empty_db_url: str,
                                  "TAQRIR_QUEUE__BROKER_URL": "redis://127.0.0.1:6379/14"}, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stdout + run.stderr
     assert "run `taqrir db upgrade`" in run.stderr
+
+
+# Each pre-forked receiver takes two seconds to prepare its intake journal segment.
+_SLOW_RECEIVERS = """
+import os, sys, time
+from integrations.dicom.intake import IntakeJournal
+first = os.getpid()
+real = IntakeJournal.open
+def slow(self):
+    if os.getpid() != first:
+        time.sleep(2)
+    real(self)
+IntakeJournal.open = slow
+from taqrir.cli import main
+sys.argv = ["taqrir", "listen", "--dicom-host", "127.0.0.1", "--dicom-port", sys.argv[1]]
+main()
+"""
+
+
+def test_listen_serves_once_every_receiving_process_is_ready(tmp_path: Path) -> None:
+    """A receiving process prepares its journal segment (16 MiB written and flushed) before it
+    serves; the parent does not answer before its receivers are ready, so that a sender arriving
+    at once does not share the disk with that preparation."""
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RECEIVERS, str(port)], env={**os.environ, **env}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _receivers(proc.pid):
+            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
+            time.sleep(0.05)
+        forked = time.monotonic()
+        while echoscu(port).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
+            time.sleep(0.1)
+        assert time.monotonic() - forked > 1.5  # not before the receiver was ready
+    finally:
+        _end(proc)
