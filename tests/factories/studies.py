@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -72,10 +74,6 @@ def make_ct_series(out_dir: Path, n: int, *, rows: int = 512, cols: int = 512, s
 
 def corrected_resend(data: bytes) -> bytes:
     """The same SOP Instance as the file ``data`` with other pixel values (a corrected resend)."""
-    import io
-
-    from pydicom import dcmread
-
     ds = dcmread(io.BytesIO(data))
     pixels = bytearray(ds.PixelData)
     pixels[0] ^= 0xFF

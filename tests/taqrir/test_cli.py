@@ -97,6 +97,14 @@ def _end(proc: subprocess.Popen[str]) -> str:
     return proc.stdout.read() if proc.stdout else ""
 
 
+def _wait_answering(proc: subprocess.Popen[str], port: int) -> None:
+    """Wait (60 s at most) until the listener ``proc`` answers C-ECHO on ``port``."""
+    deadline = time.monotonic() + 60
+    while echoscu(port).returncode != 0:
+        assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
+        time.sleep(0.1)
+
+
 def test_api_takes_host_and_port_and_the_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "place"
     env = {"TAQRIR_LOG_LEVEL": "WARNING"}
@@ -117,10 +125,7 @@ def test_listen_takes_the_same_option_names(tmp_path: Path) -> None:
     assert _taqrir("db", "upgrade", env=env).returncode == 0
     proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
     try:
-        deadline = time.monotonic() + 60
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
-            time.sleep(0.5)
+        _wait_answering(proc, port)
     finally:
         _end(proc)
     assert (tmp_path / "d" / "taqrir.db").is_file()
@@ -151,10 +156,7 @@ def test_listen_runs_one_receiving_process_per_core_unless_told(tmp_path: Path, 
                              "--dicom-port", str(port)], env={**run_env, **env}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
-            time.sleep(0.5)
+        _wait_answering(proc, port)
         assert len(_receivers(proc.pid)) == expected - 1
     finally:
         out = _end(proc)
@@ -267,9 +269,7 @@ def test_listen_serves_once_every_receiving_process_is_ready(tmp_path: Path) -> 
             assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
             time.sleep(0.05)
         forked = time.monotonic()
-        while echoscu(port).returncode != 0:
-            assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
-            time.sleep(0.1)
+        _wait_answering(proc, port)
         assert time.monotonic() - forked > 1.5  # not before the receiver was ready
     finally:
         _end(proc)
