@@ -26,7 +26,10 @@ class ListenerSettings(BaseModel):
         default_factory=list,
         description="Peer IP addresses or CIDR networks allowed to connect; empty allows any.",
     )
-    max_associations: int = Field(16, ge=1, description="Concurrent associations before refusing.")
+    max_associations: int = Field(
+        16, ge=1,
+        description="Concurrent associations before refusing, all receiving processes together.",
+    )
     max_pdu: int = Field(
         131072,
         ge=0,
@@ -85,7 +88,8 @@ class ListenerSettings(BaseModel):
             "Linux/Unix only). One process is bound by the GIL to about one core; more let parallel "
             "associations use more cores. Unset: one per CPU core the listener may use, at most "
             f"{AUTO_PROCESSES_MAX} (receiving_processes). A listener embedded in another program (the "
-            "demo) receives in that program's process. max_associations applies per process."
+            "demo) receives in that program's process. Parallel associations are spread evenly over the "
+            "processes, and max_associations counts all of them together."
         ),
     )
 

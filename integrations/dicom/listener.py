@@ -27,7 +27,8 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   its own instance committed (``listener.group_commit_wait`` bounds how long a commit waits for
   instances other associations are preparing).
 - ``listener.processes`` > 1 pre-forks receiving processes that accept on the same listening
-  socket (the kernel hands each connection to one of them). One process is bound by the GIL to
+  socket, each connection going to one of them: to the one holding the fewest connections, and
+  ``listener.max_associations`` counts all of them together (:mod:`.shares`). One process is bound by the GIL to
   about one core; each process runs its own associations, handlers and database connections, and
   the index and audit chain serialise writers across processes as they do across threads. The
   parent also serves and alone runs the stability sweeper. A child that is killed loses at most
@@ -72,6 +73,7 @@ from .ingest import Ingestor, IngestResult, record_rejection, refile
 from .intake import INTAKE_DIR_NAME, IntakeJournal, replay
 from .outbox import read_commitment_report, record_commitment
 from .scp import ScpConfig, StorageScp
+from .shares import Shares
 from .spool import recover as recover_spool
 from .stability import Handoff, log_handoff, sweep_stable
 
@@ -285,7 +287,9 @@ class Listener:
             # inherited (a child then missed committed tables), and a PostgreSQL connection
             # must not be shared. Everyone reconnects on first use.
             self.engine.dispose()
-            readies = [self._fork_receiver(server) for _ in range(self.processes - 1)]
+            # they split parallel associations evenly and keep max_associations together (.shares)
+            server.share(Shares(self.processes))
+            readies = [self._fork_receiver(server, index) for index in range(1, self.processes)]
         self._open_journal()
         # serve once every receiver is ready: preparing its journal segment (16 MiB written and
         # flushed) would otherwise share the disk with the first transfers (bench/README.md)
@@ -320,13 +324,16 @@ class Listener:
             log.info("replayed %d journaled instance(s) left by an earlier run", count)
         return count
 
-    def _fork_receiver(self, server: StorageScp) -> int:
-        """Fork a receiving process; returns the read end of a pipe it writes to once ready."""
+    def _fork_receiver(self, server: StorageScp, index: int) -> int:
+        """Fork receiving process ``index`` (of ``server.shares``); returns the read end of a pipe
+        it writes to once ready."""
         parent = os.getpid()
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(ready_r)
+            assert server.shares is not None
+            server.shares.become(index)
             self._serve_in_child(server, parent, ready_w)
         os.close(ready_w)
         self._children.append(pid)
@@ -364,8 +371,24 @@ class Listener:
         finally:
             os._exit(code)
 
+    def _reap_children(self) -> None:
+        """Notice a receiving process that exited (killed, say): its connections and associations
+        no longer count (:mod:`.shares`); its journal is replayed by the sweep."""
+        for n, pid in enumerate(self._children):
+            if not pid:
+                continue
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                log.warning("receiving process %d exited (status %d); the others go on receiving", pid, status)
+                self._children[n] = 0
+                if self._server is not None and self._server.shares is not None:
+                    self._server.shares.clear(n + 1)
+
     def _stop_children(self) -> None:
-        for pid in self._children:
+        for pid in filter(None, self._children):
             try:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
@@ -376,6 +399,7 @@ class Listener:
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
             if self.processes > 1:
+                self._reap_children()
                 self.replay_journal()  # a receiving process that died leaves its segment
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)

@@ -37,6 +37,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context, negotiate_unrestricted
 
 from . import dimse
+from .shares import Shares
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +156,20 @@ class _Store:
 
 @dataclass
 class _Slots:
+    """Associations held, against ``max_associations``: this process's, or with ``shares`` all the
+    receiving processes' together."""
+
     limit: int
     active: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    shares: Shares | None = None
 
     def take(self) -> bool:
         with self.lock:
-            if self.active >= self.limit:
+            if self.shares is not None:
+                if not self.shares.take_association(self.limit):
+                    return False
+            elif self.active >= self.limit:
                 return False
             self.active += 1
             return True
@@ -168,6 +177,8 @@ class _Slots:
     def give(self) -> None:
         with self.lock:
             self.active -= 1
+            if self.shares is not None:
+                self.shares.give_association()
 
 
 class Association:
@@ -508,6 +519,11 @@ class Association:
                 store.path.unlink(missing_ok=True)
 
 
+#: How long a pre-forked process that holds more connections than another leaves a pending one
+#: to it (busy with the GIL, the other may be slow to wake), before accepting it itself.
+YIELD_ACCEPT_SECONDS = 0.05
+
+
 class StorageScp:
     """Accepts connections on one listening socket, one thread per association."""
 
@@ -525,6 +541,8 @@ class StorageScp:
         # holds a thread until acse_timeout): beyond this, new connections are closed at once.
         self._max_connections = 4 * config.max_associations + 16
         self._connections = 0
+        #: shared with the other receiving processes, when pre-forked (:meth:`share`)
+        self.shares: Shares | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -537,12 +555,23 @@ class StorageScp:
         self.socket.setblocking(False)
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
 
+    def share(self, shares: Shares) -> None:
+        """Accept and count associations together with the processes forked after this call
+        (:mod:`.shares`): each forked process calls ``shares.become(i)`` before serving."""
+        self.shares = shares
+        self.slots.shares = shares
+
     def connection_ended(self) -> None:
         with self._lock:
             self._connections -= 1
+            if self.shares is not None:
+                self.shares.set_connections(self._connections)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Accept until :meth:`shutdown` (a select with a timeout: no busy loop, prompt stop)."""
+        """Accept until :meth:`shutdown` (a select with a timeout: no busy loop, prompt stop). A
+        pre-forked process holding more connections than another first leaves a pending one to
+        it, for :data:`YIELD_ACCEPT_SECONDS` at most (:mod:`.shares`)."""
+        yielding_since = 0.0
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self.socket], [], [], poll_interval)
@@ -551,7 +580,15 @@ class StorageScp:
                     return
                 raise
             if not ready:
+                yielding_since = 0.0
                 continue
+            if self.shares is not None and self.shares.yield_accept():
+                now = time.monotonic()
+                yielding_since = yielding_since or now
+                if now - yielding_since < YIELD_ACCEPT_SECONDS:
+                    self._stop.wait(0.001)
+                    continue
+            yielding_since = 0.0
             try:
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -575,6 +612,8 @@ class StorageScp:
                 sock.close()
                 return
             self._connections += 1
+            if self.shares is not None:
+                self.shares.set_connections(self._connections)
         try:
             sock.setblocking(True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
@@ -271,5 +274,72 @@ def test_listen_serves_once_every_receiving_process_is_ready(tmp_path: Path) -> 
         forked = time.monotonic()
         _wait_answering(proc, port)
         assert time.monotonic() - forked > 1.5  # not before the receiver was ready
+    finally:
+        _end(proc)
+
+
+def _threads(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def _associate(port: int) -> Any:
+    ae = AE(ae_title="SPREAD")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TAQRIR")
+    return assoc
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts each receiving process's threads in /proc")
+def test_listen_spreads_parallel_associations_evenly_over_its_processes(tmp_path: Path) -> None:
+    """Left to the race for accept(), parallel associations often landed all in one process
+    (bound by the GIL to one core). Each association is one thread of the process that took it."""
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    try:
+        _wait_answering(proc, port)
+        processes = [proc.pid, *_receivers(proc.pid)]
+        time.sleep(0.5)  # the C-ECHO's association thread has ended
+        idle = [_threads(pid) for pid in processes]
+        for _ in range(5):
+            held = [_associate(port) for _ in range(4)]
+            try:
+                assert all(assoc.is_established for assoc in held)
+                assert [_threads(pid) - before for pid, before in zip(processes, idle, strict=True)] == [2, 2]
+            finally:
+                for assoc in held:
+                    assoc.release()
+            deadline = time.monotonic() + 10
+            while [_threads(pid) for pid in processes] != idle:
+                assert time.monotonic() < deadline, "association threads did not end after release"
+                time.sleep(0.05)
+    finally:
+        _end(proc)
+
+
+def test_listen_max_associations_is_the_whole_listener_s(tmp_path: Path) -> None:
+    """``listener.max_associations`` is what a PACS admin set for the listener, not for each of
+    its receiving processes."""
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2",
+           "TAQRIR_LISTENER__MAX_ASSOCIATIONS": "2"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    try:
+        _wait_answering(proc, port)
+        held = [_associate(port) for _ in range(2)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            third = _associate(port)
+            assert third.is_rejected
+            held[0].release()
+            time.sleep(0.3)
+            fourth = _associate(port)
+            assert fourth.is_established  # a freed slot is free in either process
+            fourth.release()
+        finally:
+            for assoc in held[1:]:
+                assoc.release()
     finally:
         _end(proc)
