@@ -447,8 +447,10 @@ class Ingestor:
     With a ``journal`` (:mod:`.intake`), an instance is answered once its record in the journal
     is durable instead (a small one's bytes; a larger one's key, its file durable in place first),
     and indexed after the answer by this ingestor's indexing thread, in batches (``index_wait``
-    lets one gather); :meth:`wait_indexed` waits for the calling thread's (association's)
-    instances.
+    lets one gather: 50 ms, where 10 ms gave batches of a few CT slices over four associations and
+    cost 0.4-0.5 ms of indexing CPU per slice against 0.25 ms, bench/README.md; it delays only
+    when an instance appears in the index, and a release waits for it);
+    :meth:`wait_indexed` waits for the calling thread's (association's) instances.
     A journaled instance whose indexing fails is retried with backoff while the error is
     transient (the database unreachable, a disk error), and otherwise kept in the journal for
     the next start's replay, logged; it is never lost and never retried in a loop.
@@ -465,7 +467,7 @@ class Ingestor:
     def __init__(self, engine: Engine, storage: Storage, *, min_free_bytes: int = 0,
                  max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH, group_wait: float = 0.002,
                  max_batch: int = 64, spool_max_bytes: int = 0, journal: IntakeJournal | None = None,
-                 index_wait: float = 0.01,
+                 index_wait: float = 0.05,
                  after_filing: Callable[[IngestResult, str], None] | None = None) -> None:
         self.engine = engine
         self.storage = storage
