@@ -79,7 +79,7 @@ class _FloorHandler:
             finally:
                 os.close(fd)
         if self.depth >= 3:
-            dst = self.out / f"{next(self._numbers)}.dcm"
+            dst = self.out / f"{os.getpid()}-{next(self._numbers)}.dcm"
             os.replace(staged, dst)
             dfd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -104,10 +104,29 @@ class _FloorHandler:
 
 
 def serve(out: Path, depth: int, port: int) -> None:
+    """Serve as ``taqrir listen`` does by default: one receiving process per core (at most four),
+    pre-forked on one listening socket and sharing associations evenly. (Served by one process,
+    the floor was bound by its GIL at four associations, not by the disk.)"""
+    from integrations.dicom.config import receiving_processes
+    from integrations.dicom.listener import _die_with_parent
     from integrations.dicom.scp import ScpConfig, StorageScp
+    from integrations.dicom.shares import Shares
 
     config = ScpConfig(max_pdu=131072, network_timeout=30, acse_timeout=15, dimse_timeout=60, max_associations=4)
-    StorageScp(config, _FloorHandler(out, depth), ("127.0.0.1", port)).serve_forever()
+    server = StorageScp(config, _FloorHandler(out, depth), ("127.0.0.1", port))
+    processes = receiving_processes(None)
+    if processes > 1:
+        server.share(Shares(processes))
+        for index in range(1, processes):
+            if os.fork() == 0:
+                _die_with_parent()
+                assert server.shares is not None
+                server.shares.become(index)
+                try:
+                    server.serve_forever()
+                finally:
+                    os._exit(0)
+    server.serve_forever()
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ Receivers:
   fsynced before the answer; its SQLite index); no plugin, no HTTP server;
 - the flush floor: Taqrir's network engine with a handler that only fsyncs the staged file, renames
   it into place, fsyncs the directory and commits one SQLite row (WAL, ``synchronous=FULL``) per
-  instance (``bench/ingest_floor.py --serve``);
+  instance (``bench/ingest_floor.py --serve``), in as many receiving processes as ``taqrir listen``
+  runs by default;
 - ``taqrir listen`` (from this tree, or from another checkout with ``tree``).
 """
 
