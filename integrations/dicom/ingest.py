@@ -67,7 +67,7 @@ from .index import (
     read_states,
     run_writes,
 )
-from .intake import Entry, IntakeJournal, Record
+from .intake import Entry, IntakeJournal, Record, Unfileable
 from .spool import Placed, Settler, delete_rows, write_back
 from .spool import settle as settle_now
 
@@ -209,7 +209,7 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
         path = storage.path(header["key"])
         data = path.read_bytes() if path.exists() else None
     if data is not None and hashlib.sha256(data).hexdigest() != header["sha256"]:
-        raise ValueError(f"journaled bytes of {header['key']} do not match their SHA-256")
+        raise Unfileable(f"journaled bytes of {header['key']} do not match their SHA-256")
     sf = storage.staging_file(delete=False, suffix=".dcm")
     staged = Path(sf.name)
     try:
@@ -231,7 +231,7 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
                 _remove_quietly(storage, header["key"])
             return
         if data is None:
-            raise ValueError(f"the file of journaled instance {header['key']} is missing and it is not indexed")
+            raise Unfileable(f"the file of journaled instance {header['key']} is missing and it is not indexed")
         ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
     finally:
         staged.unlink(missing_ok=True)

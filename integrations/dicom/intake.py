@@ -71,6 +71,16 @@ HEAD_BYTES = 4096
 SEGMENT_BYTES = 16 << 20
 
 
+#: the folder (under the journal's) where replay sets aside records that can never be filed
+UNFILEABLE_DIR_NAME = "unfileable"
+
+
+class Unfileable(ValueError):
+    """A journaled record that can never be filed (its bytes do not match their SHA-256; its file
+    is gone and it was never indexed): :func:`replay` sets it aside for a person to look at
+    instead of retrying it at every sweep."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One journaled instance: its header (``key``, ``sha256``, ``ae``, ``at``: the arrival time,
@@ -272,7 +282,9 @@ def _retire(seg: _Segment) -> None:
 def replay(folder: Path, refile: Callable[[Record], None]) -> int:
     """File again (``refile``, idempotent) every record of the segments in ``folder`` that no live
     process holds, then delete those segments. A record whose ``refile`` raises keeps its segment
-    (replayed next time; the error is logged). Returns how many records were read."""
+    (replayed next time; the error is logged), unless it raises :class:`Unfileable`: such a record
+    is copied, as a segment of its own, into ``folder/unfileable/`` (logged as an error once) and
+    not retried. Returns how many records were read."""
     if not folder.is_dir():
         return 0
     for stale in folder.glob("*.new"):  # a segment never renamed into view held no record
@@ -293,19 +305,46 @@ def replay(folder: Path, refile: Callable[[Record], None]) -> int:
             with os.fdopen(os.dup(fd), "rb") as f:
                 blob = f.read()
             failed = 0
+            unfileable: list[Record] = []
             for record in read_records(blob):
                 count += 1
                 try:
                     refile(record)
+                except Unfileable as e:
+                    unfileable.append(record)
+                    log.error("journaled instance %s can never be filed (%s): set aside in %s for a person "
+                              "to look at (read it with integrations.dicom.intake.read_records)",
+                              record.header.get("key"), e, folder / UNFILEABLE_DIR_NAME / path.name)
                 except Exception:
                     failed += 1
                     log.exception("could not file journaled instance %s again; its segment %s stays for "
                                   "the next replay", record.header.get("key"), path.name)
+            if unfileable:
+                _set_aside(folder / UNFILEABLE_DIR_NAME, path.name, unfileable)
             if not failed:
                 path.unlink(missing_ok=True)
         finally:
             os.close(fd)
     return count
+
+
+def _set_aside(folder: Path, name: str, records: list[Record]) -> None:
+    """Write ``records`` durably as the segment ``folder/name`` (replacing one of that name: a
+    segment kept for a record that failed otherwise sets the same records aside again)."""
+    folder.mkdir(exist_ok=True)
+    epoch = os.urandom(EPOCH_BYTES)
+    blob = _head(epoch) + b"".join(encode(epoch, r.header, r.data) for r in records)
+    tmp = folder / f"{name}.new"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / name)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _drop_if_abandoned(path: Path) -> None:

@@ -24,8 +24,10 @@ from integrations.dicom.ingest import Ingestor, refile
 from integrations.dicom.intake import (
     HEAD_BYTES,
     SUFFIX,
+    UNFILEABLE_DIR_NAME,
     IntakeJournal,
     Record,
+    Unfileable,
     encode,
     read_records,
     replay,
@@ -108,6 +110,38 @@ def test_a_record_that_cannot_be_filed_keeps_its_segment(tmp_path: Path) -> None
     assert _segments(folder) == []
 
 
+def test_a_record_that_can_never_be_filed_is_set_aside_not_retried(tmp_path: Path) -> None:
+    folder = tmp_path / "intake"
+    journal = IntakeJournal(folder)
+    for key in ("good", "bad", "later"):
+        journal.append({"key": key}, key.encode())
+    journal.close()
+    segment = _segments(folder)[0].name
+    calls: list[str] = []
+    database_down = True
+
+    def refile_(record: Record) -> None:
+        calls.append(record.header["key"])
+        if record.header["key"] == "bad":
+            raise Unfileable("journaled bytes of bad do not match their SHA-256")
+        if record.header["key"] == "later" and database_down:
+            raise RuntimeError("database down")
+
+    def aside() -> list[tuple[str, list[tuple[str, bytes]]]]:
+        return [(p.name, [(r.header["key"], r.data) for r in read_records(p.read_bytes())])
+                for p in sorted((folder / UNFILEABLE_DIR_NAME).iterdir())]
+
+    assert replay(folder, refile_) == 3
+    assert len(_segments(folder)) == 1  # "later" may still be filed: kept for the next replay
+    assert aside() == [(segment, [("bad", b"bad")])]
+    database_down = False
+    assert replay(folder, refile_) == 3
+    assert _segments(folder) == []
+    assert aside() == [(segment, [("bad", b"bad")])]  # set aside once, not twice
+    assert replay(folder, refile_) == 0  # nothing retried at the next sweeps
+    assert calls == ["good", "bad", "later"] * 2
+
+
 def _ingest(ingestor: Ingestor, storage: FileStorage, data: bytes) -> None:
     # as the listener stages it: in memory up to the size whose bytes the journal takes
     writer = storage.staging_file(memory_first=ingestor.spool_max_bytes if ingestor.journal else 0)
@@ -178,8 +212,10 @@ def test_refile_is_idempotent_and_never_undoes_a_later_replacement(engine: Engin
     gone = Record({**record(first, before).header, "placed": True, "sop": sop, "key": "gone/x.dcm"}, b"")
     refile(engine, storage, gone)
     assert _rows(engine)[sop].sha256 == hashlib.sha256(corrected).hexdigest()
-    with pytest.raises(ValueError, match="missing and it is not indexed"):  # kept for a person to see
+    with pytest.raises(Unfileable, match="missing and it is not indexed"):  # set aside for a person
         refile(engine, storage, Record({**gone.header, "sop": "1.2.3.4.5"}, b""))
+    with pytest.raises(Unfileable, match="do not match their SHA-256"):
+        refile(engine, storage, Record(record(first, before).header, first[:-1] + b"x"))
     with session_scope(engine) as s:
         assert verify(s).ok
 
