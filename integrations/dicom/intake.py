@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.files import SharedFlush, fsync_dir
+from storage.files import SharedFlush, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -331,20 +331,9 @@ def replay(folder: Path, refile: Callable[[Record], None]) -> int:
 def _set_aside(folder: Path, name: str, records: list[Record]) -> None:
     """Write ``records`` durably as the segment ``folder/name`` (replacing one of that name: a
     segment kept for a record that failed otherwise sets the same records aside again)."""
-    folder.mkdir(exist_ok=True)
     epoch = os.urandom(EPOCH_BYTES)
-    blob = _head(epoch) + b"".join(encode(epoch, r.header, r.data) for r in records)
-    tmp = folder / f"{name}.new"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(folder / name, _head(epoch) + b"".join(encode(epoch, r.header, r.data) for r in records))
+    fsync_dir(folder)
 
 
 def _drop_if_abandoned(path: Path) -> None:
