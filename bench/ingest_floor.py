@@ -108,7 +108,7 @@ def serve(out: Path, depth: int, port: int) -> None:
     pre-forked on one listening socket and sharing associations evenly. (Served by one process,
     the floor was bound by its GIL at four associations, not by the disk.)"""
     from integrations.dicom.config import receiving_processes
-    from integrations.dicom.listener import _die_with_parent
+    from integrations.dicom.receivers import die_with_parent
     from integrations.dicom.scp import ScpConfig, StorageScp
     from integrations.dicom.shares import Shares
 
@@ -119,7 +119,7 @@ def serve(out: Path, depth: int, port: int) -> None:
         server.share(Shares(processes))
         for index in range(1, processes):
             if os.fork() == 0:
-                _die_with_parent()
+                die_with_parent()
                 assert server.shares is not None
                 server.shares.become(index)
                 try:

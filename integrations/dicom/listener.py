@@ -31,8 +31,9 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
   ``listener.max_associations`` counts all of them together (:mod:`.shares`). One process is bound by the GIL to
   about one core; each process runs its own associations, handlers and database connections, and
   the index and audit chain serialise writers across processes as they do across threads. The
-  parent also serves and alone runs the stability sweeper. A child that is killed loses at most
-  unacknowledged transfers, as any crash does; children leave when the parent does. Every
+  parent also serves and alone runs the stability sweeper. A receiving process that is killed
+  loses at most unacknowledged transfers, as any crash does, and a supervisor forks another in its
+  place (:mod:`.receivers`); they all leave when the parent does. Every
   instance's index transaction holds the one index lock, which caps all processes together.
   ``taqrir listen`` runs one per CPU core (at most four) unless ``listener.processes`` is set; a
   listener embedded in another program runs one.
@@ -40,14 +41,12 @@ Choices, with the measurements behind them (shared PERFORMANCE-NOTES and RELIABI
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import os
 import select
 import signal
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,29 +71,13 @@ from .errors import (
 from .ingest import Ingestor, IngestResult, record_rejection, refile
 from .intake import INTAKE_DIR_NAME, IntakeJournal, replay
 from .outbox import read_commitment_report, record_commitment
+from .receivers import start_supervisor
 from .scp import ScpConfig, StorageScp
 from .shares import Shares
 from .spool import recover as recover_spool
 from .stability import Handoff, log_handoff, sweep_stable
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this (forked receiving) process the moment its parent dies.
-    A child outliving a killed parent kept the listening port and its intake journal segment
-    locked, so a restart could neither bind nor replay that segment at once; elsewhere the
-    parent-watch thread's polling (every second) ends it."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        log.warning("could not ask to be stopped with the parent process; polling instead")
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _wait_ready(pipes: list[int], *, timeout: float) -> None:
@@ -156,7 +139,8 @@ class Listener:
         self._server: StorageScp | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self._children: list[int] = []
+        #: the receiving processes' supervisor (:mod:`.receivers`), with ``processes`` > 1
+        self._supervisor = 0
 
     # -- pure-ish decisions -------------------------------------------------------------------
     def storage_low(self) -> bool:
@@ -288,8 +272,12 @@ class Listener:
             # must not be shared. Everyone reconnects on first use.
             self.engine.dispose()
             # they split parallel associations evenly and keep max_associations together (.shares)
-            server.share(Shares(self.processes))
-            readies = [self._fork_receiver(server, index) for index in range(1, self.processes)]
+            shares = Shares(self.processes)
+            server.share(shares)
+            # forked by a supervisor that replaces one that dies (.receivers)
+            self._supervisor, readies = start_supervisor(
+                lambda index, ready: self._serve_receiver(server, index, ready),
+                list(range(1, self.processes)), on_exit=shares.clear)
         self._open_journal()
         # serve once every receiver is ready: preparing its journal segment (16 MiB written and
         # flushed) would otherwise share the disk with the first transfers (bench/README.md)
@@ -324,82 +312,53 @@ class Listener:
             log.info("replayed %d journaled instance(s) left by an earlier run", count)
         return count
 
-    def _fork_receiver(self, server: StorageScp, index: int) -> int:
-        """Fork receiving process ``index`` (of ``server.shares``); returns the read end of a pipe
-        it writes to once ready."""
-        parent = os.getpid()
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            assert server.shares is not None
-            server.shares.become(index)
-            self._serve_in_child(server, parent, ready_w)
-        os.close(ready_w)
-        self._children.append(pid)
-        log.info("receiving process %d started", pid)
-        return ready_r
-
-    def _serve_in_child(self, server: StorageScp, parent: int, ready: int) -> NoReturn:
-        """A pre-forked receiving process: serve the inherited socket until told to stop or
-        orphaned, saying on ``ready`` (a pipe) when it is about to. Never returns into the
-        parent's code."""
-        code = 0
-        try:
-            _die_with_parent()
-            if os.getppid() != parent:  # it died before we asked
-                os._exit(0)
-            self._children = []
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            # Forget (without closing) anything the parent's pool held: ours are opened here.
-            self.engine.dispose(close=False)
-
-            def exit_with_parent() -> None:
-                while os.getppid() == parent:
-                    self._stop.wait(1.0)
-                os._exit(0)
-
-            threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
-            self._open_journal()
+    def _serve_receiver(self, server: StorageScp, index: int, ready: int | None) -> NoReturn:
+        """Receiving process ``index`` (forked by the supervisor, :mod:`.receivers`): serve the
+        inherited socket until told to stop, saying on ``ready`` (a pipe) when it is about to."""
+        assert server.shares is not None
+        server.shares.become(index)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Forget (without closing) anything the parent's pool held: ours are opened here.
+        self.engine.dispose(close=False)
+        self._open_journal()
+        if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
-            server.serve_forever()
-        except BaseException:
-            log.exception("receiving process %d failed", os.getpid())
-            code = 1
-        finally:
-            os._exit(code)
+        server.serve_forever()
+        os._exit(0)
 
-    def _reap_children(self) -> None:
-        """Notice a receiving process that exited (killed, say): its connections and associations
-        no longer count (:mod:`.shares`); its journal is replayed by the sweep."""
-        for n, pid in enumerate(self._children):
-            if not pid:
-                continue
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                log.warning("receiving process %d exited (status %d); the others go on receiving", pid, status)
-                self._children[n] = 0
-                if self._server is not None and self._server.shares is not None:
-                    self._server.shares.clear(n + 1)
+    def _check_supervisor(self) -> None:
+        """The supervisor exits only when told to, or when killed: its receivers then die with
+        it, and this process goes on receiving alone (their journal segments are replayed by the
+        sweep)."""
+        if not self._supervisor:
+            return
+        try:
+            done, status = os.waitpid(self._supervisor, os.WNOHANG)
+        except ChildProcessError:
+            done, status = self._supervisor, 0
+        if done:
+            log.error("the receiving processes' supervisor %d exited (status %d): this process goes on "
+                      "receiving alone; restart taqrir listen to serve with %d again", self._supervisor, status,
+                      self.processes)
+            self._supervisor = 0
+            if self._server is not None and self._server.shares is not None:
+                for index in range(1, self.processes):
+                    self._server.shares.clear(index)
 
-    def _stop_children(self) -> None:
-        for pid in filter(None, self._children):
+    def _stop_receivers(self) -> None:
+        if self._supervisor:
             try:
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
+                os.kill(self._supervisor, signal.SIGTERM)
+                os.waitpid(self._supervisor, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-        self._children = []
+            self._supervisor = 0
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
             if self.processes > 1:
-                self._reap_children()
+                self._check_supervisor()
                 self.replay_journal()  # a receiving process that died leaves its segment
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)
@@ -408,7 +367,7 @@ class Listener:
 
     def stop(self) -> None:
         self._stop.set()
-        self._stop_children()
+        self._stop_receivers()
         if self._server is not None:
             self._server.shutdown()
             self._server = None

@@ -30,3 +30,39 @@ def start_process(args: list[str], port: int, env: dict[str, str]) -> subprocess
             raise AssertionError("listener did not start")
         time.sleep(0.3)
     return proc
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` forked, from /proc (Linux)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def supervisor(pid: int) -> int | None:
+    """The receiving processes' supervisor of the ``taqrir listen`` running as ``pid``
+    (integrations.dicom.receivers), or None before it is forked."""
+    named = [c for c in children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == "taqrir-sup"]
+    return named[0] if named else None
+
+
+def receivers(pid: int) -> list[int]:
+    """The pre-forked receiving processes of the ``taqrir listen`` running as ``pid`` (they are
+    its supervisor's children), in the order of their index."""
+    sup = supervisor(pid)
+    if sup is None:
+        return []
+    try:
+        return sorted(children(sup), key=lambda c: Path(f"/proc/{c}/comm").read_text())
+    except FileNotFoundError:  # one exited while we looked
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent or init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -29,6 +29,7 @@ from taqrir.settings import load_settings, with_places
 from tests.conftest import DICOM_DIR, free_port
 from tests.factories.db import reset_postgres_schema
 from tests.factories.dcmtk import echoscu
+from tests.factories.listener import receivers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,14 +135,6 @@ def test_listen_takes_the_same_option_names(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "taqrir.db").is_file()
 
 
-def _receivers(pid: int) -> list[int]:
-    """The processes ``pid`` forked (its pre-forked receivers), from /proc."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the forked receivers from /proc")
 @pytest.mark.parametrize("setting", [None, "1", "3"])
 def test_listen_runs_one_receiving_process_per_core_unless_told(tmp_path: Path, setting: str | None) -> None:
@@ -160,7 +153,7 @@ def test_listen_runs_one_receiving_process_per_core_unless_told(tmp_path: Path, 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_answering(proc, port)
-        assert len(_receivers(proc.pid)) == expected - 1
+        assert len(receivers(proc.pid)) == expected - 1
     finally:
         out = _end(proc)
     assert f"with {expected} receiving process(es)" in out
@@ -268,7 +261,7 @@ def test_listen_serves_once_every_receiving_process_is_ready(tmp_path: Path) -> 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not _receivers(proc.pid):
+        while not receivers(proc.pid):
             assert time.monotonic() < deadline and proc.poll() is None, _end(proc)
             time.sleep(0.05)
         forked = time.monotonic()
@@ -299,7 +292,7 @@ def test_listen_spreads_parallel_associations_evenly_over_its_processes(tmp_path
     proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
     try:
         _wait_answering(proc, port)
-        processes = [proc.pid, *_receivers(proc.pid)]
+        processes = [proc.pid, *receivers(proc.pid)]
         time.sleep(0.5)  # the C-ECHO's association thread has ended
         idle = [_threads(pid) for pid in processes]
         for _ in range(5):
@@ -316,6 +309,42 @@ def test_listen_spreads_parallel_associations_evenly_over_its_processes(tmp_path
                 time.sleep(0.05)
     finally:
         _end(proc)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts each receiving process's threads in /proc")
+def test_listen_replaces_a_receiving_process_that_dies(tmp_path: Path) -> None:
+    """A receiving process killed (the OOM killer, say) is replaced: before, the listener went on
+    with one process fewer, so parallel associations shared one core until a restart."""
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "INFO", "TAQRIR_LISTENER__PROCESSES": "2"}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    try:
+        _wait_answering(proc, port)
+        (first,) = receivers(proc.pid)
+        held = [_associate(port) for _ in range(4)]  # two of them die with it
+        os.kill(first, signal.SIGKILL)
+        for assoc in held:
+            assoc.release()
+        deadline = time.monotonic() + 15
+        while receivers(proc.pid) in ([], [first]):
+            assert time.monotonic() < deadline, "the killed receiving process was not replaced"
+            time.sleep(0.05)
+        _wait_answering(proc, port)
+        time.sleep(0.5)  # the replacement serves; the C-ECHO's association thread has ended
+        processes = [proc.pid, *receivers(proc.pid)]
+        idle = [_threads(pid) for pid in processes]
+        held = [_associate(port) for _ in range(4)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            # the dead one's connections no longer count: the new one takes its half
+            assert [_threads(pid) - before for pid, before in zip(processes, idle, strict=True)] == [2, 2]
+        finally:
+            for assoc in held:
+                assoc.release()
+    finally:
+        out = _end(proc)
+    assert f"receiving process {first} exited (killed by SIGKILL); replacing it in 1 s" in out
 
 
 def test_listen_max_associations_is_the_whole_listener_s(tmp_path: Path) -> None:

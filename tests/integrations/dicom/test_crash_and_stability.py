@@ -32,6 +32,7 @@ from integrations.dicom.listener import Listener
 from integrations.dicom.stability import sweep_stable
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu
+from tests.factories.listener import alive, receivers, supervisor
 from tests.factories.studies import make_ct_series
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
@@ -273,8 +274,7 @@ def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: 
     data_dir = tmp_path / "data"
     proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
     try:
-        children = {int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                        text=True).stdout.split()}
+        children = set(receivers(proc.pid))
         assert len(children) == 1, f"expected one pre-forked receiver, found {children}"
         # Held-open associations until each process has accepted one (the kernel picks).
         ae = AE(ae_title="PROBE")
@@ -311,29 +311,20 @@ def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: 
         assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
 
 
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for init to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: Path) -> None:
     """SIGKILL of the parent ends the pre-forked receivers at once (not after their one-second
     poll): a child left behind kept the port and its journal segment, so a restart could neither
     bind nor replay what the child had acknowledged."""
     port = free_port()
     proc = _start_listener_process(tmp_path / "data", db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
-    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                    text=True).stdout.split()]
+    children = receivers(proc.pid)
     assert len(children) == 1
+    children.append(supervisor(proc.pid) or 0)
     time.sleep(1.2)  # the child is serving (its parent watch and its journal are up)
     proc.kill()
     proc.wait(timeout=10)
     deadline = time.monotonic() + 0.5
-    while any(map(_alive, children)):
+    while any(map(alive, children)):
         assert time.monotonic() < deadline, "a receiving process outlived its killed parent"
         time.sleep(0.02)
     restarted = _start_listener_process(tmp_path / "data", db_url, port)

@@ -1,0 +1,189 @@
+"""The receiving processes' supervisor (integrations.dicom.receivers): real forks, real signals."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from integrations.dicom.receivers import (
+    FIRST_DELAY_SECONDS,
+    MAX_DELAY_SECONDS,
+    STEADY_SECONDS,
+    restart_delay,
+    start_supervisor,
+)
+from tests.factories.listener import alive, children
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+
+
+def test_a_receiver_that_dies_young_waits_longer_each_time_one_that_ran_is_replaced_at_once() -> None:
+    delays = [0.0]
+    for _ in range(8):
+        delays.append(restart_delay(0.2, delays[-1]))
+    assert delays[1:] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, MAX_DELAY_SECONDS, MAX_DELAY_SECONDS]
+    assert delays[1] == FIRST_DELAY_SECONDS
+    assert restart_delay(STEADY_SECONDS, 32.0) == 0.0  # it ran: whatever killed it was not its start
+    assert restart_delay(STEADY_SECONDS - 1, 0.0) == FIRST_DELAY_SECONDS
+
+
+def _stop(supervisor: int) -> int:
+    os.kill(supervisor, signal.SIGTERM)
+    _, status = os.waitpid(supervisor, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@linux_only
+def test_receivers_are_forked_named_ready_and_stopped_with_the_supervisor(tmp_path: Path) -> None:
+    def serve(index: int, ready: int | None) -> NoReturn:
+        (tmp_path / f"{index}.{os.getpid()}").write_text(str(os.getppid()))
+        assert ready is not None
+        os.write(ready, b"1")
+        while True:
+            time.sleep(1)
+
+    cleared: list[int] = []
+    sup, readies = start_supervisor(serve, [1, 2], on_exit=cleared.append)
+    try:
+        for fd in readies:
+            assert select.select([fd], [], [], 10)[0]
+            assert os.read(fd, 1) == b"1"
+            os.close(fd)
+        assert Path(f"/proc/{sup}/comm").read_text().strip() == "taqrir-sup"
+        kids = children(sup)
+        assert sorted(Path(f"/proc/{k}/comm").read_text().strip() for k in kids) == ["taqrir-rcv1", "taqrir-rcv2"]
+        assert {p.name for p in tmp_path.iterdir()} == {f"1.{kids[0]}", f"2.{kids[1]}"} or \
+            {p.name for p in tmp_path.iterdir()} == {f"1.{kids[1]}", f"2.{kids[0]}"}
+        assert all(p.read_text() == str(sup) for p in tmp_path.iterdir())
+    finally:
+        assert _stop(sup) == 0
+    assert not any(map(alive, kids))  # SIGTERM to the supervisor stops its receivers too
+
+
+@linux_only
+def test_a_receiver_that_fails_before_it_is_ready_closes_its_pipe(tmp_path: Path) -> None:
+    """Each receiver closes the other receivers' ready pipes: one holding another's open would
+    leave the listener waiting 30 s for a receiver that had already failed."""
+    def serve(index: int, ready: int | None) -> NoReturn:
+        if index == 2:
+            raise RuntimeError("cannot open its journal")
+        assert ready is not None
+        os.write(ready, b"1")
+        while True:
+            time.sleep(1)
+
+    sup, readies = start_supervisor(serve, [1, 2], on_exit=lambda index: None)
+    try:
+        answers = []
+        for fd in readies:
+            assert select.select([fd], [], [], 5)[0], "a failed receiver's pipe stayed open"
+            answers.append(os.read(fd, 1))
+            os.close(fd)
+        assert sorted(answers) == [b"", b"1"]
+    finally:
+        _stop(sup)
+
+
+@linux_only
+def test_a_killed_receiver_is_replaced_and_its_slot_cleared(tmp_path: Path) -> None:
+    exits = tmp_path / "exits"
+
+    def serve(index: int, ready: int | None) -> NoReturn:
+        if ready is not None:
+            os.write(ready, b"1")
+        while True:
+            time.sleep(1)
+
+    def on_exit(index: int) -> None:  # runs in the supervisor
+        with exits.open("a") as f:
+            f.write(f"{index}\n")
+
+    sup, readies = start_supervisor(serve, [1], on_exit=on_exit)
+    try:
+        assert select.select(readies, [], [], 10)[0]
+        os.close(readies[0])
+        (first,) = children(sup)
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lambda: exits.is_file() and exits.read_text() == "1\n")
+        started = time.monotonic()
+        _wait_for(lambda: len(children(sup)) == 1 and children(sup)[0] != first)
+        # it died young: replaced after the first delay, not at once and not much later
+        assert FIRST_DELAY_SECONDS * 0.8 < time.monotonic() - started < FIRST_DELAY_SECONDS + 2
+        (second,) = children(sup)
+        _wait_for(lambda: Path(f"/proc/{second}/comm").read_text().strip() == "taqrir-rcv1")
+    finally:
+        _stop(sup)
+
+
+@linux_only
+def test_a_receiver_that_cannot_start_is_not_forked_in_a_loop(tmp_path: Path) -> None:
+    forks = tmp_path / "forks"
+
+    def serve(index: int, ready: int | None) -> NoReturn:
+        with forks.open("a") as f:
+            f.write(f"{time.monotonic()}\n")
+        os._exit(3)
+
+    sup, readies = start_supervisor(serve, [1], on_exit=lambda index: None)
+    try:
+        time.sleep(3.6)  # forks at about 0, 1 and 3 s
+        assert alive(sup)
+        times = [float(t) for t in forks.read_text().split()]
+    finally:
+        assert _stop(sup) == 0
+        os.close(readies[0])
+    assert len(times) == 3, times
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert 0.8 < gaps[0] < 1.6 and 1.8 < gaps[1] < 2.6, gaps
+
+
+@linux_only
+def test_the_supervisor_and_its_receivers_die_with_the_listener(tmp_path: Path) -> None:
+    """A listener killed with SIGKILL leaves no process holding its port or a journal segment:
+    the supervisor dies with it, and the receivers with the supervisor."""
+    pids = tmp_path / "pids"
+    r, w = os.pipe()
+    listener = os.fork()
+    if listener == 0:
+        code = 0
+        try:
+            def serve(index: int, ready: int | None) -> NoReturn:
+                while True:
+                    time.sleep(1)
+
+            sup, _ = start_supervisor(serve, [1, 2], on_exit=lambda index: None)
+            pids.write_text(str(sup))
+            os.write(w, b"1")
+            while True:
+                time.sleep(1)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 10)[0]
+        sup = int(pids.read_text())
+        _wait_for(lambda: len(children(sup)) == 2)
+        tree = [sup, *children(sup)]
+    finally:
+        os.kill(listener, signal.SIGKILL)
+        os.waitpid(listener, 0)
+        os.close(r)
+    _wait_for(lambda: not any(map(alive, tree)), timeout=1.0)
