@@ -38,6 +38,16 @@ class ListenerSettings(BaseModel):
     network_timeout: float = Field(30.0, gt=0, description="Seconds of silence before dropping a peer.")
     acse_timeout: float = Field(15.0, gt=0, description="Seconds to finish association negotiation.")
     dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE message.")
+    stop_timeout: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "Seconds a stopping listener (SIGTERM, Ctrl-C) lets running associations finish while "
+            "it refuses new connections; those still running then are cut (their unanswered "
+            "instances are the sender's to send again). A service manager's stop timeout "
+            "(systemd's TimeoutStopSec, 90 s by default) must be longer."
+        ),
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate: set with tls_key to require TLS.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     tls_ca: Path | None = Field(None, description="CA bundle: when set, peers must present a certificate.")

@@ -80,6 +80,11 @@ from .stability import Handoff, log_handoff, sweep_stable
 log = logging.getLogger(__name__)
 
 
+#: Seconds the listener waits for its receiving processes past ``stop_timeout``: each indexes
+#: what it journaled before it exits.
+_RECEIVER_EXIT_MARGIN = 15.0
+
+
 def _wait_ready(pipes: list[int], *, timeout: float) -> None:
     """Wait until each receiving process has written to its pipe (or closed it: it failed, and
     said why in the log), at most ``timeout`` seconds in all, then close the pipes."""
@@ -317,7 +322,8 @@ class Listener:
         inherited socket until told to stop, saying on ``ready`` (a pipe) when it is about to."""
         assert server.shares is not None
         server.shares.become(index)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # SIGTERM (from the supervisor, when the listener stops): accept no more, drain, index
+        signal.signal(signal.SIGTERM, lambda signum, frame: server.shutdown())
         # Forget (without closing) anything the parent's pool held: ours are opened here.
         self.engine.dispose(close=False)
         self._open_journal()
@@ -325,13 +331,15 @@ class Listener:
             os.write(ready, b"1")
             os.close(ready)
         server.serve_forever()
+        self._drain(server)
+        self.ingestor.close()
         os._exit(0)
 
     def _check_supervisor(self) -> None:
         """The supervisor exits only when told to, or when killed: its receivers then die with
         it, and this process goes on receiving alone (their journal segments are replayed by the
         sweep)."""
-        if not self._supervisor:
+        if not self._supervisor or self._stop.is_set():  # stopping: stop() waits for it
             return
         try:
             done, status = os.waitpid(self._supervisor, os.WNOHANG)
@@ -346,14 +354,30 @@ class Listener:
                 for index in range(1, self.processes):
                     self._server.shares.clear(index)
 
-    def _stop_receivers(self) -> None:
-        if self._supervisor:
-            try:
-                os.kill(self._supervisor, signal.SIGTERM)
-                os.waitpid(self._supervisor, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self._supervisor = 0
+    def _wait_receivers(self) -> None:
+        """Wait for the supervisor, which waits for its receivers to drain (SIGTERM, sent by
+        :meth:`stop`); past ``stop_timeout`` and a margin for indexing what they journaled, kill
+        it (its receivers die with it; their journal segments are replayed)."""
+        if not self._supervisor:
+            return
+        deadline = time.monotonic() + self.settings.stop_timeout + _RECEIVER_EXIT_MARGIN
+        try:
+            while not os.waitpid(self._supervisor, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    log.warning("the receiving processes did not stop in time; killing them")
+                    os.kill(self._supervisor, signal.SIGKILL)
+                    os.waitpid(self._supervisor, 0)
+                    break
+                time.sleep(0.05)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self._supervisor = 0
+
+    def _drain(self, server: StorageScp) -> None:
+        left = server.drain(self.settings.stop_timeout)
+        if left:
+            log.warning("%d connection(s) still open %.0f s after the stop began: cut (the sender sends "
+                        "again what was not answered)", left, self.settings.stop_timeout)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
@@ -366,11 +390,26 @@ class Listener:
                 log.exception("stability sweep failed; retrying next interval")
 
     def stop(self) -> None:
+        """Stop receiving without cutting a sender short: new connections are refused at once
+        (by every receiving process: they share the listening socket), running associations
+        finish, ``listener.stop_timeout`` seconds at most, and what was journaled is indexed.
+        Before, SIGTERM cut every running association: the sender saw its association aborted
+        mid-study and had to send again what had not been answered."""
         self._stop.set()
-        self._stop_receivers()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._supervisor:
+            # first: it stops its receivers, which drain, instead of replacing one that saw the
+            # listening socket stop listening and ended
+            try:
+                os.kill(self._supervisor, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        server, self._server = self._server, None
+        if server is not None:
+            server.refuse_connections()
+            server.shutdown()
+        if server is not None:
+            self._drain(server)
+        self._wait_receivers()
         self.ingestor.close()
         if self.processes > 1:
             self.replay_journal()  # what stopped receiving processes had not indexed

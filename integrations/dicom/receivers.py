@@ -119,6 +119,7 @@ class Supervisor:
         if pid == 0:
             code = 0
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until serve sets its own
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
                 name_process(f"taqrir-rcv{index}")
                 die_with_parent()
@@ -202,8 +203,7 @@ class Supervisor:
             for index in self.slots:
                 self.fork(index, readies.get(index))
             while os.getppid() == self.parent:
-                received = signal.sigtimedwait(_SUPERVISED, self.next_wait())
-                if received is not None and received.si_signo == signal.SIGTERM:
+                if _wait_signal(self.next_wait()) == signal.SIGTERM:
                     break
                 self.reap()
                 self.replace_due()
@@ -213,6 +213,18 @@ class Supervisor:
             code = 1
         finally:
             os._exit(code)
+
+
+def _wait_signal(timeout: float) -> int | None:
+    """Take one of the (blocked) supervised signals, waiting ``timeout`` seconds at most."""
+    if hasattr(signal, "sigtimedwait"):
+        received = signal.sigtimedwait(_SUPERVISED, timeout)
+        return None if received is None else received.si_signo
+    time.sleep(timeout)  # macOS has no sigtimedwait: look at what is pending once a second
+    pending = signal.sigpending() & _SUPERVISED
+    if not pending:
+        return None
+    return signal.sigwait({signal.SIGTERM} if signal.SIGTERM in pending else pending)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -31,6 +31,7 @@ The service itself (what to do with a received instance, auditing) is a :class:`
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -544,6 +545,7 @@ class StorageScp:
         #: shared with the other receiving processes, when pre-forked (:meth:`share`)
         self.shares: Shares | None = None
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
         self._stop = threading.Event()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -566,6 +568,24 @@ class StorageScp:
             self._connections -= 1
             if self.shares is not None:
                 self.shares.set_connections(self._connections)
+            self._ended.notify_all()
+
+    def drain(self, timeout: float) -> int:
+        """Wait until this process's connections have ended, ``timeout`` seconds at most (call
+        after :meth:`shutdown`); returns how many are still open."""
+        with self._ended:
+            self._ended.wait_for(lambda: self._connections <= 0, timeout)
+            return self._connections
+
+    def refuse_connections(self) -> None:
+        """Stop the listening socket listening, for every process holding it: a sender gets
+        "connection refused" at once and tries again later, instead of waiting in the backlog
+        of a socket no process accepts on any more (Linux; elsewhere each process's
+        :meth:`shutdown` closes its own)."""
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept until :meth:`shutdown` (a select with a timeout: no busy loop, prompt stop). A
@@ -593,8 +613,8 @@ class StorageScp:
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another process took it
-            except OSError:
-                if self._stop.is_set():
+            except OSError as err:
+                if self._stop.is_set() or err.errno == errno.EINVAL:  # no longer listening
                     return
                 log.exception("accept failed")
                 continue

@@ -98,7 +98,9 @@ def _end(proc: subprocess.Popen[str]) -> str:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc.stdout.read() if proc.stdout else ""
+    out = proc.stdout.read() if proc.stdout else ""
+    print(out)  # pytest shows it when the test fails
+    return out
 
 
 def _wait_answering(proc: subprocess.Popen[str], port: int) -> None:

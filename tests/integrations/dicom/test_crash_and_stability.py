@@ -311,6 +311,51 @@ def test_prefork_receivers_file_parallel_associations_once(db_url: str, engine: 
         assert hashlib.sha256((storage / row.storage_key).read_bytes()).hexdigest() == row.sha256
 
 
+def test_sigterm_lets_running_associations_finish_and_refuses_new_ones(db_url: str, engine: Engine,
+                                                                     tmp_path: Path) -> None:
+    """``systemctl stop`` (SIGTERM) while a PACS is sending: each running association, in the
+    parent and in a receiving process, sends its last instances and is released normally; a new
+    connection is refused at once; the listener then exits and every instance is indexed.
+    Before, the stop cut both associations and the sender had to send again."""
+    files = make_ct_series(tmp_path / "src", 12, rows=64, cols=64)
+    first = dcmread(files[0], stop_before_pixels=True)
+    port = free_port()
+    proc = _start_listener_process(tmp_path / "data", db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2",
+                                                                     "TAQRIR_LISTENER__STOP_TIMEOUT": "30"})
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
+    held: list[Association] = []
+    try:
+        held = [ae.associate("127.0.0.1", port, ae_title="TAQRIR") for _ in range(2)]
+        assert all(assoc.is_established for assoc in held)
+        assert _server_pids(port) == {proc.pid, *receivers(proc.pid)}  # one in each process
+        statuses = [assoc.send_c_store(files[i]).Status for i, assoc in enumerate(held)]
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert echoscu(port).returncode != 0  # refused: the listener is stopping
+        assert time.monotonic() - started < 3  # at once, not after the sender's own timeout
+        assert proc.poll() is None
+        for i in range(2, len(files)):
+            statuses.append(held[i % 2].send_c_store(files[i]).Status)
+            time.sleep(0.05)
+        for assoc in held:
+            assoc.release()
+            assert assoc.is_released
+        assert statuses == [0x0000] * len(files)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.abort()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with session_scope(engine) as s:
+        uids = sorted(r.sop_instance_uid for r in s.exec(select(Instance)).all())
+    assert uids == sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
+
+
 def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: Path) -> None:
     """SIGKILL of the parent ends the pre-forked receivers at once (not after their one-second
     poll): a child left behind kept the port and its journal segment, so a restart could neither

@@ -101,7 +101,12 @@ def test_a_receiver_that_fails_before_it_is_ready_closes_its_pipe(tmp_path: Path
 
 
 @linux_only
-def test_a_killed_receiver_is_replaced_and_its_slot_cleared(tmp_path: Path) -> None:
+@pytest.mark.parametrize("waiting", ["sigtimedwait", "polling"])
+def test_a_killed_receiver_is_replaced_and_its_slot_cleared(tmp_path: Path, waiting: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also where there is no ``sigtimedwait`` (macOS): the supervisor polls what is pending."""
+    if waiting == "polling":
+        monkeypatch.delattr(signal, "sigtimedwait")
     exits = tmp_path / "exits"
 
     def serve(index: int, ready: int | None) -> NoReturn:
