@@ -277,6 +277,18 @@ def _threads(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
+def _listen_with_two_processes(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
+    """``taqrir listen`` with two receiving processes on a fresh SQLite index (``env`` adds to or
+    overrides its environment), answering C-ECHO; returns it and its port."""
+    port = free_port()
+    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2",
+           **env}
+    assert _taqrir("db", "upgrade", env=env).returncode == 0
+    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    _wait_answering(proc, port)
+    return proc, port
+
+
 def _associate(port: int) -> Any:
     ae = AE(ae_title="SPREAD")
     ae.add_requested_context(Verification)
@@ -288,41 +300,39 @@ def _associate(port: int) -> Any:
 def test_listen_spreads_parallel_associations_evenly_over_its_processes(tmp_path: Path) -> None:
     """Left to the race for accept(), parallel associations often landed all in one process
     (bound by the GIL to one core). Each association is one thread of the process that took it."""
-    port = free_port()
-    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2"}
-    assert _taqrir("db", "upgrade", env=env).returncode == 0
-    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    proc, port = _listen_with_two_processes(tmp_path)
     try:
-        _wait_answering(proc, port)
         processes = [proc.pid, *receivers(proc.pid)]
         time.sleep(0.5)  # the C-ECHO's association thread has ended
         idle = [_threads(pid) for pid in processes]
         for _ in range(5):
-            held = [_associate(port) for _ in range(4)]
-            try:
-                assert all(assoc.is_established for assoc in held)
-                assert [_threads(pid) - before for pid, before in zip(processes, idle, strict=True)] == [2, 2]
-            finally:
-                for assoc in held:
-                    assoc.release()
-            deadline = time.monotonic() + 10
-            while [_threads(pid) for pid in processes] != idle:
-                assert time.monotonic() < deadline, "association threads did not end after release"
-                time.sleep(0.05)
+            _assert_four_associations_split_evenly(port, processes, idle)
     finally:
         _end(proc)
+
+
+def _assert_four_associations_split_evenly(port: int, processes: list[int], idle: list[int]) -> None:
+    """Four associations held at once are two threads more in each of ``processes`` (which had
+    ``idle`` threads); once released, their threads end."""
+    held = [_associate(port) for _ in range(4)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        assert [_threads(pid) - before for pid, before in zip(processes, idle, strict=True)] == [2, 2]
+    finally:
+        for assoc in held:
+            assoc.release()
+    deadline = time.monotonic() + 10
+    while [_threads(pid) for pid in processes] != idle:
+        assert time.monotonic() < deadline, "association threads did not end after release"
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts each receiving process's threads in /proc")
 def test_listen_replaces_a_receiving_process_that_dies(tmp_path: Path) -> None:
     """A receiving process killed (the OOM killer, say) is replaced: before, the listener went on
     with one process fewer, so parallel associations shared one core until a restart."""
-    port = free_port()
-    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "INFO", "TAQRIR_LISTENER__PROCESSES": "2"}
-    assert _taqrir("db", "upgrade", env=env).returncode == 0
-    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    proc, port = _listen_with_two_processes(tmp_path, TAQRIR_LOG_LEVEL="INFO")
     try:
-        _wait_answering(proc, port)
         (first,) = receivers(proc.pid)
         held = [_associate(port) for _ in range(4)]  # two of them die with it
         os.kill(first, signal.SIGKILL)
@@ -335,15 +345,8 @@ def test_listen_replaces_a_receiving_process_that_dies(tmp_path: Path) -> None:
         _wait_answering(proc, port)
         time.sleep(0.5)  # the replacement serves; the C-ECHO's association thread has ended
         processes = [proc.pid, *receivers(proc.pid)]
-        idle = [_threads(pid) for pid in processes]
-        held = [_associate(port) for _ in range(4)]
-        try:
-            assert all(assoc.is_established for assoc in held)
-            # the dead one's connections no longer count: the new one takes its half
-            assert [_threads(pid) - before for pid, before in zip(processes, idle, strict=True)] == [2, 2]
-        finally:
-            for assoc in held:
-                assoc.release()
+        # the dead one's connections no longer count: the new one takes its half
+        _assert_four_associations_split_evenly(port, processes, [_threads(pid) for pid in processes])
     finally:
         out = _end(proc)
     assert f"receiving process {first} exited (killed by SIGKILL); replacing it in 1 s" in out
@@ -352,13 +355,8 @@ def test_listen_replaces_a_receiving_process_that_dies(tmp_path: Path) -> None:
 def test_listen_max_associations_is_the_whole_listener_s(tmp_path: Path) -> None:
     """``listener.max_associations`` is what a PACS admin set for the listener, not for each of
     its receiving processes."""
-    port = free_port()
-    env = {"TAQRIR_DATA_DIR": str(tmp_path / "d"), "TAQRIR_LOG_LEVEL": "WARNING", "TAQRIR_LISTENER__PROCESSES": "2",
-           "TAQRIR_LISTENER__MAX_ASSOCIATIONS": "2"}
-    assert _taqrir("db", "upgrade", env=env).returncode == 0
-    proc = _start("listen", "--dicom-host", "127.0.0.1", "--dicom-port", str(port), env=env)
+    proc, port = _listen_with_two_processes(tmp_path, TAQRIR_LISTENER__MAX_ASSOCIATIONS="2")
     try:
-        _wait_answering(proc, port)
         held = [_associate(port) for _ in range(2)]
         try:
             assert all(assoc.is_established for assoc in held)
