@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -434,6 +435,8 @@ class _Journaled:
     item: Prepared
     entry: Entry
     indexed: threading.Event
+    #: the order of the answers, which a retry keeps (:meth:`Ingestor._due`)
+    seq: int = 0
     attempts: int = 0
     not_before: float = 0.0
 
@@ -453,7 +456,8 @@ class Ingestor:
     :meth:`wait_indexed` waits for the calling thread's (association's) instances.
     A journaled instance whose indexing fails is retried with backoff while the error is
     transient (the database unreachable, a disk error), and otherwise kept in the journal for
-    the next start's replay, logged; it is never lost and never retried in a loop.
+    the next start's replay, logged; it is never lost and never retried in a loop. A later copy
+    of the same SOP Instance waits for that retry, so the index ends at the copy sent last.
 
     When a batch of several fails before its COMMIT, its instances are filed again one at a time,
     so that one instance's failure (a value the index cannot hold, say) is its own and not its
@@ -484,7 +488,8 @@ class Ingestor:
         self.group: GroupCommit[Prepared, IngestResult] = GroupCommit(self._file_batch, max_wait=group_wait,
                                                                       max_batch=max_batch)
         self._max_batch = max_batch
-        self._queue: list[_Journaled] = []
+        self._queue: list[_Journaled] = []  # in the order of ``seq``
+        self._seq = itertools.count()
         self._queued = threading.Condition()
         self._placing: dict[str, _Journaled] = {}  # spool id -> journaled instance, until settled
         self._handed: set[str] = set()  # those of them placed and handed to the settler
@@ -542,6 +547,7 @@ class Ingestor:
                 staged = item.staged
         job = _Journaled(replace(item, staged=staged, journaled=True), entry, threading.Event())
         with self._queued:
+            job.seq = next(self._seq)
             self._queue.append(job)
             self._ensure_indexer()
             self._queued.notify()
@@ -569,10 +575,10 @@ class Ingestor:
             with self._queued:
                 while True:
                     now = time.monotonic()
-                    ready = [j for j in self._queue if self._closing or j.not_before <= now]
+                    ready = self._due(now)
                     if ready or (self._closing and not self._queue):
                         break
-                    later = min((j.not_before for j in self._queue), default=None)
+                    later = min((j.not_before for j in self._queue if j.not_before > now), default=None)
                     self._queued.wait(None if later is None else later - now)
                 if not ready:
                     return
@@ -580,7 +586,7 @@ class Ingestor:
                 time.sleep(self.index_wait)  # let the batch gather (other associations, the next PDUs)
             with self._queued:
                 now = time.monotonic()
-                batch = [j for j in self._queue if self._closing or j.not_before <= now][:self._max_batch * 4]
+                batch = self._due(now)[:self._max_batch * 4]
                 taken = set(map(id, batch))
                 self._queue = [j for j in self._queue if id(j) not in taken]
             try:
@@ -590,6 +596,23 @@ class Ingestor:
                 for job in batch:
                     self._placing.pop(job.item.spool_id, None)
                     job.indexed.set()
+
+    def _due(self, now: float) -> list[_Journaled]:  # under _queued
+        """The queued instances that may be indexed now, in the order they were answered. One
+        waits while an earlier copy of the same SOP Instance waits for its retry: the copy sent
+        last must be the one the index ends with (a modality that corrects an instance sends it
+        again under the same UID)."""
+        due: list[_Journaled] = []
+        waiting: set[str] = set()
+        for job in self._queue:
+            sop = job.item.headers.sop_instance_uid
+            if sop in waiting:
+                continue
+            if self._closing or job.not_before <= now:
+                due.append(job)
+            else:
+                waiting.add(sop)
+        return due
 
     def _index(self, batch: Sequence[_Journaled]) -> None:
         for job in batch:
@@ -620,7 +643,7 @@ class Ingestor:
             self._after(outcome, job.item.calling_ae)
         if retry:
             with self._queued:
-                self._queue.extend(retry)
+                self._queue = sorted([*self._queue, *retry], key=lambda job: job.seq)
                 self._queued.notify()
 
     def _write_and_done(self, job: _Journaled, result: IngestResult) -> None:

@@ -315,6 +315,47 @@ def test_indexing_failures_are_retried_when_transient_and_kept_when_not(
     assert _segments(folder) == []
 
 
+def test_a_newer_copy_sent_while_the_older_waits_for_its_retry_is_indexed_after_it(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A modality corrects an instance and sends it again (same SOP Instance UID, new bytes)
+    while the first copy's indexing waits to be retried (the database was briefly locked): the
+    index ends at the copy sent last. Before, the newer copy was indexed at once and the older
+    one's retry, a second later, put the older bytes back."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    older = path.read_bytes()
+    ds = dcmread(path)
+    ds.PixelData = bytes(len(ds.PixelData))  # corrected pixels, same identity
+    ds.save_as(path, enforce_file_format=True)
+    newer = path.read_bytes()
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
+                        index_wait=0.0)
+    real_file = Ingestor._file
+    calls: list[int] = []
+
+    def locked_once(self: Ingestor, items: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real_file(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_file", locked_once)
+    try:
+        _ingest(ingestor, storage, older)
+        assert ingestor.wait_indexed(10)  # given up on for now: retried in a second
+        _ingest(ingestor, storage, newer)
+        deadline = time.monotonic() + 10
+        while ingestor.settler.settled < 1 or ingestor._queue:
+            assert time.monotonic() < deadline, "the retry did not happen"
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        ingestor.close()
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(newer).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == newer
+
+
 def test_small_instances_the_walk_leaves_to_pydicom_are_read_from_memory(
         engine: Engine, tmp_path: Path, start_listener: object) -> None:
     """A journaled small instance is received into memory, with no staging file (storage's
