@@ -80,6 +80,9 @@ from .stability import Handoff, log_handoff, sweep_stable
 log = logging.getLogger(__name__)
 
 
+#: How often :meth:`Listener.wait` looks whether a stop was requested.
+_WAIT_POLL_SECONDS = 0.1
+
 #: Seconds the listener waits for its receiving processes past ``stop_timeout``: each indexes
 #: what it journaled before it exits.
 _RECEIVER_EXIT_MARGIN = 15.0
@@ -143,6 +146,7 @@ class Listener:
                                  after_filing=after_store)
         self._server: StorageScp | None = None
         self._stop = threading.Event()
+        self._stop_requested = False  # request_stop: a plain flag, set from a signal handler
         self._sweeper: threading.Thread | None = None
         #: the receiving processes' supervisor (:mod:`.receivers`), with ``processes`` > 1
         self._supervisor = 0
@@ -415,14 +419,15 @@ class Listener:
             self.replay_journal()  # what stopped receiving processes had not indexed
 
     def request_stop(self) -> None:
-        """Make :meth:`wait` return (safe from a signal handler: it only sets an event); the
-        caller then calls :meth:`stop`."""
-        self._stop.set()
+        """Make :meth:`wait` return; the caller then calls :meth:`stop`. Safe from a signal
+        handler: it only sets a flag. (Setting an ``Event`` there could hang: the handler runs
+        in the main thread, possibly inside ``Event.wait`` holding the event's lock.)"""
+        self._stop_requested = True
 
     def wait(self) -> None:
         """Block until :meth:`stop` or :meth:`request_stop` (or Ctrl-C)."""
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while not (self._stop_requested or self._stop.is_set()):
+                time.sleep(_WAIT_POLL_SECONDS)  # a signal's handler runs within it
         except KeyboardInterrupt:
             self.stop()

@@ -311,3 +311,27 @@ def test_deeply_nested_sequences_are_refused_and_serving_goes_on(
         sys.setrecursionlimit(old)
     assert send_raw(listener.port, path) == 0xC210  # type: ignore[attr-defined]
     assert storescu(listener.port, [CORPUS / "ct" / "pydicom_CT_small.dcm"]).statuses() == ["Success"]  # type: ignore[attr-defined]
+
+
+def test_request_stop_is_safe_wherever_the_signal_lands(start_listener: Callable[..., Listener]) -> None:
+    """``taqrir listen`` calls request_stop from its SIGTERM handler, which Python runs in the
+    main thread between two bytecodes: possibly inside :meth:`Listener.wait`'s own
+    ``Event.wait``, while that thread holds the event's (non-reentrant) lock. Setting the event
+    there blocked the handler on a lock its own thread held, and the stop hung until the service
+    manager killed it. Reproduced without a signal: the lock held, then request_stop on the same
+    thread."""
+    import threading
+
+    listener = start_listener()
+    returned = threading.Event()
+
+    def handler_inside_wait() -> None:
+        with listener._stop._cond:  # where Event.wait holds it
+            listener.request_stop()
+        returned.set()
+
+    threading.Thread(target=handler_inside_wait, daemon=True).start()
+    assert returned.wait(5), "request_stop blocked on the lock its own thread held"
+    started = time.monotonic()
+    listener.wait()  # returns: the stop was requested
+    assert time.monotonic() - started < 2
