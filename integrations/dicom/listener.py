@@ -411,7 +411,6 @@ class Listener:
         if server is not None:
             server.refuse_connections()
             server.shutdown()
-        if server is not None:
             self._drain(server)
         self._wait_receivers()
         self.ingestor.close()

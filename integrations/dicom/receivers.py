@@ -109,12 +109,14 @@ class Supervisor:
         self.clock = clock
         self.slots = {index: _Slot() for index in indexes}
         self._mask: set[int | signal.Signals] = set()
-        #: ready pipes of receivers not forked yet: a receiver closes the others' (holding one
-        #: open, it would hide that receiver's failure from the listener)
+        #: ready pipes (write ends) of the first receivers not forked yet: a receiver closes the
+        #: others' (holding one open, it would hide that receiver's failure from the listener)
         self._readies: dict[int, int] = {}
 
-    def fork(self, index: int, ready: int | None) -> int:
+    def fork(self, index: int) -> int:
+        """Fork receiver ``index``, handing it its ready pipe if it is one of the first."""
         supervisor = os.getpid()
+        ready = self._readies.pop(index, None)
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -126,8 +128,7 @@ class Supervisor:
                 if os.getppid() != supervisor:  # it died before we asked
                     os._exit(0)
                 for other in self._readies.values():
-                    if other != ready:
-                        os.close(other)
+                    os.close(other)
                 threading.Thread(target=_exit_with_parent, args=(supervisor,), name="parent-watch",
                                  daemon=True).start()
                 self.serve(index, ready)
@@ -138,7 +139,6 @@ class Supervisor:
                 os._exit(code)
         if ready is not None:
             os.close(ready)
-            self._readies.pop(index, None)
         slot = self.slots[index]
         slot.pid, slot.started, slot.due = pid, self.clock(), None
         log.info("receiving process %d started", pid)
@@ -167,7 +167,7 @@ class Supervisor:
         now = self.clock()
         for index, slot in self.slots.items():
             if slot.due is not None and slot.due <= now:
-                self.fork(index, None)
+                self.fork(index)
 
     def next_wait(self) -> float:
         """Seconds until the next replacement is due, at most 1 (the parent check's period)."""
@@ -201,7 +201,7 @@ class Supervisor:
             die_with_parent()
             self._readies = dict(readies)
             for index in self.slots:
-                self.fork(index, readies.get(index))
+                self.fork(index)
             while os.getppid() == self.parent:
                 if _wait_signal(self.next_wait()) == signal.SIGTERM:
                     break
