@@ -12,8 +12,9 @@ connections than another lets that one accept first (:meth:`Shares.yield_accept`
 ``listener.max_associations`` is the listener's as a whole, not each process's: a process takes
 an association only while all processes together hold fewer (:meth:`Shares.take_association`).
 
-Each process writes its own slot only (its pid, connections, associations), under its own lock,
-and reads the others' without a lock: a count read a moment late makes a balancing choice a
+Each process writes its own slot only (its pid, connections, associations), each count under the
+lock that guards it in that process and without touching the other, and reads the others' without
+a lock: a count read a moment late makes a balancing choice a
 little worse, never wrong. Taking the last association slot is optimistic (count, then check the
 total): two processes taking it at the same instant may both refuse, never both accept, and a
 refused sender retries (A-ASSOCIATE-RJ, rejected-transient). The parent clears the slot of a
@@ -27,6 +28,7 @@ import os
 import struct
 
 _SLOT = struct.Struct("<qqq")  # pid, connections, associations
+_FIELD = struct.Struct("<q")
 _CONNECTIONS, _ASSOCIATIONS = 1, 2
 
 
@@ -61,9 +63,10 @@ class Shares:
         _SLOT.pack_into(self._mem, _SLOT.size * index, *slot)
 
     def _set(self, field: int, value: int) -> None:
-        slot = list(self._read(self.index))
-        slot[field] = value
-        self._write(self.index, (slot[0], slot[1], slot[2]))
+        # this one field only: the connections and the associations of one process are counted
+        # under two different locks (the server's, the slots'), so rewriting the whole slot from
+        # a copy read a moment earlier could undo the other count's update
+        _FIELD.pack_into(self._mem, _SLOT.size * self.index + _FIELD.size * field, value)
 
     # -- connections: who accepts the next one ------------------------------------------------
     def set_connections(self, count: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import pytest
 
@@ -71,3 +73,36 @@ def test_at_least_one_process() -> None:
         Shares(0)
     with pytest.raises(ValueError, match="receiver 2 of 2"):
         Shares(2).become(2)
+
+
+def test_connections_and_associations_counted_at_once_in_one_process_lose_neither() -> None:
+    """In one process, the accepting thread publishes connections under the server's lock while an
+    association's thread counts associations under the slots' lock: neither may undo the other.
+    Before, each rewrote the whole slot from a copy read a moment earlier, so a connection count
+    published in between was put back, or an association given back was counted again (a slot
+    leaked for ever: the listener then refused associations it had room for)."""
+    shares = Shares(2)
+    rounds = 100_000
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the interpreter lock over between almost any two bytecodes
+    try:
+        def connections() -> None:
+            for i in range(rounds):
+                shares.set_connections(i % 7)
+            shares.set_connections(5)
+
+        def associations() -> None:
+            for _ in range(rounds):
+                assert shares.take_association(limit=10)
+                shares.give_association()
+            assert shares.take_association(limit=10)
+
+        threads = [threading.Thread(target=connections), threading.Thread(target=associations)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert shares.connections() == [5, 0]
+    assert shares.associations() == 1
