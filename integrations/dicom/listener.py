@@ -326,8 +326,9 @@ class Listener:
         inherited socket until told to stop, saying on ``ready`` (a pipe) when it is about to."""
         assert server.shares is not None
         server.shares.become(index)
-        # SIGTERM (from the supervisor, when the listener stops): accept no more, drain, index
-        signal.signal(signal.SIGTERM, lambda signum, frame: server.shutdown())
+        # SIGTERM (from the supervisor when the listener stops, and from a service manager that
+        # signals the whole group): accept no more, drain, index. The handler only sets a flag.
+        signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         # Forget (without closing) anything the parent's pool held: ours are opened here.
         self.engine.dispose(close=False)
         self._open_journal()
@@ -335,6 +336,7 @@ class Listener:
             os.write(ready, b"1")
             os.close(ready)
         server.serve_forever()
+        server.shutdown()
         self._drain(server)
         self.ingestor.close()
         os._exit(0)

@@ -547,6 +547,7 @@ class StorageScp:
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
         self._stop = threading.Event()
+        self._stop_requested = False  # request_stop: a plain flag, set from a signal handler
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -592,7 +593,7 @@ class StorageScp:
         pre-forked process holding more connections than another first leaves a pending one to
         it, for :data:`YIELD_ACCEPT_SECONDS` at most (:mod:`.shares`)."""
         yielding_since = 0.0
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._stop_requested):
             try:
                 ready, _, _ = select.select([self.socket], [], [], poll_interval)
             except (OSError, ValueError):
@@ -647,6 +648,14 @@ class StorageScp:
             log.exception("could not start an association for %s", host)
             sock.close()
             self.connection_ended()
+
+    def request_stop(self) -> None:
+        """Make :meth:`serve_forever` return within its poll interval; the caller then calls
+        :meth:`shutdown`. Safe in a signal handler: it only sets a flag. (:meth:`shutdown` sets
+        an ``Event``, whose lock the handler's own thread may hold: inside ``Event.wait``, or
+        inside the ``set`` of a first signal when a second lands, as a service manager's stop
+        and the supervisor's both send one.)"""
+        self._stop_requested = True
 
     def shutdown(self) -> None:
         """Stop accepting (running associations finish on their own threads)."""

@@ -335,3 +335,31 @@ def test_request_stop_is_safe_wherever_the_signal_lands(start_listener: Callable
     started = time.monotonic()
     listener.wait()  # returns: the stop was requested
     assert time.monotonic() - started < 2
+
+
+def test_a_receiving_process_s_stop_is_safe_wherever_the_signal_lands(start_listener: Callable[..., Listener]) -> None:
+    """A receiving process's SIGTERM handler stops its accept loop. It used to call
+    ``StorageScp.shutdown``, which sets an ``Event``: a handler landing while the main thread held
+    that event's lock (inside the accept loop's ``Event.wait``, or inside a first SIGTERM's
+    ``set`` when a service manager's and the supervisor's arrive together) blocked for ever, and
+    the listener killed that receiver after stop_timeout + 15 s. The handler now calls
+    ``request_stop``. Reproduced without a signal: the lock held, then the call on the same
+    thread; the accept loop then returns."""
+    import threading
+
+    listener = start_listener()
+    server = listener._server
+    assert server is not None
+    returned = threading.Event()
+
+    def handler_inside_set() -> None:
+        with server._stop._cond:  # where Event.wait and Event.set hold it
+            server.request_stop()
+        returned.set()
+
+    threading.Thread(target=handler_inside_set, daemon=True).start()
+    assert returned.wait(5), "the receiver's stop blocked on the lock its own thread held"
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    serving.join(2)
+    assert not serving.is_alive(), "the accept loop did not see the stop"
