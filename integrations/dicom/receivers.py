@@ -114,10 +114,21 @@ class Supervisor:
         self._readies: dict[int, int] = {}
 
     def fork(self, index: int) -> int:
-        """Fork receiver ``index``, handing it its ready pipe if it is one of the first."""
+        """Fork receiver ``index``, handing it its ready pipe if it is one of the first. A fork
+        that fails (EAGAIN at the service's task limit, ENOMEM) is tried again later, as a
+        receiver that died young would be, and returns 0; the supervisor goes on."""
         supervisor = os.getpid()
         ready = self._readies.pop(index, None)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            if ready is not None:
+                os.close(ready)  # the listener stops waiting for this one
+            slot = self.slots[index]
+            slot.delay = restart_delay(0.0, slot.delay)
+            slot.due = self.clock() + slot.delay
+            log.error("could not fork receiving process %d (%s); trying again in %.0f s", index, err, slot.delay)
+            return 0
         if pid == 0:
             code = 0
             try:
@@ -205,8 +216,12 @@ class Supervisor:
             while os.getppid() == self.parent:
                 if _wait_signal(self.next_wait()) == signal.SIGTERM:
                     break
-                self.reap()
-                self.replace_due()
+                try:
+                    self.reap()
+                    self.replace_due()
+                except Exception:  # its receivers die with it: keep supervising them
+                    log.exception("the receiving processes' supervisor hit an error; going on")
+                    time.sleep(1.0)
             self.stop()
         except BaseException:
             log.exception("the receiving processes' supervisor failed")
@@ -236,7 +251,11 @@ def _exit_with_parent(parent: int) -> None:
 
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {number}"
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import select
@@ -192,3 +193,45 @@ def test_the_supervisor_and_its_receivers_die_with_the_listener(tmp_path: Path) 
         os.waitpid(listener, 0)
         os.close(r)
     _wait_for(lambda: not any(map(alive, tree)), timeout=1.0)
+
+
+@linux_only
+@pytest.mark.parametrize("trouble", ["real-time signal", "fork fails"])
+def test_the_supervisor_outlives_a_receiver_s_odd_death_and_a_failed_fork(
+        tmp_path: Path, trouble: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed by a real-time signal (which has no name), or replaced while fork() fails (EAGAIN at
+    a service's task limit): the supervisor used to raise, exit, and take every receiver with it.
+    It now goes on and forks the replacement when it can."""
+    real_fork, test_process = os.fork, os.getpid()
+    fail = tmp_path / "fail-the-next-fork"
+
+    def fork() -> int:  # in the supervisor only (the test's process forks the supervisor itself)
+        if os.getpid() != test_process and fail.exists():
+            fail.unlink()
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+
+    def serve(index: int, ready: int | None) -> NoReturn:
+        if ready is not None:
+            os.write(ready, b"1")
+        while True:
+            time.sleep(1)
+
+    sup, readies = start_supervisor(serve, [1], on_exit=lambda index: None)
+    try:
+        assert select.select(readies, [], [], 10)[0]
+        os.close(readies[0])
+        (first,) = children(sup)
+        if trouble == "fork fails":
+            fail.touch()
+            os.kill(first, signal.SIGKILL)
+        else:
+            os.kill(first, signal.SIGRTMIN + 6)
+        _wait_for(lambda: first not in children(sup))
+        _wait_for(lambda: len(children(sup)) == 1, timeout=8.0)  # 1 s, and 2 s more after a failed fork
+        assert alive(sup)
+        assert not fail.exists()  # the failing fork was tried
+    finally:
+        assert _stop(sup) == 0
