@@ -464,8 +464,7 @@ class Association:
                 store.failure = self._handle(cmd, abstract, store.path)  # type: ignore[arg-type]
         status, comment = store.failure
         self._close_writer(store)
-        if store.path is not None:
-            store.path.unlink(missing_ok=True)  # still there unless the handler moved it into storage
+        _remove_staged(store.path)  # still there unless the handler moved it into storage
         if cmd.command_field == dimse.C_STORE_RQ and abstract != VERIFICATION:
             self._respond(store.context_id, self._store_response(cmd, abstract, status, comment))
         elif cmd.command_field == dimse.N_EVENT_REPORT_RQ:
@@ -516,8 +515,32 @@ class Association:
         store, self._store = self._store, None
         if store is not None:
             self._close_writer(store)
-            if store.path is not None:
-                store.path.unlink(missing_ok=True)
+            _remove_staged(store.path)
+
+
+#: How long the accept loop waits after select or accept failed (out of descriptors, say)
+ACCEPT_BACKOFF_SECONDS = 0.1
+
+
+class _Trouble:
+    """Log a repeating accept failure once, then once a minute with how many times it failed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.logged = 0.0
+
+    def report(self, what: str, err: BaseException) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count == 1 or now - self.logged >= 60.0:
+            log.error("%s (%d time(s) so far; still serving, trying again every %.1f s): %s", what, self.count,
+                      ACCEPT_BACKOFF_SECONDS, err)
+            self.logged = now
+
+    def clear(self) -> None:
+        if self.count:
+            log.info("accepting connections again after %d failure(s)", self.count)
+        self.count = 0
 
 
 #: How long a pre-forked process that holds more connections than another leaves a pending one
@@ -593,13 +616,17 @@ class StorageScp:
         pre-forked process holding more connections than another first leaves a pending one to
         it, for :data:`YIELD_ACCEPT_SECONDS` at most (:mod:`.shares`)."""
         yielding_since = 0.0
+        trouble = _Trouble()
         while not (self._stop.is_set() or self._stop_requested):
             try:
                 ready, _, _ = select.select([self.socket], [], [], poll_interval)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as err:
                 if self._stop.is_set():
                     return
-                raise
+                # this thread is the only one accepting here: log, wait, try again
+                trouble.report("waiting for connections failed", err)
+                self._stop.wait(ACCEPT_BACKOFF_SECONDS)
+                continue
             if not ready:
                 yielding_since = 0.0
                 continue
@@ -617,8 +644,13 @@ class StorageScp:
             except OSError as err:
                 if self._stop.is_set() or err.errno == errno.EINVAL:  # no longer listening
                     return
-                log.exception("accept failed")
+                # Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the connection
+                # stays pending and select is ready again at once, so without a pause this loop
+                # spun a core and wrote ~10,000 tracebacks a second.
+                trouble.report("accepting a connection failed", err)
+                self._stop.wait(ACCEPT_BACKOFF_SECONDS)
                 continue
+            trouble.clear()
             self._start(sock, address)
 
     def _start(self, sock: socket.socket, address: Any) -> None:
@@ -664,6 +696,17 @@ class StorageScp:
             self.socket.close()
         except OSError:
             pass
+
+
+def _remove_staged(path: Path | None) -> None:
+    """Remove a staging file, logging (not raising) a failure: the sender's answer and the
+    association's slot must not depend on it (the next start discards what is left)."""
+    if path is None:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("could not remove the staging file %s: %s", path, err)
 
 
 def _host_allowed(host: str, networks: tuple[Any, ...]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
 import struct
@@ -363,3 +364,77 @@ def test_a_receiving_process_s_stop_is_safe_wherever_the_signal_lands(start_list
     serving.start()
     serving.join(2)
     assert not serving.is_alive(), "the accept loop did not see the stop"
+
+
+class _StarvedSocket:
+    """The listening socket as a process out of descriptors sees it: select fails (``select``),
+    or it says a connection is pending and accept fails with EMFILE (``accept``)."""
+
+    def __init__(self, real: socket.socket, fails: str) -> None:
+        self.real, self.fails, self.calls = real, fails, 0
+
+    def fileno(self) -> int:
+        if self.fails == "select":
+            self.calls += 1
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def close(self) -> None:
+        self.real.close()
+
+    def shutdown(self, how: int) -> None:
+        self.real.shutdown(how)
+
+
+def test_the_accept_loop_waits_out_failures_and_goes_on_serving(start_listener: Callable[..., Listener]) -> None:
+    """A select that fails ended the accept thread: the listener looked alive and accepted
+    nothing. An accept that fails with EMFILE (the connection stays pending, so select is ready
+    again at once) spun a core writing ~10,000 tracebacks a second. Both now wait
+    ``ACCEPT_BACKOFF_SECONDS`` and go on."""
+    listener = start_listener()
+    server = listener._server
+    assert server is not None
+    real = server.socket
+    for fails in ("select", "accept"):
+        starved = _StarvedSocket(real, fails)
+        server.socket = starved  # type: ignore[assignment]
+        pending = socket.create_connection(("127.0.0.1", listener.port)) if fails == "accept" else None
+        time.sleep(0.6)  # the loop's select on the real socket returns within its poll interval
+        before = starved.calls
+        time.sleep(1.0)
+        assert 3 <= starved.calls - before <= 20, (fails, starved.calls - before)
+        if pending is not None:
+            pending.close()
+    server.socket = real
+    assert echoscu(listener.port).returncode == 0  # the loop is still there
+
+
+def test_a_staging_file_that_cannot_be_removed_costs_neither_the_answer_nor_the_slot(
+        start_listener: Callable[..., Listener], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing an instance's staging file (EACCES, EIO) raised before the C-STORE answer, so the
+    sender saw its association drop after its instance was stored; and in the association's
+    cleanup it skipped giving back the association slot and the connection: past
+    ``max_associations`` such, the listener refused every sender."""
+    listener = start_listener(max_associations=2)
+    server = listener._server
+    assert server is not None
+    real_unlink = Path.unlink
+    staging = listener.storage.root
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.is_relative_to(staging) and ".incoming" in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    for _ in range(3):  # more associations than the limit, one after another
+        sent = storescu(listener.port, [CORPUS / "ct" / "pydicom_CT_small.dcm"])
+        assert sent.statuses() == ["Success"], sent.output
+    deadline = time.monotonic() + 5
+    while (server.slots.active, server._connections) != (0, 0):
+        assert time.monotonic() < deadline, (server.slots.active, server._connections)
+        time.sleep(0.05)
