@@ -130,6 +130,9 @@ class StoreOutcome(str, enum.Enum):
     new = "new"
     duplicate = "duplicate"
     replaced = "replaced"
+    #: not filed: the index holds a copy of this SOP Instance answered after it (a retry or a
+    #: replay of an older copy); nothing is written
+    superseded = "superseded"
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,8 @@ class IndexSql:
             f" WHERE s.study_instance_uid = {ph} AND se.series_instance_uid = {ph}"
         )
         self.study_version = f"SELECT version FROM study WHERE id = {ph}"
+        #: whether the instance row holds a copy answered after a given time
+        self.answered_after = f"SELECT 1 FROM instance WHERE id = {ph} AND received_at > {ph}"
         self.insert_instance = (
             f"INSERT INTO instance (sop_instance_uid, {', '.join(self._INSTANCE_COLUMNS)})"
             f" VALUES ({', '.join([ph] * (len(self._INSTANCE_COLUMNS) + 1))})"
@@ -408,6 +413,13 @@ class Filing:
     study_state: str | None = None
 
 
+def _study_version(cursor: Any, sql: IndexSql, existing: ExistingInstance) -> int:
+    if existing.study_version is not None:
+        return existing.study_version
+    cursor.execute(sql.study_version, (existing.study_pk,))
+    return int(cursor.fetchone()[0])
+
+
 def plan_filing(
     conn: Connection | None,
     cursor: Any,
@@ -419,10 +431,18 @@ def plan_filing(
     existing: ExistingInstance | None,
     known: KnownSeries | None,
     session: Session | None = None,
+    answered_at: datetime | None = None,
+    recheck: bool = False,
 ) -> Filing:
     """File one received instance, given what :func:`read_state` read. Same SOP Instance UID
     with identical bytes: nothing changes (a duplicate); with different bytes: the row points at
     the new file and the study changes.
+
+    ``answered_at`` is when the sender was told the instance is stored (the intake journal's
+    record time; now when None), kept as the row's ``received_at``: the index ends at the copy of
+    a SOP Instance answered last, whenever each copy is indexed. With ``recheck`` (a copy filed
+    late: a retry), a row holding a copy answered after ``answered_at`` is left alone
+    (superseded), as another receiving process may have filed it meanwhile.
 
     The first instance of a series goes through the ORM upserts of patient, study and series
     (in ``session``, or one opened on ``conn``: they join its transaction), run here; every later
@@ -430,11 +450,13 @@ def plan_filing(
     :func:`run_writes`, together with its audit record's.
     """
     if existing is not None and existing.sha256 == stored.sha256:
-        version = existing.study_version
-        if version is None:
-            cursor.execute(sql.study_version, (existing.study_pk,))
-            version = cursor.fetchone()[0]
-        return Filing(IndexResult(StoreOutcome.duplicate, existing.study_pk, version, False), [])
+        return Filing(IndexResult(StoreOutcome.duplicate, existing.study_pk, _study_version(cursor, sql, existing),
+                                  False), [])
+    if recheck and existing is not None and answered_at is not None:
+        cursor.execute(sql.answered_after, (existing.id, sql.bind_time(answered_at)))
+        if cursor.fetchone() is not None:
+            return Filing(IndexResult(StoreOutcome.superseded, existing.study_pk,
+                                      _study_version(cursor, sql, existing), False), [])
 
     now = utcnow()
     if known is None:
@@ -467,7 +489,7 @@ def plan_filing(
         stored.size,
         stored.sha256,
         calling_ae,
-        bound_now,
+        bound_now if answered_at is None else sql.bind_time(answered_at),
     )
     obsolete = None
     if existing is None:

@@ -110,6 +110,11 @@ class Prepared:
     placed: bool = False
     #: its bytes (``spool``) are only in memory: no file at ``staged`` (the intake journal's path)
     in_memory: bool = False
+    #: when its sender was answered, if before filing (the intake journal's record): the row's
+    #: ``received_at``, so that the index ends at the copy of a SOP Instance answered last
+    answered_at: datetime | None = None
+    #: filed late (a retry): not filed over a copy answered after it (:func:`.index.plan_filing`)
+    recheck: bool = False
 
     @property
     def source(self) -> Path | bytes:
@@ -176,9 +181,11 @@ def ingest_file(
     announced_sop_class_uid: str | None = None,
     min_free_bytes: int = 0,
     max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
+    answered_at: datetime | None = None,
 ) -> IngestResult:
     """Store and index ``staged`` (a complete DICOM file in ``storage``'s filesystem), alone, on a
     connection of the engine's pool (the listener files through :class:`Ingestor` instead).
+    ``answered_at``: when its sender was answered, if before (a journaled instance filed again).
 
     Raises :class:`DicomInputError` subclasses for what the sender must hear about, and
     :class:`OutOfResources`/:class:`StorageFailure` when we cannot store safely. On any error the
@@ -188,6 +195,8 @@ def ingest_file(
                    announced_sop_instance_uid=announced_sop_instance_uid,
                    announced_sop_class_uid=announced_sop_class_uid, min_free_bytes=min_free_bytes,
                    max_sequence_depth=max_sequence_depth)
+    if answered_at is not None:
+        item = replace(item, answered_at=answered_at)
     writer = WriterConnection(engine)
     try:
         return file_prepared(engine, storage, writer, [item])[0]
@@ -225,7 +234,8 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
             if data is not None and not _holds(path, data):  # lost, or half-written (write_unsynced)
                 storage.put(row.storage_key, data)
             return
-        if row is not None and as_utc(row.received_at) >= datetime.fromisoformat(header["at"]):
+        answered_at = datetime.fromisoformat(header["at"])
+        if row is not None and as_utc(row.received_at) >= answered_at:
             # replaced by an instance that arrived after this one; a file this one's attempt left
             # under its own key (written before a COMMIT that failed) is nobody's
             if header.get("key") and header["key"] != row.storage_key and not header.get("placed"):
@@ -233,7 +243,8 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
             return
         if data is None:
             raise Unfileable(f"the file of journaled instance {header['key']} is missing and it is not indexed")
-        ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"])
+        # filed as answered then: a later copy in another record, replayed after, still wins
+        ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"], answered_at=answered_at)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -312,7 +323,7 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     # same SOP Instance under it again (A, then B, then A's bytes again: A's key is current).
     current = set({item.headers.sop_instance_uid: item.stored.key  # each SOP Instance's last key
                    for item, r in zip(items, results, strict=True)
-                   if r.outcome is not StoreOutcome.duplicate}.values())
+                   if r.outcome not in (StoreOutcome.duplicate, StoreOutcome.superseded)}.values())
     for result in results:
         if result.obsolete_key and result.obsolete_key not in current:
             _remove_quietly(storage, result.obsolete_key)
@@ -379,9 +390,12 @@ def _file_locked(
             return None
         filing = plan_filing(
             conn, cursor, sql, headers=headers, stored=stored, calling_ae=item.calling_ae,
-            existing=existing, known=state.known,
+            existing=existing, known=state.known, answered_at=item.answered_at, recheck=item.recheck,
         )
         result = filing.result
+        if result.outcome is StoreOutcome.superseded:  # nothing written, placed or audited
+            results.append(result)
+            continue
         audit = link(state.chain_head, [ChainEvent(
             action=f"instance.{result.outcome.value}",
             actor=item.calling_ae,
@@ -529,10 +543,11 @@ class Ingestor:
         if item.spool is None:
             self.storage.commit_synced([(item.staged, item.stored.key)])
             item = replace(item, placed=True, spool_id=os.urandom(16).hex())
+        answered_at = utcnow()
         try:
             entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256,
                                          "sop": item.headers.sop_instance_uid, "ae": item.calling_ae,
-                                         "at": utcnow().isoformat(), "placed": item.placed}, item.spool or b"")
+                                         "at": answered_at.isoformat(), "placed": item.placed}, item.spool or b"")
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise OutOfResources(f"no space left for the intake journal in {self.journal.folder}") from err
@@ -545,7 +560,8 @@ class Ingestor:
                 os.replace(item.staged, staged)
             except OSError:  # indexed all the same; its file is written from the bytes
                 staged = item.staged
-        job = _Journaled(replace(item, staged=staged, journaled=True), entry, threading.Event())
+        job = _Journaled(replace(item, staged=staged, journaled=True, answered_at=answered_at), entry,
+                         threading.Event())
         with self._queued:
             job.seq = next(self._seq)
             self._queue.append(job)
@@ -628,11 +644,20 @@ class Ingestor:
                     log.warning("indexing journaled instance %s failed (%s); retrying in %.0f s",
                                 job.item.stored.key, outcome, delay)
                     job.not_before = time.monotonic() + delay
+                    # meanwhile another receiving process may file a copy answered after it
+                    job.item = replace(job.item, recheck=True)
                     retry.append(job)
                 else:
                     log.error("indexing journaled instance %s failed: %s; it stays durable in the intake "
                               "journal and is filed again when the listener next starts", job.item.stored.key,
                               outcome, exc_info=outcome)
+                job.indexed.set()
+                continue
+            if outcome.outcome is StoreOutcome.superseded:
+                # a copy answered after it is indexed: nothing to write (a large one's file stays
+                # under its key, unindexed: removing it could race a resend of the same bytes)
+                log.info("journaled instance %s was superseded by a copy answered after it", job.item.stored.key)
+                self._done(job)
                 job.indexed.set()
                 continue
             if job.item.spool_id in self._handed:

@@ -427,3 +427,113 @@ def test_a_commit_reported_failed_that_happened_is_settled_before_its_record_is_
         ingestor.close()
     assert failed and done_before_settled == []
     _check(engine, storage, files)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_replay_ends_at_the_copy_sent_last(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           size: str) -> None:
+    """Two answered copies of one SOP Instance (the original, then a correction) are in the journal,
+    not yet indexed, when the process dies. Replay files the original first; its row's
+    ``received_at`` was the replay's time, so the correction looked older than the row and was
+    dropped with the segment: the sender's last copy was lost. ``received_at`` is now when the
+    instance was answered."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    older = path.read_bytes()
+    newer = corrected_resend(older)
+    folder = tmp_path / "j"
+    # large: above spool_max_bytes, its file placed under its key before the answer
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20 if size == "small" else 1024,
+                        journal=IntakeJournal(folder), index_wait=0.0)
+    monkeypatch.setattr(Ingestor, "_ensure_indexer", lambda self: None)  # the process dies before indexing
+    _ingest(ingestor, storage, older)
+    _ingest(ingestor, storage, newer)
+    assert ingestor.journal is not None
+    ingestor.journal.close()  # what the crash leaves: the segment, unlocked
+    assert replay(folder, lambda record: refile(engine, storage, record)) == 2
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(newer).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == newer
+    assert _segments(folder) == []
+
+
+def test_an_older_copy_retried_after_another_process_indexed_a_newer_one_is_not_filed_over_it(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receiving process 1 answers the original, and its indexing waits for a retry (the database
+    was locked); the association is released all the same. The modality sends the correction on
+    a new association, which process 2 takes and indexes at once. Process 1's retry then put the
+    original back over the correction. Now a retried copy is not filed over a copy answered after
+    it."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    older = path.read_bytes()
+    newer = corrected_resend(older)
+    first = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"), index_wait=0.0)
+    second = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
+                      index_wait=0.0)
+    real_file = Ingestor._file
+    failed: list[Ingestor] = []
+
+    def locked_once_in_the_first(self: Ingestor, items: object) -> object:
+        if self is first and not failed:
+            failed.append(self)
+            raise sqlite3.OperationalError("database is locked")
+        return real_file(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_file", locked_once_in_the_first)
+    try:
+        _ingest(first, storage, older)
+        assert first.wait_indexed(10)  # given up on for now: retried in a second
+        _ingest(second, storage, newer)
+        assert second.wait_indexed(10)
+        (row,) = _rows(engine).values()
+        assert row.sha256 == hashlib.sha256(newer).hexdigest()
+        deadline = time.monotonic() + 10
+        while first._queue or first._placing:
+            assert time.monotonic() < deadline, "the retry did not happen"
+            time.sleep(0.05)
+    finally:
+        first.close()
+        second.close()
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(newer).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == newer
+    assert _segments(tmp_path / "j") == []  # the older copy's record is done, not kept for a replay
+
+
+def test_an_older_copy_that_failed_alone_when_its_batch_was_split_does_not_come_back(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original and its correction are indexed in one batch, which fails (the database was
+    locked), so each is filed alone: the original fails again and waits for a retry, the
+    correction is filed. The original's retry then put the older bytes back."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    older = path.read_bytes()
+    newer = corrected_resend(older)
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
+                        index_wait=0.3)  # both copies gather into one batch
+    real_file = Ingestor._file
+    calls: list[int] = []
+
+    def locked_twice(self: Ingestor, items: list[object]) -> object:
+        calls.append(len(items))
+        if len(calls) <= 2:  # the batch of two, then the original alone
+            raise sqlite3.OperationalError("database is locked")
+        return real_file(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_file", locked_twice)
+    try:
+        _ingest(ingestor, storage, older)
+        _ingest(ingestor, storage, newer)
+        assert ingestor.wait_indexed(10)
+        deadline = time.monotonic() + 10
+        while ingestor._queue or ingestor._placing:
+            assert time.monotonic() < deadline, "the retry did not happen"
+            time.sleep(0.05)
+    finally:
+        ingestor.close()
+    assert calls[:3] == [2, 1, 1] and len(calls) == 4, calls
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(newer).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == newer
+    assert _segments(tmp_path / "j") == []
