@@ -6,7 +6,7 @@ It does not know what a study is: callers name what they store with keys of thei
 (:func:`key_component` keeps an identifier one safe path component). It imports only the ground.
 """
 
-from .errors import StorageFailure
+from .errors import KeyTaken, StorageFailure
 from .files import file_digest, fsync_dir, write_atomic
 from .keys import StoredFile, check_key, key_component
 from .local import SPARE_DIR_NAME, TMP_DIR_NAME, FileStorage, HandedOver, StagingFile
@@ -19,6 +19,7 @@ __all__ = [
     "TMP_DIR_NAME",
     "FileStorage",
     "HandedOver",
+    "KeyTaken",
     "StagingFile",
     "Storage",
     "StorageFailure",

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageFailure
+from .errors import KeyTaken, StorageFailure
 from .files import SharedFlush, file_digest, fsync_dir
 from .keys import StoredFile, check_key
 
@@ -333,6 +333,30 @@ class FileStorage:
             what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
             raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
 
+    def commit_new(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """As :meth:`commit_synced`, but never replacing a file: each staged file is hard-linked
+        under its key (the staged path stays, for its owner to remove), and a key whose file is
+        there raises :class:`KeyTaken`. The ingest needs this: an instance's file name comes from
+        its bytes, so an original resent while its correction is indexed was renamed over the
+        original's file, which the correction's filing then removed as obsolete, and the resend,
+        answered, had no file. Undoing removes only the links made here (before, undoing a
+        rename that had replaced a file moved that file, an indexed instance's, away)."""
+        placed: list[tuple[Path, str]] = []
+        try:
+            folders = self._rename_into_place(placements, placed, link=True)
+            for folder in _deepest_first(folders):
+                self._folder_syncs.sync(str(folder))
+        except OSError as err:
+            for _, dst in placed:
+                try:
+                    os.unlink(dst)
+                except OSError:
+                    pass
+            what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
+            if isinstance(err, FileExistsError):
+                raise KeyTaken(f"{what} is there already") from err
+            raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
+
     def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:
         """Write bytes under their keys, not durably: only for bytes durable elsewhere (the intake
         journal) under keys no reader knows yet (their index rows commit after this), which
@@ -427,20 +451,22 @@ class FileStorage:
                                  f"{err.strerror or err}; check {self.root}") from err
 
     def _rename_into_place(self, placements: Sequence[tuple[Path, str]],
-                           placed: list[tuple[Path, str]]) -> dict[str, None]:
+                           placed: list[tuple[Path, str]], *, link: bool = False) -> dict[str, None]:
         """Rename each staged file to its key (making missing folders), appending to ``placed``
-        as it goes; returns the folders whose entries changed.
+        as it goes; returns the folders whose entries changed. With ``link``, hard-link it there
+        instead, never replacing a file (FileExistsError).
 
         The hot path of every received instance, so plain strings and no ``stat``: the rename is
         tried first, and only when it fails for want of a folder is the folder made (a folder
         removed behind our back is made again the same way)."""
         folders: dict[str, None] = {}
         root = self._root_str
+        move = os.link if link else os.replace
         for staged, key in placements:
             dst = f"{root}/{key}"
             parent = os.path.dirname(dst)
             try:
-                os.replace(staged, dst)
+                move(staged, dst)
             except FileNotFoundError:
                 # the staged file is gone, or the folder is missing (another association may be
                 # making it at this moment: asking whether it exists now would race with that)
@@ -450,7 +476,7 @@ class FileStorage:
                 # a new folder's entry (and its parent's, which may be new too) must last
                 folders[os.path.dirname(parent)] = None
                 folders[os.path.dirname(os.path.dirname(parent))] = None
-                os.replace(staged, dst)
+                move(staged, dst)
             placed.append((staged, dst))
             folders[parent] = None
         return folders

@@ -65,6 +65,11 @@ class Storage(Protocol):
         nothing (one fsync per folder)."""
         ...
 
+    def commit_new(self, placements: Sequence[tuple[Path, str]]) -> None:
+        """As :meth:`commit_synced`, never replacing a file: :class:`~storage.KeyTaken` when one
+        is there. The staged paths stay, for their owner to remove."""
+        ...
+
     def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:
         """Write bytes under keys no reader knows yet, neither atomically nor durably (their
         bytes are durable elsewhere until :meth:`settle`)."""

@@ -144,6 +144,9 @@ class IndexResult:
     study_version: int
     new_version: bool
     obsolete_key: str | None = None
+    #: the key of the file the index holds for this instance when it is not the filed copy's
+    #: own (a duplicate placed under a name of its own: :func:`.ingest.prepare`)
+    kept_key: str | None = None
 
 
 def patient_key(h: InstanceHeaders) -> tuple[str, str]:

@@ -52,7 +52,7 @@ from sqlmodel import select
 from audit.chain import ChainEvent, link, record
 from ground.clock import as_utc, utcnow
 from ground.db import WriterConnection, session_scope
-from storage import Storage, StorageFailure, StoredFile, key_component
+from storage import KeyTaken, Storage, StorageFailure, StoredFile, key_component
 
 from .errors import DicomInputError, IdentifiersMissing, OutOfResources
 from .group_commit import GroupCommit
@@ -73,6 +73,13 @@ from .spool import Placed, Settler, delete_rows, write_back
 from .spool import settle as settle_now
 
 log = logging.getLogger(__name__)
+
+
+def variant_key(key: str) -> str:
+    """Another name for an instance's file than ``key`` (its bytes' name), for a copy whose name
+    is taken: a file is never placed over another (:meth:`storage.FileStorage.commit_new`)."""
+    stem, dot, suffix = key.rpartition(".")
+    return f"{stem}.{os.urandom(4).hex()}{dot}{suffix}"
 
 
 def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
@@ -164,6 +171,12 @@ def prepare(
     if handed.data is not None and size <= spool_max_bytes:
         return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=os.urandom(16).hex(),
                         in_memory=handed.in_memory)
+    if os.path.exists(storage.path(key)):
+        # The same bytes came before: that file is an indexed instance's, or another copy's not
+        # indexed yet. Placed under a name of its own, this copy never shares a file with one
+        # that a replacement may be about to remove (a duplicate's own file is removed once
+        # filed); a copy that takes the name between now and placing it is refused there.
+        stored = StoredFile(key=variant_key(key), size=size, sha256=handed.sha256)
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
@@ -215,7 +228,8 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
     ``received_at`` is not older than the record) is not filed over it."""
     header = record.header
     data: bytes | None = record.data
-    if header.get("placed"):
+    placed = bool(header.get("placed"))
+    if placed:
         path = storage.path(header["key"])
         data = path.read_bytes() if path.exists() else None
     if data is not None and hashlib.sha256(data).hexdigest() != header["sha256"]:
@@ -233,18 +247,24 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
             path = storage.path(row.storage_key)
             if data is not None and not _holds(path, data):  # lost, or half-written (write_unsynced)
                 storage.put(row.storage_key, data)
+            if placed and header["key"] != row.storage_key:
+                _remove_quietly(storage, header["key"])  # a duplicate's own file: nobody else's
             return
         answered_at = datetime.fromisoformat(header["at"])
         if row is not None and as_utc(row.received_at) >= answered_at:
             # replaced by an instance that arrived after this one; a file this one's attempt left
-            # under its own key (written before a COMMIT that failed) is nobody's
-            if header.get("key") and header["key"] != row.storage_key and not header.get("placed"):
+            # under its own key (written before a COMMIT that failed, or placed: a placed file is
+            # never shared, storage.FileStorage.commit_new) is nobody's
+            if header.get("key") and header["key"] != row.storage_key:
                 _remove_quietly(storage, header["key"])
             return
         if data is None:
             raise Unfileable(f"the file of journaled instance {header['key']} is missing and it is not indexed")
         # filed as answered then: a later copy in another record, replayed after, still wins
-        ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"], answered_at=answered_at)
+        result = ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"],
+                             answered_at=answered_at)
+        if placed and result.stored.key != header["key"]:
+            _remove_quietly(storage, header["key"])  # filed from a copy under a name of its own
     finally:
         staged.unlink(missing_ok=True)
 
@@ -327,7 +347,8 @@ def file_prepared(engine: Engine, storage: Storage, writer: WriterConnection,
     for result in results:
         if result.obsolete_key and result.obsolete_key not in current:
             _remove_quietly(storage, result.obsolete_key)
-    return [IngestResult(item.headers, item.stored, r.outcome, r.study_version, r.new_version)
+    return [IngestResult(item.headers, replace(item.stored, key=r.kept_key) if r.kept_key else item.stored,
+                         r.outcome, r.study_version, r.new_version)
             for item, r in zip(items, results, strict=True)]
 
 
@@ -393,6 +414,13 @@ def _file_locked(
             existing=existing, known=state.known, answered_at=item.answered_at, recheck=item.recheck,
         )
         result = filing.result
+        if existing is not None and result.outcome in (StoreOutcome.duplicate, StoreOutcome.superseded) \
+                and existing.storage_key != stored.key:
+            # the index keeps its file; this copy's own, if placed already (a large journaled
+            # one), is removed after the commit: placed files are never shared (commit_new)
+            result = replace(result, kept_key=existing.storage_key,
+                             obsolete_key=stored.key if item.placed else None)
+            filing = replace(filing, result=result)
         if result.outcome is StoreOutcome.superseded:  # nothing written, placed or audited
             results.append(result)
             continue
@@ -429,7 +457,7 @@ def _file_locked(
     # Renamed into place and made durable under the lock, after the rows are written and before
     # they commit: each file is in place and durable before its row is. All or nothing: when a
     # rename fails, the files already renamed go back and the transaction rolls back.
-    storage.commit_synced(placements)
+    storage.commit_new(placements)
     # Journaled instances received into memory: written straight under their keys before their
     # rows commit (no reader knows the key yet, so no staging file and rename are needed), and
     # made durable by the settler after it (their bytes are durable in the journal meanwhile).
@@ -541,8 +569,7 @@ class Ingestor:
         into place, durably, and journaled by key) and queue it for indexing."""
         assert self.journal is not None
         if item.spool is None:
-            self.storage.commit_synced([(item.staged, item.stored.key)])
-            item = replace(item, placed=True, spool_id=os.urandom(16).hex())
+            item = self._place(item)
         answered_at = utcnow()
         try:
             entry = self.journal.append({"key": item.stored.key, "sha256": item.stored.sha256,
@@ -571,6 +598,19 @@ class Ingestor:
         if mine is None:
             mine = self._mine.events = []
         mine.append(job.indexed)
+
+    def _place(self, item: Prepared) -> Prepared:
+        """A large instance's file, durable under a name no other file has (before its journal
+        record and its answer): its bytes' name, or another if a copy took it meanwhile."""
+        stored = item.stored
+        for _ in range(3):
+            try:
+                self.storage.commit_new([(item.staged, stored.key)])
+            except KeyTaken:
+                stored = replace(stored, key=variant_key(stored.key))
+                continue
+            return replace(item, stored=stored, placed=True, spool_id=os.urandom(16).hex())
+        raise StorageFailure(f"could not find a free name for {item.stored.key}")
 
     def wait_indexed(self, timeout: float) -> bool:
         """Wait until the instances this thread journaled are indexed (or given up on: see the
@@ -660,7 +700,9 @@ class Ingestor:
                 self._done(job)
                 job.indexed.set()
                 continue
-            if job.item.spool_id in self._handed:
+            if job.item.placed and outcome.outcome is StoreOutcome.duplicate:
+                self._done(job)  # its file was durable before the answer (and is gone if its own)
+            elif job.item.spool_id in self._handed:
                 self._handed.discard(job.item.spool_id)  # done once settled
             else:  # a duplicate whose file was there, or placing failed: write it from its bytes
                 self._write_and_done(job, outcome)

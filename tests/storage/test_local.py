@@ -11,6 +11,7 @@ import pytest
 from ground.errors import ConfigError
 from storage import (
     FileStorage,
+    KeyTaken,
     StorageFailure,
     StoredFile,
     file_digest,
@@ -228,3 +229,22 @@ def test_a_folder_another_writer_makes_meanwhile_does_not_fail_the_rename(
     monkeypatch.setattr(local.os, "replace", replace)
     storage.commit_synced([(staged, "series/new/a.dcm")])
     assert raced and (storage.root / "series/new/a.dcm").read_bytes() == b"slice"
+
+
+def test_commit_new_never_replaces_a_file_and_undoes_only_its_own(tmp_path: Path) -> None:
+    """The ingest's placement (an instance's file is named by its bytes, so two copies of one
+    instance share a name): a file that is there stays, whatever the new one holds; the staged
+    path stays for its owner; a failed batch removes only the links it made."""
+    storage = FileStorage(tmp_path / "s")
+    storage.put("a/b/kept.dcm", b"indexed")
+    first, second = _stage(storage, b"new one"), _stage(storage, b"other")
+    for path in (first, second):
+        storage.sync_staged(path)
+    with pytest.raises(KeyTaken, match=r"a/b/kept\.dcm is there already"):
+        storage.commit_new([(first, "a/b/fresh.dcm"), (second, "a/b/kept.dcm")])
+    assert (storage.root / "a/b/kept.dcm").read_bytes() == b"indexed"
+    assert not (storage.root / "a/b/fresh.dcm").exists()  # undone: all or nothing
+    assert first.exists() and second.exists()
+    storage.commit_new([(first, "a/c/fresh.dcm")])  # a new folder, made and synced
+    assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
+    assert first.exists()  # a second name: removing the staged one is the caller's

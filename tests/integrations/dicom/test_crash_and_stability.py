@@ -159,13 +159,13 @@ _HELD_BATCH = """
 import json, os, sys, time
 from pathlib import Path
 from storage import FileStorage
-real = FileStorage.commit_synced
+real = FileStorage.commit_new  # the ingest places files that never replace one
 def held(self, placements):
     real(self, placements)
     if len(placements) >= 2:
         Path(os.environ["HELD_BATCH"]).write_text(json.dumps([Path(k).name for _, k in placements]))
         time.sleep(60)
-FileStorage.commit_synced = held
+FileStorage.commit_new = held
 from taqrir.cli import main
 sys.argv = ["taqrir", "listen", "--port", sys.argv[1]]
 main()

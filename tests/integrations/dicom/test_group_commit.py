@@ -239,7 +239,9 @@ def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, 
         actions = [r.action for r in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()]
     assert actions[1:] == ["instance.new", "study.receiving", "instance.duplicate", "instance.new",
                            "instance.replaced", "instance.new", "instance.replaced", "instance.replaced"]
-    assert b_back.stored.key == b.stored.key != b_other.stored.key
-    # its key was made obsolete by b_other, then current again: kept; b_other's removed
-    assert storage.path(b.stored.key).read_bytes() == data[2]
+    # b's bytes again, while b's file was there: a file of its own (never placed over b's, which
+    # b_other's filing made obsolete and removed); b_other's removed in turn
+    assert len({b.stored.key, b_other.stored.key, b_back.stored.key}) == 3
+    assert storage.path(b_back.stored.key).read_bytes() == data[2]
+    assert not storage.path(b.stored.key).exists()
     assert not storage.path(b_other.stored.key).exists()

@@ -266,7 +266,7 @@ def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, stor
     the fsync."""
     _ingest(engine, storage, ct_series[0])
     events: list[str] = []
-    real_sync, real_commit = FileStorage.sync_staged, FileStorage.commit_synced
+    real_sync, real_commit = FileStorage.sync_staged, FileStorage.commit_new
 
     def committed_rows() -> int:
         if db_url.startswith("sqlite"):  # a plain reader: WAL readers do not wait for the writer
@@ -287,7 +287,7 @@ def test_file_and_rename_are_durable_before_the_row_commits(engine: Engine, stor
         events.append(f"placed rows={committed_rows()}")
 
     monkeypatch.setattr(FileStorage, "sync_staged", slow_sync)
-    monkeypatch.setattr(FileStorage, "commit_synced", slow_commit)
+    monkeypatch.setattr(FileStorage, "commit_new", slow_commit)
     _ingest(engine, storage, ct_series[1])
     assert events == ["synced rows=1", "placing", "placed rows=1"]
     assert len(_check_consistent(engine, storage)) == 2

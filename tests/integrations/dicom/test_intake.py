@@ -3,10 +3,12 @@ journal record is durable and indexed after the answer; what a crash leaves is f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from audit.chain import AuditRecord, verify
 from ground.clock import utcnow
 from ground.db import session_scope
 from integrations.dicom.index import Instance
-from integrations.dicom.ingest import Ingestor, refile
+from integrations.dicom.ingest import Ingestor, Prepared, refile
 from integrations.dicom.intake import (
     HEAD_BYTES,
     SUFFIX,
@@ -32,7 +34,7 @@ from integrations.dicom.intake import (
     read_records,
     replay,
 )
-from storage import FileStorage
+from storage import FileStorage, StorageFailure
 from tests.conftest import free_port
 from tests.factories.dcmtk import send_raw, storescu
 from tests.factories.listener import listener_env, start_process
@@ -537,3 +539,123 @@ def test_an_older_copy_that_failed_alone_when_its_batch_was_split_does_not_come_
     assert row.sha256 == hashlib.sha256(newer).hexdigest()
     assert storage.path(row.storage_key).read_bytes() == newer
     assert _segments(tmp_path / "j") == []
+
+
+def test_a_resend_of_the_original_answered_while_its_correction_is_indexed_keeps_its_file(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original (large: its file placed under its key before the answer) is indexed; its
+    correction is being indexed when the original's bytes are sent again. File names come from
+    the bytes, so the resend was placed over the original's file and answered; the correction's
+    batch then removed that file as obsolete, and the resend was indexed pointing at nothing.
+    A placed file now never replaces one: the resend gets a name of its own."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    original = path.read_bytes()
+    correction = corrected_resend(original)
+    ingestor = Ingestor(engine, storage, spool_max_bytes=0, journal=IntakeJournal(tmp_path / "j"), index_wait=0.0)
+    try:
+        _ingest(ingestor, storage, original)
+        assert ingestor.wait_indexed(10)
+        real = Ingestor._file_batch
+        resent: list[bool] = []
+
+        def file_batch(self: Ingestor, items: list[Prepared]) -> object:
+            if not resent and any(i.stored.sha256 == hashlib.sha256(correction).hexdigest() for i in items):
+                resent.append(True)  # the resend arrives (another association) while this batch files
+                thread = threading.Thread(target=_ingest, args=(ingestor, storage, original))
+                thread.start()
+                thread.join()
+            return real(self, items)
+
+        monkeypatch.setattr(Ingestor, "_file_batch", file_batch)
+        _ingest(ingestor, storage, correction)
+        assert ingestor.wait_indexed(10)
+        deadline = time.monotonic() + 10
+        while ingestor._queue or ingestor._placing:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        ingestor.close()
+    assert resent
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(original).hexdigest()  # answered last
+    assert storage.path(row.storage_key).read_bytes() == original
+    files = [p for p in (tmp_path / "storage").rglob("*.dcm") if ".incoming" not in p.parts]
+    assert files == [storage.path(row.storage_key)]  # nothing else left behind
+    assert _segments(tmp_path / "j") == []
+
+
+def test_a_resend_filed_by_another_process_between_a_replacement_s_commit_and_its_cleanup_keeps_its_file(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the journal, two receiving processes: one files the correction and, after its
+    COMMIT, removes the original's file; the other files a resend of the original in between, its
+    file renamed over the original's (same bytes, same name), and answers. The removal then took
+    the resend's file."""
+    import integrations.dicom.ingest as ingest_module
+
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    original = path.read_bytes()
+    correction = corrected_resend(original)
+    first = Ingestor(engine, storage)
+    second = Ingestor(engine, FileStorage(tmp_path / "storage"))
+    real_remove = ingest_module._remove_quietly
+    resent: list[object] = []
+
+    def remove(where: FileStorage, key: str) -> None:
+        if not resent:  # the other process files the resend before this removal runs
+            resent.append(key)
+            _file_alone(second, storage, original)
+        real_remove(where, key)
+
+    monkeypatch.setattr(ingest_module, "_remove_quietly", remove)
+    try:
+        _file_alone(first, storage, original)
+        _file_alone(first, storage, correction)
+    finally:
+        first.close()
+        second.close()
+    assert resent
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(original).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == original
+
+
+def _file_alone(ingestor: Ingestor, storage: FileStorage, data: bytes) -> object:
+    writer = storage.staging_file()
+    writer.write(data)
+    writer.close()
+    path = Path(writer.name)
+    try:
+        return ingestor.ingest(path, calling_ae="MODALITY")
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_large_resend_whose_folder_cannot_be_synced_leaves_the_indexed_file_alone(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large instance is indexed; the same bytes come again, and making the new file's folder
+    entry durable fails (EIO). Undoing the placement moved the indexed instance's file (same
+    name) back to the staging path, which the network engine then deleted."""
+    import storage.local as local
+
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    original = path.read_bytes()
+    ingestor = Ingestor(engine, storage, spool_max_bytes=0, journal=IntakeJournal(tmp_path / "j"), index_wait=0.0)
+    try:
+        _ingest(ingestor, storage, original)
+        assert ingestor.wait_indexed(10)
+        ingestor.settler.flush(5)
+
+        def eio(self: object, folder: str) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(local._FolderSyncs, "sync", eio)
+        with pytest.raises(StorageFailure):
+            _ingest(ingestor, storage, original)
+        monkeypatch.undo()
+    finally:
+        ingestor.close()
+    (row,) = _rows(engine).values()
+    assert storage.path(row.storage_key).read_bytes() == original
