@@ -7,6 +7,7 @@ bytes durable, its directory's fsync the rename. Both are done wherever a file m
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -69,6 +70,8 @@ class SharedFlush:
         self._flushing = threading.Lock()
         self._changes = 0
         self._flushed = 0
+        #: the last flush that failed, and the changes it was to cover
+        self._failed: tuple[int, BaseException] | None = None
 
     def changed(self) -> int:
         """Note a change made; returns the ticket to :meth:`wait` on."""
@@ -78,15 +81,26 @@ class SharedFlush:
 
     def wait(self, ticket: int) -> None:
         """Return once the change of ``ticket`` is durable (flushing it, or waiting for a flush
-        that covers it). Raises what ``flush`` raises."""
+        that covers it). Raises what ``flush`` raises, to every waiter whose change the failed
+        flush was to cover: flushing again would not do, as Linux reports a writeback error
+        once and may have dropped the pages (a second fsync returns 0), so a waiter that ran
+        its own flush after the failure was told its change was durable when it may not be."""
         if self._flushed >= ticket:
             return
         with self._flushing:
             if self._flushed >= ticket:
                 return  # a flush that started after our change covered it
+            failed = self._failed
+            if failed is not None and failed[0] >= ticket:
+                raise OSError(errno.EIO, f"the flush that was to make this change durable failed: {failed[1]}") \
+                    from failed[1]
             with self._lock:
                 target = self._changes
-            self._flush()
+            try:
+                self._flush()
+            except BaseException as err:
+                self._failed = (target, err)
+                raise
             self._flushed = target
 
     @property

@@ -40,6 +40,7 @@ the segment: it was never acknowledged, or is done.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import json
@@ -99,6 +100,9 @@ class _Segment:
     written: int = HEAD_BYTES  # bytes used
     appended: int = 0  # records appended
     done: int = 0  # records done (indexed, file durable)
+    #: a flush failed: no more records go here (the region it was to cover may not read back,
+    #: and replay stops at the first record that does not)
+    broken: bool = False
     #: the segment's fdatasync, shared by concurrent appends
     flush: SharedFlush = field(init=False)
 
@@ -176,11 +180,19 @@ class IntakeJournal:
             if seg.written + len(record) > seg.size:
                 seg = self._segment(len(record), rotate=True)
                 record = encode(seg.epoch, header, data)
-            os.pwrite(seg.fd, record, seg.written)
+            wrote = os.pwrite(seg.fd, record, seg.written)
+            if wrote != len(record):  # (a copy-on-write filesystem out of space, say): torn
+                seg.broken = True
+                raise OSError(errno.ENOSPC, f"only {wrote} of a journal record's {len(record)} bytes were written")
             seg.written += len(record)
             seg.appended += 1
             ticket = seg.flush.changed()
-        seg.flush.wait(ticket)
+        try:
+            seg.flush.wait(ticket)
+        except OSError:
+            with self._lock:
+                seg.broken = True  # the next append starts another segment
+            raise
         return Entry(seg)
 
     def done(self, entry: Entry) -> None:
@@ -217,7 +229,7 @@ class IntakeJournal:
         if self._pid != os.getpid():  # a forked child: the parent's segments are not ours
             self._pid, self._current, self._spares = os.getpid(), None, []
         seg = self._current
-        if seg is not None and not rotate:
+        if seg is not None and not rotate and not seg.broken:
             return seg
         if seg is not None and seg.done >= seg.appended:
             self._recycle(seg)

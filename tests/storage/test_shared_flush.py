@@ -42,3 +42,42 @@ def test_concurrent_changes_share_flushes_and_each_is_covered() -> None:
     assert shared.idle
     shared.wait(shared.changed())  # alone: flushes itself
     assert len(flushes) >= 2 and shared.idle
+
+
+def test_a_failed_flush_fails_every_change_it_was_to_cover_and_a_later_one_flushes_again() -> None:
+    """Linux reports a writeback error to one fsync and may drop the pages: a second waiter that
+    ran its own flush after the first one's failed was told its change was durable."""
+    calls: list[str] = []
+    fail = [True]
+    started, release = threading.Event(), threading.Event()
+
+    def flush() -> None:
+        calls.append("flush")
+        if fail[0]:
+            started.set()
+            release.wait(5)
+            fail[0] = False
+            raise OSError(5, "Input/output error")
+
+    shared = SharedFlush(flush)
+    first, second = shared.changed(), shared.changed()  # both before the flush starts
+    errors: list[BaseException] = []
+
+    def wait(ticket: int) -> None:
+        try:
+            shared.wait(ticket)
+        except OSError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=wait, args=(first,))]
+    threads[0].start()
+    assert started.wait(5)
+    threads.append(threading.Thread(target=wait, args=(second,)))
+    threads[1].start()
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 2 and calls == ["flush"]  # the second did not flush again and succeed
+    later = shared.changed()
+    shared.wait(later)  # a change made after the failure: flushed anew
+    assert calls == ["flush", "flush"]

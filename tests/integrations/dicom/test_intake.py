@@ -659,3 +659,44 @@ def test_a_large_resend_whose_folder_cannot_be_synced_leaves_the_indexed_file_al
         ingestor.close()
     (row,) = _rows(engine).values()
     assert storage.path(row.storage_key).read_bytes() == original
+
+
+def test_after_a_failed_flush_the_journal_writes_to_another_segment(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment whose flush failed (EIO) may not read back where that flush's records were, and
+    replay stops at the first record that does not: records appended there after the failure,
+    answered, would be unreachable. The next append goes to another segment."""
+    real = os.fdatasync
+    failing = [False]
+
+    def fdatasync(fd: int) -> None:
+        if failing[0]:
+            failing[0] = False
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    journal = IntakeJournal(tmp_path / "j")
+    journal.open()
+    kept = journal.append({"n": 1}, b"one")
+    failing[0] = True
+    with pytest.raises(OSError):
+        journal.append({"n": 2}, b"two")  # refused: not acknowledged
+    after = journal.append({"n": 3}, b"three")
+    assert after.segment is not kept.segment
+    journal.close()
+    records = [r.header["n"] for seg in _segments(tmp_path / "j") for r in read_records(seg.read_bytes())]
+    assert 1 in records and 3 in records
+
+
+def test_a_short_journal_write_is_refused_not_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pwrite that wrote part of a record (no error) left a torn record that was answered."""
+    journal = IntakeJournal(tmp_path / "j")
+    journal.open()
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:10], offset))
+    with pytest.raises(OSError, match="only 10 of a journal record"):
+        journal.append({"n": 1}, b"one")
+    monkeypatch.setattr(os, "pwrite", real)
+    assert journal.append({"n": 2}, b"two").segment is not None
+    journal.close()
