@@ -103,6 +103,9 @@ class _Segment:
     #: a flush failed: no more records go here (the region it was to cover may not read back,
     #: and replay stops at the first record that does not)
     broken: bool = False
+    #: its descriptor is closed (:meth:`IntakeJournal.close`): a record done later changes nothing
+    #: (replay finds it filed), as the number may be another file's by then
+    closed: bool = False
     #: the segment's fdatasync, shared by concurrent appends
     flush: SharedFlush = field(init=False)
 
@@ -200,6 +203,8 @@ class IntakeJournal:
         with self._lock:
             seg = entry.segment
             seg.done += 1
+            if seg.closed:
+                return
             if seg is not self._current and seg.done >= seg.appended and self._pid == os.getpid():
                 self._recycle(seg)
 
@@ -217,6 +222,7 @@ class IntakeJournal:
                 self._current, self._spares = None, []
                 return
             for seg in [*self._spares, *([self._current] if self._current else [])]:
+                seg.closed = True
                 if seg.done >= seg.appended:
                     _retire(seg)
                 else:

@@ -700,3 +700,23 @@ def test_a_short_journal_write_is_refused_not_answered(tmp_path: Path, monkeypat
     monkeypatch.setattr(os, "pwrite", real)
     assert journal.append({"n": 2}, b"two").segment is not None
     journal.close()
+
+
+def test_a_record_done_after_the_journal_closed_touches_no_other_file(tmp_path: Path) -> None:
+    """Closing an ingestor whose indexing or settling ran past its wait closes the journal while
+    records are still being done. A late done() recycled the closed segment: it wrote a journal
+    head at offset 0 of whatever file had been given that descriptor number since, and flushed it."""
+    journal = IntakeJournal(tmp_path / "j")
+    journal.open()
+    entry = journal.append({"n": 1}, b"one")
+    journal.close()  # kept for replay: its record is not done
+    other = tmp_path / "database"
+    other.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    fd = os.open(other, os.O_RDWR)  # most likely the descriptor number the segment had
+    try:
+        journal.done(entry)
+        assert os.pread(fd, 16, 0) == b"SQLite format 3\x00"
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+    assert len(_segments(tmp_path / "j")) == 1  # still there for replay (done after the close)
