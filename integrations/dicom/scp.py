@@ -199,6 +199,8 @@ class Association:
         self._buffer = bytearray(_BUFFER)
         self._view = memoryview(self._buffer)
         self._has_slot = False
+        #: while negotiating: when acse_timeout runs out for the whole request (monotonic)
+        self._deadline = 0.0
 
     # -- socket helpers -------------------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
@@ -211,6 +213,11 @@ class Association:
         return bytes(out)
 
     def _recv_into(self, view: memoryview, n: int) -> int:
+        if self._deadline:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise _Closed("the peer did not finish its association request within acse_timeout")
+            self.sock.settimeout(left)
         try:
             k = self.sock.recv_into(view, n)
         except TimeoutError as err:
@@ -267,6 +274,15 @@ class Association:
             self.server.connection_ended()
 
     def _establish(self) -> bool:
+        # acse_timeout bounds the whole request (PS3.8's ARTIM), not each receive: a peer that
+        # trickles a byte at a time held a connection (and its thread) for as long as it liked
+        self._deadline = time.monotonic() + self.config.acse_timeout
+        try:
+            return self._negotiate()
+        finally:
+            self._deadline = 0.0
+
+    def _negotiate(self) -> bool:
         pdu_type, length = self._header()
         if pdu_type != 0x01:
             raise _Abort(0x02, f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")

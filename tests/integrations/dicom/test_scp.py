@@ -301,3 +301,40 @@ def test_pynetdicom_release_and_abort(start_listener: Callable[..., Listener]) -
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="TAQRIR")  # type: ignore[attr-defined]
     assoc.abort()
     _still_serving(listener)
+
+
+def test_acse_timeout_bounds_the_whole_association_request(start_listener: Callable[..., Listener]) -> None:
+    """A peer that sends its A-ASSOCIATE-RQ a byte at a time, each within acse_timeout, held its
+    connection (and a thread) as long as it liked: twenty such filled a process's connections.
+    acse_timeout now bounds the whole request (PS3.8's ARTIM timer)."""
+    import time
+
+    listener = start_listener(acse_timeout=1.0)
+    rq = _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)])
+    sock = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
+    started = time.monotonic()
+    closed = None
+    try:
+        for byte in rq:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            time.sleep(0.25)
+            if time.monotonic() - started > 4:
+                break
+            sock.settimeout(0.001)
+            try:
+                if sock.recv(1) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except (TimeoutError, BlockingIOError):
+                pass
+            except OSError:
+                closed = time.monotonic() - started
+                break
+    finally:
+        sock.close()
+    assert closed is not None and closed < 2.5, closed
+    _still_serving(listener)
