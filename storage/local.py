@@ -175,6 +175,17 @@ class FileStorage:
         self._pool_pid = 0
         self._folder_syncs = _FolderSyncs()
         self._names = itertools.count()  # memory-first staging files' names
+        _LIVE.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's helper threads are not here, and a lock one of them
+        held at the fork would stay held for ever (``taqrir listen`` forks its receivers after
+        crash recovery, which may have started them): fresh locks, no inherited work."""
+        self._writing_lock = threading.Lock()
+        self._syncing = {}
+        self._pool, self._pool_pid = None, 0
+        self._folder_syncs = _FolderSyncs()
+        self._spares.forked()
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self.root)!r})"
@@ -534,6 +545,19 @@ class FileStorage:
 
 
 
+#: every FileStorage of this process, for :func:`_after_fork_in_child`
+_LIVE: weakref.WeakSet[FileStorage] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_LIVE):
+        storage._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _load_syncfs() -> Callable[[int], int] | None:
     """Linux's syncfs(2), which makes every file and folder of one filesystem durable in one call
     (one journal commit, where an fsync per file costs one each); None elsewhere. It reports
@@ -643,6 +667,12 @@ class _Spares:
                     continue
             (self.folder / name).unlink(missing_ok=True)
             return
+
+    def forked(self) -> None:
+        """In a forked child (:meth:`FileStorage._forked`): the parent's helper and its lock."""
+        self._lock = threading.Lock()
+        self._ready, self._pid, self._helper = [], os.getpid(), None
+        self._wanted = threading.Event()
 
     def discard(self) -> None:
         """Remove every spare (this process's and any a crash left)."""

@@ -248,3 +248,46 @@ def test_commit_new_never_replaces_a_file_and_undoes_only_its_own(tmp_path: Path
     storage.commit_new([(first, "a/c/fresh.dcm")])  # a new folder, made and synced
     assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
     assert first.exists()  # a second name: removing the staged one is the caller's
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_child_forked_while_a_helper_holds_a_lock_can_still_stage(tmp_path: Path) -> None:
+    """``taqrir listen`` forks its receiving processes after crash recovery, which may have
+    started the storage's helper threads; a lock one of them held at the fork stayed held in the
+    child for ever, and every C-STORE there hung taking a staging file."""
+    import select
+    import signal
+    import threading
+
+    storage = FileStorage(tmp_path / "s")
+    storage.staging_file().close()  # the spare-making helper runs
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with storage._spares._lock:
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(5)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            writer = storage.staging_file()
+            writer.write(b"x")
+            writer.close()
+            os.write(w, b"1")
+        finally:
+            os._exit(0)
+    release.set()
+    os.close(w)
+    try:
+        ready = select.select([r], [], [], 5)[0]
+        staged = bool(ready) and os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        if not staged:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert staged, "the child hung on a lock its parent's helper held at the fork"
