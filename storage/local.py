@@ -174,6 +174,9 @@ class FileStorage:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._folder_syncs = _FolderSyncs()
+        #: folders whose own entries (in their parent, and the parent's in its) this process made
+        #: durable: a file renamed into another folder syncs those two too
+        self._durable_folders: set[str] = set()
         self._names = itertools.count()  # memory-first staging files' names
         _LIVE.add(self)
 
@@ -333,8 +336,7 @@ class FileStorage:
         placed: list[tuple[Path, str]] = []
         try:
             folders = self._rename_into_place(placements, placed)
-            for folder in _deepest_first(folders):
-                self._folder_syncs.sync(str(folder))
+            self._sync_folders(folders)
         except OSError as err:
             for staged, dst in reversed(placed):
                 try:
@@ -355,8 +357,7 @@ class FileStorage:
         placed: list[tuple[Path, str]] = []
         try:
             folders = self._rename_into_place(placements, placed, link=True)
-            for folder in _deepest_first(folders):
-                self._folder_syncs.sync(str(folder))
+            self._sync_folders(folders)
         except OSError as err:
             for _, dst in placed:
                 try:
@@ -367,6 +368,13 @@ class FileStorage:
             if isinstance(err, FileExistsError):
                 raise KeyTaken(f"{what} is there already") from err
             raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
+
+    def _sync_folders(self, folders: dict[str, None]) -> None:
+        for folder in _deepest_first(folders):
+            self._folder_syncs.sync(str(folder))
+        if len(self._durable_folders) > 100_000:
+            self._durable_folders.clear()
+        self._durable_folders.update(folders)
 
     def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:
         """Write bytes under their keys, not durably: only for bytes durable elsewhere (the intake
@@ -489,6 +497,13 @@ class FileStorage:
                 folders[os.path.dirname(os.path.dirname(parent))] = None
                 move(staged, dst)
             placed.append((staged, dst))
+            if parent not in folders and parent not in self._durable_folders:
+                # A folder another association (or process) made a moment ago: its maker may
+                # not have synced the entries that lead to it yet, and this file's answer must
+                # not wait on that maker (ext4 without a journal writes each folder's block
+                # only when that folder is fsynced).
+                folders[os.path.dirname(parent)] = None
+                folders[os.path.dirname(os.path.dirname(parent))] = None
             folders[parent] = None
         return folders
 

@@ -291,3 +291,33 @@ def test_a_child_forked_while_a_helper_holds_a_lock_can_still_stage(tmp_path: Pa
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert staged, "the child hung on a lock its parent's helper held at the fork"
+
+
+def test_a_file_placed_into_a_folder_another_made_syncs_the_entries_leading_to_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two associations (or processes) place the first files of a new series at once: one makes
+    the series folder, the other's rename then succeeds at once. That one synced only the series
+    folder, so it could answer before the folders holding the new folder's entry were synced (on
+    ext4 without a journal each folder's block is written only when it is fsynced)."""
+    import storage.local as local
+
+    synced: list[str] = []
+    real = local._FolderSyncs.sync
+
+    def sync(self: object, folder: str) -> None:
+        synced.append(os.path.relpath(folder, tmp_path / "s"))
+        real(self, folder)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local._FolderSyncs, "sync", sync)
+    maker, other = FileStorage(tmp_path / "s"), FileStorage(tmp_path / "s")
+    for storage in (maker, other):
+        path = _stage(storage, b"x")
+        storage.sync_staged(path)
+        synced.clear()
+        storage.commit_new([(path, f"study/series/{id(storage)}.dcm")])
+        assert synced == ["study/series", "study", "."], synced
+    path = _stage(other, b"y")
+    other.sync_staged(path)
+    synced.clear()
+    other.commit_new([(path, "study/series/third.dcm")])
+    assert synced == ["study/series"]  # once known durable, only the folder itself
