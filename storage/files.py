@@ -70,8 +70,11 @@ class SharedFlush:
         self._flushing = threading.Lock()
         self._changes = 0
         self._flushed = 0
-        #: the last flush that failed, and the changes it was to cover
-        self._failed: tuple[int, BaseException] | None = None
+        #: changes (tickets) in (_failed_from, _failed_upto] were to be covered by a flush that
+        #: failed; _failure is the last such flush's error
+        self._failed_from = 0
+        self._failed_upto = 0
+        self._failure: BaseException | None = None
 
     def changed(self) -> int:
         """Note a change made; returns the ticket to :meth:`wait` on."""
@@ -85,23 +88,38 @@ class SharedFlush:
         flush was to cover: flushing again would not do, as Linux reports a writeback error
         once and may have dropped the pages (a second fsync returns 0), so a waiter that ran
         its own flush after the failure was told its change was durable when it may not be."""
-        if self._flushed >= ticket:
+        # _flushed read before the failures: a flush after a failed one advances it only once
+        # that failure is recorded, so a change the failed flush covered is never seen as flushed
+        flushed = self._flushed
+        self._check(ticket)
+        if flushed >= ticket:
             return
         with self._flushing:
+            self._check(ticket)
             if self._flushed >= ticket:
                 return  # a flush that started after our change covered it
-            failed = self._failed
-            if failed is not None and failed[0] >= ticket:
-                raise OSError(errno.EIO, f"the flush that was to make this change durable failed: {failed[1]}") \
-                    from failed[1]
             with self._lock:
                 target = self._changes
+            start = self._flushed
             try:
                 self._flush()
             except BaseException as err:
-                self._failed = (target, err)
+                self._failed_from = start if self._failure is None else min(self._failed_from, start)
+                self._failed_upto = target
+                self._failure = err
                 raise
             self._flushed = target
+
+    def _check(self, ticket: int) -> None:
+        failure = self._failure
+        if failure is not None and self._failed_from < ticket <= self._failed_upto:
+            raise OSError(errno.EIO, f"the flush that was to make this change durable failed: {failure}") \
+                from failure
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error of the last flush that failed, if one did."""
+        return self._failure
 
     @property
     def idle(self) -> bool:

@@ -435,7 +435,6 @@ def plan_filing(
     known: KnownSeries | None,
     session: Session | None = None,
     answered_at: datetime | None = None,
-    recheck: bool = False,
 ) -> Filing:
     """File one received instance, given what :func:`read_state` read. Same SOP Instance UID
     with identical bytes: nothing changes (a duplicate); with different bytes: the row points at
@@ -443,9 +442,9 @@ def plan_filing(
 
     ``answered_at`` is when the sender was told the instance is stored (the intake journal's
     record time; now when None), kept as the row's ``received_at``: the index ends at the copy of
-    a SOP Instance answered last, whenever each copy is indexed. With ``recheck`` (a copy filed
-    late: a retry), a row holding a copy answered after ``answered_at`` is left alone
-    (superseded), as another receiving process may have filed it meanwhile.
+    a SOP Instance answered last, whenever each copy is indexed. Given one, a row holding a copy
+    answered after it is left alone (superseded): a retry, a slow batch or a replay files late,
+    and another receiving process may have filed a later copy meanwhile.
 
     The first instance of a series goes through the ORM upserts of patient, study and series
     (in ``session``, or one opened on ``conn``: they join its transaction), run here; every later
@@ -455,7 +454,7 @@ def plan_filing(
     if existing is not None and existing.sha256 == stored.sha256:
         return Filing(IndexResult(StoreOutcome.duplicate, existing.study_pk, _study_version(cursor, sql, existing),
                                   False), [])
-    if recheck and existing is not None and answered_at is not None:
+    if existing is not None and answered_at is not None:
         cursor.execute(sql.answered_after, (existing.id, sql.bind_time(answered_at)))
         if cursor.fetchone() is not None:
             return Filing(IndexResult(StoreOutcome.superseded, existing.study_pk,

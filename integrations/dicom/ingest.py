@@ -75,18 +75,16 @@ from .spool import settle as settle_now
 log = logging.getLogger(__name__)
 
 
-def variant_key(key: str) -> str:
-    """Another name for an instance's file than ``key`` (its bytes' name), for a copy whose name
-    is taken: a file is never placed over another (:meth:`storage.FileStorage.commit_new`)."""
-    stem, dot, suffix = key.rpartition(".")
-    return f"{stem}.{os.urandom(4).hex()}{dot}{suffix}"
-
-
-def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
-    """Storage key of a received instance, by its UIDs and content: a replacement gets a new file,
-    so the old one stays valid until the index points at the new one (no window where the row and
-    the file disagree)."""
-    return f"{key_component(study_uid)}/{key_component(series_uid)}/{key_component(sop_uid)}.{sha256[:16]}.dcm"
+def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str, nonce: str | None = None) -> str:
+    """Storage key of one received copy of an instance: its UIDs, its content's hash and a nonce
+    of its own. A replacement gets a new file, so the old one stays valid until the index points
+    at the new one; and no two copies ever share a file, even with the same bytes: a name taken
+    from the bytes alone was reused by a resend of an original while its correction was filed,
+    and the correction's filing (or a replay) then removed the resend's file as the original's
+    obsolete one, leaving an answered instance with no file."""
+    nonce = os.urandom(4).hex() if nonce is None else nonce
+    return (f"{key_component(study_uid)}/{key_component(series_uid)}/{key_component(sop_uid)}"
+            f".{sha256[:16]}.{nonce}.dcm")
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,6 @@ class Prepared:
     #: when its sender was answered, if before filing (the intake journal's record): the row's
     #: ``received_at``, so that the index ends at the copy of a SOP Instance answered last
     answered_at: datetime | None = None
-    #: filed late (a retry): not filed over a copy answered after it (:func:`.index.plan_filing`)
-    recheck: bool = False
 
     @property
     def source(self) -> Path | bytes:
@@ -171,12 +167,6 @@ def prepare(
     if handed.data is not None and size <= spool_max_bytes:
         return Prepared(staged, headers, stored, calling_ae, spool=handed.data, spool_id=os.urandom(16).hex(),
                         in_memory=handed.in_memory)
-    if os.path.exists(storage.path(key)):
-        # The same bytes came before: that file is an indexed instance's, or another copy's not
-        # indexed yet. Placed under a name of its own, this copy never shares a file with one
-        # that a replacement may be about to remove (a duplicate's own file is removed once
-        # filed); a copy that takes the name between now and placing it is refused there.
-        stored = StoredFile(key=variant_key(key), size=size, sha256=handed.sha256)
     # The file's fsync (the slowest step) happens before the index lock, so that concurrent
     # associations overlap it; deciding whether to rename it into place, the rename and the
     # directory fsync stay under the lock (a replacement's obsolete file is removed by key).
@@ -247,14 +237,14 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
             path = storage.path(row.storage_key)
             if data is not None and not _holds(path, data):  # lost, or half-written (write_unsynced)
                 storage.put(row.storage_key, data)
-            if placed and header["key"] != row.storage_key:
-                _remove_quietly(storage, header["key"])  # a duplicate's own file: nobody else's
+            if header["key"] != row.storage_key:
+                _remove_quietly(storage, header["key"])  # this copy's own file, if any: nobody else's
             return
         answered_at = datetime.fromisoformat(header["at"])
         if row is not None and as_utc(row.received_at) >= answered_at:
             # replaced by an instance that arrived after this one; a file this one's attempt left
-            # under its own key (written before a COMMIT that failed, or placed: a placed file is
-            # never shared, storage.FileStorage.commit_new) is nobody's
+            # under its own key (written before a COMMIT that failed, or placed) is nobody's:
+            # no other copy has that name (instance_key)
             if header.get("key") and header["key"] != row.storage_key:
                 _remove_quietly(storage, header["key"])
             return
@@ -263,8 +253,8 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
         # filed as answered then: a later copy in another record, replayed after, still wins
         result = ingest_file(engine=engine, storage=storage, staged=staged, calling_ae=header["ae"],
                              answered_at=answered_at)
-        if placed and result.stored.key != header["key"]:
-            _remove_quietly(storage, header["key"])  # filed from a copy under a name of its own
+        if result.stored.key != header["key"]:
+            _remove_quietly(storage, header["key"])  # filed from a copy, under another name
     finally:
         staged.unlink(missing_ok=True)
 
@@ -411,19 +401,16 @@ def _file_locked(
             return None
         filing = plan_filing(
             conn, cursor, sql, headers=headers, stored=stored, calling_ae=item.calling_ae,
-            existing=existing, known=state.known, answered_at=item.answered_at, recheck=item.recheck,
+            existing=existing, known=state.known, answered_at=item.answered_at,
         )
         result = filing.result
         if existing is not None and result.outcome in (StoreOutcome.duplicate, StoreOutcome.superseded) \
                 and existing.storage_key != stored.key:
             # the index keeps its file; this copy's own, if placed already (a large journaled
-            # one), is removed after the commit: placed files are never shared (commit_new)
+            # one), is removed after the commit: no other copy has its name (instance_key)
             result = replace(result, kept_key=existing.storage_key,
                              obsolete_key=stored.key if item.placed else None)
             filing = replace(filing, result=result)
-        if result.outcome is StoreOutcome.superseded:  # nothing written, placed or audited
-            results.append(result)
-            continue
         audit = link(state.chain_head, [ChainEvent(
             action=f"instance.{result.outcome.value}",
             actor=item.calling_ae,
@@ -442,14 +429,19 @@ def _file_locked(
         writes = [*filing.writes, *(sql.chain.write(row) for row in audit)]
         if batch is not None:
             batch.filed(filing, (audit[-1].seq, audit[-1].hash))
+        if result.outcome is StoreOutcome.superseded:  # audited; nothing else written or placed
+            run_writes(cursor, sql, writes)
+            results.append(result)
+            continue
         if item.spool is not None and not duplicate:
             if not item.journaled:
                 writes.append((sql.insert_spool, (item.spool_id, headers.sop_instance_uid, stored.key, item.spool)))
             (written if item.in_memory else spooled).append((item.source, stored.key, item.spool_id))
-        elif item.spool is not None and not os.path.exists(storage.path(stored.key)):
+        elif item.spool is not None and existing is not None \
+                and not os.path.exists(storage.path(existing.storage_key)):
             # a duplicate whose file is missing (a COMMIT reported failed that happened, before
             # its file was placed): placed again; its earlier spool row holds it until settled
-            spooled.append((item.source, stored.key, item.spool_id))
+            spooled.append((item.source, existing.storage_key, item.spool_id))
         elif not duplicate and not item.placed:
             placements.append((item.staged, stored.key))
         run_writes(cursor, sql, writes)
@@ -576,6 +568,8 @@ class Ingestor:
                                          "sop": item.headers.sop_instance_uid, "ae": item.calling_ae,
                                          "at": answered_at.isoformat(), "placed": item.placed}, item.spool or b"")
         except OSError as err:
+            if item.placed:  # refused: its file is nobody's (a resend places another)
+                _remove_quietly(self.storage, item.stored.key)
             if err.errno == errno.ENOSPC:
                 raise OutOfResources(f"no space left for the intake journal in {self.journal.folder}") from err
             raise StorageFailure(f"could not write the intake journal in {self.journal.folder}: {err}") from err
@@ -600,14 +594,16 @@ class Ingestor:
         mine.append(job.indexed)
 
     def _place(self, item: Prepared) -> Prepared:
-        """A large instance's file, durable under a name no other file has (before its journal
-        record and its answer): its bytes' name, or another if a copy took it meanwhile."""
+        """A large instance's file, durable under its key (a name no other copy has:
+        :func:`instance_key`), before its journal record and its answer."""
         stored = item.stored
         for _ in range(3):
             try:
                 self.storage.commit_new([(item.staged, stored.key)])
-            except KeyTaken:
-                stored = replace(stored, key=variant_key(stored.key))
+            except KeyTaken:  # a nonce drawn twice
+                h = item.headers
+                stored = replace(stored, key=instance_key(h.study_instance_uid, h.series_instance_uid,
+                                                          h.sop_instance_uid, stored.sha256))
                 continue
             return replace(item, stored=stored, placed=True, spool_id=os.urandom(16).hex())
         raise StorageFailure(f"could not find a free name for {item.stored.key}")
@@ -684,8 +680,6 @@ class Ingestor:
                     log.warning("indexing journaled instance %s failed (%s); retrying in %.0f s",
                                 job.item.stored.key, outcome, delay)
                     job.not_before = time.monotonic() + delay
-                    # meanwhile another receiving process may file a copy answered after it
-                    job.item = replace(job.item, recheck=True)
                     retry.append(job)
                 else:
                     log.error("indexing journaled instance %s failed: %s; it stays durable in the intake "
@@ -714,7 +708,7 @@ class Ingestor:
                 self._queued.notify()
 
     def _write_and_done(self, job: _Journaled, result: IngestResult) -> None:
-        key, data = job.item.stored.key, job.item.spool
+        key, data = result.stored.key, job.item.spool  # a duplicate's: the index's file
         if data is not None and (result.outcome is not StoreOutcome.duplicate
                                  or not os.path.exists(self.storage.path(key))):
             try:

@@ -192,9 +192,17 @@ class IntakeJournal:
             ticket = seg.flush.changed()
         try:
             seg.flush.wait(ticket)
+            if seg.flush.failed is not None:
+                # flushed after another record's flush failed: that region may not read back,
+                # and replay stops there, so this record may be unreachable too
+                raise OSError(errno.EIO, f"a flush of journal segment {seg.path.name} failed: {seg.flush.failed}")
         except OSError:
             with self._lock:
                 seg.broken = True  # the next append starts another segment
+                seg.done += 1  # refused: the sender sends it again
+                if seg is not self._current and seg.done >= seg.appended and self._pid == os.getpid() \
+                        and not seg.closed:
+                    self._recycle(seg)
             raise
         return Entry(seg)
 
@@ -251,7 +259,7 @@ class IntakeJournal:
     def _recycle(self, seg: _Segment) -> None:
         """A segment whose records are all done becomes a spare under a new epoch (one flush), or
         is deleted when there are spares enough."""
-        if len(self._spares) >= 1:
+        if seg.broken or len(self._spares) >= 1:
             _retire(seg)
             return
         epoch = os.urandom(EPOCH_BYTES)

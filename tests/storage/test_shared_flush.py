@@ -81,3 +81,32 @@ def test_a_failed_flush_fails_every_change_it_was_to_cover_and_a_later_one_flush
     later = shared.changed()
     shared.wait(later)  # a change made after the failure: flushed anew
     assert calls == ["flush", "flush"]
+
+
+def test_a_change_the_failed_flush_covered_fails_even_after_a_later_flush_succeeded() -> None:
+    """A waiter preempted between noting its change and waiting: a failed flush covered its change,
+    then a later change's flush succeeded (Linux reported the error once). Its wait took the
+    already-flushed fast path and returned as if its change were durable."""
+    calls: list[int] = []
+
+    def flush() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+
+    shared = SharedFlush(flush)
+    first, second = shared.changed(), shared.changed()
+    try:
+        shared.wait(first)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the failed flush was not reported")
+    later = shared.changed()
+    shared.wait(later)  # after the failure: flushed anew, durable
+    try:
+        shared.wait(second)
+    except OSError as err:
+        assert err.errno == 5
+    else:
+        raise AssertionError("a change the failed flush covered was reported durable")

@@ -79,11 +79,11 @@ def test_sigkill_during_transfer_loses_no_acknowledged_instance(db_url: str, eng
     assert 25 <= len(acknowledged) < len(files)
 
     storage = data_dir / "storage"
-    # Outside the staging folder every file is complete: its content hash is the one in its
-    # (content-addressed) name, and its headers and Pixel Data extent check out.
+    # Outside the staging folder every file is complete: its content hash is the one in its name
+    # (sop.sha16.nonce.dcm), and its headers and Pixel Data extent check out.
     visible = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
     for p in visible:
-        assert hashlib.sha256(p.read_bytes()).hexdigest()[:16] == p.name.split(".")[-2]
+        assert hashlib.sha256(p.read_bytes()).hexdigest()[:16] == p.name.split(".")[-3]
         read_headers(p)
     # A restart files what the intake journal holds (acknowledged, maybe not indexed yet),
     # discards partial transfers and serves again.

@@ -21,6 +21,7 @@ from sqlmodel import select
 from audit.chain import AuditRecord, verify
 from ground.clock import utcnow
 from ground.db import session_scope
+from integrations.dicom.errors import OutOfResources
 from integrations.dicom.index import Instance
 from integrations.dicom.ingest import Ingestor, Prepared, refile
 from integrations.dicom.intake import (
@@ -720,3 +721,116 @@ def test_a_record_done_after_the_journal_closed_touches_no_other_file(tmp_path: 
     finally:
         os.close(fd)
     assert len(_segments(tmp_path / "j")) == 1  # still there for replay (done after the close)
+
+
+def test_replay_of_an_earlier_copy_leaves_a_later_resend_s_file(engine: Engine, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original is filed, its correction replaces it (the original's file removed), then the
+    original is resent and answered, and the process dies before indexing it: the segment holds
+    all three. A copy's file name came from its bytes, so the resend took the original's freed
+    name; replaying the original's record, superseded by the correction, removed "its" file:
+    the resend's. The resend was then unfileable and the index ended at the correction."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    original = path.read_bytes()
+    correction = corrected_resend(original)
+    folder = tmp_path / "j"
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1024, journal=IntakeJournal(folder), index_wait=0.0)
+    _ingest(ingestor, storage, original)
+    assert ingestor.wait_indexed(10)
+    _ingest(ingestor, storage, correction)
+    assert ingestor.wait_indexed(10)
+    monkeypatch.setattr(Ingestor, "_index", lambda self, batch: None)  # dies before indexing the resend
+    _ingest(ingestor, storage, original)
+    assert ingestor.journal is not None
+    ingestor.journal.close()
+    replay(folder, lambda record: refile(engine, storage, record))
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(original).hexdigest()  # answered last
+    assert storage.path(row.storage_key).read_bytes() == original
+    assert not (folder / UNFILEABLE_DIR_NAME).exists()
+    files = [p for p in (tmp_path / "storage").rglob("*.dcm") if ".incoming" not in p.parts]
+    assert files == [storage.path(row.storage_key)]
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_small_resend_filed_by_another_process_before_a_replacement_s_cleanup_keeps_its_file(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool) -> None:
+    """As for large instances, for small ones (spooled, or journaled in memory: the default), in
+    two receiving processes: the resend reused the original's name, and the correction's cleanup
+    removed it after its spool row or journal record was settled."""
+    import integrations.dicom.ingest as ingest_module
+
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    original = path.read_bytes()
+    correction = corrected_resend(original)
+
+    def ingestor(journal: str) -> Ingestor:
+        return Ingestor(engine, FileStorage(tmp_path / "storage"), spool_max_bytes=1 << 20,
+                        **({"journal": IntakeJournal(tmp_path / journal), "index_wait": 0.0} if journaled else {}))
+
+    first, second = ingestor("j1"), ingestor("j2")
+
+    def send(target: Ingestor, data: bytes) -> None:
+        writer = target.storage.staging_file(memory_first=target.spool_max_bytes if target.journal else 0)
+        writer.write(data)
+        staged = Path(writer.name)
+        try:
+            target.ingest(staged, calling_ae="MODALITY")
+            if target.journal is not None:
+                assert target.wait_indexed(10)
+        finally:
+            writer.close()
+            staged.unlink(missing_ok=True)
+
+    real_remove = ingest_module._remove_quietly
+    resent: list[str] = []
+
+    def remove(where: FileStorage, key: str) -> None:
+        if not resent:
+            resent.append(key)
+            send(second, original)  # the other process files the resend before this cleanup
+        real_remove(where, key)
+
+    try:
+        send(first, original)
+        monkeypatch.setattr(ingest_module, "_remove_quietly", remove)
+        send(first, correction)
+        monkeypatch.undo()
+        first.settler.flush(5)
+        second.settler.flush(5)
+    finally:
+        first.close()
+        second.close()
+    assert resent
+    (row,) = _rows(engine).values()
+    assert row.sha256 == hashlib.sha256(original).hexdigest()
+    assert storage.path(row.storage_key).read_bytes() == original
+
+
+def test_a_large_instance_refused_for_its_journal_leaves_no_file(engine: Engine, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large instance's file is placed before its journal record; when the journal refuses it
+    (full, EIO), the sender is refused and sends it again: each refusal left a whole file."""
+    storage = FileStorage(tmp_path / "storage")
+    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
+    data = path.read_bytes()
+    ingestor = Ingestor(engine, storage, spool_max_bytes=1024, journal=IntakeJournal(tmp_path / "j"), index_wait=0.0)
+
+    def full(self: IntakeJournal, header: object, data: bytes) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(IntakeJournal, "append", full)
+            for _ in range(3):
+                with pytest.raises(OutOfResources):
+                    _ingest(ingestor, storage, data)
+        _ingest(ingestor, storage, data)
+        assert ingestor.wait_indexed(10)
+    finally:
+        ingestor.close()
+    (row,) = _rows(engine).values()
+    files = [p for p in (tmp_path / "storage").rglob("*.dcm") if ".incoming" not in p.parts]
+    assert files == [storage.path(row.storage_key)]
