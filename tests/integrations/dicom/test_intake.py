@@ -145,6 +145,32 @@ def test_a_record_that_can_never_be_filed_is_set_aside_not_retried(tmp_path: Pat
     assert calls == ["good", "bad", "later"] * 2
 
 
+def _fail_filing(monkeypatch: pytest.MonkeyPatch, times: int = 1, only: Ingestor | None = None,
+                 error: Exception | None = None) -> list[int]:
+    """Make ``Ingestor._file`` (in ``only``, if given) raise ``error`` ("database is locked" by
+    default) its first ``times`` calls; returns the size of each batch it was called with."""
+    real_file = Ingestor._file
+    calls: list[int] = []
+
+    def failing(self: Ingestor, items: list[object]) -> object:
+        if only is None or self is only:
+            calls.append(len(items))
+            if len(calls) <= times:
+                raise error or sqlite3.OperationalError("database is locked")
+        return real_file(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_file", failing)
+    return calls
+
+
+def _wait_retried(ingestor: Ingestor) -> None:
+    """Wait (10 s at most) until nothing waits for its indexing or its file any more."""
+    deadline = time.monotonic() + 10
+    while ingestor._queue or ingestor._placing:
+        assert time.monotonic() < deadline, "the retry did not happen"
+        time.sleep(0.05)
+
+
 def _ingest(ingestor: Ingestor, storage: FileStorage, data: bytes) -> None:
     # as the listener stages it: in memory up to the size whose bytes the journal takes
     writer = storage.staging_file(memory_first=ingestor.spool_max_bytes if ingestor.journal else 0)
@@ -287,16 +313,7 @@ def test_indexing_failures_are_retried_when_transient_and_kept_when_not(
     files = make_ct_series(tmp_path / "ct", 3, rows=32, cols=32)
     folder = tmp_path / "storage" / ".intake"
     ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(folder), index_wait=0.0)
-    real_file = Ingestor._file
-    calls: list[int] = []
-
-    def failing_once(self: Ingestor, items: object) -> object:
-        calls.append(1)
-        if len(calls) <= 2:  # the batch, then its first instance alone
-            raise error
-        return real_file(self, items)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Ingestor, "_file", failing_once)
+    calls = _fail_filing(monkeypatch, times=2, error=error)  # the batch, then its first alone
     try:
         _ingest(ingestor, storage, files[0].read_bytes())
         assert ingestor.wait_indexed(10)
@@ -333,16 +350,7 @@ def test_a_newer_copy_sent_while_the_older_waits_for_its_retry_is_indexed_after_
     newer = path.read_bytes()
     ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
                         index_wait=0.0)
-    real_file = Ingestor._file
-    calls: list[int] = []
-
-    def locked_once(self: Ingestor, items: object) -> object:
-        calls.append(1)
-        if len(calls) == 1:
-            raise sqlite3.OperationalError("database is locked")
-        return real_file(self, items)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Ingestor, "_file", locked_once)
+    _fail_filing(monkeypatch)
     try:
         _ingest(ingestor, storage, older)
         assert ingestor.wait_indexed(10)  # given up on for now: retried in a second
@@ -474,16 +482,7 @@ def test_an_older_copy_retried_after_another_process_indexed_a_newer_one_is_not_
     first = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"), index_wait=0.0)
     second = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
                       index_wait=0.0)
-    real_file = Ingestor._file
-    failed: list[Ingestor] = []
-
-    def locked_once_in_the_first(self: Ingestor, items: object) -> object:
-        if self is first and not failed:
-            failed.append(self)
-            raise sqlite3.OperationalError("database is locked")
-        return real_file(self, items)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Ingestor, "_file", locked_once_in_the_first)
+    _fail_filing(monkeypatch, only=first)
     try:
         _ingest(first, storage, older)
         assert first.wait_indexed(10)  # given up on for now: retried in a second
@@ -491,10 +490,7 @@ def test_an_older_copy_retried_after_another_process_indexed_a_newer_one_is_not_
         assert second.wait_indexed(10)
         (row,) = _rows(engine).values()
         assert row.sha256 == hashlib.sha256(newer).hexdigest()
-        deadline = time.monotonic() + 10
-        while first._queue or first._placing:
-            assert time.monotonic() < deadline, "the retry did not happen"
-            time.sleep(0.05)
+        _wait_retried(first)
     finally:
         first.close()
         second.close()
@@ -515,24 +511,12 @@ def test_an_older_copy_that_failed_alone_when_its_batch_was_split_does_not_come_
     newer = corrected_resend(older)
     ingestor = Ingestor(engine, storage, spool_max_bytes=1 << 20, journal=IntakeJournal(tmp_path / "j"),
                         index_wait=0.3)  # both copies gather into one batch
-    real_file = Ingestor._file
-    calls: list[int] = []
-
-    def locked_twice(self: Ingestor, items: list[object]) -> object:
-        calls.append(len(items))
-        if len(calls) <= 2:  # the batch of two, then the original alone
-            raise sqlite3.OperationalError("database is locked")
-        return real_file(self, items)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Ingestor, "_file", locked_twice)
+    calls = _fail_filing(monkeypatch, times=2)  # the batch of two, then the original alone
     try:
         _ingest(ingestor, storage, older)
         _ingest(ingestor, storage, newer)
         assert ingestor.wait_indexed(10)
-        deadline = time.monotonic() + 10
-        while ingestor._queue or ingestor._placing:
-            assert time.monotonic() < deadline, "the retry did not happen"
-            time.sleep(0.05)
+        _wait_retried(ingestor)
     finally:
         ingestor.close()
     assert calls[:3] == [2, 1, 1] and len(calls) == 4, calls
@@ -571,10 +555,7 @@ def test_a_resend_of_the_original_answered_while_its_correction_is_indexed_keeps
         monkeypatch.setattr(Ingestor, "_file_batch", file_batch)
         _ingest(ingestor, storage, correction)
         assert ingestor.wait_indexed(10)
-        deadline = time.monotonic() + 10
-        while ingestor._queue or ingestor._placing:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_retried(ingestor)
     finally:
         ingestor.close()
     assert resent
@@ -584,53 +565,6 @@ def test_a_resend_of_the_original_answered_while_its_correction_is_indexed_keeps
     files = [p for p in (tmp_path / "storage").rglob("*.dcm") if ".incoming" not in p.parts]
     assert files == [storage.path(row.storage_key)]  # nothing else left behind
     assert _segments(tmp_path / "j") == []
-
-
-def test_a_resend_filed_by_another_process_between_a_replacement_s_commit_and_its_cleanup_keeps_its_file(
-        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the journal, two receiving processes: one files the correction and, after its
-    COMMIT, removes the original's file; the other files a resend of the original in between, its
-    file renamed over the original's (same bytes, same name), and answers. The removal then took
-    the resend's file."""
-    import integrations.dicom.ingest as ingest_module
-
-    storage = FileStorage(tmp_path / "storage")
-    (path,) = make_ct_series(tmp_path / "ct", 1, rows=32, cols=32)
-    original = path.read_bytes()
-    correction = corrected_resend(original)
-    first = Ingestor(engine, storage)
-    second = Ingestor(engine, FileStorage(tmp_path / "storage"))
-    real_remove = ingest_module._remove_quietly
-    resent: list[object] = []
-
-    def remove(where: FileStorage, key: str) -> None:
-        if not resent:  # the other process files the resend before this removal runs
-            resent.append(key)
-            _file_alone(second, storage, original)
-        real_remove(where, key)
-
-    monkeypatch.setattr(ingest_module, "_remove_quietly", remove)
-    try:
-        _file_alone(first, storage, original)
-        _file_alone(first, storage, correction)
-    finally:
-        first.close()
-        second.close()
-    assert resent
-    (row,) = _rows(engine).values()
-    assert row.sha256 == hashlib.sha256(original).hexdigest()
-    assert storage.path(row.storage_key).read_bytes() == original
-
-
-def _file_alone(ingestor: Ingestor, storage: FileStorage, data: bytes) -> object:
-    writer = storage.staging_file()
-    writer.write(data)
-    writer.close()
-    path = Path(writer.name)
-    try:
-        return ingestor.ingest(path, calling_ae="MODALITY")
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def test_a_large_resend_whose_folder_cannot_be_synced_leaves_the_indexed_file_alone(
@@ -753,12 +687,14 @@ def test_replay_of_an_earlier_copy_leaves_a_later_resend_s_file(engine: Engine, 
     assert files == [storage.path(row.storage_key)]
 
 
-@pytest.mark.parametrize("journaled", [False, True])
-def test_a_small_resend_filed_by_another_process_before_a_replacement_s_cleanup_keeps_its_file(
-        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool) -> None:
-    """As for large instances, for small ones (spooled, or journaled in memory: the default), in
-    two receiving processes: the resend reused the original's name, and the correction's cleanup
-    removed it after its spool row or journal record was settled."""
+@pytest.mark.parametrize(("size", "journaled"), [("large", False), ("small", False), ("small", True), ("large", True)])
+def test_a_resend_filed_by_another_process_before_a_replacement_s_cleanup_keeps_its_file(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str, journaled: bool) -> None:
+    """Two receiving processes: one files the correction and, after its COMMIT, removes the
+    original's file; the other files a resend of the original in between. Its file took the
+    original's name (same bytes, same name), and the removal took the resend's file, after its
+    spool row or journal record was settled: an answered instance with no file. Large instances
+    (renamed or linked into place) and small ones (spooled, or journaled in memory: the default)."""
     import integrations.dicom.ingest as ingest_module
 
     storage = FileStorage(tmp_path / "storage")
@@ -767,8 +703,8 @@ def test_a_small_resend_filed_by_another_process_before_a_replacement_s_cleanup_
     correction = corrected_resend(original)
 
     def ingestor(journal: str) -> Ingestor:
-        return Ingestor(engine, FileStorage(tmp_path / "storage"), spool_max_bytes=1 << 20,
-                        **({"journal": IntakeJournal(tmp_path / journal), "index_wait": 0.0} if journaled else {}))
+        return Ingestor(engine, FileStorage(tmp_path / "storage"), spool_max_bytes=1 << 20 if size == "small" else 0,
+                        journal=IntakeJournal(tmp_path / journal) if journaled else None, index_wait=0.0)
 
     first, second = ingestor("j1"), ingestor("j2")
 
