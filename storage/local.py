@@ -333,18 +333,7 @@ class FileStorage:
         the renames durable, fsyncing each folder once however many files went into it (and
         sharing each folder's fsync with concurrent callers: :class:`_FolderSyncs`). All or
         nothing: when one fails, those already renamed go back to their staged paths."""
-        placed: list[tuple[Path, str]] = []
-        try:
-            folders = self._rename_into_place(placements, placed)
-            self._sync_folders(folders)
-        except OSError as err:
-            for staged, dst in reversed(placed):
-                try:
-                    os.replace(dst, staged)
-                except OSError:
-                    pass
-            what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
-            raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
+        self._commit(placements, link=False)
 
     def commit_new(self, placements: Sequence[tuple[Path, str]]) -> None:
         """As :meth:`commit_synced`, but never replacing a file: each staged file is hard-linked
@@ -354,18 +343,25 @@ class FileStorage:
         original's file, which the correction's filing then removed as obsolete, and the resend,
         answered, had no file. Undoing removes only the links made here (before, undoing a
         rename that had replaced a file moved that file, an indexed instance's, away)."""
+        self._commit(placements, link=True)
+
+    def _commit(self, placements: Sequence[tuple[Path, str]], *, link: bool) -> None:
+        """:meth:`commit_synced` (rename) or :meth:`commit_new` (``link``), all or nothing."""
         placed: list[tuple[Path, str]] = []
         try:
-            folders = self._rename_into_place(placements, placed, link=True)
+            folders = self._rename_into_place(placements, placed, link=link)
             self._sync_folders(folders)
         except OSError as err:
-            for _, dst in placed:
+            for staged, dst in reversed(placed):
                 try:
-                    os.unlink(dst)
+                    if link:
+                        os.unlink(dst)  # only our own link: the staged path is still there
+                    else:
+                        os.replace(dst, staged)
                 except OSError:
                     pass
             what = placements[len(placed)][1] if len(placed) < len(placements) else f"{len(placements)} file(s)"
-            if isinstance(err, FileExistsError):
+            if isinstance(err, FileExistsError) and link:
                 raise KeyTaken(f"{what} is there already") from err
             raise StorageFailure(f"could not store {what}: {err.strerror or err}; check {self.root}") from err
 

@@ -145,7 +145,7 @@ class IndexResult:
     new_version: bool
     obsolete_key: str | None = None
     #: the key of the file the index holds for this instance when it is not the filed copy's
-    #: own (a duplicate placed under a name of its own: :func:`.ingest.prepare`)
+    #: own (a duplicate or a superseded copy: each copy has a name of its own, .ingest.instance_key)
     kept_key: str | None = None
 
 

@@ -75,16 +75,15 @@ from .spool import settle as settle_now
 log = logging.getLogger(__name__)
 
 
-def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str, nonce: str | None = None) -> str:
+def instance_key(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
     """Storage key of one received copy of an instance: its UIDs, its content's hash and a nonce
     of its own. A replacement gets a new file, so the old one stays valid until the index points
     at the new one; and no two copies ever share a file, even with the same bytes: a name taken
     from the bytes alone was reused by a resend of an original while its correction was filed,
     and the correction's filing (or a replay) then removed the resend's file as the original's
     obsolete one, leaving an answered instance with no file."""
-    nonce = os.urandom(4).hex() if nonce is None else nonce
     return (f"{key_component(study_uid)}/{key_component(series_uid)}/{key_component(sop_uid)}"
-            f".{sha256[:16]}.{nonce}.dcm")
+            f".{sha256[:16]}.{os.urandom(4).hex()}.dcm")
 
 
 @dataclass(frozen=True)
@@ -218,8 +217,7 @@ def refile(engine: Engine, storage: Storage, record: Record) -> None:
     ``received_at`` is not older than the record) is not filed over it."""
     header = record.header
     data: bytes | None = record.data
-    placed = bool(header.get("placed"))
-    if placed:
+    if header.get("placed"):
         path = storage.path(header["key"])
         data = path.read_bytes() if path.exists() else None
     if data is not None and hashlib.sha256(data).hexdigest() != header["sha256"]:
@@ -688,8 +686,8 @@ class Ingestor:
                 job.indexed.set()
                 continue
             if outcome.outcome is StoreOutcome.superseded:
-                # a copy answered after it is indexed: nothing to write (a large one's file stays
-                # under its key, unindexed: removing it could race a resend of the same bytes)
+                # a copy answered after it is indexed: nothing to write (a large one's own file
+                # was removed after the commit, as its result's obsolete_key)
                 log.info("journaled instance %s was superseded by a copy answered after it", job.item.stored.key)
                 self._done(job)
                 job.indexed.set()
