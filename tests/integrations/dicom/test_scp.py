@@ -12,21 +12,17 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import build_context
 
 from integrations.dicom import dimse
 from integrations.dicom.listener import Listener
 from tests.factories.dcmtk import echoscu, storescu
+from tests.factories.raw_peer import associate_rq, dimse_command, p_data, read_pdu
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
 CT = CORPUS / "ct" / "pydicom_CT_small.dcm"
@@ -98,77 +94,13 @@ def test_file_meta_reads_back_with_pydicom() -> None:
 # raw peers
 
 
-def _associate_rq(*, contexts: list[tuple[int, str, str]], max_pdu: int = 0, app_context: str = "1.2.840.10008.3.1.1.1",
-                  roles: list[tuple[str, bool, bool]] = ()) -> bytes:  # type: ignore[assignment]
-    p = A_ASSOCIATE()
-    p.application_context_name = UID(app_context)
-    p.calling_ae_title = "RAWPEER"
-    p.called_ae_title = "TAQRIR"
-    cxs = []
-    for cid, abstract, ts in contexts:
-        cx = build_context(abstract, [ts])
-        cx.context_id = cid
-        cxs.append(cx)
-    p.presentation_context_definition_list = cxs
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = max_pdu
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = UID("1.2.3.4")
-    items: list[object] = [ml, impl]
-    for uid, scu, scp in roles:
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid = UID(uid)
-        role.scu_role, role.scp_role = scu, scp
-        items.append(role)
-    p.user_information = items
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(p)
-    return bytes(pdu.encode())
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    head = _exact(sock, 6)
-    pdu_type, _, length = struct.unpack(">BBL", head)
-    return pdu_type, head + _exact(sock, length)
-
-
-def _exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += chunk
-    return out
-
-
-def _p_data(context_id: int, control: int, data: bytes) -> bytes:
-    return struct.pack(">BBLLBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, control) + data
-
-
-def _command(field: int, message_id: int, *, has_dataset: bool, sop_class: str = CT_STORAGE,
-             sop_instance: str = "1.2.3.4.5") -> bytes:
-    cmd = Dataset()
-    cmd.AffectedSOPClassUID = sop_class
-    cmd.CommandField = field
-    cmd.MessageID = message_id
-    if field != 0x0030:
-        cmd.Priority = 0
-    cmd.CommandDataSetType = 0x0000 if has_dataset else 0x0101
-    if field == 0x0001:
-        cmd.AffectedSOPInstanceUID = sop_instance
-    body = encode(cmd, True, True)
-    assert body is not None
-    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
-
-
 @pytest.fixture
 def peer(start_listener: Callable[..., Listener]) -> Callable[..., tuple[socket.socket, A_ASSOCIATE_AC | int, Listener]]:
     def _open(rq: bytes | None = None, **listener_overrides: object) -> tuple[socket.socket, A_ASSOCIATE_AC | int, Listener]:
         listener = start_listener(**listener_overrides)
         sock = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
-        sock.sendall(rq or _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)]))
-        pdu_type, raw = _read_pdu(sock)
+        sock.sendall(rq or associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)]))
+        pdu_type, raw = read_pdu(sock)
         if pdu_type != 0x02:
             return sock, pdu_type, listener
         ac = A_ASSOCIATE_AC()
@@ -182,7 +114,7 @@ def _still_serving(listener: Listener) -> None:
 
 
 def test_negotiation_accepts_storage_rejects_other_services_and_replies_roles(peer: Callable[..., tuple]) -> None:
-    rq = _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)],
+    rq = associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (3, FIND, EXPLICIT_LE)],
                        roles=[(CT_STORAGE, True, False)])
     sock, ac, listener = peer(rq)
     prim = ac.to_primitive()
@@ -191,13 +123,13 @@ def test_negotiation_accepts_storage_rejects_other_services_and_replies_roles(pe
     roles = [i for i in prim.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
     assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in roles] == [(CT_STORAGE, True, False)]
     sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\0\0\0\0")
-    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+    assert read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
     sock.close()
     _still_serving(listener)
 
 
 def test_wrong_application_context_is_rejected(peer: Callable[..., tuple]) -> None:
-    sock, result, listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], app_context="1.2.3"))
+    sock, result, listener = peer(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], app_context="1.2.3"))
     assert result == 0x03  # A-ASSOCIATE-RJ
     sock.close()
     _still_serving(listener)
@@ -207,25 +139,25 @@ def test_association_limit_rejects_transiently(peer: Callable[..., tuple]) -> No
     sock, ac, listener = peer(max_associations=1)
     assert isinstance(ac, A_ASSOCIATE_AC)
     second = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
-    second.sendall(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
-    pdu_type, raw = _read_pdu(second)
+    second.sendall(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
+    pdu_type, raw = read_pdu(second)
     assert (pdu_type, raw[7:10]) == (0x03, bytes((0x02, 0x03, 0x02)))  # transient, local limit exceeded
     second.close()
     sock.close()
 
 
 def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple]) -> None:
-    sock, _ac, _listener = peer(_associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], max_pdu=32))
+    sock, _ac, _listener = peer(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)], max_pdu=32))
     data = CT.read_bytes()
     dataset = data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
     sop = dcmread(CT, stop_before_pixels=True).SOPInstanceUID
-    sock.sendall(_p_data(1, 0x03, _command(0x0001, 5, has_dataset=True, sop_instance=sop)))
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, 5, has_dataset=True, sop_instance=sop)))
     for start in range(0, len(dataset), 4000):
         last = start + 4000 >= len(dataset)
-        sock.sendall(_p_data(1, 0x02 if last else 0x00, dataset[start:start + 4000]))
+        sock.sendall(p_data(1, 0x02 if last else 0x00, dataset[start:start + 4000]))
     command, pdus = b"", 0
     while True:
-        pdu_type, raw = _read_pdu(sock)
+        pdu_type, raw = read_pdu(sock)
         assert pdu_type == 0x04 and len(raw) - 6 <= 32
         pdus += 1
         command += raw[12:]
@@ -238,32 +170,62 @@ def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple])
     sock.close()
 
 
+@pytest.mark.parametrize("has_dataset", [True, False])
+def test_a_command_whose_uid_is_not_ascii_gets_0117_and_the_association_goes_on(
+        peer: Callable[..., tuple], has_dataset: bool) -> None:
+    """A byte outside ASCII in a C-STORE's Affected SOP Instance UID made the answer's encoding
+    raise: the association was aborted as an internal failure and logged as a bug. It is now
+    refused with 0x0117 (invalid SOP instance, PS3.7 C.4.2), and the same association stores
+    the next instance."""
+    sock, _ac, listener = peer(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
+    data = CT.read_bytes()
+    dataset = data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
+    bad = dimse_command(0x0001, 1, has_dataset=has_dataset, sop_instance="1.2.3.4.5")
+    assert b"1.2.3.4.5\x00" in bad
+    sock.sendall(p_data(1, 0x03, bad.replace(b"1.2.3.4.5\x00", b"1.2.\xe93.4.5")))
+    if has_dataset:
+        sock.sendall(p_data(1, 0x02, dataset))
+    pdu_type, raw = read_pdu(sock)
+    assert pdu_type == 0x04
+    rsp = decode(io.BytesIO(raw[12:]), True, True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 1, 0x0117)
+    assert "not a valid UID" in rsp.ErrorComment and "AffectedSOPInstanceUID" not in rsp
+    sop = dcmread(CT, stop_before_pixels=True).SOPInstanceUID
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, 2, has_dataset=True, sop_instance=sop)))
+    sock.sendall(p_data(1, 0x02, dataset))
+    _pdu_type, raw = read_pdu(sock)
+    rsp = decode(io.BytesIO(raw[12:]), True, True)
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.AffectedSOPInstanceUID) == (2, 0x0000, sop)
+    sock.close()
+    assert not any(listener.storage.tmp_dir.iterdir())
+
+
 def test_unsupported_operation_gets_a_status_not_a_hangup(peer: Callable[..., tuple]) -> None:
     sock, _ac, _listener = peer()
-    sock.sendall(_p_data(1, 0x03, _command(0x0020, 9, has_dataset=True)))  # C-FIND-RQ on a storage context
-    sock.sendall(_p_data(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
-    _pdu_type, raw = _read_pdu(sock)
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0020, 9, has_dataset=True)))  # C-FIND-RQ on a storage context
+    sock.sendall(p_data(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
+    _pdu_type, raw = read_pdu(sock)
     rsp = decode(io.BytesIO(raw[12:]), True, True)
     assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8020, 9, 0x0211)
-    sock.sendall(_p_data(1, 0x03, _command(0x0030, 10, has_dataset=False, sop_class="1.2.840.10008.1.1")))
-    _pdu_type, raw = _read_pdu(sock)
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0030, 10, has_dataset=False, sop_class="1.2.840.10008.1.1")))
+    _pdu_type, raw = read_pdu(sock)
     rsp = decode(io.BytesIO(raw[12:]), True, True)
     assert (rsp.CommandField, rsp.Status) == (0x8030, 0x0000)  # C-ECHO on any accepted context
     sock.close()
 
 
 @pytest.mark.parametrize("bad, reason", [
-    (_p_data(7, 0x03, b"\0" * 8), 0x06),  # a context that was never accepted
-    (_p_data(1, 0x02, b"dataset without command"), 0x02),
+    (p_data(7, 0x03, b"\0" * 8), 0x06),  # a context that was never accepted
+    (p_data(1, 0x02, b"dataset without command"), 0x02),
     (struct.pack(">BBL", 0x04, 0, 20) + struct.pack(">LBB", 400, 1, 3) + b"\0" * 14, 0x06),  # PDV longer than PDU
     (struct.pack(">BBL", 0x09, 0, 4) + b"\0" * 4, 0x01),  # unknown PDU type
     (struct.pack(">BBL", 0x01, 0, 4) + b"\0" * 4, 0x02),  # A-ASSOCIATE-RQ again
-    (_p_data(1, 0x03, struct.pack("<HHL", 0, 0x100, 2) + b"\x01"), 0x06),  # undecodable command
+    (p_data(1, 0x03, struct.pack("<HHL", 0, 0x100, 2) + b"\x01"), 0x06),  # undecodable command
 ])
 def test_protocol_violations_abort_and_serving_goes_on(peer: Callable[..., tuple], bad: bytes, reason: int) -> None:
     sock, _ac, listener = peer()
     sock.sendall(bad)
-    pdu_type, raw = _read_pdu(sock)
+    pdu_type, raw = read_pdu(sock)
     assert pdu_type == 0x07 and raw[9] == reason
     sock.close()
     _still_serving(listener)
@@ -273,8 +235,8 @@ def test_protocol_violations_abort_and_serving_goes_on(peer: Callable[..., tuple
 def test_oversized_command_set_aborts(peer: Callable[..., tuple]) -> None:
     sock, _ac, listener = peer()
     for _ in range(3):
-        sock.sendall(_p_data(1, 0x01, b"\0" * 30_000))
-    pdu_type, _raw = _read_pdu(sock)
+        sock.sendall(p_data(1, 0x01, b"\0" * 30_000))
+    pdu_type, _raw = read_pdu(sock)
     assert pdu_type == 0x07
     sock.close()
     _still_serving(listener)
@@ -282,8 +244,8 @@ def test_oversized_command_set_aborts(peer: Callable[..., tuple]) -> None:
 
 def test_abrupt_close_mid_dataset_leaves_no_staged_file(peer: Callable[..., tuple]) -> None:
     sock, _ac, listener = peer()
-    sock.sendall(_p_data(1, 0x03, _command(0x0001, 1, has_dataset=True)))
-    sock.sendall(_p_data(1, 0x00, b"\x08\x00" * 5000))
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, 1, has_dataset=True)))
+    sock.sendall(p_data(1, 0x00, b"\x08\x00" * 5000))
     sock.close()
     storescu_ok = storescu(listener.port, [CT]).statuses()  # type: ignore[attr-defined]
     assert storescu_ok == ["Success"]
@@ -310,7 +272,7 @@ def test_acse_timeout_bounds_the_whole_association_request(start_listener: Calla
     import time
 
     listener = start_listener(acse_timeout=1.0)
-    rq = _associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)])
+    rq = associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)])
     sock = socket.create_connection(("127.0.0.1", listener.port), timeout=10)  # type: ignore[attr-defined]
     started = time.monotonic()
     closed = None
