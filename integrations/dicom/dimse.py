@@ -13,6 +13,7 @@ encoded here directly and checked against pydicom and pynetdicom in the tests.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -29,6 +30,15 @@ _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
 _TAG_LEN = struct.Struct("<HHL")
 MAX_COMMAND_BYTES = 64 * 1024
+
+
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_valid_uid(text: str) -> bool:
+    """A UID as PS3.5 9.1 spells it: numeric components separated by dots, 64 characters at
+    most. Leading zeros in a component, which 9.1 forbids, pass: real devices send them."""
+    return len(text) <= 64 and _UID_TEXT.fullmatch(text) is not None
 
 
 class CommandError(ValueError):

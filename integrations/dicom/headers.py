@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import re
 import struct
 from collections.abc import Mapping
 from datetime import date, time
@@ -38,11 +37,10 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import DA, TM, VR
 
+from .dimse import is_valid_uid
 from .errors import CannotUnderstand, DicomInputError, IdentifiersMissing
 from .pixel_data import check_pixel_extent, check_pixel_length
 from .walk import META_KEYWORDS, NotWalkable, walk_header
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class InstanceHeaders(BaseModel):
@@ -185,7 +183,7 @@ def _uid(ds: _Elements, keyword: str) -> str:
     text = str(value).strip().rstrip("\x00").strip() if value else ""
     if not text:
         raise UidMissing(keyword, f"{keyword} is missing from the data set: the instance cannot be filed")
-    if len(text) > 64 or not _UID.match(text):
+    if not is_valid_uid(text):
         raise IdentifiersMissing(f"{keyword} {text[:80]!r} is not a valid UID (PS3.5 9.1)")
     return text
 

@@ -39,7 +39,7 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +74,7 @@ MAX_ASSOCIATE_RQ = 1 << 20
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_DATASET_MISMATCH = 0xA900
+STATUS_INVALID_SOP_INSTANCE = 0x0117
 
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -438,6 +439,14 @@ class Association:
                 (cmd.command_field | 0x8000) & 0xFFFF, cmd.message_id, STATUS_UNRECOGNIZED_OPERATION,
                 error_comment="only C-STORE and C-ECHO are supported"))
             return
+        invalid = self._invalid_uids(cmd)
+        if invalid is not None:
+            cmd, comment = invalid
+            if cmd.has_dataset:  # take the dataset off the wire, then answer
+                self._store = _Store(context_id, cmd, None, (STATUS_INVALID_SOP_INSTANCE, comment))
+            else:
+                self._respond(context_id, self._store_response(cmd, abstract, STATUS_INVALID_SOP_INSTANCE, comment))
+            return
         if not cmd.has_dataset:
             self._respond(context_id, self._store_response(cmd, abstract, STATUS_DATASET_MISMATCH,
                                                            "C-STORE without a dataset"))
@@ -455,6 +464,23 @@ class Association:
             store.failure = (0xA700, f"cannot stage the instance: {err.strerror or err}")
             self._close_writer(store)
         self._store = store
+
+    def _invalid_uids(self, cmd: dimse.Command) -> tuple[dimse.Command, str] | None:
+        """A command whose affected SOP Class or Instance UID is not a UID (PS3.5 9.1): the
+        command without them (an answer cannot echo them: a non-ASCII byte there made encoding
+        the answer raise, and the association was aborted as an internal failure) and why. The
+        instance is refused with 0x0117 (invalid SOP instance, PS3.7 C.4.2); the association
+        goes on."""
+        bad = {name: uid for name, uid in (("SOP Class", cmd.affected_sop_class_uid),
+                                           ("SOP Instance", cmd.affected_sop_instance_uid))
+               if uid and not dimse.is_valid_uid(uid)}
+        if not bad:
+            return None
+        log.warning("refusing a command from %s (%s:%d) whose Affected %s", self.calling_ae or "?", self.address,
+                    self.port, " and ".join(f"{name} UID {uid!r} is not a UID" for name, uid in bad.items()))
+        cleared = replace(cmd, affected_sop_class_uid="" if "SOP Class" in bad else cmd.affected_sop_class_uid,
+                          affected_sop_instance_uid="" if "SOP Instance" in bad else cmd.affected_sop_instance_uid)
+        return cleared, f"Affected {' and '.join(bad)} UID is not a valid UID"
 
     def _stream(self, store: _Store, n: int) -> None:
         view, size = self._view, len(self._buffer)
