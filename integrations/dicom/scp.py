@@ -242,6 +242,8 @@ class Association:
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            # with a timeout set, CPython's do_handshake holds the whole handshake to it (a
+            # deadline, not a per-receive timeout: test_tls's trickled ClientHello)
             self.sock.settimeout(self.config.acse_timeout)
             if isinstance(self.sock, ssl.SSLSocket):
                 self.sock.do_handshake()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import select
 import socket
 import ssl
 import time
@@ -73,3 +74,37 @@ def test_tls_with_client_certificates(start_listener: Callable[..., Listener], t
     assert _store(port, no_client_cert) is None
     assert _store(port, None) is None  # plain TCP to a TLS port
     assert _store(port, good) == 0x0000  # and it still serves
+
+
+def test_a_handshake_trickled_a_byte_at_a_time_is_cut_at_acse_timeout(start_listener: Callable[..., Listener],
+                                                                       tmp_path: Path) -> None:
+    """The whole TLS handshake gets ``acse_timeout``, not each receive of it: a peer sending its
+    ClientHello a byte every 0.2 s would otherwise hold its connection (a thread, a slot of
+    ``max_associations``) for a minute, and twenty such peers would refuse every PACS. (A review
+    suspected this; CPython's ``do_handshake`` already treats the socket's timeout as a deadline
+    for the handshake. This pins it.)"""
+    srv_crt, srv_key, _, _ = _cert(tmp_path, "server")
+    listener = start_listener(tls_cert=srv_crt, tls_key=srv_key, acse_timeout=1)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(srv_crt))
+    outgoing = ssl.MemoryBIO()
+    hello_maker = client.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    try:
+        hello_maker.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert len(hello) > 100  # a real ClientHello: trickled whole, it would take 20 s and more
+    sock = socket.create_connection(("127.0.0.1", listener.port))  # type: ignore[attr-defined]
+    started = time.monotonic()
+    try:
+        for byte in hello:
+            if select.select([sock], [], [], 0.2)[0]:  # the listener closed it (nothing else is sent)
+                break
+            sock.sendall(bytes([byte]))
+            assert time.monotonic() - started < 4, "the trickled handshake is still open after 4 s"
+    except OSError:  # reset by the listener
+        pass
+    assert 0.8 < time.monotonic() - started < 4
+    sock.close()
+    srv = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(srv_crt))
+    assert _store(listener.port, srv) == 0x0000  # type: ignore[attr-defined]
