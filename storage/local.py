@@ -292,16 +292,19 @@ class FileStorage:
                 del self._syncing[old]
             self._syncing[key] = self._pool.submit(sync)
 
-    def discard_staged(self) -> int:
+    def discard_staged(self, *, process: int | None = None) -> int:
         """Remove temporary files left by a crash (never acknowledged), and spares. Returns how
-        many staged files there were."""
-        n = 0
-        for p in self.tmp_dir.iterdir():
-            if p.is_file():
-                p.unlink(missing_ok=True)
-                n += 1
-        self._spares.discard()
-        return n
+        many staged files there were. With ``process``, only those of that process, which has
+        died (each staging and spare file's name begins with the pid of the process that made
+        it): a receiving process killed mid-transfer left its partial files (a whole-slide
+        image's gigabytes) until the listener's next start, however often it was replaced."""
+        if process is None:
+            removed = _unlink_files(self.tmp_dir)
+            self._spares.discard()
+            return removed
+        prefix = f"{process}-"
+        _unlink_files(self.spare_dir, prefix)
+        return _unlink_files(self.tmp_dir, prefix)
 
     def sync_staged(self, staged: Path) -> None:
         """Make a staged file's bytes durable (fsync) without making it visible. The caller may
@@ -560,6 +563,16 @@ class FileStorage:
 _LIVE: weakref.WeakSet[FileStorage] = weakref.WeakSet()
 
 
+def _unlink_files(folder: Path, prefix: str = "") -> int:
+    """Remove the files in ``folder`` whose names begin with ``prefix``; how many there were."""
+    n = 0
+    for p in folder.iterdir():
+        if p.name.startswith(prefix) and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def _after_fork_in_child() -> None:
     for storage in list(_LIVE):
         storage._forked()
@@ -692,6 +705,4 @@ class _Spares:
             self._pid = 0  # the next take() starts over, with a helper of its own
             old, self._wanted = self._wanted, threading.Event()
             old.set()  # the old helper wakes, sees it is no longer wanted and leaves
-        for p in self.folder.iterdir():
-            if p.is_file():
-                p.unlink(missing_ok=True)
+        _unlink_files(self.folder)

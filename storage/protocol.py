@@ -85,8 +85,9 @@ class Storage(Protocol):
         file's fsync, each folder's)."""
         ...
 
-    def discard_staged(self) -> int:
-        """Remove staged files a crash left behind; returns how many."""
+    def discard_staged(self, *, process: int | None = None) -> int:
+        """Remove staged files a crash left behind (with ``process``: those of that dead
+        process only); returns how many."""
         ...
 
     def put(self, key: str, data: bytes) -> StoredFile:

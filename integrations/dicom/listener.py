@@ -88,6 +88,19 @@ _WAIT_POLL_SECONDS = 0.1
 _RECEIVER_EXIT_MARGIN = 15.0
 
 
+def _say_ready(ready: int) -> None:
+    """A receiving process tells the listener it serves (a byte on its pipe). A listener that
+    stopped waiting (its 30 s were over) has closed the read end: the receiver serves all the
+    same. Before, the write's BrokenPipeError ended it, and its replacement started over."""
+    try:
+        os.write(ready, b"1")
+    except BrokenPipeError:
+        log.warning("receiving process %d was ready after the listener stopped waiting for it; serving",
+                    os.getpid())
+    finally:
+        os.close(ready)
+
+
 def _wait_ready(pipes: list[int], *, timeout: float) -> None:
     """Wait until each receiving process has written to its pipe (or closed it: it failed, and
     said why in the log), at most ``timeout`` seconds in all, then close the pipes."""
@@ -286,7 +299,7 @@ class Listener:
             # forked by a supervisor that replaces one that dies (.receivers)
             self._supervisor, readies = start_supervisor(
                 lambda index, ready: self._serve_receiver(server, index, ready),
-                list(range(1, self.processes)), on_exit=shares.clear)
+                list(range(1, self.processes)), on_exit=lambda index, pid: self._receiver_exited(shares, index, pid))
         self._open_journal()
         # serve once every receiver is ready: preparing its journal segment (16 MiB written and
         # flushed) would otherwise share the disk with the first transfers (bench/README.md)
@@ -333,13 +346,27 @@ class Listener:
         self.engine.dispose(close=False)
         self._open_journal()
         if ready is not None:
-            os.write(ready, b"1")
-            os.close(ready)
+            _say_ready(ready)
         server.serve_forever()
         server.shutdown()
         self._drain(server)
         self.ingestor.close()
         os._exit(0)
+
+    def _receiver_exited(self, shares: Shares, index: int, pid: int) -> None:
+        """In the supervisor, receiver ``index`` (process ``pid``) having exited: its connections
+        died with it (its slot in the shares is cleared) and so did its transfers, whose partial
+        staging files and spares are removed (what it answered is in place or in its journal
+        segment, which the sweep files again). Never raises: the supervisor goes on."""
+        shares.clear(index)
+        try:
+            removed = self.storage.discard_staged(process=pid)
+        except OSError as err:
+            log.warning("could not remove the staging files of receiving process %d: %s (they go at the next "
+                        "start)", pid, err)
+            return
+        if removed:
+            log.info("removed %d partial transfer(s) of receiving process %d", removed, pid)
 
     def _check_supervisor(self) -> None:
         """The supervisor exits only when told to, or when killed: its receivers then die with

@@ -13,7 +13,9 @@ stays single-threaded and never touches the database, so every fork from it, the
 each replacement, starts from the state the first fork had. When a receiver exits, the
 supervisor clears its slot in :mod:`.shares` (its connections died with it) and forks another in
 its place; the listener's sweep files again what the dead one's intake journal segment holds
-(:mod:`.intake`).
+(:mod:`.intake`). The supervisor also removes the dead one's partial transfers and spare files
+(the listener's ``on_exit``): what it had not answered is sent again, and what it had answered is
+in its journal segment or in place.
 
 A receiver that dies young (within :data:`STEADY_SECONDS` of its start) is replaced after a delay
 that doubles each time (:func:`restart_delay`, from 1 s up to 60 s), so one that cannot start
@@ -101,7 +103,7 @@ class Supervisor:
     """The supervisor's side: fork receivers, replace those that exit, stop them all on SIGTERM.
     Built and run in the forked supervisor process (:func:`start_supervisor`)."""
 
-    def __init__(self, serve: Serve, indexes: list[int], *, on_exit: Callable[[int], None],
+    def __init__(self, serve: Serve, indexes: list[int], *, on_exit: Callable[[int, int], None],
                  parent: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.serve = serve
         self.on_exit = on_exit
@@ -170,7 +172,7 @@ class Supervisor:
                     slot.pid = 0
                     slot.delay = restart_delay(now - slot.started, slot.delay)
                     slot.due = now + slot.delay
-                    self.on_exit(index)
+                    self.on_exit(index, pid)
                     log.warning("receiving process %d exited (%s); replacing it in %.0f s", pid,
                                 _describe(status), slot.delay)
 
@@ -259,9 +261,11 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def start_supervisor(serve: Serve, indexes: list[int], *, on_exit: Callable[[int], None]) -> tuple[int, list[int]]:
+def start_supervisor(serve: Serve, indexes: list[int], *,
+                     on_exit: Callable[[int, int], None]) -> tuple[int, list[int]]:
     """Fork the supervisor of receivers ``indexes`` (call with no other thread running and no
-    database connection open). Returns its pid and one pipe read end per receiver that becomes
+    database connection open). ``on_exit(index, pid)`` runs in the supervisor when receiver
+    ``index`` (process ``pid``) has exited, before its replacement is forked. Returns its pid and one pipe read end per receiver that becomes
     readable (a byte, or closed if it failed) once that receiver serves."""
     parent = os.getpid()
     pipes = {index: os.pipe() for index in indexes}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import Verification
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -33,6 +36,14 @@ from integrations.dicom.stability import sweep_stable
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu
 from tests.factories.listener import alive, receivers, supervisor
+from tests.factories.raw_peer import (
+    CT_STORAGE,
+    EXPLICIT_LE,
+    associate_rq,
+    dimse_command,
+    p_data,
+    read_pdu,
+)
 from tests.factories.studies import make_ct_series
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
@@ -375,3 +386,72 @@ def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: 
     restarted = _start_listener_process(tmp_path / "data", db_url, port)
     restarted.terminate()
     restarted.wait(timeout=20)
+
+
+def _start_partial_transfer(port: int, message_id: int) -> socket.socket:
+    """An association whose C-STORE stops half-way: its command and 512 KiB of its dataset
+    (above ``spool_max_bytes``, so on disk), then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
+    assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, message_id, has_dataset=True,
+                                               sop_instance=f"1.2.826.0.1.3680043.10.9.{message_id}")))
+    for _ in range(8):
+        sock.sendall(p_data(1, 0x00, b"\0" * 65536))
+    return sock
+
+
+def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_url: str, tmp_path: Path) -> None:
+    """A receiving process killed mid-transfer (the OOM killer, say) left its staging files (a
+    whole-slide image's gigabytes) and its spares in the storage until the listener's next
+    start, however many times it was replaced. Its supervisor now removes them when it reaps
+    it; the parent's own transfer in flight is left alone and completes."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
+    incoming, spares = data_dir / "storage" / ".incoming", data_dir / "storage" / ".spare"
+
+    def made_by(pid: int) -> list[str]:  # staging and spare files are named after their process
+        return [p.name for folder in (incoming, spares) for p in folder.iterdir() if p.name.startswith(f"{pid}-")]
+
+    def staged_by(pid: int) -> list[str]:
+        return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
+
+    socks: list[socket.socket] = []
+    try:
+        (receiver,) = receivers(proc.pid)
+        # associations at once until each process holds a partial transfer (they spread evenly)
+        while not (staged_by(receiver) and staged_by(proc.pid)):
+            assert len(socks) < 4, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
+            socks.append(_start_partial_transfer(port, len(socks) + 1))
+            deadline = time.monotonic() + 2
+            while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        parent_files = made_by(proc.pid)
+        os.kill(receiver, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while made_by(receiver):
+            assert time.monotonic() < deadline, f"the dead receiver's files stayed: {made_by(receiver)}"
+            time.sleep(0.05)
+        assert set(staged_by(proc.pid)) <= set(parent_files)  # the parent's are left alone...
+        deadline = time.monotonic() + 10
+        while [pid for pid in receivers(proc.pid) if pid != receiver] == []:
+            assert time.monotonic() < deadline, "the dead receiver was not replaced"
+            time.sleep(0.1)
+        # ...and its associations go on: the rest of each dataset is received and answered (a
+        # refusal: zeros are no DICOM dataset, but they were read to their end)
+        answered = 0
+        for sock in socks:
+            try:
+                sock.sendall(p_data(1, 0x02, b"\0" * 16))
+                pdu_type, raw = read_pdu(sock)
+            except OSError:
+                continue  # one of the dead receiver's connections
+            assert pdu_type == 0x04 and decode(io.BytesIO(raw[12:]), True, True).CommandField == 0x8001  # C-STORE-RSP
+            answered += 1
+        assert answered >= 1
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -21,7 +22,7 @@ from audit.chain import AuditRecord, verify
 from ground.db import session_scope
 from integrations.dicom.index import Instance, Patient, Series, Study
 from integrations.dicom.intake import SEGMENT_BYTES
-from integrations.dicom.listener import Listener
+from integrations.dicom.listener import Listener, _say_ready
 from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
 from tests.factories.studies import make_ct_series
 
@@ -438,3 +439,15 @@ def test_a_staging_file_that_cannot_be_removed_costs_neither_the_answer_nor_the_
     while (server.slots.active, server._connections) != (0, 0):
         assert time.monotonic() < deadline, (server.slots.active, server._connections)
         time.sleep(0.05)
+
+
+def test_a_receiver_ready_after_the_listener_stopped_waiting_serves_on() -> None:
+    """A receiving process says it serves with a byte on its pipe; a listener whose 30 s wait
+    for it ran out has closed the pipe's read end. The write's BrokenPipeError ended that
+    receiver (and its replacement started over, its journal segment prepared again); now it
+    serves on, and the pipe is closed either way."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    _say_ready(write_end)
+    with pytest.raises(OSError):
+        os.fstat(write_end)

@@ -60,7 +60,7 @@ def test_receivers_are_forked_named_ready_and_stopped_with_the_supervisor(tmp_pa
             time.sleep(1)
 
     cleared: list[int] = []
-    sup, readies = start_supervisor(serve, [1, 2], on_exit=cleared.append)
+    sup, readies = start_supervisor(serve, [1, 2], on_exit=lambda index, pid: cleared.append(index))
     try:
         for fd in readies:
             assert select.select([fd], [], [], 10)[0]
@@ -89,7 +89,7 @@ def test_a_receiver_that_fails_before_it_is_ready_closes_its_pipe(tmp_path: Path
         while True:
             time.sleep(1)
 
-    sup, readies = start_supervisor(serve, [1, 2], on_exit=lambda index: None)
+    sup, readies = start_supervisor(serve, [1, 2], on_exit=lambda index, pid: None)
     try:
         answers = []
         for fd in readies:
@@ -116,9 +116,9 @@ def test_a_killed_receiver_is_replaced_and_its_slot_cleared(tmp_path: Path, wait
         while True:
             time.sleep(1)
 
-    def on_exit(index: int) -> None:  # runs in the supervisor
+    def on_exit(index: int, pid: int) -> None:  # runs in the supervisor
         with exits.open("a") as f:
-            f.write(f"{index}\n")
+            f.write(f"{index} {pid}\n")
 
     sup, readies = start_supervisor(serve, [1], on_exit=on_exit)
     try:
@@ -126,7 +126,7 @@ def test_a_killed_receiver_is_replaced_and_its_slot_cleared(tmp_path: Path, wait
         os.close(readies[0])
         (first,) = children(sup)
         os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: exits.is_file() and exits.read_text() == "1\n")
+        _wait_for(lambda: exits.is_file() and exits.read_text() == f"1 {first}\n")
         started = time.monotonic()
         _wait_for(lambda: len(children(sup)) == 1 and children(sup)[0] != first)
         # it died young: replaced after the first delay, not at once and not much later
@@ -146,7 +146,7 @@ def test_a_receiver_that_cannot_start_is_not_forked_in_a_loop(tmp_path: Path) ->
             f.write(f"{time.monotonic()}\n")
         os._exit(3)
 
-    sup, readies = start_supervisor(serve, [1], on_exit=lambda index: None)
+    sup, readies = start_supervisor(serve, [1], on_exit=lambda index, pid: None)
     try:
         time.sleep(3.6)  # forks at about 0, 1 and 3 s
         assert alive(sup)
@@ -173,7 +173,7 @@ def test_the_supervisor_and_its_receivers_die_with_the_listener(tmp_path: Path) 
                 while True:
                     time.sleep(1)
 
-            sup, _ = start_supervisor(serve, [1, 2], on_exit=lambda index: None)
+            sup, _ = start_supervisor(serve, [1, 2], on_exit=lambda index, pid: None)
             pids.write_text(str(sup))
             os.write(w, b"1")
             while True:
@@ -219,7 +219,7 @@ def test_the_supervisor_outlives_a_receiver_s_odd_death_and_a_failed_fork(
         while True:
             time.sleep(1)
 
-    sup, readies = start_supervisor(serve, [1], on_exit=lambda index: None)
+    sup, readies = start_supervisor(serve, [1], on_exit=lambda index, pid: None)
     try:
         assert select.select(readies, [], [], 10)[0]
         os.close(readies[0])
