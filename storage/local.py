@@ -34,6 +34,7 @@ fsync and each folder's.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import io
@@ -345,7 +346,8 @@ class FileStorage:
         its bytes, so an original resent while its correction is indexed was renamed over the
         original's file, which the correction's filing then removed as obsolete, and the resend,
         answered, had no file. Undoing removes only the links made here (before, undoing a
-        rename that had replaced a file moved that file, an indexed instance's, away)."""
+        rename that had replaced a file moved that file, an indexed instance's, away). On a
+        filesystem without hard links the staged file is renamed instead (:func:`_link_new`)."""
         self._commit(placements, link=True)
 
     def _commit(self, placements: Sequence[tuple[Path, str]], *, link: bool) -> None:
@@ -357,9 +359,9 @@ class FileStorage:
         except OSError as err:
             for staged, dst in reversed(placed):
                 try:
-                    if link:
+                    if link and os.path.lexists(staged):
                         os.unlink(dst)  # only our own link: the staged path is still there
-                    else:
+                    else:  # renamed (commit_synced, or _link_new without hard links): back
                         os.replace(dst, staged)
                 except OSError:
                     pass
@@ -479,7 +481,7 @@ class FileStorage:
         removed behind our back is made again the same way)."""
         folders: dict[str, None] = {}
         root = self._root_str
-        move = os.link if link else os.replace
+        move = _link_new if link else os.replace
         for staged, key in placements:
             dst = f"{root}/{key}"
             parent = os.path.dirname(dst)
@@ -561,6 +563,27 @@ class FileStorage:
 
 #: every FileStorage of this process, for :func:`_after_fork_in_child`
 _LIVE: weakref.WeakSet[FileStorage] = weakref.WeakSet()
+
+
+#: what link(2) answers on a filesystem that has no hard links: vfat and exFAT (EPERM), some
+#: SMB shares and FUSE filesystems (EOPNOTSUPP, ENOSYS)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _link_new(staged: str | Path, dst: str) -> None:
+    """Hard-link ``staged`` as ``dst``, never replacing a file (FileExistsError if one is there).
+    Where the filesystem has no hard links, rename it unless ``dst`` exists: the ingest's names
+    are unique by their nonce (``sop.sha16.nonce.dcm``), so only a nonce drawn twice could race
+    between the check and the rename. Before, such a storage (an SMB share, a FUSE mount) refused
+    every instance above ``listener.spool_max_bytes`` with 0xA700."""
+    try:
+        os.link(staged, dst)
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS or isinstance(err, (FileExistsError, FileNotFoundError)):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "a file is there already", dst) from err
+        os.rename(staged, dst)
 
 
 def _unlink_files(folder: Path, prefix: str = "") -> int:

@@ -28,6 +28,10 @@ command -v pdftotext >/dev/null || need_pkgs+=(poppler-utils)
 [ -f /usr/share/fonts/truetype/noto/NotoNaskhArabic-Regular.ttf ] || need_pkgs+=(fonts-noto-core)
 [ -d /usr/share/fonts/opentype/fonts-hosny-amiri ] || need_pkgs+=(fonts-hosny-amiri)
 compgen -G "/usr/lib/*/libpangoft2-1.0.so.0" >/dev/null || need_pkgs+=(libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0)
+# a filesystem without hard links (tests/factories/exfat.py): exFAT on a loop device, through FUSE
+command -v mkfs.exfat >/dev/null || need_pkgs+=(exfatprogs)
+command -v mount.exfat-fuse >/dev/null || need_pkgs+=(exfat-fuse)
+command -v losetup >/dev/null || need_pkgs+=(mount)
 
 # The viewer test (tests/viewer): OHIF served against Orthanc's DICOMweb plugin, in headless Chromium
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)

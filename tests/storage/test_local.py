@@ -19,6 +19,7 @@ from storage import (
     open_storage,
     write_atomic,
 )
+from tests.factories.exfat import mounted_exfat
 
 _writers: list[object] = []  # the receiving side holds its writer until the handler returns
 
@@ -248,6 +249,29 @@ def test_commit_new_never_replaces_a_file_and_undoes_only_its_own(tmp_path: Path
     storage.commit_new([(first, "a/c/fresh.dcm")])  # a new folder, made and synced
     assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
     assert first.exists()  # a second name: removing the staged one is the caller's
+
+
+def test_commit_new_on_a_filesystem_without_hard_links(tmp_path: Path) -> None:
+    """exFAT (and vfat, some SMB and FUSE mounts) answer link(2) with EPERM: every instance
+    above ``listener.spool_max_bytes`` was refused with 0xA700 there. commit_new now renames
+    into a name nobody holds, with the same guarantees: a file that is there stays (KeyTaken),
+    and a failed batch puts back what it moved."""
+    with mounted_exfat(tmp_path) as mountpoint:
+        storage = FileStorage(mountpoint / "s")
+        storage.put("a/b/kept.dcm", b"indexed")
+        first, second = _stage(storage, b"new one"), _stage(storage, b"other")
+        with pytest.raises(OSError):
+            os.link(first, storage.root / "probe")  # really no hard links here
+        for path in (first, second):
+            storage.sync_staged(path)
+        with pytest.raises(KeyTaken, match=r"a/b/kept\.dcm is there already"):
+            storage.commit_new([(first, "a/b/fresh.dcm"), (second, "a/b/kept.dcm")])
+        assert (storage.root / "a/b/kept.dcm").read_bytes() == b"indexed"
+        assert not (storage.root / "a/b/fresh.dcm").exists()  # undone: moved back
+        assert first.read_bytes() == b"new one" and second.exists()
+        storage.commit_new([(first, "a/c/fresh.dcm")])
+        assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
+        assert not first.exists()  # renamed, not linked
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")

@@ -20,10 +20,13 @@ from sqlmodel import select
 
 from audit.chain import AuditRecord, verify
 from ground.db import session_scope
+from integrations.dicom.config import ListenerSettings, StudySettings
 from integrations.dicom.index import Instance, Patient, Series, Study
 from integrations.dicom.intake import SEGMENT_BYTES
 from integrations.dicom.listener import Listener, _say_ready
+from storage import FileStorage
 from tests.factories.dcmtk import dcmsend, echoscu, send_raw, storescu
+from tests.factories.exfat import mounted_exfat
 from tests.factories.studies import make_ct_series
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
@@ -451,3 +454,29 @@ def test_a_receiver_ready_after_the_listener_stopped_waiting_serves_on() -> None
     _say_ready(write_end)
     with pytest.raises(OSError):
         os.fstat(write_end)
+
+
+def test_a_storage_without_hard_links_receives_large_instances(engine: Engine, tmp_path: Path) -> None:
+    """The storage on exFAT through FUSE (no hard links, as on vfat or some SMB shares): CT
+    slices above ``spool_max_bytes`` (placed before their answer) were all refused with 0xA700;
+    now they are stored, indexed, and their files hold what was sent. Small ones (journaled,
+    written after the answer) too."""
+    slices = make_ct_series(tmp_path / "ct", 4)
+    small = make_ct_series(tmp_path / "small", 4, rows=64, cols=64)
+    with mounted_exfat(tmp_path) as mountpoint:
+        listener = Listener(
+            settings=ListenerSettings(host="127.0.0.1", port=0, min_free_bytes=0),
+            study_settings=StudySettings(stable_after=3600, sweep_interval=3600),
+            engine=engine, storage=FileStorage(mountpoint / "storage"))
+        port = listener.start()
+        try:
+            run = storescu(port, [*slices, *small])
+            assert run.statuses() == ["Success"] * 8, run.output[-2000:]
+        finally:
+            listener.stop()
+        with session_scope(engine) as s:
+            rows = s.exec(select(Instance)).all()
+        assert len(rows) == 8
+        for row in rows:
+            data = (mountpoint / "storage" / row.storage_key).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == row.sha256
