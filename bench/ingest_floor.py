@@ -99,6 +99,12 @@ class _FloorHandler:
     def refused_host(self, host: str) -> None:
         return None
 
+    def refused_command(self, *args: Any) -> None:
+        return None
+
+    def commitment_report(self, *args: Any) -> tuple[int, str]:
+        return 0x0211, "not supported"
+
     def release(self) -> None:
         return None
 

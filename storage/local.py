@@ -27,8 +27,8 @@ its header need not read it back.
 A file whose bytes the caller keeps durable elsewhere until then (the listener's spool of small
 instances, committed with their index rows) is made visible by :meth:`FileStorage.place` (a
 rename, no flush) and durable later by :meth:`FileStorage.settle`: on Linux one ``syncfs(2)``
-for a whole batch (one journal commit; an fsync per file cost one each), elsewhere each file's
-fsync and each folder's.
+for a whole batch (one journal commit; an fsync per file cost one each), elsewhere (and on FUSE,
+whose daemons may ignore a syncfs) each file's fsync and each folder's.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import hashlib
 import io
 import itertools
 import os
+import re
 import shutil
 import sys
 import threading
@@ -179,6 +180,11 @@ class FileStorage:
         #: durable: a file renamed into another folder syncs those two too
         self._durable_folders: set[str] = set()
         self._names = itertools.count()  # memory-first staging files' names
+        #: :meth:`settle` makes a batch durable with one ``syncfs``: Linux, and not on FUSE,
+        #: where the kernel asks the daemon (FUSE_SYNCFS), a daemon that does not implement it
+        #: (libfuse 2's, exfat-fuse's) answers ENOSYS and syncfs returns 0 all the same, the
+        #: files still in the daemon's hands; there each file and folder is fsynced instead
+        self.syncs_whole_filesystem = _syncfs is not None and not filesystem_type(root).startswith("fuse")
         _LIVE.add(self)
 
     def _forked(self) -> None:
@@ -430,12 +436,12 @@ class FileStorage:
 
     def settle(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Make files that :meth:`place` put under their keys durable: on Linux one ``syncfs`` of
-        the filesystem; elsewhere each file's fsync, then every folder on the way from the root to
+        the filesystem (:attr:`syncs_whole_filesystem`); elsewhere each file's fsync, then every folder on the way from the root to
         each, once (a folder :meth:`place` created must last too), skipping a key whose file is
         gone (removed since: a replaced instance)."""
         if not placements:
             return
-        if _syncfs is not None:
+        if self.syncs_whole_filesystem and _syncfs is not None:
             try:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
                 try:
@@ -603,6 +609,26 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (``ext4``, ``fuseblk``...), from the mount
+    table of Linux's /proc; "" where there is none."""
+    try:
+        table = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # \040 is a space
+        inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
+        if inside and len(mountpoint) >= len(best):
+            best, kind = mountpoint, fields[2]
+    return kind
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

@@ -59,7 +59,7 @@ class Command:
 
 
 def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", "replace").strip()
+    return raw.rstrip(b"\x00 ").decode("ascii", "backslashreplace").strip()  # an odd byte shown as \xNN
 
 
 def decode_command(data: bytes) -> Command:

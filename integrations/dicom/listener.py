@@ -222,6 +222,10 @@ class Listener:
         except Exception:
             log.exception("could not audit %s", action)
 
+    def refused_command(self, calling_ae: str, sop_instance_uid: str, status: int, reason: str) -> None:
+        record_rejection(self.engine, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid,
+                         err=ValueError(reason), status=status)
+
     def refused_host(self, host: str) -> None:
         try:
             with session_scope(self.engine) as session:

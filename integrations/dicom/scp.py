@@ -105,6 +105,10 @@ class ScpHandler(Protocol):
     def refused_host(self, host: str) -> None:
         """Audit a connection from a host outside the allow-list. Never raises."""
 
+    def refused_command(self, calling_ae: str, sop_instance_uid: str, status: int, reason: str) -> None:
+        """Audit an instance this engine refused before its dataset (a command whose UID is not
+        a UID), as the handler audits those it refuses. Never raises."""
+
     def commitment_report(self, calling_ae: str, event_type_id: int, staged: Path) -> tuple[int, str]:
         """A Storage Commitment result (N-EVENT-REPORT, its dataset staged as a Part 10 file);
         returns (DIMSE status, error comment). Never raises."""
@@ -447,11 +451,11 @@ class Association:
             if cmd.has_dataset:  # take the dataset off the wire, then answer
                 self._store = _Store(context_id, cmd, None, (STATUS_INVALID_SOP_INSTANCE, comment))
             else:
-                self._respond(context_id, self._store_response(cmd, abstract, STATUS_INVALID_SOP_INSTANCE, comment))
+                self._answer(context_id, cmd, STATUS_INVALID_SOP_INSTANCE, comment)
             return
-        if not cmd.has_dataset:
-            self._respond(context_id, self._store_response(cmd, abstract, STATUS_DATASET_MISMATCH,
-                                                           "C-STORE without a dataset"))
+        if not cmd.has_dataset:  # a report without its Event Information: a processing failure
+            self._answer(context_id, cmd, 0x0110 if is_report else STATUS_DATASET_MISMATCH,
+                         "request without a dataset")
             return
         sop_class = cmd.affected_sop_class_uid or abstract
         store = _Store(context_id, cmd, None)
@@ -478,8 +482,12 @@ class Association:
                if uid and not dimse.is_valid_uid(uid)}
         if not bad:
             return None
-        log.warning("refusing a command from %s (%s:%d) whose Affected %s", self.calling_ae or "?", self.address,
-                    self.port, " and ".join(f"{name} UID {uid!r} is not a UID" for name, uid in bad.items()))
+        # as text any log and database takes: NUL and non-ASCII characters escaped
+        why = " and ".join(f"Affected {name} UID {uid!a} is not a UID (PS3.5 9.1)"
+                           for name, uid in bad.items())
+        log.warning("refusing a request from %s (%s:%d): %s", self.calling_ae or "?", self.address, self.port, why)
+        self.handler.refused_command(self.calling_ae, ascii(cmd.affected_sop_instance_uid)[1:-1][:64],
+                                     STATUS_INVALID_SOP_INSTANCE, why)
         cleared = replace(cmd, affected_sop_class_uid="" if "SOP Class" in bad else cmd.affected_sop_class_uid,
                           affected_sop_instance_uid="" if "SOP Instance" in bad else cmd.affected_sop_instance_uid)
         return cleared, f"Affected {' and '.join(bad)} UID is not a valid UID"
@@ -509,15 +517,22 @@ class Association:
         status, comment = store.failure
         self._close_writer(store)
         _remove_staged(store.path)  # still there unless the handler moved it into storage
+        self._answer(store.context_id, cmd, status, comment)
+
+    def _answer(self, context_id: int, cmd: dimse.Command, status: int, comment: str) -> None:
+        """The response to a request on ``context_id``: a C-STORE-RSP, an N-EVENT-REPORT-RSP (a
+        report answered with a C-STORE-RSP before, when it came without a dataset), or the
+        generic response of an operation we do not support."""
+        abstract = self._contexts[context_id][0]
         if cmd.command_field == dimse.C_STORE_RQ and abstract != VERIFICATION:
-            self._respond(store.context_id, self._store_response(cmd, abstract, status, comment))
+            self._respond(context_id, self._store_response(cmd, abstract, status, comment))
         elif cmd.command_field == dimse.N_EVENT_REPORT_RQ:
-            self._respond(store.context_id, dimse.encode_response(
+            self._respond(context_id, dimse.encode_response(
                 dimse.N_EVENT_REPORT_RSP, cmd.message_id, status, sop_class_uid=abstract,
                 sop_instance_uid=cmd.affected_sop_instance_uid, error_comment=comment if status else "",
                 event_type_id=cmd.event_type_id))
         else:
-            self._respond(store.context_id, dimse.encode_response(
+            self._respond(context_id, dimse.encode_response(
                 (cmd.command_field | 0x8000) & 0xFFFF, cmd.message_id, status, error_comment=comment))
 
     def _handle(self, cmd: dimse.Command, abstract: str, path: Path) -> tuple[int, str]:

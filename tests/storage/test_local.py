@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -260,6 +262,8 @@ def test_commit_new_on_a_filesystem_without_hard_links(tmp_path: Path) -> None:
         storage = FileStorage(mountpoint / "s")
         storage.put("a/b/kept.dcm", b"indexed")
         first, second = _stage(storage, b"new one"), _stage(storage, b"other")
+        for writer in _writers[-2:]:
+            writer.close()  # type: ignore[attr-defined]  # (so that the filesystem unmounts at once)
         with pytest.raises(OSError):
             os.link(first, storage.root / "probe")  # really no hard links here
         for path in (first, second):
@@ -272,6 +276,27 @@ def test_commit_new_on_a_filesystem_without_hard_links(tmp_path: Path) -> None:
         storage.commit_new([(first, "a/c/fresh.dcm")])
         assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
         assert not first.exists()  # renamed, not linked
+
+
+def test_settle_fsyncs_each_file_on_fuse_where_syncfs_does_not_reach_the_daemon(tmp_path: Path) -> None:
+    """settle made a batch of journaled instances' files durable with one syncfs, and their
+    journal records were then done. On FUSE the kernel hands syncfs to the daemon (FUSE_SYNCFS),
+    exfat-fuse (libfuse 2) answers ENOSYS, and syncfs returns 0: the files were never flushed to
+    the device. There settle now fsyncs each file and folder, and the daemon sees each fsync."""
+    log = tmp_path / "fuse.log"
+    with mounted_exfat(tmp_path, log=log) as mountpoint:
+        storage = FileStorage(mountpoint / "s")
+        assert not storage.syncs_whole_filesystem
+        assert FileStorage(tmp_path / "local").syncs_whole_filesystem is sys.platform.startswith("linux")
+        entries: list[tuple[Path | bytes, str]] = [(b"one", "a/1.dcm"), (b"two", "a/2.dcm")]
+        storage.write_unsynced([(b"one", "a/1.dcm"), (b"two", "a/2.dcm")])
+        before = len(log.read_bytes())
+        storage.settle(entries)
+        deadline = time.monotonic() + 5
+        while (seen := log.read_bytes()[before:].decode(errors="replace")).count("opcode: FSYNC (20)") < 2:
+            assert time.monotonic() < deadline, f"the files' fsyncs did not reach the daemon: {seen[-2000:]}"
+            time.sleep(0.05)
+        assert "opcode: FSYNCDIR" in seen  # and their folders'
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -388,24 +389,37 @@ def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: 
     restarted.wait(timeout=20)
 
 
-def _start_partial_transfer(port: int, message_id: int) -> socket.socket:
-    """An association whose C-STORE stops half-way: its command and 512 KiB of its dataset
-    (above ``spool_max_bytes``, so on disk), then nothing."""
+#: what a partial transfer sends before it stops: above ``spool_max_bytes``, so on disk
+_PARTIAL = 8 * 65536
+
+
+def _start_partial_transfer(port: int, message_id: int, path: Path) -> socket.socket:
+    """An association whose C-STORE of ``path`` stops half-way: its command and the first
+    ``_PARTIAL`` bytes of its dataset, then nothing (:func:`_finish_transfer` sends the rest)."""
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
     assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
-    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, message_id, has_dataset=True,
-                                               sop_instance=f"1.2.826.0.1.3680043.10.9.{message_id}")))
-    for _ in range(8):
-        sock.sendall(p_data(1, 0x00, b"\0" * 65536))
+    sock.sendall(p_data(1, 0x03, dimse_command(0x0001, message_id, has_dataset=True, sop_instance=sop)))
+    dataset = _dataset(path)
+    assert len(dataset) > _PARTIAL
+    for start in range(0, _PARTIAL, 65536):
+        sock.sendall(p_data(1, 0x00, dataset[start:start + 65536]))
     return sock
+
+
+def _dataset(path: Path) -> bytes:
+    """A Part 10 file's data set, after its File Meta Information (Explicit VR Little Endian)."""
+    data = path.read_bytes()
+    return data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
 
 
 def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_url: str, tmp_path: Path) -> None:
     """A receiving process killed mid-transfer (the OOM killer, say) left its staging files (a
     whole-slide image's gigabytes) and its spares in the storage until the listener's next
     start, however many times it was replaced. Its supervisor now removes them when it reaps
-    it; the parent's own transfer in flight is left alone and completes."""
+    it; the parent's own transfers in flight are left alone and complete."""
+    slices = make_ct_series(tmp_path / "src", 4)
     port = free_port()
     data_dir = tmp_path / "data"
     proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
@@ -423,33 +437,33 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_u
         # associations at once until each process holds a partial transfer (they spread evenly)
         while not (staged_by(receiver) and staged_by(proc.pid)):
             assert len(socks) < 4, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
-            socks.append(_start_partial_transfer(port, len(socks) + 1))
+            socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
             deadline = time.monotonic() + 2
             while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        parent_files = made_by(proc.pid)
+        parents = staged_by(proc.pid)
         os.kill(receiver, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while made_by(receiver):
             assert time.monotonic() < deadline, f"the dead receiver's files stayed: {made_by(receiver)}"
             time.sleep(0.05)
-        assert set(staged_by(proc.pid)) <= set(parent_files)  # the parent's are left alone...
+        assert set(parents) <= set(staged_by(proc.pid)), "the parent's partial transfers were removed"
         deadline = time.monotonic() + 10
         while [pid for pid in receivers(proc.pid) if pid != receiver] == []:
             assert time.monotonic() < deadline, "the dead receiver was not replaced"
             time.sleep(0.1)
-        # ...and its associations go on: the rest of each dataset is received and answered (a
-        # refusal: zeros are no DICOM dataset, but they were read to their end)
-        answered = 0
-        for sock in socks:
+        # the parent's associations go on: the rest of each data set, and each slice is stored
+        stored = 0
+        for sock, path in zip(socks, slices, strict=False):
             try:
-                sock.sendall(p_data(1, 0x02, b"\0" * 16))
+                sock.sendall(p_data(1, 0x02, _dataset(path)[_PARTIAL:]))
                 pdu_type, raw = read_pdu(sock)
             except OSError:
                 continue  # one of the dead receiver's connections
-            assert pdu_type == 0x04 and decode(io.BytesIO(raw[12:]), True, True).CommandField == 0x8001  # C-STORE-RSP
-            answered += 1
-        assert answered >= 1
+            rsp = decode(io.BytesIO(raw[12:]), True, True)
+            assert pdu_type == 0x04 and (rsp.CommandField, rsp.Status) == (0x8001, 0x0000)
+            stored += 1
+        assert stored == len(parents)
     finally:
         for sock in socks:
             sock.close()

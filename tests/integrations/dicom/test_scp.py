@@ -4,6 +4,7 @@ and the Upper Layer protocol against raw peers that do what real senders rarely 
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 from collections.abc import Callable
@@ -18,7 +19,10 @@ from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
+from sqlmodel import select
 
+from audit.chain import AuditRecord
+from ground.db import session_scope
 from integrations.dicom import dimse
 from integrations.dicom.listener import Listener
 from tests.factories.dcmtk import echoscu, storescu
@@ -29,6 +33,7 @@ CT = CORPUS / "ct" / "pydicom_CT_small.dcm"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,26 +175,30 @@ def test_responses_are_fragmented_to_a_tiny_peer_pdu(peer: Callable[..., tuple])
     sock.close()
 
 
-@pytest.mark.parametrize("has_dataset", [True, False])
-def test_a_command_whose_uid_is_not_ascii_gets_0117_and_the_association_goes_on(
-        peer: Callable[..., tuple], has_dataset: bool) -> None:
-    """A byte outside ASCII in a C-STORE's Affected SOP Instance UID made the answer's encoding
-    raise: the association was aborted as an internal failure and logged as a bug. It is now
-    refused with 0x0117 (invalid SOP instance, PS3.7 C.4.2), and the same association stores
-    the next instance."""
+@pytest.mark.parametrize("which, has_dataset", [("instance", True), ("instance", False), ("class", True)])
+def test_a_command_whose_uid_is_not_ascii_gets_0117_is_audited_and_the_association_goes_on(
+        peer: Callable[..., tuple], which: str, has_dataset: bool) -> None:
+    """A byte outside ASCII in a C-STORE's Affected SOP Instance (or Class) UID made the
+    answer's encoding raise: the association was aborted as an internal failure and logged as a
+    bug. It is now refused with 0x0117 (invalid SOP instance, PS3.7 C.4.2), audited as every
+    refusal is, and the same association stores the next instance."""
     sock, _ac, listener = peer(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE)]))
     data = CT.read_bytes()
     dataset = data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
-    bad = dimse_command(0x0001, 1, has_dataset=has_dataset, sop_instance="1.2.3.4.5")
-    assert b"1.2.3.4.5\x00" in bad
-    sock.sendall(p_data(1, 0x03, bad.replace(b"1.2.3.4.5\x00", b"1.2.\xe93.4.5")))
+    good, bad = ((b"1.2.3.4.5\x00", b"1.2.\xe93.4.5") if which == "instance"
+                 else (CT_STORAGE.encode() + b"\x00", CT_STORAGE[:-1].encode() + b"\xe92"))
+    command = dimse_command(0x0001, 1, has_dataset=has_dataset, sop_instance="1.2.3.4.5")
+    assert good in command and len(good) == len(bad)
+    sock.sendall(p_data(1, 0x03, command.replace(good, bad)))
     if has_dataset:
         sock.sendall(p_data(1, 0x02, dataset))
     pdu_type, raw = read_pdu(sock)
     assert pdu_type == 0x04
     rsp = decode(io.BytesIO(raw[12:]), True, True)
     assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 1, 0x0117)
-    assert "not a valid UID" in rsp.ErrorComment and "AffectedSOPInstanceUID" not in rsp
+    assert rsp.ErrorComment == f"Affected SOP {which.title()} UID is not a valid UID"
+    assert rsp.AffectedSOPClassUID == CT_STORAGE  # the context's, when the command's is no UID
+    assert ("AffectedSOPInstanceUID" in rsp) is (which == "class")
     sop = dcmread(CT, stop_before_pixels=True).SOPInstanceUID
     sock.sendall(p_data(1, 0x03, dimse_command(0x0001, 2, has_dataset=True, sop_instance=sop)))
     sock.sendall(p_data(1, 0x02, dataset))
@@ -198,6 +207,31 @@ def test_a_command_whose_uid_is_not_ascii_gets_0117_and_the_association_goes_on(
     assert (rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.AffectedSOPInstanceUID) == (2, 0x0000, sop)
     sock.close()
     assert not any(listener.storage.tmp_dir.iterdir())
+    with session_scope(listener.engine) as s:
+        (audited,) = s.exec(select(AuditRecord).where(AuditRecord.action == "instance.rejected")).all()
+    details = json.loads(audited.details)
+    assert details["status"] == "0x0117" and "\\xe9" in details["reason"]  # the byte as sent
+
+
+def test_a_commitment_report_without_a_dataset_gets_a_report_answer(peer: Callable[..., tuple]) -> None:
+    """An N-EVENT-REPORT (Storage Commitment) without its Event Information was answered with a
+    C-STORE-RSP; it now gets an N-EVENT-REPORT-RSP (processing failure)."""
+    sock, _ac, listener = peer(associate_rq(contexts=[(1, CT_STORAGE, EXPLICIT_LE), (5, COMMITMENT, EXPLICIT_LE)]))
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = COMMITMENT
+    cmd.CommandField = 0x0100
+    cmd.MessageID = 3
+    cmd.CommandDataSetType = 0x0101
+    cmd.AffectedSOPInstanceUID = "1.2.840.10008.1.20.1.1"
+    cmd.EventTypeID = 1
+    body = encode(cmd, True, True)
+    assert body is not None
+    sock.sendall(p_data(5, 0x03, struct.pack("<HHLL", 0, 0, 4, len(body)) + body))
+    _pdu_type, raw = read_pdu(sock)
+    rsp = decode(io.BytesIO(raw[12:]), True, True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.EventTypeID) == (0x8100, 3, 0x0110, 1)
+    sock.close()
+    _still_serving(listener)
 
 
 def test_unsupported_operation_gets_a_status_not_a_hangup(peer: Callable[..., tuple]) -> None:
