@@ -180,11 +180,6 @@ class FileStorage:
         #: durable: a file renamed into another folder syncs those two too
         self._durable_folders: set[str] = set()
         self._names = itertools.count()  # memory-first staging files' names
-        #: :meth:`settle` makes a batch durable with one ``syncfs``: Linux, and not on FUSE,
-        #: where the kernel asks the daemon (FUSE_SYNCFS), a daemon that does not implement it
-        #: (libfuse 2's, exfat-fuse's) answers ENOSYS and syncfs returns 0 all the same, the
-        #: files still in the daemon's hands; there each file and folder is fsynced instead
-        self.syncs_whole_filesystem = _syncfs is not None and not filesystem_type(root).startswith("fuse")
         _LIVE.add(self)
 
     def _forked(self) -> None:
@@ -199,6 +194,21 @@ class FileStorage:
 
     def __repr__(self) -> str:
         return f"FileStorage({str(self.root)!r})"
+
+    @functools.cached_property
+    def _syncfs_here(self) -> Callable[[int], int] | None:
+        """syncfs, where it makes this storage's files durable: Linux, and not on FUSE, where the
+        kernel asks the daemon (FUSE_SYNCFS), a daemon that does not implement it (libfuse 2's,
+        exfat-fuse's) answers ENOSYS and syncfs returns 0 all the same, the files still in the
+        daemon's hands. Read on first use (only :meth:`settle` needs it), not for every storage
+        a request opens."""
+        return None if filesystem_type(self.root).startswith("fuse") else _syncfs
+
+    @property
+    def syncs_whole_filesystem(self) -> bool:
+        """Whether :meth:`settle` makes a batch durable with one ``syncfs`` (else each file's
+        fsync and each folder's)."""
+        return self._syncfs_here is not None
 
     def path(self, key: str) -> Path:
         """The local path of a stored key (readers open it directly: pydicom, the renderer)."""
@@ -348,10 +358,10 @@ class FileStorage:
     def commit_new(self, placements: Sequence[tuple[Path, str]]) -> None:
         """As :meth:`commit_synced`, but never replacing a file: each staged file is hard-linked
         under its key (the staged path stays, for its owner to remove), and a key whose file is
-        there raises :class:`KeyTaken`. The ingest needs this: an instance's file name comes from
-        its bytes, so an original resent while its correction is indexed was renamed over the
-        original's file, which the correction's filing then removed as obsolete, and the resend,
-        answered, had no file. Undoing removes only the links made here (before, undoing a
+        there raises :class:`KeyTaken`. The ingest needs this: when an instance's file name came
+        from its bytes alone, an original resent while its correction was indexed was renamed
+        over the original's file, which the correction's filing then removed as obsolete, and the
+        resend, answered, had no file. Undoing removes only the links made here (before, undoing a
         rename that had replaced a file moved that file, an indexed instance's, away). On a
         filesystem without hard links the staged file is renamed instead (:func:`_link_new`)."""
         self._commit(placements, link=True)
@@ -436,16 +446,17 @@ class FileStorage:
 
     def settle(self, placements: Sequence[tuple[Path | bytes, str]]) -> None:
         """Make files that :meth:`place` put under their keys durable: on Linux one ``syncfs`` of
-        the filesystem (:attr:`syncs_whole_filesystem`); elsewhere each file's fsync, then every folder on the way from the root to
-        each, once (a folder :meth:`place` created must last too), skipping a key whose file is
+        the filesystem (:attr:`syncs_whole_filesystem`); elsewhere each file's fsync, then every
+        folder on the way from the root to each, once (a folder :meth:`place` created must last too), skipping a key whose file is
         gone (removed since: a replaced instance)."""
         if not placements:
             return
-        if self.syncs_whole_filesystem and _syncfs is not None:
+        syncfs = self._syncfs_here
+        if syncfs is not None:
             try:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    if _syncfs(fd) != 0:
+                    if syncfs(fd) != 0:
                         err = ctypes.get_errno()
                         raise OSError(err, os.strerror(err))
                 finally:
@@ -480,7 +491,8 @@ class FileStorage:
                            placed: list[tuple[Path, str]], *, link: bool = False) -> dict[str, None]:
         """Rename each staged file to its key (making missing folders), appending to ``placed``
         as it goes; returns the folders whose entries changed. With ``link``, hard-link it there
-        instead, never replacing a file (FileExistsError).
+        instead (or rename it, without hard links: :func:`_link_new`), never replacing a file
+        (FileExistsError).
 
         The hot path of every received instance, so plain strings and no ``stat``: the rename is
         tried first, and only when it fails for want of a folder is the folder made (a folder

@@ -67,7 +67,7 @@ class Storage(Protocol):
 
     def commit_new(self, placements: Sequence[tuple[Path, str]]) -> None:
         """As :meth:`commit_synced`, never replacing a file: :class:`~storage.KeyTaken` when one
-        is there. The staged paths stay, for their owner to remove."""
+        is there. The staged paths may stay (hard links), for their owner to remove."""
         ...
 
     def write_unsynced(self, entries: Sequence[tuple[bytes, str]]) -> None:

@@ -265,8 +265,9 @@ def start_supervisor(serve: Serve, indexes: list[int], *,
                      on_exit: Callable[[int, int], None]) -> tuple[int, list[int]]:
     """Fork the supervisor of receivers ``indexes`` (call with no other thread running and no
     database connection open). ``on_exit(index, pid)`` runs in the supervisor when receiver
-    ``index`` (process ``pid``) has exited, before its replacement is forked. Returns its pid and one pipe read end per receiver that becomes
-    readable (a byte, or closed if it failed) once that receiver serves."""
+    ``index`` (process ``pid``) has exited, before its replacement is forked. Returns its pid
+    and one pipe read end per receiver that becomes readable (a byte, or closed if it failed)
+    once that receiver serves."""
     parent = os.getpid()
     pipes = {index: os.pipe() for index in indexes}
     pid = os.fork()
