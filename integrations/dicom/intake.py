@@ -200,9 +200,7 @@ class IntakeJournal:
             with self._lock:
                 seg.broken = True  # the next append starts another segment
                 seg.done += 1  # refused: the sender sends it again
-                if seg is not self._current and seg.done >= seg.appended and self._pid == os.getpid() \
-                        and not seg.closed:
-                    self._recycle(seg)
+                self._recycle_if_done(seg)
             raise
         return Entry(seg)
 
@@ -211,10 +209,13 @@ class IntakeJournal:
         with self._lock:
             seg = entry.segment
             seg.done += 1
-            if seg.closed:
-                return
-            if seg is not self._current and seg.done >= seg.appended and self._pid == os.getpid():
-                self._recycle(seg)
+            self._recycle_if_done(seg)
+
+    def _recycle_if_done(self, seg: _Segment) -> None:  # under _lock
+        """Recycle ``seg`` once all its records are done, unless it is still being appended to,
+        is closed (its descriptor may be another file's by now) or is a forked parent's."""
+        if not seg.closed and seg is not self._current and seg.done >= seg.appended and self._pid == os.getpid():
+            self._recycle(seg)
 
     def pending(self) -> int:
         """Records of the open segment not done yet (the tests read it)."""
