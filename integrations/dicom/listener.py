@@ -71,7 +71,7 @@ from .errors import (
 from .ingest import Ingestor, IngestResult, record_rejection, refile
 from .intake import INTAKE_DIR_NAME, IntakeJournal, replay
 from .outbox import read_commitment_report, record_commitment
-from .receivers import start_supervisor
+from .receivers import exited, start_supervisor
 from .scp import ScpConfig, StorageScp
 from .shares import Shares
 from .spool import recover as recover_spool
@@ -163,6 +163,8 @@ class Listener:
         self._sweeper: threading.Thread | None = None
         #: the receiving processes' supervisor (:mod:`.receivers`), with ``processes`` > 1
         self._supervisor = 0
+        #: receivers that die with a killed supervisor, whose staging files go once they are gone
+        self._orphans: set[int] = set()
 
     # -- pure-ish decisions -------------------------------------------------------------------
     def storage_low(self) -> bool:
@@ -363,6 +365,11 @@ class Listener:
         staging files and spares are removed (what it answered is in place or in its journal
         segment, which the sweep files again). Never raises: the supervisor goes on."""
         shares.clear(index)
+        self._discard_staged_of(pid)
+
+    def _discard_staged_of(self, pid: int) -> None:
+        """Remove the partial transfers and spares of receiving process ``pid``, which has exited.
+        Never raises (what it could not remove goes at the next start)."""
         try:
             removed = self.storage.discard_staged(process=pid)
         except OSError as err:
@@ -374,22 +381,31 @@ class Listener:
 
     def _check_supervisor(self) -> None:
         """The supervisor exits only when told to, or when killed: its receivers then die with
-        it, and this process goes on receiving alone (their journal segments are replayed by the
-        sweep)."""
-        if not self._supervisor or self._stop.is_set():  # stopping: stop() waits for it
+        it (the kernel's SIGKILL, :func:`.receivers.die_with_parent`), and this process goes on
+        receiving alone. Their journal segments are replayed by the sweep, and their partial
+        transfers and spares removed once each is gone (before, they stayed until the next
+        start: a whole-slide image's gigabytes for as long as the listener ran)."""
+        if self._stop.is_set():  # stopping: stop() waits for it
             return
-        try:
-            done, status = os.waitpid(self._supervisor, os.WNOHANG)
-        except ChildProcessError:
-            done, status = self._supervisor, 0
-        if done:
-            log.error("the receiving processes' supervisor %d exited (status %d): this process goes on "
-                      "receiving alone; restart taqrir listen to serve with %d again", self._supervisor, status,
-                      self.processes)
-            self._supervisor = 0
-            if self._server is not None and self._server.shares is not None:
-                for index in range(1, self.processes):
-                    self._server.shares.clear(index)
+        if self._supervisor:
+            try:
+                done, status = os.waitpid(self._supervisor, os.WNOHANG)
+            except ChildProcessError:
+                done, status = self._supervisor, 0
+            if done:
+                log.error("the receiving processes' supervisor %d exited (status %d): this process goes on "
+                          "receiving alone; restart taqrir listen to serve with %d again", self._supervisor,
+                          status, self.processes)
+                self._supervisor = 0
+                shares = self._server.shares if self._server is not None else None
+                if shares is not None:
+                    for index in range(1, self.processes):
+                        if shares.pid(index):
+                            self._orphans.add(shares.pid(index))
+                        shares.clear(index)
+        for pid in [pid for pid in self._orphans if exited(pid)]:
+            self._orphans.discard(pid)
+            self._discard_staged_of(pid)
 
     def _wait_receivers(self) -> None:
         """Wait for the supervisor, which waits for its receivers to drain (SIGTERM, sent by

@@ -251,6 +251,25 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
+def exited(pid: int) -> bool:
+    """Process ``pid`` is gone, or is a zombie waiting for its reaper (it runs no more code). A
+    pid taken since by a process of another user also reads as gone; one taken by a process of
+    ours reads as running (the safe side: whatever waits for it waits on)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:  # no /proc (macOS): kill(0) found it
+        return False
+
+
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)

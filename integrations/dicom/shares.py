@@ -51,6 +51,10 @@ class Shares:
         self.index = index
         self._write(index, (os.getpid(), 0, 0))
 
+    def pid(self, index: int) -> int:
+        """The process that last became receiver ``index`` (0 before one did, or once cleared)."""
+        return self._read(index)[0]
+
     def clear(self, index: int) -> None:
         """Forget receiver ``index``'s connections (it exited; its sockets closed with it)."""
         self._write(index, (0, 0, 0))

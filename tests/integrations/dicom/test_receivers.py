@@ -19,12 +19,33 @@ from integrations.dicom.receivers import (
     FIRST_DELAY_SECONDS,
     MAX_DELAY_SECONDS,
     STEADY_SECONDS,
+    exited,
     restart_delay,
     start_supervisor,
 )
 from tests.factories.listener import alive, children
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+
+
+def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is() -> None:
+    """What the listener waits on before removing a dead receiver's files: a zombie (exited, its
+    reaper not yet come) runs no more code, so its files can go."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    assert not exited(pid)
+    os.close(write)  # the child reads EOF and exits; unreaped, it is a zombie
+    deadline = time.monotonic() + 5
+    while not exited(pid):
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    assert os.waitpid(pid, os.WNOHANG)[0] == pid  # it was a zombie, not reaped by anyone else
+    assert exited(pid)
 
 
 def test_a_receiver_that_dies_young_waits_longer_each_time_one_that_ran_is_replaced_at_once() -> None:
