@@ -590,18 +590,34 @@ _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.
 
 def _link_new(staged: str | Path, dst: str) -> None:
     """Hard-link ``staged`` as ``dst``, never replacing a file (FileExistsError if one is there).
-    Where the filesystem has no hard links, rename it unless ``dst`` exists: the ingest's names
-    are unique by their nonce (``sop.sha16.nonce.dcm``), so only a nonce drawn twice could race
-    between the check and the rename. Before, such a storage (an SMB share, a FUSE mount) refused
-    every instance above ``listener.spool_max_bytes`` with 0xA700."""
+    Where the filesystem has no hard links, rename it without replacing (:func:`_rename_new`).
+    Before, such a storage (an SMB share, a FUSE mount) refused every instance above
+    ``listener.spool_max_bytes`` with 0xA700."""
     try:
         os.link(staged, dst)
     except OSError as err:
         if err.errno not in _NO_HARD_LINKS or isinstance(err, (FileExistsError, FileNotFoundError)):
             raise
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "a file is there already", dst) from err
-        os.rename(staged, dst)
+        _rename_new(staged, dst)
+
+
+def _rename_new(staged: str | Path, dst: str) -> None:
+    """Rename ``staged`` to ``dst`` unless a file is there (FileExistsError): in one step where
+    the kernel and the filesystem can (Linux's ``renameat2`` with RENAME_NOREPLACE: in-kernel
+    exFAT, vfat, ext4), else a check, then the rename (FUSE daemons on libfuse 2 refuse the flag
+    with EINVAL). Only there can a file appear between the two, and the ingest's names are unique
+    by their nonce (``sop.sha16.nonce.dcm``): only a nonce drawn twice for one key could race."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(staged), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, "a file is there already", dst)
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "a file is there already", dst)
+    os.rename(staged, dst)
 
 
 def _unlink_files(folder: Path, prefix: str = "") -> int:
@@ -660,6 +676,25 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _syncfs = _load_syncfs()
+
+_AT_FDCWD = -100  # <fcntl.h>
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    """Linux's renameat2(2) (glibc 2.28 and newer); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
 
 
 class _FolderSyncs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import errno
 import os
 import sys
 import time
@@ -276,6 +277,32 @@ def test_commit_new_on_a_filesystem_without_hard_links(tmp_path: Path) -> None:
         storage.commit_new([(first, "a/c/fresh.dcm")])
         assert (storage.root / "a/c/fresh.dcm").read_bytes() == b"new one"
         assert not first.exists()  # renamed, not linked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_without_hard_links_a_file_that_appears_after_the_check_is_not_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without hard links, commit_new checked that the name was free, then renamed: a file put
+    there in between (another writer of the same key and nonce) was replaced. The rename now
+    refuses to replace in the same step (renameat2, RENAME_NOREPLACE) where the filesystem can;
+    here link(2) answers EPERM as on exFAT, and the check is made to miss the file."""
+    storage = FileStorage(tmp_path / "s")
+    storage.put("a/b/kept.dcm", b"indexed")
+    staged = _stage(storage, b"new one")
+    storage.sync_staged(staged)
+
+    def no_link(src: object, dst: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os.path, "lexists", lambda path: False)  # the file appears after the check
+    with pytest.raises(KeyTaken, match=r"a/b/kept\.dcm is there already"):
+        storage.commit_new([(staged, "a/b/kept.dcm")])
+    assert (storage.root / "a/b/kept.dcm").read_bytes() == b"indexed"
+    assert staged.read_bytes() == b"new one"
+    storage.commit_new([(staged, "a/b/fresh.dcm")])
+    assert (storage.root / "a/b/fresh.dcm").read_bytes() == b"new one"
+    assert not staged.exists()  # renamed, not linked
 
 
 def test_settle_fsyncs_each_file_on_fuse_where_syncfs_does_not_reach_the_daemon(tmp_path: Path) -> None:
