@@ -605,7 +605,8 @@ def _rename_new(staged: str | Path, dst: str) -> None:
     """Rename ``staged`` to ``dst`` unless a file is there (FileExistsError): in one step where
     the kernel and the filesystem can (Linux's ``renameat2`` with RENAME_NOREPLACE: in-kernel
     exFAT, vfat, ext4), else a check, then the rename (FUSE daemons on libfuse 2 refuse the flag
-    with EINVAL). Only there can a file appear between the two, and the ingest's names are unique
+    with EINVAL; a container's seccomp filter may refuse the call with EPERM, and a real EPERM
+    fails the plain rename alike). Only there can a file appear between the two, and the ingest's names are unique
     by their nonce (``sop.sha16.nonce.dcm``): only a nonce drawn twice for one key could race."""
     if _renameat2 is not None:
         if _renameat2(_AT_FDCWD, os.fsencode(staged), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
@@ -613,7 +614,7 @@ def _rename_new(staged: str | Path, dst: str) -> None:
         err = ctypes.get_errno()
         if err == errno.EEXIST:
             raise FileExistsError(err, "a file is there already", dst)
-        if err not in (errno.EINVAL, errno.ENOSYS):
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter's refusal
             raise OSError(err, os.strerror(err), dst)
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "a file is there already", dst)

@@ -363,9 +363,11 @@ class Listener:
         """In the supervisor, receiver ``index`` (process ``pid``) having exited: its connections
         died with it (its slot in the shares is cleared) and so did its transfers, whose partial
         staging files and spares are removed (what it answered is in place or in its journal
-        segment, which the sweep files again). Never raises: the supervisor goes on."""
-        shares.clear(index)
+        segment, which the sweep files again). Never raises: the supervisor goes on. The slot is
+        cleared after the files go: were the supervisor killed in between, the listener still
+        finds this pid there and removes them (:meth:`_check_supervisor`)."""
         self._discard_staged_of(pid)
+        shares.clear(index)
 
     def _discard_staged_of(self, pid: int) -> None:
         """Remove the partial transfers and spares of receiving process ``pid``, which has exited.

@@ -254,20 +254,19 @@ def _exit_with_parent(parent: int) -> None:
 def exited(pid: int) -> bool:
     """Process ``pid`` is gone, or is a zombie waiting for its reaper (it runs no more code). A
     pid taken since by a process of another user also reads as gone; one taken by a process of
-    ours reads as running (the safe side: whatever waits for it waits on)."""
+    ours reads as running (the safe side: whatever waits for it waits on). Without /proc (macOS,
+    or not mounted), a process that ``kill(pid, 0)`` finds reads as running, zombie or not."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return True
-    except PermissionError:
-        return True
+    if not os.path.isdir("/proc/self"):
+        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (FileNotFoundError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError):  # it went between the two looks
         return True
-    except OSError:  # no /proc (macOS): kill(0) found it
-        return False
 
 
 def _describe(status: int) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import errno
+import hashlib
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from storage import (
     StoredFile,
     file_digest,
     key_component,
+    local,
     open_storage,
     write_atomic,
 )
@@ -303,6 +305,35 @@ def test_without_hard_links_a_file_that_appears_after_the_check_is_not_replaced(
     storage.commit_new([(staged, "a/b/fresh.dcm")])
     assert (storage.root / "a/b/fresh.dcm").read_bytes() == b"new one"
     assert not staged.exists()  # renamed, not linked
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOSYS, errno.EPERM])
+def test_where_renameat2_is_refused_the_rename_still_replaces_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """renameat2 refused (EINVAL: a FUSE daemon on libfuse 2; ENOSYS: an old kernel; EPERM: a
+    container's seccomp filter): the name is checked, then the file renamed, as before it."""
+    storage = FileStorage(tmp_path / "s")
+    storage.put("a/b/kept.dcm", b"indexed")
+    staged = _stage(storage, b"new one")
+    storage.sync_staged(staged)
+    calls: list[int] = []
+
+    def refused(*args: object) -> int:
+        calls.append(1)
+        ctypes.set_errno(refusal)
+        return -1
+
+    def no_link(src: object, dst: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(local, "_renameat2", refused)
+    with pytest.raises(KeyTaken, match=r"a/b/kept\.dcm is there already"):
+        storage.commit_new([(staged, "a/b/kept.dcm")])
+    assert (storage.root / "a/b/kept.dcm").read_bytes() == b"indexed"
+    storage.commit_new([(staged, "a/b/fresh.dcm")])
+    assert (storage.root / "a/b/fresh.dcm").read_bytes() == b"new one"
+    assert calls == [1, 1]
 
 
 def test_settle_fsyncs_each_file_on_fuse_where_syncfs_does_not_reach_the_daemon(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import itertools
 import os
@@ -11,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -28,7 +29,8 @@ from tests.factories.listener import alive, children
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
 
 
-def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is() -> None:
+@linux_only
+def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the listener waits on before removing a dead receiver's files: a zombie (exited, its
     reaper not yet come) runs no more code, so its files can go."""
     read, write = os.pipe()
@@ -39,6 +41,18 @@ def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is() -> None
         os._exit(0)
     os.close(read)
     assert not exited(pid)
+    # without /proc (macOS, or not mounted) a process kill(0) finds is running, not gone
+    real_isdir, real_open = os.path.isdir, builtins.open
+
+    def no_proc_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file).startswith("/proc"):
+            raise FileNotFoundError(2, "No such file or directory", file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "isdir", lambda path: not str(path).startswith("/proc") and real_isdir(path))
+    monkeypatch.setattr(builtins, "open", no_proc_open)
+    assert not exited(pid)
+    monkeypatch.undo()
     os.close(write)  # the child reads EOF and exits; unreaped, it is a zombie
     deadline = time.monotonic() + 5
     while not exited(pid):
