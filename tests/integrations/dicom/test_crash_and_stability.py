@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -414,73 +415,19 @@ def _dataset(path: Path) -> bytes:
     return data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
 
 
-def test_a_killed_supervisor_s_receivers_leave_no_partial_transfers(db_url: str, tmp_path: Path) -> None:
-    """SIGKILL of the supervisor (an operator's wrong pid) ends its receivers with it, and the
-    listener receives alone. Their partial transfers and spares stayed until the next start,
-    however long the listener ran on; the listener now removes them once the receivers are
-    gone, and its own transfers in flight complete."""
+@pytest.mark.parametrize("killed", ["receiver", "supervisor"])
+def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed(db_url: str, tmp_path: Path, killed: str) -> None:
+    """A receiving process killed mid-transfer (the OOM killer, say) left its staging files (a
+    whole-slide image's gigabytes) and its spares in the storage until the listener's next
+    start, however many times it was replaced: its supervisor now removes them when it reaps
+    it. A supervisor killed (an operator's wrong pid) takes its receivers with it and the
+    listener receives alone: it now removes their files once they are gone (at a sweep). Either
+    way the listener's own transfers in flight are left alone and complete."""
     slices = make_ct_series(tmp_path / "src", 5)
     port = free_port()
     data_dir = tmp_path / "data"
     proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2",
                                                            "TAQRIR_STUDY__SWEEP_INTERVAL": "0.2"})
-    incoming, spares = data_dir / "storage" / ".incoming", data_dir / "storage" / ".spare"
-
-    def made_by(pid: int) -> list[str]:
-        return [p.name for folder in (incoming, spares) for p in folder.iterdir() if p.name.startswith(f"{pid}-")]
-
-    def staged_by(pid: int) -> list[str]:
-        return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
-
-    socks: list[socket.socket] = []
-    try:
-        (receiver,) = receivers(proc.pid)
-        sup = supervisor(proc.pid)
-        assert sup is not None
-        while not (staged_by(receiver) and staged_by(proc.pid)):
-            assert len(socks) < 4, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
-            socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
-            deadline = time.monotonic() + 2
-            while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        parents = staged_by(proc.pid)
-        assert made_by(receiver)
-        os.kill(sup, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while made_by(receiver):
-            assert time.monotonic() < deadline, f"{len(made_by(receiver))} files of the dead receiver stayed"
-            time.sleep(0.05)
-        assert not alive(receiver)
-        assert set(parents) <= set(staged_by(proc.pid)), "the listener's own partial transfers were removed"
-        stored = 0
-        for sock, path in zip(socks, slices, strict=False):
-            try:
-                sock.sendall(p_data(1, 0x02, _dataset(path)[_PARTIAL:]))
-                pdu_type, raw = read_pdu(sock)
-            except OSError:
-                continue  # one of the dead receiver's connections
-            rsp = decode(io.BytesIO(raw[12:]), True, True)
-            assert pdu_type == 0x04 and (rsp.CommandField, rsp.Status) == (0x8001, 0x0000)
-            stored += 1
-        assert stored == len(parents)
-        # and the listener, alone now, takes a new association
-        assert storescu(port, [slices[-1]]).statuses() == ["Success"]
-    finally:
-        for sock in socks:
-            sock.close()
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_url: str, tmp_path: Path) -> None:
-    """A receiving process killed mid-transfer (the OOM killer, say) left its staging files (a
-    whole-slide image's gigabytes) and its spares in the storage until the listener's next
-    start, however many times it was replaced. Its supervisor now removes them when it reaps
-    it; the parent's own transfers in flight are left alone and complete."""
-    slices = make_ct_series(tmp_path / "src", 4)
-    port = free_port()
-    data_dir = tmp_path / "data"
-    proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2"})
     incoming, spares = data_dir / "storage" / ".incoming", data_dir / "storage" / ".spare"
 
     def made_by(pid: int) -> list[str]:  # staging and spare files are named after their process
@@ -492,6 +439,8 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_u
     socks: list[socket.socket] = []
     try:
         (receiver,) = receivers(proc.pid)
+        sup = supervisor(proc.pid)
+        assert sup is not None
         # associations at once until each process holds a partial transfer (they spread evenly)
         while not (staged_by(receiver) and staged_by(proc.pid)):
             assert len(socks) < 4, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
@@ -500,17 +449,20 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_u
             while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
                 time.sleep(0.05)
         parents = staged_by(proc.pid)
-        os.kill(receiver, signal.SIGKILL)
+        assert made_by(receiver)
+        os.kill(receiver if killed == "receiver" else sup, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while made_by(receiver):
-            assert time.monotonic() < deadline, f"the dead receiver's files stayed: {made_by(receiver)}"
+            assert time.monotonic() < deadline, f"{len(made_by(receiver))} files of the dead receiver stayed"
             time.sleep(0.05)
-        assert set(parents) <= set(staged_by(proc.pid)), "the parent's partial transfers were removed"
-        deadline = time.monotonic() + 10
-        while [pid for pid in receivers(proc.pid) if pid != receiver] == []:
-            assert time.monotonic() < deadline, "the dead receiver was not replaced"
-            time.sleep(0.1)
-        # the parent's associations go on: the rest of each data set, and each slice is stored
+        assert not alive(receiver)
+        assert set(parents) <= set(staged_by(proc.pid)), "the listener's own partial transfers were removed"
+        if killed == "receiver":
+            deadline = time.monotonic() + 10
+            while [pid for pid in receivers(proc.pid) if pid != receiver] == []:
+                assert time.monotonic() < deadline, "the dead receiver was not replaced"
+                time.sleep(0.1)
+        # the listener's associations go on: the rest of each data set, and each slice is stored
         stored = 0
         for sock, path in zip(socks, slices, strict=False):
             try:
@@ -522,6 +474,8 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed_at_once(db_u
             assert pdu_type == 0x04 and (rsp.CommandField, rsp.Status) == (0x8001, 0x0000)
             stored += 1
         assert stored == len(parents)
+        # and a new association is stored (by the listener alone, after a killed supervisor)
+        assert storescu(port, [slices[-1]]).statuses() == ["Success"]
     finally:
         for sock in socks:
             sock.close()
