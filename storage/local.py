@@ -606,8 +606,9 @@ def _rename_new(staged: str | Path, dst: str) -> None:
     the kernel and the filesystem can (Linux's ``renameat2`` with RENAME_NOREPLACE: in-kernel
     exFAT, vfat, ext4), else a check, then the rename (FUSE daemons on libfuse 2 refuse the flag
     with EINVAL; a container's seccomp filter may refuse the call with EPERM, and a real EPERM
-    fails the plain rename alike). Only there can a file appear between the two, and the ingest's names are unique
-    by their nonce (``sop.sha16.nonce.dcm``): only a nonce drawn twice for one key could race."""
+    fails the plain rename alike). Only then can a file appear between the two, and the ingest's
+    names are unique by their nonce (``sop.sha16.nonce.dcm``): only a nonce drawn twice for one
+    key could race."""
     if _renameat2 is not None:
         if _renameat2(_AT_FDCWD, os.fsencode(staged), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return

@@ -71,7 +71,7 @@ from .errors import (
 from .ingest import Ingestor, IngestResult, record_rejection, refile
 from .intake import INTAKE_DIR_NAME, IntakeJournal, replay
 from .outbox import read_commitment_report, record_commitment
-from .receivers import exited, start_supervisor
+from .receivers import exited, reap, start_supervisor
 from .scp import ScpConfig, StorageScp
 from .shares import Shares
 from .spool import recover as recover_spool
@@ -408,6 +408,7 @@ class Listener:
         for pid in [pid for pid in self._orphans if exited(pid)]:
             self._orphans.discard(pid)
             self._discard_staged_of(pid)
+            reap(pid)  # after its files: the pid is free for reuse once reaped
 
     def _wait_receivers(self) -> None:
         """Wait for the supervisor, which waits for its receivers to drain (SIGTERM, sent by

@@ -269,6 +269,16 @@ def exited(pid: int) -> bool:
         return True
 
 
+def reap(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is a child of ours that has exited: orphans are
+    given to PID 1, so a listener running as PID 1 (a container without an init) inherits its
+    killed supervisor's receivers, which stayed zombies. Nothing otherwise."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)

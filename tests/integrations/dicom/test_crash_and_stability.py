@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -37,7 +38,7 @@ from integrations.dicom.listener import Listener
 from integrations.dicom.stability import sweep_stable
 from tests.conftest import free_port
 from tests.factories.dcmtk import DCMTK_ENV, echoscu, storescu
-from tests.factories.listener import alive, receivers, supervisor
+from tests.factories.listener import alive, children, receivers, supervisor
 from tests.factories.raw_peer import (
     CT_STORAGE,
     EXPLICIT_LE,
@@ -388,6 +389,53 @@ def test_a_receiving_process_dies_with_its_killed_parent(db_url: str, tmp_path: 
     restarted = _start_listener_process(tmp_path / "data", db_url, port)
     restarted.terminate()
     restarted.wait(timeout=20)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                    reason="runs the listener as PID 1 of a new PID namespace (util-linux unshare, root)")
+def test_a_listener_running_as_pid_1_reaps_its_killed_supervisor_s_receivers(db_url: str, tmp_path: Path) -> None:
+    """Orphans are given to PID 1: a listener running as PID 1 (a container without an init)
+    inherits the receivers that die with its killed supervisor, and they stayed zombies for as
+    long as it ran. It now reaps them once their files are gone."""
+    port = free_port()
+    env = {**os.environ, "TAQRIR_DATA_DIR": str(tmp_path / "data"), "TAQRIR_DATABASE_URL": db_url,
+           "TAQRIR_LISTENER__MIN_FREE_BYTES": "0", "TAQRIR_LISTENER__HOST": "127.0.0.1",
+           "TAQRIR_LISTENER__PROCESSES": "2", "TAQRIR_STUDY__SWEEP_INTERVAL": "0.2"}
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "taqrir", "listen",
+                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while echoscu(port).returncode != 0:
+            assert outer.poll() is None and time.monotonic() < deadline, "the listener did not start"
+            time.sleep(0.3)
+        (listener,) = children(outer.pid)
+        (nspid,) = [line for line in Path(f"/proc/{listener}/status").read_text().splitlines()
+                    if line.startswith("NSpid:")]
+        assert nspid.split()[-1] == "1"  # PID 1 in its namespace
+        (receiver,) = receivers(listener)
+        sup = supervisor(listener)
+        assert sup is not None
+        os.kill(sup, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{receiver}").exists():
+            assert time.monotonic() < deadline, f"the dead receiver stayed (state {_state(receiver)})"
+            time.sleep(0.05)
+        assert storescu(port, make_ct_series(tmp_path / "src", 1)).statuses() == ["Success"]
+    finally:
+        for pid in children(outer.pid) if outer.poll() is None else []:
+            os.kill(pid, signal.SIGTERM)
+        try:
+            outer.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            outer.kill()
+            outer.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 #: what a partial transfer sends before it stops: above ``spool_max_bytes``, so on disk

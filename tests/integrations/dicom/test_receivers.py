@@ -21,6 +21,7 @@ from integrations.dicom.receivers import (
     MAX_DELAY_SECONDS,
     STEADY_SECONDS,
     exited,
+    reap,
     restart_delay,
     start_supervisor,
 )
@@ -30,7 +31,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 @linux_only
-def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is_and_reap_collects_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the listener waits on before removing a dead receiver's files: a zombie (exited, its
     reaper not yet come) runs no more code, so its files can go."""
     read, write = os.pipe()
@@ -58,8 +59,11 @@ def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is(monkeypat
     while not exited(pid):
         assert time.monotonic() < deadline, "the child did not exit"
         time.sleep(0.01)
-    assert os.waitpid(pid, os.WNOHANG)[0] == pid  # it was a zombie, not reaped by anyone else
+    assert os.path.exists(f"/proc/{pid}")  # a zombie, not reaped by anyone else
+    reap(pid)
+    assert not os.path.exists(f"/proc/{pid}")
     assert exited(pid)
+    reap(pid)  # not a child any more: nothing
 
 
 def test_a_receiver_that_dies_young_waits_longer_each_time_one_that_ran_is_replaced_at_once() -> None:
