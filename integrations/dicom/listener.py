@@ -402,9 +402,9 @@ class Listener:
                 shares = self._server.shares if self._server is not None else None
                 if shares is not None:
                     for index in range(1, self.processes):
-                        if shares.pid(index):
-                            self._orphans.add(shares.pid(index))
+                        self._orphans.add(shares.pid(index))
                         shares.clear(index)
+                    self._orphans.discard(0)  # a slot no receiver held
         for pid in [pid for pid in self._orphans if exited(pid)]:
             self._orphans.discard(pid)
             self._discard_staged_of(pid)
