@@ -58,6 +58,7 @@ from .errors import DicomInputError, IdentifiersMissing, OutOfResources
 from .group_commit import GroupCommit
 from .headers import DEFAULT_MAX_SEQUENCE_DEPTH, InstanceHeaders, read_headers
 from .index import (
+    BatchWrites,
     IndexResult,
     IndexSql,
     Instance,
@@ -66,7 +67,6 @@ from .index import (
     plan_filing,
     read_state,
     read_states,
-    run_writes,
 )
 from .intake import Entry, IntakeJournal, Record, Unfileable
 from .spool import Placed, Settler, delete_rows, write_back
@@ -390,9 +390,15 @@ def _file_locked(
     # On the hot path, one read for the whole batch (kept current as it files); the ORM path,
     # which creates rows as it goes, reads each instance's state after the previous one's writes.
     batch = read_states(cursor, sql, [item.headers for item in items]) if conn is None and len(items) > 1 else None
+    # Its row writes, too, run together (one statement on PostgreSQL); the ORM path runs each
+    # instance's before the next one's read.
+    pending = BatchWrites(cursor, sql)
     for item in items:
         headers, stored = item.headers, item.stored
-        state = (batch.state(headers) if batch is not None else None) or read_state(cursor, sql, headers)
+        state = batch.state(headers) if batch is not None else None
+        if state is None:
+            pending.flush()  # the same SOP Instance earlier in the batch: read after its writes
+            state = read_state(cursor, sql, headers)
         existing = state.existing
         duplicate = existing is not None and existing.sha256 == stored.sha256
         if not duplicate and state.known is None and conn is None:
@@ -428,7 +434,7 @@ def _file_locked(
         if batch is not None:
             batch.filed(filing, (audit[-1].seq, audit[-1].hash))
         if result.outcome is StoreOutcome.superseded:  # audited; nothing else written or placed
-            run_writes(cursor, sql, writes)
+            pending.add(writes)
             results.append(result)
             continue
         if item.spool is not None and not duplicate:
@@ -442,8 +448,11 @@ def _file_locked(
             spooled.append((item.source, existing.storage_key, item.spool_id))
         elif not duplicate and not item.placed:
             placements.append((item.staged, stored.key))
-        run_writes(cursor, sql, writes)
+        pending.add(writes)
+        if batch is None:
+            pending.flush()
         results.append(result)
+    pending.flush()  # a failed write stops the batch before any file is placed
     # Renamed into place and made durable under the lock, after the rows are written and before
     # they commit: each file is in place and durable before its row is. All or nothing: when a
     # rename fails, the files already renamed go back and the transaction rolls back.

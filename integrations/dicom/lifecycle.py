@@ -35,7 +35,7 @@ Lock order (:mod:`ground.db`): the writer lock, then the study row.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -179,6 +179,7 @@ class ArrivalSql:
     def __init__(self, placeholder: str) -> None:
         self.placeholder = placeholder
         self._statements: dict[tuple[str, ...], str] = {}
+        self._columns: dict[str, tuple[str, ...]] = {}  # statement -> its columns
 
     def update(self, columns: tuple[str, ...]) -> str:
         stmt = self._statements.get(columns)
@@ -187,7 +188,29 @@ class ArrivalSql:
             stmt = self._statements[columns] = (
                 f"UPDATE study SET {', '.join(f'{c} = {ph}' for c in columns)} WHERE id = {ph}"
             )
+            self._columns[stmt] = columns
         return stmt
+
+    def coalesce(self, writes: Sequence[Write]) -> list[Write]:
+        """``writes`` with this object's study updates folded into one per study: each column
+        takes the value of the last update that set it, which is what running them in order
+        leaves (each sets constants), and the fold stands where the study's first update stood.
+        Other writes pass unchanged, in order. For a caller that runs a batch's writes as one
+        PostgreSQL statement, in which a row may be updated only once."""
+        order: list[Write | None] = []  # None: where a study's fold goes, in the order of ``studies``
+        studies: dict[Any, dict[str, Any]] = {}  # study pk -> column -> value
+        for stmt, params in writes:
+            columns = self._columns.get(stmt)
+            if columns is None:
+                order.append((stmt, params))
+                continue
+            values = studies.get(params[-1])
+            if values is None:
+                values = studies[params[-1]] = {}
+                order.append(None)
+            values.update(zip(columns, params[:-1], strict=True))
+        folds = iter([(self.update(tuple(values)), (*values.values(), pk)) for pk, values in studies.items()])
+        return [write if write is not None else next(folds) for write in order]
 
 
 def arrival(

@@ -16,7 +16,7 @@ from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
 from ground.db import WriterConnection, session_scope
-from integrations.dicom import ingest as ingest_module
+from integrations.dicom import index as index_module
 from integrations.dicom.group_commit import GroupCommit
 from integrations.dicom.index import Instance, StoreOutcome, Study, StudyState
 from integrations.dicom.ingest import Ingestor, IngestResult, file_prepared, prepare
@@ -171,7 +171,7 @@ def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
     data = [p.read_bytes() for p in files]
     ingestor = Ingestor(engine, storage, group_wait=0.05)
     _ingest_concurrently(ingestor, storage, data[:1])
-    real = ingest_module.run_writes
+    real = index_module.run_writes
     bad_uid = str(dcmread(files[4], stop_before_pixels=True).SOPInstanceUID)
 
     def run_writes(cursor: Any, sql: Any, writes: Any) -> None:
@@ -179,7 +179,7 @@ def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
             raise RuntimeError("value too long for the index")
         real(cursor, sql, writes)
 
-    monkeypatch.setattr(ingest_module, "run_writes", run_writes)
+    monkeypatch.setattr(index_module, "run_writes", run_writes)
     try:
         out = _ingest_concurrently(ingestor, storage, data[1:])
     finally:
@@ -195,6 +195,68 @@ def test_one_bad_instance_in_a_batch_fails_alone(engine: Engine, tmp_path: Path,
               if ".incoming" not in p.parts}
     with session_scope(engine) as s:
         assert stored == {i.storage_key for i in s.exec(select(Instance)).all()}  # no orphan of the failure
+
+
+class _Recording:
+    """A DBAPI cursor that records the SQL of each statement it sends."""
+
+    def __init__(self, cursor: Any, seen: list[str]) -> None:
+        self._cursor = cursor
+        self._seen = seen
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._seen.append(sql)
+        return self._cursor.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def test_a_batch_s_row_writes_reach_postgresql_as_one_statement(engine: Engine, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statement costs PostgreSQL a round trip and an execution of its own: a batch's study
+    updates, instance rows and audit records go as one statement, whose rows are each instance's
+    own. (SQLite's statements cost microseconds: one per instance.)"""
+    storage = FileStorage(tmp_path / "storage")
+    data = [p.read_bytes() for p in make_ct_series(tmp_path / "ct", 8, rows=32, cols=32)]
+    writer = WriterConnection(engine)
+
+    def items(blobs: Sequence[bytes]) -> list[Any]:
+        return [prepare(storage=storage, staged=_Staged(storage, blob).path, calling_ae="MODALITY")
+                for blob in blobs]
+
+    seen: list[str] = []
+    begin = WriterConnection.begin
+    monkeypatch.setattr(WriterConnection, "begin", lambda self: _Recording(begin(self), seen))
+    try:
+        file_prepared(engine, storage, writer, items(data[:1]))  # the series' first: the ORM path
+        with session_scope(engine) as s:
+            study = s.exec(select(Study)).one()
+            study.state = StudyState.drafted.value  # the batch's first starts version 2, the rest add to it
+            s.add(study)
+        seen.clear()
+        results = file_prepared(engine, storage, writer, items(data[1:]))
+    finally:
+        writer.close()
+    writes = [sql for sql in seen if "INSERT INTO instance " in sql]
+    if engine.dialect.name == "postgresql":
+        assert len(writes) == 1
+        assert writes[0].count("UPDATE study ") == 1 and "INSERT INTO audit_event " in writes[0]
+    else:
+        assert len(writes) == len(data) - 1
+    with session_scope(engine) as s:
+        rows = {i.sop_instance_uid: i for i in s.exec(select(Instance)).all()}
+        study = s.exec(select(Study)).one()
+        assert verify(s).ok and verify(s).checked == len(data) + 1  # and the study's receiving
+    assert (study.state, study.version, study.attempts) == (StudyState.receiving.value, 2, 0)
+    assert len(rows) == len(data)
+    for r in results:
+        row = rows[r.headers.sop_instance_uid]
+        assert (r.outcome, r.study_version) == (StoreOutcome.new, 2)
+        assert (row.storage_key, row.sha256, row.instance_number) == (r.stored.key, r.stored.sha256,
+                                                                      r.headers.instance_number)
+        assert storage.path(row.storage_key).read_bytes() in data
+    assert study.last_received_at == max(row.received_at for row in rows.values())
 
 
 def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, tmp_path: Path) -> None:

@@ -229,12 +229,12 @@ def test_a_failed_index_transaction_leaves_nothing_half_stored(engine: Engine, s
                                                                ct_series: list[bytes],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     _ingest(engine, storage, ct_series[0])
-    import integrations.dicom.ingest as ingest_module
+    import integrations.dicom.index as index_module
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(ingest_module, "run_writes", broken)
+    monkeypatch.setattr(index_module, "run_writes", broken)
     staged = _Staged(storage, ct_series[1])
     with pytest.raises(RuntimeError):
         ingest_file(engine=engine, storage=storage, staged=staged.path, calling_ae="MODALITY")

@@ -104,6 +104,26 @@ def test_arrival_fragment(state: StudyState) -> None:
     assert report.event is None and report.write[1] == ("NOW", state.value, 2, 5)
 
 
+def test_a_batch_s_study_updates_fold_into_one_per_study_as_running_them_in_order_would() -> None:
+    """PostgreSQL runs a batch's writes as one statement, which may update a row only once: each
+    study's arrivals fold into one UPDATE whose every column holds the last value set, where the
+    study's first update stood; other writes pass unchanged, in order."""
+    sql = ArrivalSql("?")
+    args = dict(study_uid="1.2.3", sop_class_uid=CT, actor="MODALITY")
+    a = arrival(sql, study_pk=5, state=D.value, version=2, bound_now="T1", **args)  # a new version
+    other = arrival(sql, study_pk=7, state=R.value, version=1, bound_now="T2", **args)
+    b = arrival(sql, study_pk=5, state=R.value, version=3, bound_now="T3", **args)
+    insert = ("INSERT INTO instance (x) VALUES (?)", ("row",))
+    folded = sql.coalesce([a.write, insert, other.write, b.write])
+    assert folded == [
+        ("UPDATE study SET last_received_at = ?, state = ?, version = ?, state_changed_at = ?, attempts = ?,"
+         " failure_reason = ? WHERE id = ?", ("T3", "receiving", 3, "T1", 0, None, 5)),
+        insert,
+        other.write,
+    ]
+    assert sql.coalesce([insert]) == [insert] and sql.coalesce([]) == []
+
+
 # -- the compare-and-set and its audit record, on the databases --------------------------------
 
 def _study(engine: Engine, state: StudyState = R) -> int:
