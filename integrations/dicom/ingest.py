@@ -390,14 +390,13 @@ def _file_locked(
     # On the hot path, one read for the whole batch (kept current as it files); the ORM path,
     # which creates rows as it goes, reads each instance's state after the previous one's writes.
     batch = read_states(cursor, sql, [item.headers for item in items]) if conn is None and len(items) > 1 else None
-    # Its row writes, too, run together (one statement on PostgreSQL); the ORM path runs each
-    # instance's before the next one's read.
+    # Its row writes run together too (one statement on PostgreSQL), held until a read needs them.
     pending = BatchWrites(cursor, sql)
     for item in items:
         headers, stored = item.headers, item.stored
         state = batch.state(headers) if batch is not None else None
         if state is None:
-            pending.flush()  # the same SOP Instance earlier in the batch: read after its writes
+            pending.flush()  # read after the writes before it (the ORM path; the same SOP Instance again)
             state = read_state(cursor, sql, headers)
         existing = state.existing
         duplicate = existing is not None and existing.sha256 == stored.sha256
@@ -449,8 +448,6 @@ def _file_locked(
         elif not duplicate and not item.placed:
             placements.append((item.staged, stored.key))
         pending.add(writes)
-        if batch is None:
-            pending.flush()
         results.append(result)
     pending.flush()  # a failed write stops the batch before any file is placed
     # Renamed into place and made durable under the lock, after the rows are written and before
