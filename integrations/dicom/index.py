@@ -337,8 +337,14 @@ class IndexSql:
         INSERT, where its first row stood. Every INSERT here ends in one ``VALUES (...)``."""
         order: list[Write | str] = []  # str: where an INSERT's rows go
         rows: dict[str, list[tuple[Any, ...]]] = {}
+        updated: set[tuple[str, Any]] = set()
         for stmt, params in self.study.coalesce(writes):
             if not stmt.startswith("INSERT "):
+                # PostgreSQL would apply one of two updates of a row in one statement, silently
+                if (stmt, params[-1]) in updated:
+                    raise ValueError(f"one statement would update the row {params[-1]!r} twice ({stmt[:40]}...); "
+                                     "flush the held writes before planning another write of that row")
+                updated.add((stmt, params[-1]))
                 order.append((stmt, params))
             elif stmt in rows:
                 rows[stmt].append(params)
@@ -358,6 +364,8 @@ class IndexSql:
             if len(self._multirow) >= self._CACHED:
                 self._multirow.clear()
             row = insert[insert.rindex(" VALUES ") + len(" VALUES "):]
+            if not (row.startswith("(") and row.endswith(")") and ")" not in row[:-1]):
+                raise ValueError(f"not an INSERT ending in one VALUES (...): {insert[:60]}...")
             stmt = self._multirow[(insert, n)] = insert + f", {row}" * (n - 1)
         return stmt
 
@@ -487,7 +495,7 @@ def plan_filing(
     The first instance of a series goes through the ORM upserts of patient, study and series
     (in ``session``, or one opened on ``conn``: they join its transaction), run here; every later
     one (the hot path: hundreds per study) is two writes, left to the caller to run with
-    :func:`run_writes`, together with its audit record's.
+    :class:`BatchWrites`, together with its audit record's.
     """
     if existing is not None and existing.sha256 == stored.sha256:
         return Filing(IndexResult(StoreOutcome.duplicate, existing.study_pk, _study_version(cursor, sql, existing),

@@ -185,10 +185,9 @@ class ArrivalSql:
         stmt = self._statements.get(columns)
         if stmt is None:
             ph = self.placeholder
-            stmt = self._statements[columns] = (
-                f"UPDATE study SET {', '.join(f'{c} = {ph}' for c in columns)} WHERE id = {ph}"
-            )
-            self._columns[stmt] = columns
+            stmt = f"UPDATE study SET {', '.join(f'{c} = {ph}' for c in columns)} WHERE id = {ph}"
+            self._columns[stmt] = columns  # (first: a statement handed out is always recognised)
+            self._statements[columns] = stmt
         return stmt
 
     def coalesce(self, writes: Sequence[Write]) -> list[Write]:

@@ -3,22 +3,27 @@ outcome; one instance's failure stays its own."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from audit.chain import AuditRecord, verify
+from ground.clock import utcnow
 from ground.db import WriterConnection, session_scope
 from integrations.dicom import index as index_module
 from integrations.dicom.group_commit import GroupCommit
-from integrations.dicom.index import Instance, StoreOutcome, Study, StudyState
+from integrations.dicom.index import Instance, InstanceSpool, StoreOutcome, Study, StudyState
 from integrations.dicom.ingest import Ingestor, IngestResult, file_prepared, prepare
 from storage import FileStorage
 from tests.factories.studies import corrected_resend, make_ct_series
@@ -257,6 +262,93 @@ def test_a_batch_s_row_writes_reach_postgresql_as_one_statement(engine: Engine, 
                                                                       r.headers.instance_number)
         assert storage.path(row.storage_key).read_bytes() in data
     assert study.last_received_at == max(row.received_at for row in rows.values())
+
+
+@pytest.mark.parametrize("max_params", [index_module.BatchWrites.MAX_PARAMS, 60])
+def test_a_mixed_batch_files_as_its_instances_would_one_by_one(engine: Engine, tmp_path: Path, max_params: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle is filing the same instances one at a time, on an emptied index: two studies (a
+    new version of a drafted one, a failed one's attempts cleared), spooled instances (the
+    journal off: a multi-row spool INSERT), a replacement, a duplicate, a copy answered before the
+    row's (superseded), the same SOP Instance twice (its held writes flushed before it is read
+    again) and, in a second batch, a new series of a study the batch updated before (the ORM
+    path, which reads that study and the chain head after the held writes). With few parameters
+    per statement (60) the held writes are also flushed mid-batch."""
+    monkeypatch.setattr(index_module.BatchWrites, "MAX_PARAMS", max_params)
+    a = [p.read_bytes() for p in make_ct_series(tmp_path / "a", 5, rows=16, cols=16, patient_id="P1")]
+    study_a = str(dcmread(tmp_path / "a" / sorted(p.name for p in (tmp_path / "a").iterdir())[0]).StudyInstanceUID)
+    b = [p.read_bytes() for p in make_ct_series(tmp_path / "b", 4, rows=16, cols=16, patient_id="P2", seed=1)]
+    c = [p.read_bytes() for p in make_ct_series(tmp_path / "c", 2, rows=16, cols=16, patient_id="P1", seed=2,
+                                                study_uid=study_a)]
+    spool = 1 << 20
+    past = utcnow() - timedelta(days=1)
+
+    def run(folder: str, batched: bool) -> tuple[Any, ...]:
+        storage = FileStorage(tmp_path / folder)
+        writer = WriterConnection(engine)
+        writers: list[Any] = []
+
+        def item(blob: bytes, *, spooled: bool = False, answered_at: datetime | None = None) -> Any:
+            staged = storage.staging_file(memory_first=spool if spooled else 0)
+            writers.append(staged)  # (a memory-first writer must stay open until handed over)
+            staged.write(blob)
+            got = prepare(storage=storage, staged=Path(staged.name), calling_ae="MODALITY",
+                          spool_max_bytes=spool if spooled else 0)
+            assert (got.spool is not None) == spooled
+            return replace(got, answered_at=answered_at) if answered_at else got
+
+        def unsettled(placed: Sequence[Any]) -> None:  # spool rows kept: not settled
+            pass
+
+        def file(items: list[Any]) -> list[IngestResult]:
+            if batched:
+                return file_prepared(engine, storage, writer, items, settle=unsettled)
+            return [r for one in items for r in file_prepared(engine, storage, writer, [one], settle=unsettled)]
+
+        try:
+            for blob in (a[0], b[0], a[4]):  # each series' first, then a row for the superseded copy
+                file_prepared(engine, storage, writer, [item(blob)])
+            with session_scope(engine) as s:
+                for study in s.exec(select(Study)).all():
+                    if study.study_instance_uid == study_a:
+                        study.state = StudyState.drafted.value  # the next image starts version 2
+                    else:
+                        study.state, study.attempts, study.failure_reason = StudyState.failed.value, 3, "boom"
+                    s.add(study)
+            first = file([item(a[1], spooled=True), item(b[1]), item(corrected_resend(a[0])), item(b[0]),
+                          item(corrected_resend(a[4]), answered_at=past), item(b[2], spooled=True), item(a[2]),
+                          item(corrected_resend(a[2]), spooled=True), item(a[3])])
+            second = file([item(a[3]), item(c[0]), item(c[1], spooled=True), item(b[3])])
+        finally:
+            writer.close()
+        with session_scope(engine) as s:
+            studies = sorted((x.study_instance_uid, x.state, x.version, x.attempts, x.failure_reason,
+                              x.last_received_at == max(i.received_at for i in s.exec(
+                                  select(Instance).where(col(Instance.study_pk) == x.id)).all()))
+                             for x in s.exec(select(Study)).all())
+            instances = sorted((i.sop_instance_uid, i.sha256,
+                                hashlib.sha256(storage.path(i.storage_key).read_bytes()).hexdigest() == i.sha256)
+                               for i in s.exec(select(Instance)).all())
+            spooled = sorted((r.sop_instance_uid, bytes(r.data) == storage.path(r.storage_key).read_bytes())
+                             for r in s.exec(select(InstanceSpool)).all())
+            report = verify(s)
+            actions = [(r.action, r.entity_id) for r in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq)))]
+            for table in ("instance_spool", "instance", "series", "study", "patient", "audit_event"):
+                s.exec(text(f"DELETE FROM {table}"))  # type: ignore[call-overload]
+        outcomes = [(r.headers.sop_instance_uid, r.outcome, r.study_version, r.new_version) for r in first + second]
+        return outcomes, studies, instances, spooled, (report.ok, report.checked), actions
+
+    batched, one_by_one = run("batched", True), run("one-by-one", False)
+    assert batched == one_by_one
+    outcomes, studies, instances, spooled, report, _ = batched
+    assert [o[1] for o in outcomes] == [
+        StoreOutcome.new, StoreOutcome.new, StoreOutcome.replaced, StoreOutcome.duplicate, StoreOutcome.superseded,
+        StoreOutcome.new, StoreOutcome.new, StoreOutcome.replaced, StoreOutcome.new,
+        StoreOutcome.duplicate, StoreOutcome.new, StoreOutcome.new, StoreOutcome.new]
+    assert [s[1:] for s in studies] == [(StudyState.receiving.value, 2, 0, None, True)] * 2
+    assert len(instances) == 11 and all(holds for _, _, holds in instances)
+    assert len(spooled) == 4 and all(holds for _, holds in spooled)
+    assert report == (True, 3 + 13 + 2)  # every instance, and each study's move to receiving
 
 
 def test_a_batch_files_as_its_instances_would_one_after_another(engine: Engine, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from pydicom import dcmread
 from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
@@ -29,6 +30,7 @@ from ground.db import make_engine, session_scope
 from integrations.dicom.errors import CannotUnderstand, IdentifiersMissing, OutOfResources
 from integrations.dicom.headers import read_headers, read_headers_pydicom
 from integrations.dicom.index import (
+    IndexSql,
     Instance,
     Patient,
     Series,
@@ -371,3 +373,26 @@ def test_arabic_and_utf8_text_is_decoded_on_ingest(engine: Engine, storage: File
 
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "dicom"
+
+
+def test_a_batch_s_writes_fold_into_one_statement_s_parts_or_are_refused() -> None:
+    """PostgreSQL runs a batch's writes as one statement: each INSERT's rows become one multi-row
+    INSERT where its first row stood, parameters in row order; two updates of one row would
+    silently leave one of them, and an INSERT with more than one VALUES tuple at its end cannot
+    take more rows: both are refused (the batch is then filed one by one)."""
+    sql = IndexSql(pg_psycopg.dialect())  # type: ignore[no-untyped-call]
+    audit = "INSERT INTO audit_event (seq, hash) VALUES (%s, %s)"
+    replace_row = (sql.update_instance, (*range(17), 9))
+    folded = sql.fold([(sql.insert_instance, ("a",) * 18), (audit, (1, "h1")), replace_row,
+                       (sql.insert_instance, ("b",) * 18), (audit, (2, "h2"))])
+    assert [stmt for stmt, _ in folded] == [
+        sql.insert_instance + ", (" + ", ".join(["%s"] * 18) + ")",
+        audit + ", (%s, %s)",
+        sql.update_instance,
+    ]
+    assert folded[0][1] == ("a",) * 18 + ("b",) * 18 and folded[1][1] == (1, "h1", 2, "h2")
+    with pytest.raises(ValueError, match="twice"):
+        sql.fold([replace_row, replace_row])
+    upsert = "INSERT INTO t (a) VALUES (%s) ON CONFLICT (a) DO NOTHING"
+    with pytest.raises(ValueError, match="one VALUES"):
+        sql.fold([(upsert, (1,)), (upsert, (2,))])
