@@ -244,7 +244,7 @@ class IndexSql:
     caller's connection, in its transaction; values go through the columns' bind processors."""
 
     #: statement texts kept per kind of built statement, before that cache starts again
-    _CACHED = 512
+    _CACHED = 128
 
     _INSTANCE_COLUMNS = (
         "series_pk", "study_pk", "sop_class_uid", "transfer_syntax_uid", "instance_number",

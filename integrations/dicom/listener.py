@@ -165,6 +165,7 @@ class Listener:
         self._supervisor = 0
         #: receivers that die with a killed supervisor, whose staging files go once they are gone
         self._orphans: set[int] = set()
+        self._supervision = threading.Lock()  # _check_supervisor: the sweeper's and the watcher's
 
     # -- pure-ish decisions -------------------------------------------------------------------
     def storage_low(self) -> bool:
@@ -313,6 +314,9 @@ class Listener:
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="stability-sweep", daemon=True)
         self._sweeper.start()
+        if self._supervisor:
+            threading.Thread(target=self._watch_supervisor, args=(self._supervisor,), name="supervisor-watch",
+                             daemon=True).start()
         port = int(server.server_address[1])
         log.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host, port)
         return port
@@ -410,6 +414,32 @@ class Listener:
             self._discard_staged_of(pid)
             reap(pid)  # after its files: the pid is free for reuse once reaped
 
+    def _watch_supervisor(self, pid: int) -> None:
+        """Notice the supervisor's death at once (a pidfd, readable when it exits) instead of at
+        the next sweep (``study.sweep_interval``, 5 s): until then its dead receivers' slots in
+        the shares still counted their associations, so that a listener near
+        ``max_associations`` refused new ones, and their partial transfers stayed. Where pidfds
+        are missing (Linux before 5.3, other systems), the sweep notices as before."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            return
+        try:
+            poller = select.poll()  # (select's descriptors stop at 1024; a busy listener has more)
+            poller.register(fd, select.POLLIN)
+            poller.poll()
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 5.0  # the receivers die with it, a moment later
+        while True:
+            with self._supervision:
+                self._check_supervisor()
+                if not self._orphans or self._stop.is_set() or time.monotonic() > deadline:
+                    return  # (what is left goes at a sweep)
+            self._stop.wait(0.02)
+
     def _wait_receivers(self) -> None:
         """Wait for the supervisor, which waits for its receivers to drain (SIGTERM, sent by
         :meth:`stop`); past ``stop_timeout`` and a margin for indexing what they journaled, kill
@@ -438,7 +468,8 @@ class Listener:
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.study_settings.sweep_interval):
             if self.processes > 1:
-                self._check_supervisor()
+                with self._supervision:
+                    self._check_supervisor()
                 self.replay_journal()  # a receiving process that died leaves its segment
             try:
                 sweep_stable(self.engine, stable_after=self.study_settings.stable_after, handoff=self.handoff)

@@ -529,3 +529,49 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed(db_url: str,
             sock.close()
         proc.terminate()
         proc.wait(timeout=20)
+
+
+
+def test_a_killed_supervisor_frees_its_receivers_associations_and_files_at_once(db_url: str, tmp_path: Path) -> None:
+    """A killed supervisor's receivers die with it, and with them their associations. Until the
+    next sweep (``study.sweep_interval``, 60 s here) their slots still counted those
+    associations, so that a listener at ``listener.max_associations`` refused every new one,
+    and their partial transfers stayed. The listener now watches the supervisor (a pidfd) and
+    frees both within moments."""
+    slices = make_ct_series(tmp_path / "src", 3)
+    port = free_port()
+    data_dir = tmp_path / "data"
+    proc = _start_listener_process(data_dir, db_url, port, {"TAQRIR_LISTENER__PROCESSES": "2",
+                                                           "TAQRIR_LISTENER__MAX_ASSOCIATIONS": "2",
+                                                           "TAQRIR_STUDY__SWEEP_INTERVAL": "60"})
+    incoming = data_dir / "storage" / ".incoming"
+
+    def staged_by(pid: int) -> list[str]:
+        return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
+
+    socks: list[socket.socket] = []
+    try:
+        (receiver,) = receivers(proc.pid)
+        sup = supervisor(proc.pid)
+        assert sup is not None
+        # the listener's whole limit: one association in each process, each mid-transfer
+        while not (staged_by(receiver) and staged_by(proc.pid)):
+            assert len(socks) < 2, f"the two associations did not spread: {sorted(incoming.iterdir())}"
+            socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
+            deadline = time.monotonic() + 2
+            while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        os.kill(sup, signal.SIGKILL)
+        killed = time.monotonic()
+        while storescu(port, [slices[-1]], timeout=30).statuses() != ["Success"]:
+            assert time.monotonic() - killed < 3, "new associations were still refused 3 s after the supervisor died"
+            time.sleep(0.1)
+        while staged_by(receiver):
+            assert time.monotonic() - killed < 3, "the dead receiver's partial transfer stayed"
+            time.sleep(0.05)
+        assert staged_by(proc.pid), "the listener's own partial transfer was removed"
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=20)
