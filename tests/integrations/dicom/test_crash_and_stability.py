@@ -463,6 +463,29 @@ def _dataset(path: Path) -> bytes:
     return data[132 + 12 + struct.unpack("<L", data[140:144])[0]:]
 
 
+def _staged_by(incoming: Path, pid: int) -> list[str]:
+    """The partial transfers of process ``pid`` (staging files are named after their process)."""
+    return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
+
+
+def _partial_transfer_in_each(port: int, incoming: Path, listener: int, slices: list[Path], *,
+                              most: int, socks: list[socket.socket]) -> tuple[int, int]:
+    """Associations at once, appended to ``socks``, until the listener (``listener.processes=2``)
+    and its receiver each hold a partial transfer (they spread evenly), ``most`` of them at the
+    most. Returns the receiver's pid and the supervisor's."""
+    (receiver,) = receivers(listener)
+    sup = supervisor(listener)
+    assert sup is not None
+    pids = (receiver, listener)
+    while not all(_staged_by(incoming, pid) for pid in pids):
+        assert len(socks) < most, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
+        socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
+        deadline = time.monotonic() + 2
+        while sum(len(_staged_by(incoming, pid)) for pid in pids) < len(socks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return receiver, sup
+
+
 @pytest.mark.parametrize("killed", ["receiver", "supervisor"])
 def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed(db_url: str, tmp_path: Path, killed: str) -> None:
     """A receiving process killed mid-transfer (the OOM killer, say) left its staging files (a
@@ -482,20 +505,11 @@ def test_a_dead_receiver_s_partial_transfers_and_spares_are_removed(db_url: str,
         return [p.name for folder in (incoming, spares) for p in folder.iterdir() if p.name.startswith(f"{pid}-")]
 
     def staged_by(pid: int) -> list[str]:
-        return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
+        return _staged_by(incoming, pid)
 
     socks: list[socket.socket] = []
     try:
-        (receiver,) = receivers(proc.pid)
-        sup = supervisor(proc.pid)
-        assert sup is not None
-        # associations at once until each process holds a partial transfer (they spread evenly)
-        while not (staged_by(receiver) and staged_by(proc.pid)):
-            assert len(socks) < 4, f"no partial transfer in each process: {sorted(incoming.iterdir())}"
-            socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
-            deadline = time.monotonic() + 2
-            while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        receiver, sup = _partial_transfer_in_each(port, incoming, proc.pid, slices, most=4, socks=socks)
         parents = staged_by(proc.pid)
         assert made_by(receiver)
         os.kill(receiver if killed == "receiver" else sup, signal.SIGKILL)
@@ -545,31 +559,19 @@ def test_a_killed_supervisor_frees_its_receivers_associations_and_files_at_once(
                                                            "TAQRIR_LISTENER__MAX_ASSOCIATIONS": "2",
                                                            "TAQRIR_STUDY__SWEEP_INTERVAL": "60"})
     incoming = data_dir / "storage" / ".incoming"
-
-    def staged_by(pid: int) -> list[str]:
-        return [p.name for p in incoming.iterdir() if p.name.startswith(f"{pid}-")]
-
     socks: list[socket.socket] = []
     try:
-        (receiver,) = receivers(proc.pid)
-        sup = supervisor(proc.pid)
-        assert sup is not None
         # the listener's whole limit: one association in each process, each mid-transfer
-        while not (staged_by(receiver) and staged_by(proc.pid)):
-            assert len(socks) < 2, f"the two associations did not spread: {sorted(incoming.iterdir())}"
-            socks.append(_start_partial_transfer(port, len(socks) + 1, slices[len(socks)]))
-            deadline = time.monotonic() + 2
-            while len(staged_by(receiver)) + len(staged_by(proc.pid)) < len(socks) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        receiver, sup = _partial_transfer_in_each(port, incoming, proc.pid, slices, most=2, socks=socks)
         os.kill(sup, signal.SIGKILL)
         killed = time.monotonic()
         while storescu(port, [slices[-1]], timeout=30).statuses() != ["Success"]:
             assert time.monotonic() - killed < 3, "new associations were still refused 3 s after the supervisor died"
             time.sleep(0.1)
-        while staged_by(receiver):
+        while _staged_by(incoming, receiver):
             assert time.monotonic() - killed < 3, "the dead receiver's partial transfer stayed"
             time.sleep(0.05)
-        assert staged_by(proc.pid), "the listener's own partial transfer was removed"
+        assert _staged_by(incoming, proc.pid), "the listener's own partial transfer was removed"
     finally:
         for sock in socks:
             sock.close()
