@@ -410,9 +410,9 @@ class Listener:
                         shares.clear(index)
                     self._orphans.discard(0)  # a slot no receiver held
         for pid in [pid for pid in self._orphans if exited(pid)]:
-            self._orphans.discard(pid)
             self._discard_staged_of(pid)
-            reap(pid)  # after its files: the pid is free for reuse once reaped
+            if reap(pid):  # after its files: the pid is free for reuse once reaped
+                self._orphans.discard(pid)
 
     def _watch_supervisor(self, pid: int) -> None:
         """Notice the supervisor's death at once (a pidfd, readable when it exits) instead of at

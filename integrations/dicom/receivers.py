@@ -269,14 +269,17 @@ def exited(pid: int) -> bool:
         return True
 
 
-def reap(pid: int) -> None:
+def reap(pid: int) -> bool:
     """Collect the exit status of ``pid`` if it is a child of ours that has exited: orphans are
     given to PID 1, so a listener running as PID 1 (a container without an init) inherits its
-    killed supervisor's receivers, which stayed zombies. Nothing otherwise."""
+    killed supervisor's receivers, which stayed zombies. True once nothing of ``pid`` is left to
+    collect here (collected now, or not a child of ours); False while a child of ours is still
+    exiting: a multi-threaded process's first thread reads as a zombie (:func:`exited`) before
+    its other threads are gone, and cannot be collected until they are, so ask again."""
     try:
-        os.waitpid(pid, os.WNOHANG)
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
     except ChildProcessError:
-        pass
+        return True
 
 
 def _describe(status: int) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import ctypes
 import errno
 import itertools
 import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,10 +62,41 @@ def test_a_process_that_runs_is_not_exited_a_zombie_or_a_reaped_one_is_and_reap_
         assert time.monotonic() < deadline, "the child did not exit"
         time.sleep(0.01)
     assert os.path.exists(f"/proc/{pid}")  # a zombie, not reaped by anyone else
-    reap(pid)
+    assert reap(pid)
     assert not os.path.exists(f"/proc/{pid}")
     assert exited(pid)
-    reap(pid)  # not a child any more: nothing
+    assert reap(pid)  # not a child any more: nothing left to collect
+
+
+_SYS_EXIT = {"x86_64": 60, "aarch64": 93}  # exit(2): the calling thread only (os._exit ends them all)
+
+
+@pytest.mark.skipif(os.uname().machine not in _SYS_EXIT, reason="exit(2)'s number is known for x86_64 and aarch64")
+def test_a_process_whose_first_thread_exited_reads_as_a_zombie_but_is_collected_once_all_its_threads_are() -> None:
+    """A SIGKILLed receiver's threads go one by one: its first thread is a zombie (``exited``)
+    a moment before the others are gone, and until then waitpid cannot collect it. The listener
+    collecting a killed supervisor's orphans (PID 1) took one such try as done, and the process
+    stayed a zombie; ``reap`` now says to try again."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the first thread leaves; another waits on the pipe, then the process ends
+        os.close(write)
+        threading.Thread(target=lambda: os.read(read, 1)).start()
+        ctypes.CDLL(None, use_errno=True).syscall(_SYS_EXIT[os.uname().machine], 0)
+    os.close(read)
+    try:
+        deadline = time.monotonic() + 5
+        while not exited(pid):
+            assert time.monotonic() < deadline, "the child's first thread did not exit"
+            time.sleep(0.01)
+        assert not reap(pid)  # its other thread runs on: not collectable yet
+    finally:
+        os.close(write)  # that thread reads EOF; the process ends
+    deadline = time.monotonic() + 5
+    while not reap(pid):
+        assert time.monotonic() < deadline, "the child was never collected"
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}")
 
 
 def test_a_receiver_that_dies_young_waits_longer_each_time_one_that_ran_is_replaced_at_once() -> None:
