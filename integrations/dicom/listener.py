@@ -163,9 +163,12 @@ class Listener:
         self._sweeper: threading.Thread | None = None
         #: the receiving processes' supervisor (:mod:`.receivers`), with ``processes`` > 1
         self._supervisor = 0
-        #: receivers that die with a killed supervisor, whose staging files go once they are gone
-        self._orphans: set[int] = set()
-        self._supervision = threading.Lock()  # _check_supervisor: the sweeper's and the watcher's
+        #: receivers that die with a killed supervisor (pid -> whether their staging files are
+        #: gone yet), kept until collected
+        self._orphans: dict[int, bool] = {}
+        #: held by whoever reads or changes ``_supervisor`` while others may: the sweeper's and
+        #: the watcher's checks, and stop()
+        self._supervision = threading.Lock()
 
     # -- pure-ish decisions -------------------------------------------------------------------
     def storage_low(self) -> bool:
@@ -393,26 +396,29 @@ class Listener:
         start: a whole-slide image's gigabytes for as long as the listener ran)."""
         if self._stop.is_set():  # stopping: stop() waits for it
             return
-        if self._supervisor:
+        supervisor = self._supervisor  # (under _supervision)
+        if supervisor:
             try:
-                done, status = os.waitpid(self._supervisor, os.WNOHANG)
+                done, status = os.waitpid(supervisor, os.WNOHANG)
             except ChildProcessError:
-                done, status = self._supervisor, 0
+                done, status = supervisor, 0
             if done:
                 log.error("the receiving processes' supervisor %d exited (status %d): this process goes on "
-                          "receiving alone; restart taqrir listen to serve with %d again", self._supervisor,
+                          "receiving alone; restart taqrir listen to serve with %d again", supervisor,
                           status, self.processes)
                 self._supervisor = 0
                 shares = self._server.shares if self._server is not None else None
                 if shares is not None:
                     for index in range(1, self.processes):
-                        self._orphans.add(shares.pid(index))
+                        self._orphans.setdefault(shares.pid(index), False)
                         shares.clear(index)
-                    self._orphans.discard(0)  # a slot no receiver held
+                    self._orphans.pop(0, None)  # a slot no receiver held
         for pid in [pid for pid in self._orphans if exited(pid)]:
-            self._discard_staged_of(pid)
+            if not self._orphans[pid]:
+                self._discard_staged_of(pid)
+                self._orphans[pid] = True
             if reap(pid):  # after its files: the pid is free for reuse once reaped
-                self._orphans.discard(pid)
+                del self._orphans[pid]
 
     def _watch_supervisor(self, pid: int) -> None:
         """Notice the supervisor's death at once (a pidfd, readable when it exits) instead of at
@@ -436,28 +442,28 @@ class Listener:
         while True:
             with self._supervision:
                 self._check_supervisor()
-                if not self._orphans or self._stop.is_set() or time.monotonic() > deadline:
+                if (not self._supervisor and not self._orphans) or self._stop.is_set() \
+                        or time.monotonic() > deadline:
                     return  # (what is left goes at a sweep)
             self._stop.wait(0.02)
 
-    def _wait_receivers(self) -> None:
+    def _wait_receivers(self, supervisor: int) -> None:
         """Wait for the supervisor, which waits for its receivers to drain (SIGTERM, sent by
         :meth:`stop`); past ``stop_timeout`` and a margin for indexing what they journaled, kill
         it (its receivers die with it; their journal segments are replayed)."""
-        if not self._supervisor:
+        if not supervisor:
             return
         deadline = time.monotonic() + self.settings.stop_timeout + _RECEIVER_EXIT_MARGIN
         try:
-            while not os.waitpid(self._supervisor, os.WNOHANG)[0]:
+            while not os.waitpid(supervisor, os.WNOHANG)[0]:
                 if time.monotonic() > deadline:
                     log.warning("the receiving processes did not stop in time; killing them")
-                    os.kill(self._supervisor, signal.SIGKILL)
-                    os.waitpid(self._supervisor, 0)
+                    os.kill(supervisor, signal.SIGKILL)
+                    os.waitpid(supervisor, 0)
                     break
                 time.sleep(0.05)
         except (ProcessLookupError, ChildProcessError):
             pass
-        self._supervisor = 0
 
     def _drain(self, server: StorageScp) -> None:
         left = server.drain(self.settings.stop_timeout)
@@ -483,11 +489,13 @@ class Listener:
         Before, SIGTERM cut every running association: the sender saw its association aborted
         mid-study and had to send again what had not been answered."""
         self._stop.set()
-        if self._supervisor:
+        with self._supervision:  # read once a check under way is over: none reaps it after this
+            supervisor, self._supervisor = self._supervisor, 0
+        if supervisor:
             # first: it stops its receivers, which drain, instead of replacing one that saw the
-            # listening socket stop listening and ended
+            # listening socket stop listening and ended (a pid 0 would signal the whole group)
             try:
-                os.kill(self._supervisor, signal.SIGTERM)
+                os.kill(supervisor, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         server, self._server = self._server, None
@@ -495,7 +503,7 @@ class Listener:
             server.refuse_connections()
             server.shutdown()
             self._drain(server)
-        self._wait_receivers()
+        self._wait_receivers(supervisor)
         self.ingestor.close()
         if self.processes > 1:
             self.replay_journal()  # what stopped receiving processes had not indexed
