@@ -410,9 +410,10 @@ class Listener:
                 shares = self._server.shares if self._server is not None else None
                 if shares is not None:
                     for index in range(1, self.processes):
-                        self._orphans.setdefault(shares.pid(index), False)
+                        pid = shares.pid(index)  # (read once; 0: a slot no receiver held)
+                        if pid:
+                            self._orphans.setdefault(pid, False)
                         shares.clear(index)
-                    self._orphans.pop(0, None)  # a slot no receiver held
         for pid in [pid for pid in self._orphans if exited(pid)]:
             if not self._orphans[pid]:
                 self._discard_staged_of(pid)
